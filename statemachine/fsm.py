@@ -1,0 +1,142 @@
+"""Durable finite state machines: a shared ``transitions`` machine per definition.
+
+Building a ``transitions.Machine`` costs about half a millisecond, and adding a
+model to one binds a dozen methods to it, so walstate builds **one** machine
+per definition (one for sub-steps, one for jobs) with no models attached and
+drives plain objects through ``machine.events[trigger].trigger(obj)``. Objects
+restored from the database just get their ``state`` attribute set: no
+enter/exit callback runs on load.
+
+Writing happens in the machine's ``before_state_change`` hook, which
+``transitions`` runs after checking the trigger is legal and *before* it
+changes the object's state: if the write raises, the state in memory stays as
+it was and the caller gets the error (write before you believe).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+from transitions import EventData, Machine, MachineError
+
+from storage.errors import InvalidTransition
+
+
+class Durable(Protocol):
+    """What a machine-driven object provides: its state, and how it persists a move."""
+
+    state: str
+
+    def _describe(self) -> str: ...
+
+    def _persist(self, trigger: str, source: str, dest: str, data: Mapping[str, Any]) -> None: ...
+
+
+def _persist_hook(event: EventData) -> None:
+    model: Durable = event.model
+    transition = event.transition
+    assert transition is not None and transition.dest is not None
+    model._persist(event.event.name, transition.source, transition.dest, event.kwargs)
+
+
+class Definition:
+    """The states and triggers of one kind of durable object, backed by one shared machine."""
+
+    def __init__(self, name: str, states: Sequence[str], transitions: Sequence[tuple[str, str | list[str], str]], initial: str, terminal: Sequence[str]) -> None:
+        self.name = name
+        self.states = tuple(states)
+        self.initial = initial
+        self.terminal = frozenset(terminal)
+        self.machine = Machine(
+            model=None,
+            states=list(states),
+            transitions=[{"trigger": t, "source": s, "dest": d} for t, s, d in transitions],
+            initial=initial,
+            auto_transitions=False,
+            send_event=True,
+            before_state_change=[_persist_hook],
+            name=name,
+        )
+        # trigger -> {source state -> destination}, for no-op detection and messages.
+        self.table: dict[str, dict[str, str]] = {}
+        for trigger, sources, dest in transitions:
+            for source in [sources] if isinstance(sources, str) else sources:
+                self.table.setdefault(trigger, {})[source] = dest
+        self._dests = {t: frozenset(m.values()) for t, m in self.table.items()}
+
+    @property
+    def triggers(self) -> tuple[str, ...]:
+        return tuple(self.table)
+
+    def is_legal_path(self, states: Sequence[str]) -> bool:
+        """Whether ``states`` (initial first) is a walk through this machine's transitions."""
+        if not states or states[0] != self.initial:
+            return False
+        edges = {(s, d) for m in self.table.values() for s, d in m.items()}
+        return all((a, b) in edges for a, b in zip(states, states[1:]))
+
+    def fire(self, obj: Durable, trigger: str, data: Mapping[str, Any]) -> bool:
+        """Move ``obj`` by ``trigger``, persisting first.
+
+        Returns ``False`` and writes nothing when ``obj`` already is in the
+        trigger's destination (a no-op); raises :class:`InvalidTransition` when
+        the trigger is not allowed from ``obj``'s state.
+        """
+        sources = self.table.get(trigger)
+        state = obj.state
+        if sources is None:
+            raise InvalidTransition(
+                f"{obj._describe()}: unknown trigger {trigger!r}; triggers are {', '.join(self.table)}",
+                state=state,
+                trigger=trigger,
+            )
+        if state not in sources:
+            if state in self._dests[trigger]:
+                return False  # already there: a redundant write is no write
+            raise InvalidTransition(
+                f"{obj._describe()} is {state!r}; trigger {trigger!r} is allowed only from "
+                f"{', '.join(repr(s) for s in sources)}",
+                state=state,
+                trigger=trigger,
+            )
+        try:
+            return bool(self.machine.events[trigger].trigger(obj, **data))
+        except MachineError as exc:  # pragma: no cover - the table above mirrors the machine
+            raise InvalidTransition(f"{obj._describe()}: {exc.value}", state=state, trigger=trigger) from exc
+
+
+Persist = Callable[[str, str, str, Mapping[str, Any]], None]
+
+# -- the two definitions -------------------------------------------------------
+
+STEP = Definition(
+    "substep",
+    states=["pending", "running", "retrying", "succeeded", "failed", "skipped", "cancelled"],
+    transitions=[
+        ("start", ["pending", "retrying"], "running"),
+        ("succeed", "running", "succeeded"),
+        ("retry", "running", "retrying"),
+        ("fail", "running", "failed"),
+        ("skip", "pending", "skipped"),
+        ("cancel", ["pending", "running", "retrying"], "cancelled"),
+        # An operator's second chance for a step that ended badly.
+        ("requeue", ["failed", "cancelled"], "retrying"),
+    ],
+    initial="pending",
+    terminal=["succeeded", "failed", "skipped", "cancelled"],
+)
+
+JOB = Definition(
+    "job",
+    states=["pending", "running", "succeeded", "failed", "cancelled"],
+    transitions=[
+        ("start", "pending", "running"),
+        ("succeed", "running", "succeeded"),
+        ("fail", "running", "failed"),
+        ("cancel", ["pending", "running", "failed"], "cancelled"),
+        ("requeue", ["failed", "cancelled"], "pending"),
+    ],
+    initial="pending",
+    terminal=["succeeded", "failed", "cancelled"],
+)

@@ -1,0 +1,130 @@
+"""Opening a SQLite file for walstate: pragmas as data, read back and checked.
+
+SQLite's settings are easy to get silently wrong: ``synchronous`` is per
+connection, WAL is per file, and ``:memory:`` or some file systems refuse WAL
+without an error. So every connection gets the same pragmas (peewee applies
+them on connect) and :func:`open_database` reads them back; a wrong value is a
+:class:`ConfigurationError`, never a silent downgrade.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from typing import Literal
+
+import peewee
+
+from .errors import (
+    ConfigurationError,
+    DatabaseBusy,
+    DatabaseError,
+    DatabaseFull,
+    DatabaseUnavailable,
+    NotADatabase,
+    WriteFailed,
+)
+
+Durability = Literal["normal", "full"]
+
+_SYNCHRONOUS = {"normal": 1, "full": 2}
+
+
+def _pragmas(durability: Durability, busy_timeout: float) -> dict[str, object]:
+    return {
+        "journal_mode": "wal",
+        "synchronous": _SYNCHRONOUS[durability],
+        "busy_timeout": int(busy_timeout * 1000),
+        "foreign_keys": 1,
+    }
+
+
+def open_database(
+    path: str,
+    *,
+    durability: Durability = "normal",
+    busy_timeout: float = 5.0,
+    readonly: bool = False,
+) -> peewee.SqliteDatabase:
+    """Open (creating it unless ``readonly``) the SQLite file at ``path`` in WAL mode.
+
+    ``durability="normal"`` survives a process crash; ``"full"`` also survives
+    power loss, at the cost of an fsync per commit. ``readonly`` opens the file
+    with ``mode=ro`` and never creates or changes it (for inspection tools).
+
+    Raises :class:`DatabaseUnavailable`, :class:`NotADatabase` or
+    :class:`ConfigurationError`, each naming the path.
+    """
+    if durability not in _SYNCHRONOUS:
+        raise ConfigurationError(f"durability must be 'normal' or 'full', not {durability!r}")
+    if busy_timeout < 0:
+        raise ConfigurationError("busy_timeout must be >= 0 seconds")
+    path = os.fspath(path)
+    if readonly:
+        if not os.path.exists(path):
+            raise DatabaseUnavailable(f"{path}: no such file", path)
+        # Query-only rather than mode=ro: a read-only WAL reader may still have to
+        # create the -shm index, which mode=ro forbids when no writer made it yet;
+        # query_only refuses every write to the database file itself.
+        pragmas = {"busy_timeout": int(busy_timeout * 1000), "query_only": 1}
+        db = peewee.SqliteDatabase(path, pragmas=pragmas)
+    else:
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise DatabaseUnavailable(f"{path}: directory {directory} does not exist", path)
+        db = peewee.SqliteDatabase(path, pragmas=_pragmas(durability, busy_timeout), lock_type="IMMEDIATE")
+    try:
+        db.connect(reuse_if_open=True)
+        conn = db.connection()
+        # The first real read is what tells a non-SQLite or corrupt file apart.
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        if not readonly:
+            _check_pragmas(conn, path, durability)
+    except BaseException as exc:
+        db.close()
+        if isinstance(exc, (sqlite3.Error, peewee.PeeweeException)):
+            raise translate(exc, path, "opening the database") from exc
+        raise
+    return db
+
+
+def _check_pragmas(conn: sqlite3.Connection, path: str, durability: Durability) -> None:
+    mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+    if str(mode).lower() != "wal":
+        raise ConfigurationError(
+            f"{path}: SQLite refused WAL mode (journal_mode is {mode!r}); walstate needs a file "
+            "on a local file system (not ':memory:', not a network share)"
+        )
+    sync = conn.execute("PRAGMA synchronous").fetchone()[0]
+    if sync != _SYNCHRONOUS[durability]:
+        raise ConfigurationError(f"{path}: synchronous is {sync}, expected {_SYNCHRONOUS[durability]} for {durability!r}")
+    if conn.execute("PRAGMA foreign_keys").fetchone()[0] != 1:
+        raise ConfigurationError(f"{path}: this SQLite build does not enforce foreign keys")
+
+
+def translate(exc: BaseException, path: str, doing: str) -> DatabaseError:
+    """Map a sqlite3/peewee error to walstate's hierarchy, with an actionable message."""
+    text = str(exc)
+    low = text.lower()
+    code = getattr(exc, "sqlite_errorname", "") or ""
+    if "not a database" in low or "malformed" in low or code in ("SQLITE_NOTADB", "SQLITE_CORRUPT"):
+        return NotADatabase(
+            f"{path}: not a SQLite database or corrupt ({text}) while {doing}; restore it from a backup "
+            "or point walstate at another file",
+            path,
+        )
+    if "locked" in low or "busy" in low or code.startswith("SQLITE_BUSY"):
+        return DatabaseBusy(
+            f"{path}: database is locked by another connection ({text}) while {doing}; "
+            "retry, or raise busy_timeout",
+            path,
+        )
+    if "full" in low or code == "SQLITE_FULL":
+        return DatabaseFull(f"{path}: disk or database full ({text}) while {doing}; free space and retry", path)
+    if "unable to open" in low or "readonly" in low or "read-only" in low or code.startswith(("SQLITE_CANTOPEN", "SQLITE_READONLY")):
+        return DatabaseUnavailable(
+            f"{path}: cannot open or write the file ({text}) while {doing}; check that the file and its "
+            "directory exist and are writable (WAL also writes PATH-wal and PATH-shm beside it)",
+            path,
+        )
+    return WriteFailed(f"{path}: SQLite error while {doing}: {text}", path)

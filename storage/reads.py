@@ -1,0 +1,119 @@
+"""Read-only queries over walstate's tables.
+
+Rows come back as small frozen dataclasses so ``statemachine/`` never sees
+SQL. Nothing here writes.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import peewee
+
+from .connection import translate
+from .schema import TERMINAL_JOB_STATES
+
+
+@dataclass(frozen=True, slots=True)
+class JobRow:
+    id: int
+    workflow: str
+    key: str | None
+    state: str
+    context: str
+    error: str | None
+    owner: str | None
+    lease_expires: float | None
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class StepRow:
+    id: int
+    job_id: int
+    name: str
+    phase: str
+    position: int
+    state: str
+    attempt: int
+    output: str | None
+    error: str | None
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class JournalRow:
+    id: int
+    job_id: int
+    step: str | None
+    from_state: str
+    to_state: str
+    attempt: int
+    at: float
+    note: str | None
+
+
+_JOB_COLS = "id, workflow, key, state, context, error, owner, lease_expires, created_at, updated_at"
+_STEP_COLS = "id, job_id, name, phase, position, state, attempt, output, error, updated_at"
+_JOURNAL_COLS = "id, job_id, step, from_state, to_state, attempt, at, note"
+_UNFINISHED = tuple(TERMINAL_JOB_STATES)
+
+
+class Reader:
+    """Typed reads against one database."""
+
+    def __init__(self, db: peewee.SqliteDatabase, path: str) -> None:
+        self.db = db
+        self.path = path
+
+    def _rows(self, sql: str, params: Sequence[object] = ()) -> list[tuple[object, ...]]:
+        try:
+            return list(self.db.connection().execute(sql, tuple(params)).fetchall())
+        except (sqlite3.Error, peewee.PeeweeException) as exc:
+            raise translate(exc, self.path, "reading") from exc
+
+    def job(self, job_id: int) -> JobRow | None:
+        rows = self._rows(f"SELECT {_JOB_COLS} FROM walstate_job WHERE id=?", (job_id,))
+        return JobRow(*rows[0]) if rows else None  # type: ignore[arg-type]
+
+    def jobs(self, *, state: str | None = None, workflow: str | None = None, limit: int | None = None) -> list[JobRow]:
+        sql = f"SELECT {_JOB_COLS} FROM walstate_job WHERE (? IS NULL OR state=?) AND (? IS NULL OR workflow=?) ORDER BY id DESC LIMIT ?"
+        rows = self._rows(sql, (state, state, workflow, workflow, -1 if limit is None else limit))
+        return [JobRow(*r) for r in rows]  # type: ignore[arg-type]
+
+    def steps(self, job_id: int) -> list[StepRow]:
+        rows = self._rows(f"SELECT {_STEP_COLS} FROM walstate_step WHERE job_id=? ORDER BY position", (job_id,))
+        return [StepRow(*r) for r in rows]  # type: ignore[arg-type]
+
+    def journal(self, job_id: int, step: str | None = None) -> list[JournalRow]:
+        if step is None:
+            rows = self._rows(f"SELECT {_JOURNAL_COLS} FROM walstate_journal WHERE job_id=? ORDER BY id", (job_id,))
+        else:
+            rows = self._rows(
+                f"SELECT {_JOURNAL_COLS} FROM walstate_journal WHERE job_id=? AND step=? ORDER BY id", (job_id, step)
+            )
+        return [JournalRow(*r) for r in rows]  # type: ignore[arg-type]
+
+    def unfinished_jobs(self) -> list[JobRow]:
+        """Jobs not yet terminal; served by a partial index, so finished history costs nothing."""
+        marks = ",".join("?" * len(_UNFINISHED))
+        sql = f"SELECT {_JOB_COLS} FROM walstate_job WHERE state NOT IN ({marks}) ORDER BY id"
+        return [JobRow(*r) for r in self._rows(sql, _UNFINISHED)]  # type: ignore[arg-type]
+
+    def interruptions(self, job_id: int) -> dict[str, int]:
+        """Per sub-step, how many of its attempts a dead process cut short (from the journal)."""
+        rows = self._rows(
+            "SELECT step, count(*) FROM walstate_journal WHERE job_id=? AND note='interrupted' GROUP BY step",
+            (job_id,),
+        )
+        return {str(r[0]): int(r[1]) for r in rows}  # type: ignore[call-overload]
+
+    def once(self, job_id: int, step: str, name: str) -> str | None:
+        rows = self._rows("SELECT result FROM walstate_once WHERE job_id=? AND step=? AND name=?", (job_id, step, name))
+        return str(rows[0][0]) if rows else None
+
+    def database_id(self) -> str:
+        return str(self._rows("SELECT value FROM walstate_meta WHERE key='database_id'")[0][0])

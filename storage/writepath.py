@@ -1,0 +1,283 @@
+"""The one write path: every change of walstate state is written here and nowhere else.
+
+A state change is a compare-and-set: ``UPDATE … WHERE id=? AND state=<expected>``
+(fenced by the job's owner) plus one append-only journal row, in one
+``BEGIN IMMEDIATE`` transaction, and :meth:`WritePath.commit` returns only after
+COMMIT. A batch of changes shares that transaction; if any compare-and-set
+misses, the whole batch is rolled back and :class:`StaleState` (or
+:class:`LeaseLost`) says which row and what state it really had.
+
+Statements are fixed class-level strings with ``?`` placeholders, executed on
+peewee's connection: peewee's query builder costs several times the raw
+statement per change on this hot path.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import peewee
+
+from . import faults
+from .connection import translate
+from .errors import LeaseLost, StaleState, WalstateError
+
+JSONMerge = Callable[[dict[str, Any]], str]
+
+
+@dataclass(slots=True)
+class ContextPatch:
+    """Fields to merge into a job's context in the same transaction as a change.
+
+    ``merge`` receives the context as stored *now* (inside the transaction, so
+    parallel steps never overwrite each other's fields), returns the validated
+    JSON text to store, and raises a :class:`WalstateError` to refuse it.
+    """
+
+    patch: dict[str, Any]
+    merge: JSONMerge
+
+
+@dataclass(slots=True)
+class Change:
+    """One state change of a sub-step (``kind="step"``) or of a job (``kind="job"``).
+
+    ``owner`` is the job owner the writer believes it is; a change whose job has
+    another owner is refused (fencing). ``output``/``error`` are stored as given
+    (JSON text / message), replacing the previous values.
+    """
+
+    kind: str
+    row_id: int
+    job_id: int
+    step: str | None
+    expected: str
+    new: str
+    attempt: int = 0
+    owner: str | None = None
+    output: str | None = None
+    error: str | None = None
+    note: str | None = None
+    context: ContextPatch | None = field(default=None)
+
+
+class WritePath:
+    """Writes walstate's state changes to one database, one transaction per batch."""
+
+    _UPDATE_STEP = (
+        "UPDATE walstate_step SET state=?, attempt=?, output=?, error=?, updated_at=? "
+        "WHERE id=? AND state=? AND (SELECT owner FROM walstate_job WHERE id=?) IS ?"
+    )
+    _UPDATE_JOB = (
+        "UPDATE walstate_job SET state=?, error=?, updated_at=? "
+        "WHERE id=? AND state=? AND owner IS ?"
+    )
+    _JOURNAL = (
+        "INSERT INTO walstate_journal (job_id, step, from_state, to_state, attempt, at, note) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)"
+    )
+    _READ_CONTEXT = "SELECT context FROM walstate_job WHERE id=?"
+    _WRITE_CONTEXT = "UPDATE walstate_job SET context=?, updated_at=? WHERE id=?"
+
+    def __init__(self, db: peewee.SqliteDatabase, path: str) -> None:
+        self.db = db
+        self.path = path
+        # One writer at a time inside this process: threads queue on a Python
+        # lock instead of spinning in SQLite's busy handler. Re-entrant because
+        # a transactional step may record a once() result inside its commit.
+        self._lock = threading.RLock()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` … ``COMMIT``, rolled back on any ``BaseException``.
+
+        Registered on peewee's transaction stack, so a handler's own
+        ``db.atomic()`` inside it becomes a savepoint of this transaction.
+        Rolls back only if SQLite has not already done so: after SQLITE_FULL
+        or an I/O error SQLite may end the transaction itself, and a second
+        ROLLBACK would hide the real error.
+        """
+        db = self.db
+        if db.transaction_depth() > 0:
+            with db.atomic():
+                yield db.connection()
+            return
+        conn = db.connection()
+        conn.execute("BEGIN IMMEDIATE")
+        db.push_transaction(self)
+        try:
+            yield conn
+        except BaseException:
+            db.pop_transaction()
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        db.pop_transaction()
+        try:
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    # -- state changes ---------------------------------------------------------
+
+    def commit(
+        self,
+        changes: Sequence[Change] = (),
+        effect: Callable[[], Sequence[Change]] | None = None,
+    ) -> None:
+        """Apply ``changes`` (and those ``effect`` returns) atomically; return after COMMIT.
+
+        ``effect`` runs inside the transaction before the changes are applied:
+        a transactional step's database writes commit together with its
+        completion, or not at all. Raises :class:`StaleState`,
+        :class:`LeaseLost` or a :class:`DatabaseError`; on any exception
+        nothing was written.
+        """
+        faults.point("before_begin")
+        with self._lock:
+            try:
+                with self._transaction() as conn:
+                    if effect is not None:
+                        changes = [*changes, *effect()]
+                    now = time.time()
+                    for change in changes:
+                        self._apply(conn, change, now)
+                    faults.point("before_commit")
+            except (sqlite3.Error, peewee.PeeweeException) as exc:
+                raise translate(exc, self.path, "writing a state change") from exc
+        faults.point("after_commit")
+
+    def _apply(self, conn: sqlite3.Connection, c: Change, now: float) -> None:
+        if c.context is not None:
+            self._merge_context(conn, c.job_id, c.context, now)
+        if c.kind == "step":
+            cur = conn.execute(
+                self._UPDATE_STEP,
+                (c.new, c.attempt, c.output, c.error, now, c.row_id, c.expected, c.job_id, c.owner),
+            )
+        elif c.kind == "job":
+            cur = conn.execute(self._UPDATE_JOB, (c.new, c.error, now, c.row_id, c.expected, c.owner))
+        else:
+            raise ValueError(f"unknown change kind {c.kind!r}")
+        faults.point("after_update")
+        if cur.rowcount != 1:
+            self._explain_miss(conn, c)
+        conn.execute(self._JOURNAL, (c.job_id, c.step, c.expected, c.new, c.attempt, now, c.note))
+        faults.point("after_journal")
+
+    def _merge_context(self, conn: sqlite3.Connection, job_id: int, patch: ContextPatch, now: float) -> None:
+        row = conn.execute(self._READ_CONTEXT, (job_id,)).fetchone()
+        if row is None:
+            raise StaleState(f"{self.path}: job {job_id} does not exist", kind="job", row_id=job_id, expected="", actual=None)
+        merged = {**json.loads(row[0]), **patch.patch}
+        conn.execute(self._WRITE_CONTEXT, (patch.merge(merged), now, job_id))
+
+    def _explain_miss(self, conn: sqlite3.Connection, c: Change) -> None:
+        owner_row = conn.execute("SELECT owner FROM walstate_job WHERE id=?", (c.job_id,)).fetchone()
+        if c.kind == "step":
+            row = conn.execute("SELECT state FROM walstate_step WHERE id=?", (c.row_id,)).fetchone()
+            what = f"sub-step {c.step!r} of job {c.job_id}"
+        else:
+            row = owner_row and conn.execute("SELECT state FROM walstate_job WHERE id=?", (c.row_id,)).fetchone()
+            what = f"job {c.job_id}"
+        actual = row[0] if row else None
+        if row is not None and actual == c.expected and owner_row is not None and owner_row[0] != c.owner:
+            raise LeaseLost(
+                f"{self.path}: {what} is now owned by {owner_row[0]!r}, not {c.owner!r}; this process "
+                "lost its claim (another process recovered the job) and must stop writing to it"
+            )
+        raise StaleState(
+            f"{self.path}: {what} is {actual!r}, not {c.expected!r} as expected for the move to "
+            f"{c.new!r}; another writer changed it first; reload it and decide again",
+            kind=c.kind,
+            row_id=c.row_id,
+            expected=c.expected,
+            actual=actual,
+        )
+
+    # -- other writes: creation, ownership, once() records ----------------------
+
+    def create_job(
+        self,
+        workflow: str,
+        key: str | None,
+        context: str,
+        steps: Sequence[tuple[str, str, int]],
+    ) -> tuple[int, str | None]:
+        """Insert a job and its sub-steps; with a known ``key`` insert nothing.
+
+        Returns ``(job_id, None)`` for a new job, or ``(job_id, initial_context)``
+        of the job that already has this key.
+        """
+        with self._lock:
+            try:
+                with self._transaction() as conn:
+                    if key is not None:
+                        row = conn.execute(
+                            "SELECT id, initial_context FROM walstate_job WHERE workflow=? AND key=?",
+                            (workflow, key),
+                        ).fetchone()
+                        if row is not None:
+                            return int(row[0]), str(row[1])
+                    now = time.time()
+                    cur = conn.execute(
+                        "INSERT INTO walstate_job (workflow, key, state, context, initial_context, created_at, updated_at) "
+                        "VALUES (?, ?, 'pending', ?, ?, ?, ?)",
+                        (workflow, key, context, context, now, now),
+                    )
+                    job_id = int(cur.lastrowid or 0)
+                    conn.executemany(
+                        "INSERT INTO walstate_step (job_id, name, phase, position, state, attempt, updated_at) "
+                        "VALUES (?, ?, ?, ?, 'pending', 0, ?)",
+                        [(job_id, name, phase, pos, now) for name, phase, pos in steps],
+                    )
+                    return job_id, None
+            except (sqlite3.Error, peewee.PeeweeException) as exc:
+                raise translate(exc, self.path, f"creating a {workflow!r} job") from exc
+
+    def claim(self, job_id: int, expected_owner: str | None, owner: str | None, lease_expires: float | None) -> bool:
+        """Compare-and-set the job's owner; ``False`` if someone else holds it now."""
+        return self._single(
+            "UPDATE walstate_job SET owner=?, lease_expires=?, updated_at=? WHERE id=? AND owner IS ?",
+            (owner, lease_expires, time.time(), job_id, expected_owner),
+            f"claiming job {job_id}",
+        ) == 1
+
+    def record_once(self, job_id: int, step: str, name: str, result: str) -> str:
+        """Store a ``once()`` result unless one exists; return the stored JSON text."""
+        faults.point("before_once_record")
+        with self._lock:
+            try:
+                with self._transaction() as conn:
+                    conn.execute(
+                        "INSERT OR IGNORE INTO walstate_once (job_id, step, name, result, at) VALUES (?, ?, ?, ?, ?)",
+                        (job_id, step, name, result, time.time()),
+                    )
+                    stored = conn.execute(
+                        "SELECT result FROM walstate_once WHERE job_id=? AND step=? AND name=?",
+                        (job_id, step, name),
+                    ).fetchone()[0]
+            except (sqlite3.Error, peewee.PeeweeException) as exc:
+                raise translate(exc, self.path, f"recording once({name!r}) of step {step!r}") from exc
+        faults.point("after_once_record")
+        return str(stored)
+
+    def _single(self, sql: str, params: tuple[Any, ...], doing: str) -> int:
+        with self._lock:
+            try:
+                with self._transaction() as conn:
+                    return int(conn.execute(sql, params).rowcount)
+            except (sqlite3.Error, peewee.PeeweeException) as exc:
+                raise translate(exc, self.path, doing) from exc
+
+
+__all__ = ["Change", "ContextPatch", "WritePath", "WalstateError"]

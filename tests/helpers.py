@@ -1,0 +1,38 @@
+"""Small helpers shared by test modules (not fixtures)."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from storage import Store
+from statemachine.substep import JobHandle, SubStep
+
+
+def new_step(store: Store, name: str = "s", owner: str | None = None) -> SubStep:
+    """A fresh pending sub-step in a one-step job, loaded from the database."""
+    job_id, _ = store.write.create_job("wf", None, "{}", [(name, "p", 0)])
+    if owner is not None:
+        store.write.claim(job_id, None, owner, None)
+    job = JobHandle(job_id, "wf", "pending", owner, store.write)
+    return SubStep(job, store.read.steps(job_id)[0])
+
+
+def stored_state(path: str, step_id: int) -> tuple[str, int]:
+    """The sub-step's (state, attempt) as another connection sees it."""
+    conn = sqlite3.connect(path)
+    try:
+        row = conn.execute("SELECT state, attempt FROM walstate_step WHERE id=?", (step_id,)).fetchone()
+        return str(row[0]), int(row[1])
+    finally:
+        conn.close()
+
+
+def journal_of(path: str, job_id: int) -> list[tuple[str | None, str, str, int]]:
+    conn = sqlite3.connect(path)
+    try:
+        rows = conn.execute(
+            "SELECT step, from_state, to_state, attempt FROM walstate_journal WHERE job_id=? ORDER BY id", (job_id,)
+        ).fetchall()
+        return [tuple(r) for r in rows]
+    finally:
+        conn.close()
