@@ -1,0 +1,59 @@
+"""Shared benchmark plumbing: repetitions, medians with spread, a table, JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sqlite3
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+@dataclass
+class Figure:
+    name: str
+    value: float        # median
+    spread: float       # (max - min) / median over the repetitions
+    unit: str
+    baseline: str = ""
+    ratio: float | None = None
+    target: str = ""
+
+
+def measure(fn: Callable[[], float], reps: int = 5) -> tuple[float, float]:
+    """Run ``fn`` (which returns a rate or a duration) ``reps`` times: (median, relative spread)."""
+    values = [fn() for _ in range(reps)]
+    med = statistics.median(values)
+    return med, (max(values) - min(values)) / med if med else 0.0
+
+
+def fresh_path(tag: str) -> str:
+    d = tempfile.mkdtemp(prefix=f"walstate-bench-{tag}-")
+    return os.path.join(d, "bench.db")
+
+
+def rate(n: int, fn: Callable[[], None]) -> float:
+    t = time.perf_counter()
+    fn()
+    return n / (time.perf_counter() - t)
+
+
+def report(title: str, figures: list[Figure], json_name: str) -> None:
+    print(f"\n### {title}\n")
+    print("| figure | median | spread | baseline | ratio | target |")
+    print("| --- | ---: | ---: | --- | ---: | --- |")
+    for f in figures:
+        ratio = "" if f.ratio is None else f"{f.ratio:.2f}x"
+        print(f"| {f.name} | {f.value:,.1f} {f.unit} | ±{f.spread * 50:.0f}% | {f.baseline} | {ratio} | {f.target} |")
+    RESULTS.mkdir(exist_ok=True)
+    meta = {"python": platform.python_version(), "sqlite": sqlite3.sqlite_version, "cpus": os.cpu_count(),
+            "when": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    (RESULTS / json_name).write_text(json.dumps({"title": title, "meta": meta,
+                                                 "figures": [asdict(f) for f in figures]}, indent=2))
