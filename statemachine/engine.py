@@ -20,6 +20,8 @@ from storage.errors import (
     JobFailed,
     JobOwned,
     KeyConflict,
+    LeaseLost,
+    StaleState,
     UnknownJob,
 )
 
@@ -157,14 +159,19 @@ class Engine:
         if row.state in TERMINAL_JOB_STATES:
             return self._finished(row)
         with ownership.LiveRun(self.owner, job_id):
-            if row.owner != self.owner:
-                if ownership.owner_alive(row.owner, job_id, row.lease_expires):
-                    raise JobOwned(f"{self.path}: job {job_id} is being run by {row.owner}; not taking it over")
-                if not self.store.write.claim(job_id, row.owner, self.owner, time.time() + self.lease):
-                    raise JobOwned(f"{self.path}: job {job_id} was claimed by another process just now")
-            job = JobHandle(job_id, row.workflow, row.state, self.owner, self.store.write)
-            if job.state == "pending":
-                job.fire("start")
+            if row.owner != self.owner and ownership.owner_alive(row.owner, job_id, row.lease_expires):
+                raise JobOwned(f"{self.path}: job {job_id} is being run by {row.owner}; not taking it over")
+            job = JobHandle(job_id, row.workflow, row.state, row.owner, self.store.write)
+            claim = (self.owner, time.time() + self.lease)
+            try:
+                if job.state == "pending":
+                    job.fire("start", claim=claim)  # claim and start share one commit
+                elif row.owner != self.owner:
+                    if not self.store.write.claim(job_id, row.owner, *claim):
+                        raise StaleState("owner changed", kind="job", row_id=job_id, expected="", actual=None)
+                    job.owner = self.owner
+            except (StaleState, LeaseLost) as exc:
+                raise JobOwned(f"{self.path}: job {job_id} was claimed by another process just now") from exc
             rows = self.store.read.steps(job_id)
             if {r.name for r in rows} != set(flow.steps):
                 raise DefinitionError(

@@ -45,9 +45,13 @@ class JobHandle:
 
     def _persist(self, trigger: str, source: str, dest: str, data: Mapping[str, Any]) -> None:
         self.check_alive()
+        claim = data.get("claim")
         self.write.commit(
-            [Change("job", self.id, self.id, None, source, dest, 0, self.owner, error=data.get("error"), note=data.get("note"))]
+            [Change("job", self.id, self.id, None, source, dest, 0, self.owner, error=data.get("error"),
+                    note=data.get("note"), claim=claim)]
         )
+        if claim is not None:
+            self.owner = claim[0]
 
 
 Effect = Callable[[Change], None]

@@ -66,6 +66,8 @@ class Change:
     error: str | None = None
     note: str | None = None
     context: ContextPatch | None = field(default=None)
+    #: For a job change: ``(new_owner, lease_expires)`` to take the job over in the same commit.
+    claim: tuple[str, float] | None = None
 
 
 class WritePath:
@@ -77,6 +79,10 @@ class WritePath:
     )
     _UPDATE_JOB = (
         "UPDATE walstate_job SET state=?, error=?, updated_at=? "
+        "WHERE id=? AND state=? AND owner IS ?"
+    )
+    _UPDATE_JOB_CLAIM = (
+        "UPDATE walstate_job SET state=?, error=?, updated_at=?, owner=?, lease_expires=? "
         "WHERE id=? AND state=? AND owner IS ?"
     )
     _JOURNAL = (
@@ -164,8 +170,10 @@ class WritePath:
                 self._UPDATE_STEP,
                 (c.new, c.attempt, c.output, c.error, now, c.row_id, c.expected, c.job_id, c.owner),
             )
-        elif c.kind == "job":
+        elif c.kind == "job" and c.claim is None:
             cur = conn.execute(self._UPDATE_JOB, (c.new, c.error, now, c.row_id, c.expected, c.owner))
+        elif c.kind == "job":
+            cur = conn.execute(self._UPDATE_JOB_CLAIM, (c.new, c.error, now, *c.claim, c.row_id, c.expected, c.owner))
         else:
             raise ValueError(f"unknown change kind {c.kind!r}")
         faults.point("after_update")
