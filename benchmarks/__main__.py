@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from . import transitions_bench
+from . import dedup_bench, transitions_bench
 
 
 def main() -> None:
     transitions_bench.main()
+    dedup_bench.main()
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ from storage.errors import (
     WriteFailed,
 )
 
+from storage.dedup import Deduper, guarded_update
+
 from .context import StepContext, StepResult
 from .engine import Engine, JobStatus, StepStatus, TransitionRecord
 from .workflow import Retry, Workflow
@@ -39,6 +41,7 @@ __all__ = [
     "DatabaseError",
     "DatabaseFull",
     "DatabaseUnavailable",
+    "Deduper",
     "DefinitionError",
     "Engine",
     "InjectedCrash",
@@ -60,4 +63,6 @@ __all__ = [
     "UnknownJob",
     "WalstateError",
     "Workflow",
+    "WriteFailed",
+    "guarded_update",
 ]

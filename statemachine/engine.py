@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from storage import Durability, JobRow, Store, TERMINAL_JOB_STATES
+from storage.dedup import Deduper
 from storage.errors import (
     ConfigurationError,
     ContextInvalid,
@@ -98,6 +99,9 @@ class Engine:
         self._flows: dict[str, Workflow[Any]] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        # Lease renewal is the hot idempotent write here: every step start asks
+        # for it, but it reaches SQLite at most once per job per lease/3.
+        self._renewals = Deduper(max_entries=1024, ttl=max(lease / 3, 0.001))
 
     # -- definitions ------------------------------------------------------------
 
@@ -172,6 +176,9 @@ class Engine:
                     job.owner = self.owner
             except (StaleState, LeaseLost) as exc:
                 raise JobOwned(f"{self.path}: job {job_id} was claimed by another process just now") from exc
+            # The claim just set the lease: the next renewal is due a period from now.
+            self._renewals.forget(job_id)
+            self._renewals.run_once(job_id, lambda: None)
             rows = self.store.read.steps(job_id)
             if {r.name for r in rows} != set(flow.steps):
                 raise DefinitionError(
@@ -181,7 +188,9 @@ class Engine:
             steps = {r.name: SubStep(job, r) for r in rows}
             resumed = any(s.attempt for s in steps.values())
             interruptions = self.store.read.interruptions(job_id) if resumed else {}
-            run = JobRun(self.store, flow, job, steps, interruptions, row.context, self._workers())
+            run = JobRun(self.store, flow, job, steps, interruptions, row.context, self._workers(),
+                         renew=lambda: self._renewals.run_once(job_id, lambda: self.store.write.renew(
+                             job_id, self.owner, time.time() + self.lease)))
             run.execute()
         return self._finished(self._row(job_id))
 

@@ -7,6 +7,7 @@ the job's machine, which commits through ``storage``'s write path first.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
@@ -45,13 +46,15 @@ class JobRun:
     """One execution (first run or resume) of one job in this process."""
 
     def __init__(self, store: Store, flow: Workflow[Any], job: JobHandle, steps: dict[str, SubStep],
-                 interruptions: dict[str, int], context_text: str, pool: ThreadPoolExecutor | None) -> None:
+                 interruptions: dict[str, int], context_text: str, pool: ThreadPoolExecutor | None,
+                 renew: Callable[[], object] = lambda: None) -> None:
         self.store = store
         self.flow = flow
         self.job = job
         self.steps = steps
         self.interruptions = interruptions
         self.pool = pool
+        self.renew = renew
         self.failing = threading.Event()
         self.aborted = threading.Event()
         job.aborted = self.aborted
@@ -143,6 +146,7 @@ class JobRun:
             if step.state == "pending" and d.when is not None and not d.when(ctx):
                 step.skip(note="its when() condition was false")
                 return
+            self.renew()
             step.start()
             sc = StepContext(self.job.id, d.name, step.attempt, self._idempotency_key(d.name), self.store.db,
                              self.store.read, self.store.write)

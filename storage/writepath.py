@@ -260,6 +260,17 @@ class WritePath:
             f"claiming job {job_id}",
         ) == 1
 
+    def renew(self, job_id: int, owner: str, lease_expires: float) -> None:
+        """Extend ``owner``'s lease on the job; :class:`LeaseLost` if it no longer owns it."""
+        changed = self._single(
+            "UPDATE walstate_job SET lease_expires=? WHERE id=? AND owner=?",
+            (lease_expires, job_id, owner),
+            f"renewing the lease on job {job_id}",
+        )
+        if changed != 1:
+            raise LeaseLost(f"{self.path}: job {job_id} is no longer owned by {owner!r}; this process must stop "
+                            "writing to it")
+
     def record_once(self, job_id: int, step: str, name: str, result: str) -> str:
         """Store a ``once()`` result unless one exists; return the stored JSON text."""
         faults.point("before_once_record")
