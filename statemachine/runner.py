@@ -58,6 +58,10 @@ class JobRun:
         self.failing = threading.Event()
         self.aborted = threading.Event()
         job.aborted = self.aborted
+        if any(s.state == "failed" for s in steps.values()):
+            # Resuming a job whose step had failed for good before the crash:
+            # it is still failing; start nothing new.
+            self.failing.set()
         # The context as last committed, with the commit order that produced it.
         self._ctx_lock = threading.Lock()
         self._ctx_text = context_text

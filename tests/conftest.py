@@ -14,9 +14,12 @@ from storage import Store
 
 # `ci` keeps the whole suite within a few minutes on two cores; `deep` is for
 # long local runs: WALSTATE_HYPOTHESIS_PROFILE=deep make test (or make test-deep).
-settings.register_profile("ci", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("deep", max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-settings.load_profile(os.environ.get("WALSTATE_HYPOTHESIS_PROFILE", "ci"))
+settings.register_profile("ci", max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("deep", max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROFILE = os.environ.get("WALSTATE_HYPOTHESIS_PROFILE", "ci")
+settings.load_profile(PROFILE)
+#: SIGKILL examples start real processes (~1 s each): few in CI, many in the deep profile.
+SIGKILL_EXAMPLES = int(os.environ.get("WALSTATE_SIGKILL_EXAMPLES", "150" if PROFILE == "deep" else "6"))
 
 
 class StatementLog:

@@ -1,0 +1,153 @@
+"""Exactly-once resume, proven: Hypothesis-chosen shapes and crash plans, an exhaustive sweep, real SIGKILLs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from statemachine.testing import (
+    POINTS,
+    Crash,
+    Injector,
+    InvariantViolation,
+    Outcome,
+    check_invariants,
+    crash_plans,
+    run_with_crashes,
+)
+from storage import faults
+from statemachine import Workflow
+
+from .conftest import SIGKILL_EXAMPLES
+from .shapes import Effects, Shape, StepShape, build, shapes
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def check_effects(path: str, shape: Shape, job_id: int, external: Counter[str], once_strict: bool = False) -> None:
+    """Transactional effects exactly once per succeeded step; external ones at least once, and
+    more than once only for a step a crash interrupted between its effect and its commit.
+
+    A step that never succeeded (failed, or cancelled because the job failed)
+    ran its effect only in attempts a crash interrupted."""
+    conn = sqlite3.connect(path)
+    try:
+        states = dict(conn.execute("SELECT name, state FROM walstate_step WHERE job_id=?", (job_id,)).fetchall())
+        try:
+            tx = Counter(dict(conn.execute("SELECT step, count(*) FROM shape_effects GROUP BY step").fetchall()))
+        except sqlite3.OperationalError:
+            tx = Counter()
+        interrupted = Counter(dict(conn.execute(
+            "SELECT step, count(*) FROM walstate_journal WHERE job_id=? AND note='interrupted' GROUP BY step",
+            (job_id,)).fetchall()))
+    finally:
+        conn.close()
+    for spec in shape.steps:
+        ok = states[spec.name] == "succeeded"
+        if spec.transactional:
+            if tx[spec.name] != (1 if ok else 0):
+                raise InvariantViolation(f"transactional effect of {spec.name!r} exists {tx[spec.name]} times "
+                                         f"(step {states[spec.name]})")
+            continue
+        n = external[spec.name]
+        if spec.uses_once and once_strict and n > 1:
+            raise InvariantViolation(f"once() of {spec.name!r} called its function {n} times")
+        if ok and n < 1:
+            raise InvariantViolation(f"step {spec.name!r} succeeded but its external effect never ran")
+        if not ok and n > interrupted[spec.name]:
+            # A step that never succeeded may have run its effect only in attempts a crash cut short.
+            raise InvariantViolation(f"step {spec.name!r} ended {states[spec.name]!r} but its effect ran {n} times")
+        if n > 1 + interrupted[spec.name]:
+            raise InvariantViolation(f"external effect of {spec.name!r} ran {n} times, but only "
+                                     f"{interrupted[spec.name]} crash(es) interrupted it")
+
+
+def reference_run(tmp: Path, shape: Shape) -> Outcome:
+    return run_with_crashes(build(shape, Effects()), _context(shape), str(tmp / "reference.db"))
+
+
+def _context(shape: Shape) -> Any:
+    return build(shape, Effects()).context()
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow], database=None)
+@given(shape=shapes(), plan=crash_plans(max_hit=12))
+def test_any_shape_resumes_exactly_once_under_any_crash_plan(tmp_path_factory: pytest.TempPathFactory,
+                                                             shape: Shape, plan: list[Crash]) -> None:
+    tmp = tmp_path_factory.mktemp("crash")
+    reference = reference_run(tmp, shape)
+    effects = Effects()
+    path = str(tmp / "crashed.db")
+    outcome = run_with_crashes(build(shape, effects), _context(shape), path, plan)
+    check_invariants(path, build(shape, Effects()), outcome.job_id, reference)
+    check_effects(path, shape, outcome.job_id, effects.counts)
+
+
+SWEEP_SHAPE = Shape(2, (
+    StepShape("p0s0", 0), StepShape("p0s1", 0, uses_once=True), StepShape("p0s2", 0, ("p0s0",), fail_times=1),
+    StepShape("p1s0", 1, transactional=True), StepShape("p1s1", 1), StepShape("p1s2", 1, ("p1s0",)),
+))
+#: Every (fault point, hit) pair the crash-free run of SWEEP_SHAPE reaches. Pinned, so the sweep cannot shrink.
+SWEEP_POSITIONS = 95
+
+
+def sweep(tmp_path: Path, shape: Shape = SWEEP_SHAPE) -> int:
+    """Crash at every reachable (fault point, hit) of ``shape``, resume, check; return positions covered."""
+    counter = Injector()
+    with counter:
+        reference = run_with_crashes(build(shape, Effects()), _context(shape), str(tmp_path / "ref.db"))
+    positions = [(point, n) for point in POINTS for n in range(1, counter.hits[point] + 1)]
+    for point, n in positions:
+        effects = Effects()
+        path = str(tmp_path / f"{point}-{n}.db")
+        outcome = run_with_crashes(build(shape, effects), _context(shape), path, [Crash(point, n)])
+        assert outcome.crashes == 1, f"crash at {point}#{n} was not reached"
+        check_invariants(path, build(shape, Effects()), outcome.job_id, reference)
+        # once() may repeat its call only when the crash fell between the call and its record.
+        check_effects(path, shape, outcome.job_id, effects.counts, once_strict=point != "before_once_record")
+    assert {p for p, _ in positions} == set(POINTS)  # every fault point is on the path
+    return len(positions)
+
+
+def test_a_crash_at_every_reachable_position_of_a_fixed_workflow_resumes_exactly_once(tmp_path: Path) -> None:
+    assert sweep(tmp_path) == SWEEP_POSITIONS
+
+
+def spawn(shape: Shape, db: str, effects: str, crash: Crash | None) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WALSTATE_SHAPE": shape.to_json(), "WALSTATE_EFFECTS": effects}
+    if crash is not None:
+        env["WALSTATE_KILL_AT"] = f"{crash.point}:{crash.nth}"
+    return subprocess.Popen([sys.executable, "-m", "tests.proc_shape", db], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+@pytest.mark.slow
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow], database=None,
+          max_examples=SIGKILL_EXAMPLES)
+@given(shape=shapes(max_phases=3, max_steps=4), plan=crash_plans(max_hit=10, max_crashes=2))
+def test_a_child_killed_by_sigkill_at_any_point_is_resumed_exactly_once(tmp_path_factory: pytest.TempPathFactory,
+                                                                        shape: Shape, plan: list[Crash]) -> None:
+    tmp = tmp_path_factory.mktemp("kill")
+    reference = reference_run(tmp, shape)
+    db, effects_file = str(tmp / "jobs.db"), str(tmp / "effects.log")
+    kills = 0
+    for crash in [*plan, None]:
+        child = spawn(shape, db, effects_file, crash)
+        _, err = child.communicate(timeout=120)
+        if child.returncode == -signal.SIGKILL:
+            kills += 1
+        else:
+            assert child.returncode == 0, err.decode()
+    flow = build(shape, Effects())
+    check_invariants(db, flow, 1, reference)
+    check_effects(db, shape, 1, Effects(effects_file).read_file())
