@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from . import dedup_bench, transitions_bench
+from . import dedup_bench, jobs_bench, transitions_bench
 
 
 def main() -> None:
     transitions_bench.main()
+    jobs_bench.main()
     dedup_bench.main()
 
 
