@@ -123,13 +123,16 @@ def test_a_failing_step_is_retried_and_its_failed_attempts_are_journalled(db_pat
 def test_a_step_out_of_attempts_fails_the_job_lets_in_flight_steps_finish_and_starts_nothing_new(db_path: str) -> None:
     flow = Workflow("w", context=Ctx, phases=["p", "q"])
     ran: list[str] = []
+    slow_started = threading.Event()
 
     @flow.step(phase="p", retry=Retry(max_attempts=2))
     def broken(ctx: Ctx, step: StepContext) -> None:
+        slow_started.wait(10)  # make sure `slow` is in flight when this fails for good
         raise ValueError("bad credentials")
 
     @flow.step(phase="p")
     def slow(ctx: Ctx, step: StepContext) -> dict[str, Any]:
+        slow_started.set()
         time.sleep(0.1)
         ran.append("slow")
         return {"b": 1}
