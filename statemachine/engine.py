@@ -137,7 +137,10 @@ class Engine:
             raise ContextInvalid(f"submit({workflow!r}): the context does not validate against "
                                  f"{flow.context.__name__}: {exc}") from exc
         text = model.model_dump_json()
-        steps = [(s.name, s.phase, s.position) for s in flow.steps.values()]
+        # position ranks steps by phase order, then declaration order, so readers
+        # (the CLI) recover the phase order from the rows alone.
+        ranked = sorted(flow.steps.values(), key=lambda s: (flow.phases.index(s.phase), s.position))
+        steps = [(s.name, s.phase, rank) for rank, s in enumerate(ranked)]
         job_id, existing = self.store.write.create_job(workflow, key, text, steps)
         if existing is not None and json.loads(existing) != json.loads(text):
             raise KeyConflict(

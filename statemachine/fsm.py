@@ -76,6 +76,23 @@ class Definition:
         edges = {(s, d) for m in self.table.values() for s, d in m.items()}
         return all((a, b) in edges for a, b in zip(states, states[1:]))
 
+    def destination(self, state: str, trigger: str, what: str) -> str | None:
+        """Where ``trigger`` takes an object in ``state``: ``None`` for a no-op, InvalidTransition if illegal.
+
+        For batch planners (operator commands) that commit several moves in one
+        transaction and so cannot fire them one by one.
+        """
+        sources = self.table.get(trigger)
+        if sources is None:
+            raise InvalidTransition(f"{what}: unknown trigger {trigger!r}", state=state, trigger=trigger)
+        if state in sources:
+            return sources[state]
+        if state in self._dests[trigger]:
+            return None
+        raise InvalidTransition(
+            f"{what} is {state!r}; {trigger!r} is allowed only from {', '.join(repr(s) for s in sources)}",
+            state=state, trigger=trigger)
+
     def fire(self, obj: Durable, trigger: str, data: Mapping[str, Any]) -> bool:
         """Move ``obj`` by ``trigger``, persisting first.
 

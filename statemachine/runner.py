@@ -84,8 +84,11 @@ class JobRun:
             for step in self.steps.values():
                 if step.state not in _TERMINAL:
                     step.cancel(note="job failed before this sub-step could run")
-            errors = {n: s.error or "" for n, s in self.steps.items() if s.state == "failed"}
-            self.job.fire("fail", error="; ".join(f"{n}: {e}" for n, e in errors.items()))
+        unfinished = {n: s for n, s in self.steps.items() if s.state not in _SATISFIED}
+        if unfinished:
+            # A job succeeds only when every step did (or was skipped): a step an
+            # operator cancelled fails the job too.
+            self.job.fire("fail", error="; ".join(f"{n}: {s.error or s.state}" for n, s in unfinished.items()))
         else:
             self.job.fire("succeed")
 

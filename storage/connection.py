@@ -10,6 +10,7 @@ them on connect) and :func:`open_database` reads them back; a wrong value is a
 from __future__ import annotations
 
 import os
+import pathlib
 import sqlite3
 from typing import Literal
 
@@ -63,11 +64,12 @@ def open_database(
     if readonly:
         if not os.path.exists(path):
             raise DatabaseUnavailable(f"{path}: no such file", path)
-        # Query-only rather than mode=ro: a read-only WAL reader may still have to
-        # create the -shm index, which mode=ro forbids when no writer made it yet;
-        # query_only refuses every write to the database file itself.
-        pragmas = {"busy_timeout": int(busy_timeout * 1000), "query_only": 1}
-        db = peewee.SqliteDatabase(path, pragmas=pragmas)
+        # mode=ro, not PRAGMA query_only: a query_only connection that is the
+        # last to close still checkpoints the WAL into the file, changing its
+        # bytes. A mode=ro reader never writes the database file (SQLite may
+        # leave PATH-wal and PATH-shm beside it).
+        uri = pathlib.Path(path).absolute().as_uri() + "?mode=ro"
+        db = peewee.SqliteDatabase(uri, uri=True, pragmas={"busy_timeout": int(busy_timeout * 1000)})
     else:
         directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory):

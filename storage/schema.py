@@ -78,6 +78,7 @@ def bind_models(db: peewee.Database) -> Models:
         job = peewee.ForeignKeyField(Job, column_name="job_id", on_delete="CASCADE")
         name = peewee.TextField()
         phase = peewee.TextField()
+        # Rank in the job: phases in declared order, then declaration order.
         position = peewee.IntegerField()
         state = peewee.TextField(default="pending")
         attempt = peewee.IntegerField(default=0)

@@ -66,8 +66,9 @@ class Change:
     error: str | None = None
     note: str | None = None
     context: ContextPatch | None = field(default=None)
-    #: For a job change: ``(new_owner, lease_expires)`` to take the job over in the same commit.
-    claim: tuple[str, float] | None = None
+    #: For a job change: ``(new_owner, lease_expires)`` to take the job over (or, with
+    #: ``(None, None)``, release it) in the same commit.
+    claim: tuple[str | None, float | None] | None = None
 
 
 class WritePath:
