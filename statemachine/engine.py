@@ -78,6 +78,9 @@ class Engine:
     loss (an fsync per commit). ``workers`` threads run a phase's sub-steps in
     parallel. ``lease`` is how long a claim on a job holds against processes
     that cannot check this one's liveness directly (another pid namespace).
+    ``group_commit`` lets parallel sub-steps' changes share one commit (one
+    fsync under ``"full"``); each trigger still returns only after its own
+    change is durable.
     """
 
     def __init__(
@@ -88,10 +91,11 @@ class Engine:
         workers: int = 4,
         busy_timeout: float = 5.0,
         lease: float = 60.0,
+        group_commit: bool = True,
     ) -> None:
         if workers < 1:
             raise ConfigurationError(f"workers must be >= 1, not {workers}")
-        self.store = Store(path, durability=durability, busy_timeout=busy_timeout)
+        self.store = Store(path, durability=durability, busy_timeout=busy_timeout, group_commit=group_commit)
         self.path = self.store.path
         self.workers = workers
         self.lease = lease

@@ -14,7 +14,8 @@ class Store:
     """Everything ``statemachine/`` needs from one SQLite file.
 
     ``readonly=True`` never creates or modifies the file and refuses files
-    that are not walstate databases.
+    that are not walstate databases. ``group_commit`` lets concurrent state
+    changes share one transaction (see :meth:`WritePath.commit`).
     """
 
     def __init__(
@@ -24,6 +25,7 @@ class Store:
         durability: Durability = "normal",
         busy_timeout: float = 5.0,
         readonly: bool = False,
+        group_commit: bool = True,
     ) -> None:
         self.path = os.fspath(path)
         self.durability = durability
@@ -36,7 +38,7 @@ class Store:
             self.db.close()
             raise
         self.read = Reader(self.db, self.path)
-        self.write = WritePath(self.db, self.path)
+        self.write = WritePath(self.db, self.path, group_commit=group_commit)
 
     def close(self) -> None:
         """Close this thread's connection (other threads' close when they end)."""

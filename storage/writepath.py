@@ -71,6 +71,17 @@ class Change:
     claim: tuple[str | None, float | None] | None = None
 
 
+class _Request:
+    """One caller's changes waiting for a group commit."""
+
+    __slots__ = ("changes", "done", "error")
+
+    def __init__(self, changes: Sequence[Change]) -> None:
+        self.changes = changes
+        self.done = False
+        self.error: BaseException | None = None
+
+
 class WritePath:
     """Writes walstate's state changes to one database, one transaction per batch."""
 
@@ -93,13 +104,23 @@ class WritePath:
     _READ_CONTEXT = "SELECT context FROM walstate_job WHERE id=?"
     _WRITE_CONTEXT = "UPDATE walstate_job SET context=?, updated_at=? WHERE id=?"
 
-    def __init__(self, db: peewee.SqliteDatabase, path: str) -> None:
+    def __init__(self, db: peewee.SqliteDatabase, path: str, *, group_commit: bool = True) -> None:
         self.db = db
         self.path = path
+        self.group_commit = group_commit
         # One writer at a time inside this process: threads queue on a Python
         # lock instead of spinning in SQLite's busy handler. Re-entrant because
         # a transactional step may record a once() result inside its commit.
         self._lock = threading.RLock()
+        # Group commit: callers queue their changes; the first to find no
+        # leader writes everything queued in one transaction, then wakes them.
+        self._queue: list[_Request] = []
+        self._leader = False
+        self._cv = threading.Condition(threading.Lock())
+        #: Batch sizes written by group commit (for benchmarks): count of batches, of changes.
+        self.batches = 0
+        self.batched_requests = 0
+        self._last_batch = 0
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -150,18 +171,106 @@ class WritePath:
         nothing was written.
         """
         faults.point("before_begin")
-        with self._lock:
-            try:
-                with self._transaction() as conn:
-                    if effect is not None:
-                        changes = [*changes, *effect()]
-                    now = time.time()
-                    for change in changes:
-                        self._apply(conn, change, now)
-                    faults.point("before_commit")
-            except (sqlite3.Error, peewee.PeeweeException) as exc:
-                raise translate(exc, self.path, "writing a state change") from exc
+        if self.group_commit and effect is None and self.db.transaction_depth() == 0:
+            self._commit_grouped(_Request(changes))
+        else:
+            with self._lock:
+                try:
+                    with self._transaction() as conn:
+                        if effect is not None:
+                            changes = [*changes, *effect()]
+                        now = time.time()
+                        for change in changes:
+                            self._apply(conn, change, now)
+                        faults.point("before_commit")
+                except (sqlite3.Error, peewee.PeeweeException) as exc:
+                    raise translate(exc, self.path, "writing a state change") from exc
         faults.point("after_commit")
+
+    def _commit_grouped(self, request: _Request) -> None:
+        """Leader/follower group commit: whoever finds no leader writes the whole queue.
+
+        A lone caller leads at once (no waiting for company); callers that
+        arrive while a commit is in progress queue up and the next leader
+        writes them all in one transaction, each in its own savepoint so one
+        stale change fails alone. Every caller returns only after the COMMIT
+        that holds its change.
+        """
+        with self._cv:
+            self._queue.append(request)
+            while not request.done:
+                if not self._leader:
+                    self._leader = True
+                    busy = self._last_batch > 1
+                    if not busy:
+                        batch, self._queue = self._queue, []
+                    break
+                self._cv.wait()
+            else:
+                if request.error is not None:
+                    raise request.error
+                return
+        if busy:
+            # Writers are busy: the callers the last commit just woke are about to
+            # queue their next change. One yield of the GIL lets them join this
+            # batch; a lone writer (last batch of one) never pays for it.
+            time.sleep(0)
+            with self._cv:
+                batch, self._queue = self._queue, []
+        self._last_batch = len(batch)
+        crash: BaseException | None = None
+        try:
+            with self._lock:
+                self._write_batch(batch)
+        except (sqlite3.Error, peewee.PeeweeException) as exc:
+            error = translate(exc, self.path, "writing a state change")
+            for r in batch:
+                r.error = r.error or error
+        except WalstateError as exc:  # a one-request batch: it failed alone
+            for r in batch:
+                r.error = r.error or exc
+        except BaseException as exc:  # a crash (or a bug): nothing of the batch committed
+            crash = exc
+            for r in batch:
+                r.error = exc
+        finally:
+            with self._cv:
+                self._leader = False
+                for r in batch:
+                    r.done = True
+                self._cv.notify_all()
+        if crash is not None:
+            raise crash
+        if request.error is not None:
+            raise request.error
+
+    def _write_batch(self, batch: list[_Request]) -> None:
+        self.batches += 1
+        self.batched_requests += len(batch)
+        with self._transaction() as conn:
+            now = time.time()
+            if len(batch) == 1:
+                for change in batch[0].changes:
+                    self._apply(conn, change, now)
+            else:
+                for r in batch:
+                    if len(r.changes) == 1 and r.changes[0].context is None:
+                        # A lone CAS that misses changes nothing and raises before
+                        # its journal row: no savepoint needed to undo it.
+                        try:
+                            self._apply(conn, r.changes[0], now)
+                        except WalstateError as exc:
+                            r.error = exc
+                        continue
+                    conn.execute("SAVEPOINT walstate_change")
+                    try:
+                        for change in r.changes:
+                            self._apply(conn, change, now)
+                    except WalstateError as exc:
+                        conn.execute("ROLLBACK TO walstate_change")
+                        r.error = exc
+                    conn.execute("RELEASE walstate_change")
+            faults.point("before_commit")
 
     def _apply(self, conn: sqlite3.Connection, c: Change, now: float) -> None:
         if c.context is not None:

@@ -1,0 +1,110 @@
+"""Group commit: parallel changes share one transaction, each caller returns after its own COMMIT."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from statemachine import InjectedCrash, StaleState
+from statemachine.substep import SubStep
+from storage import Store, faults
+
+from .helpers import new_step, stored_state
+
+
+class HoldFirstCommit(faults.Injector):
+    """Keeps the first leader inside its transaction until ``waiting`` other callers have queued."""
+
+    def __init__(self, store: Store, waiting: int, crash_second: bool = False) -> None:
+        super().__init__()
+        self.store, self.waiting, self.crash_second = store, waiting, crash_second
+        self.commits = 0
+
+    def hit(self, name: str) -> None:
+        if name != "before_commit":
+            return
+        self.commits += 1
+        if self.commits == 1:
+            deadline = time.monotonic() + 10
+            while len(self.store.write._queue) < self.waiting and time.monotonic() < deadline:
+                time.sleep(0.001)
+        elif self.commits == 2 and self.crash_second:
+            raise InjectedCrash(name, 2)
+
+
+def race(steps: list[SubStep], act: object) -> dict[str, BaseException | None]:
+    results: dict[str, BaseException | None] = {}
+    lock = threading.Lock()
+
+    def run(step: SubStep) -> None:
+        try:
+            act(step)  # type: ignore[operator]
+            # Returned: the change must already be visible to another connection.
+            assert stored_state(step.job.write.path, step.id)[0] == step.state
+            err = None
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertions
+            err = exc
+        with lock:
+            results[step.name] = err
+
+    first = threading.Thread(target=run, args=(steps[0],))
+    first.start()
+    while not steps[0].job.write._leader:
+        time.sleep(0.0005)
+    others = [threading.Thread(target=run, args=(s,)) for s in steps[1:]]
+    for t in others:
+        t.start()
+    for t in [first, *others]:
+        t.join(20)
+    return results
+
+
+def test_parallel_changes_share_one_commit_and_each_returns_after_it(store: Store) -> None:
+    steps = [new_step(store, f"s{i}") for i in range(8)]
+    with HoldFirstCommit(store, waiting=7):
+        results = race(steps, SubStep.start)
+    assert results == {s.name: None for s in steps}
+    assert store.write.batches == 2 and store.write.batched_requests == 8  # 1 + 7 in two commits
+    assert all(stored_state(store.path, s.id) == ("running", 1) for s in steps)
+
+
+def test_one_stale_change_fails_alone_and_the_rest_of_its_batch_commits(store: Store) -> None:
+    steps = [new_step(store, f"s{i}") for i in range(5)]
+    stale = steps[3]
+    stale.state = "retrying"  # memory disagrees with the row: its CAS must miss
+    with HoldFirstCommit(store, waiting=4):
+        results = race(steps, SubStep.start)
+    assert isinstance(results["s3"], StaleState)
+    assert all(results[s.name] is None for s in steps if s is not stale)
+    assert stored_state(store.path, stale.id) == ("pending", 0)
+    assert all(stored_state(store.path, s.id) == ("running", 1) for s in steps if s is not stale)
+    assert store.write.batches == 2
+
+
+def test_a_crash_in_a_shared_commit_reaches_every_caller_and_commits_none_of_them(store: Store) -> None:
+    steps = [new_step(store, f"s{i}") for i in range(4)]
+    with HoldFirstCommit(store, waiting=3, crash_second=True):
+        results = race(steps, SubStep.start)
+    assert results["s0"] is None
+    assert all(isinstance(results[s.name], InjectedCrash) for s in steps[1:])
+    assert all(stored_state(store.path, s.id) == ("pending", 0) for s in steps[1:])
+    assert all(s.state == "pending" for s in steps[1:])  # memory did not believe it
+
+
+def test_a_lone_writer_commits_at_once_without_waiting_for_company(store: Store) -> None:
+    step = new_step(store)
+    for _ in range(50):
+        step.retry(error="e") if step.state == "running" else step.start()
+    # Each change led its own batch: nobody waited to be joined.
+    assert store.write.batches == 50 and store.write.batched_requests == 50
+
+
+@pytest.mark.parametrize("group", [True, False])
+def test_group_commit_can_be_turned_off(db_path: str, group: bool) -> None:
+    s = Store(db_path, group_commit=group)
+    step = new_step(s)
+    step.start()
+    assert s.write.batches == (1 if group else 0)
+    s.close()
