@@ -6,9 +6,10 @@ the job's machine, which commits through ``storage``'s write path first.
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pydantic import BaseModel
@@ -110,39 +111,80 @@ class JobRun:
     # -- one phase --------------------------------------------------------------
 
     def _run_phase(self, phase: str) -> None:
-        waiting = [d for d in self.flow.phase_steps(phase) if self.steps[d.name].state not in _TERMINAL]
-        running: dict[Future[None], str] = {}
-        while True:
-            ready: list[StepDef] = []
-            for d in list(waiting):
-                deps = [self.steps[x].state for x in d.after]
-                if any(s in _TERMINAL and s not in _SATISFIED for s in deps):
-                    self.steps[d.name].cancel(note=f"a step it runs after did not succeed ({', '.join(d.after)})")
-                    waiting.remove(d)
-                elif all(s in _SATISFIED for s in deps) and not self.failing.is_set():
-                    ready.append(d)
-                    waiting.remove(d)
-            if self.pool is None or (len(ready) == 1 and not running):
-                # Nothing to overlap with: run inline and spare a thread hand-off.
-                for d in ready:
-                    self._run_step(d)
-                if not ready and not running:
-                    return
-                continue
-            for d in ready:
-                running[self.pool.submit(self._run_step, d)] = d.name
-            if not running:
+        todo = {d.name: d for d in self.flow.phase_steps(phase) if self.steps[d.name].state not in _TERMINAL}
+        if not todo:
+            return
+        # Dependency counting: each completion touches only its dependents, so a
+        # long `after` chain costs O(n), not a rescan of every waiting step.
+        dependents: dict[str, list[str]] = {}
+        unmet: dict[str, int] = {}
+        for name, d in todo.items():
+            unmet[name] = sum(self.steps[x].state not in _SATISFIED for x in d.after)
+            for x in d.after:
+                dependents.setdefault(x, []).append(name)
+        ready = [n for n in todo if unmet[n] == 0]
+        for name, d in todo.items():
+            if any(self.steps[x].state in _TERMINAL and self.steps[x].state not in _SATISFIED for x in d.after):
+                self._dependency_failed(name, todo, dependents)
+
+        def settle(name: str) -> None:
+            if self.steps[name].state not in _SATISFIED:
+                for dep in dependents.get(name, ()):
+                    self._dependency_failed(dep, todo, dependents)
                 return
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for fut in done:
-                del running[fut]
-                exc = fut.exception()
-                if exc is not None:
-                    # A crash (or a storage error) ends this run: stop the other
-                    # workers at their next write, wait for them, then re-raise.
-                    self.aborted.set()
-                    wait(running)
-                    raise exc
+            for dep in dependents.get(name, ()):
+                unmet[dep] -= 1
+                if unmet[dep] == 0 and self.steps[dep].state not in _TERMINAL:
+                    ready.append(dep)
+
+        # Workers report on a queue: each completion costs O(1) to notice.
+        finished: queue.SimpleQueue[tuple[str, BaseException | None]] = queue.SimpleQueue()
+        in_flight = 0
+        while True:
+            launch = [] if self.failing.is_set() else [todo[n] for n in ready]
+            ready.clear()
+            if self.pool is None or (len(launch) == 1 and not in_flight):
+                # Nothing to overlap with: run inline and spare a thread hand-off.
+                for d in launch:
+                    self._run_step(d)
+                    settle(d.name)
+                if not in_flight:
+                    if not ready:
+                        return
+                    continue
+            else:
+                for d in launch:
+                    self.pool.submit(self._report, d, finished)
+                in_flight += len(launch)
+                if not in_flight:
+                    return
+            name, exc = finished.get()
+            in_flight -= 1
+            if exc is not None:
+                # A crash (or a storage error) ends this run: stop the other
+                # workers at their next write, wait for them, then re-raise.
+                self.aborted.set()
+                for _ in range(in_flight):
+                    finished.get()
+                raise exc
+            settle(name)
+
+    def _dependency_failed(self, name: str, todo: dict[str, StepDef], dependents: dict[str, list[str]]) -> None:
+        """Cancel ``name`` (a step it runs after did not succeed) and, in turn, its dependents."""
+        step = self.steps[name]
+        if step.state in _TERMINAL:
+            return
+        step.cancel(note=f"a step it runs after did not succeed ({', '.join(todo[name].after)})")
+        for dep in dependents.get(name, ()):
+            self._dependency_failed(dep, todo, dependents)
+
+    def _report(self, d: StepDef, finished: queue.SimpleQueue[tuple[str, BaseException | None]]) -> None:
+        try:
+            self._run_step(d)
+        except BaseException as exc:  # handed to the scheduler thread, which re-raises it
+            finished.put((d.name, exc))
+        else:
+            finished.put((d.name, None))
 
     # -- one sub-step -----------------------------------------------------------
 
