@@ -6,7 +6,7 @@ need. Nothing here imports ``statemachine``.
 
 from .connection import Durability, open_database
 from .reads import JobRow, JournalRow, Reader, StepRow
-from .schema import SCHEMA_VERSION, TERMINAL_JOB_STATES, TERMINAL_STEP_STATES
+from .schema import SCHEMA_VERSION, TERMINAL_JOB_STATES, TERMINAL_STEP_STATES, UNFINISHED_JOB_STATES
 from .store import Store
 from .writepath import Change, ContextPatch, WritePath
 
@@ -14,6 +14,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "TERMINAL_JOB_STATES",
     "TERMINAL_STEP_STATES",
+    "UNFINISHED_JOB_STATES",
     "Change",
     "ContextPatch",
     "Durability",

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import peewee
 
 from .connection import translate
-from .schema import TERMINAL_JOB_STATES
+from .schema import UNFINISHED_JOB_STATES
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +59,14 @@ class JournalRow:
 _JOB_COLS = "id, workflow, key, state, context, error, owner, lease_expires, created_at, updated_at"
 _STEP_COLS = "id, job_id, name, phase, position, state, attempt, output, error, updated_at"
 _JOURNAL_COLS = "id, job_id, step, from_state, to_state, attempt, at, note"
-_UNFINISHED = tuple(TERMINAL_JOB_STATES)
+# The unfinished states are written into the SQL as literals, the same ones
+# the partial index names: they are module constants, never data.
+assert all(s.isalpha() for s in UNFINISHED_JOB_STATES)
+_UNFINISHED_SQL = (
+    f"SELECT {_JOB_COLS} FROM walstate_job WHERE state IN ("
+    + ", ".join(f"'{s}'" for s in UNFINISHED_JOB_STATES)
+    + ") ORDER BY id"
+)
 
 
 class Reader:
@@ -99,9 +106,7 @@ class Reader:
 
     def unfinished_jobs(self) -> list[JobRow]:
         """Jobs not yet terminal; served by a partial index, so finished history costs nothing."""
-        marks = ",".join("?" * len(_UNFINISHED))
-        sql = f"SELECT {_JOB_COLS} FROM walstate_job WHERE state NOT IN ({marks}) ORDER BY id"
-        return [JobRow(*r) for r in self._rows(sql, _UNFINISHED)]  # type: ignore[arg-type]
+        return [JobRow(*r) for r in self._rows(_UNFINISHED_SQL)]  # type: ignore[arg-type]
 
     def interruptions(self, job_id: int) -> dict[str, int]:
         """Per sub-step, how many of its attempts a dead process cut short (from the journal)."""

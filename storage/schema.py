@@ -27,6 +27,7 @@ SCHEMA_VERSION = 1
 #: States after which nothing changes any more (shared by steps and jobs).
 TERMINAL_STEP_STATES = ("succeeded", "failed", "skipped", "cancelled")
 TERMINAL_JOB_STATES = ("succeeded", "failed", "cancelled")
+UNFINISHED_JOB_STATES = ("pending", "running")
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,10 @@ def bind_models(db: peewee.Database) -> Models:
 
     # Recovery looks only at unfinished work: partial indexes keep that cost
     # proportional to what is in flight, not to the history in the file.
-    Job.add_index(Job.index(Job.state, Job.id).where(Job.state.not_in(TERMINAL_JOB_STATES)))
+    # SQLite uses a partial index only for a query whose WHERE names the same
+    # literal values (bound parameters cannot be proven to match), and only an
+    # IN list (not NOT IN) is searchable: see Reader.unfinished_jobs.
+    Job.add_index(Job.index(Job.state, Job.id).where(Job.state.in_(UNFINISHED_JOB_STATES)))
     return Models(Meta_, Job, Step, Journal, Once)
 
 

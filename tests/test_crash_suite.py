@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,17 @@ from .conftest import SIGKILL_EXAMPLES
 from .shapes import Effects, Shape, StepShape, build, shapes
 
 ROOT = Path(__file__).resolve().parent.parent
+
+#: Totals over the session, written to $WALSTATE_CRASH_STATS (JSON) for closing notes and deep runs.
+TOTALS: Counter[str] = Counter()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _write_totals() -> Iterator[None]:
+    yield
+    target = os.environ.get("WALSTATE_CRASH_STATS")
+    if target:
+        Path(target).write_text(json.dumps(dict(TOTALS), indent=2))
 
 
 def check_effects(path: str, shape: Shape, job_id: int, external: Counter[str], once_strict: bool = False) -> None:
@@ -91,6 +104,8 @@ def test_any_shape_resumes_exactly_once_under_any_crash_plan(tmp_path_factory: p
     outcome = run_with_crashes(build(shape, effects), _context(shape), path, plan)
     check_invariants(path, build(shape, Effects()), outcome.job_id, reference)
     check_effects(path, shape, outcome.job_id, effects.counts)
+    TOTALS["in_process_examples"] += 1
+    TOTALS["in_process_crashes"] += outcome.crashes
 
 
 SWEEP_SHAPE = Shape(2, (
@@ -115,6 +130,7 @@ def sweep(tmp_path: Path, shape: Shape = SWEEP_SHAPE) -> int:
         check_invariants(path, build(shape, Effects()), outcome.job_id, reference)
         # once() may repeat its call only when the crash fell between the call and its record.
         check_effects(path, shape, outcome.job_id, effects.counts, once_strict=point != "before_once_record")
+        TOTALS["sweep_crashes"] += 1
     assert {p for p, _ in positions} == set(POINTS)  # every fault point is on the path
     return len(positions)
 
@@ -151,3 +167,5 @@ def test_a_child_killed_by_sigkill_at_any_point_is_resumed_exactly_once(tmp_path
     flow = build(shape, Effects())
     check_invariants(db, flow, 1, reference)
     check_effects(db, shape, 1, Effects(effects_file).read_file())
+    TOTALS["sigkill_examples"] += 1
+    TOTALS["sigkills"] += kills

@@ -1,0 +1,22 @@
+"""Recovery reads only unfinished work: the query that finds it is served by a partial index."""
+
+from __future__ import annotations
+
+from storage import Store
+from storage import reads
+
+
+def test_finding_unfinished_jobs_searches_the_partial_index_instead_of_scanning_the_table(store: Store) -> None:
+    plan = store.db.connection().execute("EXPLAIN QUERY PLAN " + reads._UNFINISHED_SQL).fetchall()
+    detail = " | ".join(str(row[-1]) for row in plan)
+    assert "SEARCH walstate_job USING INDEX job_state_id" in detail, detail
+    assert "SCAN walstate_job" not in detail, detail
+
+
+def test_unfinished_jobs_lists_only_jobs_that_are_not_terminal(store: Store) -> None:
+    ids = [store.write.create_job("w", None, "{}", [("s", "p", 0)])[0] for _ in range(4)]
+    conn = store.db.connection()
+    conn.execute("UPDATE walstate_job SET state='succeeded' WHERE id=?", (ids[0],))
+    conn.execute("UPDATE walstate_job SET state='running' WHERE id=?", (ids[1],))
+    conn.execute("UPDATE walstate_job SET state='failed' WHERE id=?", (ids[2],))
+    assert [j.id for j in store.read.unfinished_jobs()] == [ids[1], ids[3]]
