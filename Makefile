@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test test-deep bench clean
+.PHONY: demo test test-deep typecheck bench clean
 
 $(VENV)/.installed-%: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ test-deep: $(VENV)/.installed-test
 
 # The peer (DBOS) and the chart (matplotlib) are optional: if they cannot be
 # installed, the suite says so and measures the rest.
+typecheck: $(VENV)/.installed-test
+	$(PY) -m mypy
+
 bench: $(VENV)/.installed-test
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]' || \
 	  echo "bench extra (dbos, matplotlib) not installed: peer figures and the chart are skipped"

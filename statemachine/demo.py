@@ -91,7 +91,11 @@ def servicesConfig(ctx: Onboarding, step: StepContext) -> dict[str, Any]:
 @flow.step(phase="configure")
 def paymentConfig(ctx: Onboarding, step: StepContext) -> dict[str, Any]:
     # The payment provider is called through once(): a re-run returns the stored account.
-    account = step.once("create_account", lambda: effect(step, 0.5) or f"acct-{ctx.tenant}-{step.job_id}")
+    def create_account() -> str:
+        effect(step, 0.5)
+        return f"acct-{ctx.tenant}-{step.job_id}"
+
+    account = step.once("create_account", create_account)
     return {"payment_account": account}
 
 

@@ -16,7 +16,7 @@ it was and the caller gets the error (write before you believe).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from transitions import EventData, Machine, MachineError
 
@@ -34,7 +34,7 @@ class Durable(Protocol):
 
 
 def _persist_hook(event: EventData) -> None:
-    model: Durable = event.model
+    model = cast(Durable, event.model)
     transition = event.transition
     assert transition is not None and transition.dest is not None
     model._persist(event.event.name, transition.source, transition.dest, event.kwargs)

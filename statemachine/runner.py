@@ -96,7 +96,8 @@ class JobRun:
     def context(self) -> BaseModel:
         with self._ctx_lock:
             text = self._ctx_text
-        return self.flow.context.model_validate_json(text)
+        model: BaseModel = self.flow.context.model_validate_json(text)
+        return model
 
     def _interrupted(self, step: SubStep) -> None:
         """A sub-step left ``running`` by a dead process: journal it and let it retry."""

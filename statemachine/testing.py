@@ -255,9 +255,10 @@ def crash_test(flow: Workflow[Any], context: BaseModel, directory: str | os.Path
     reference = run_with_crashes(flow, context, str(base / "reference.db"), workers=workers)
     counter = iter(range(1 << 30))
 
-    extra = {} if max_examples is None else {"max_examples": max_examples}
+    # None: whatever the active Hypothesis profile says.
+    examples = (settings.default.max_examples if settings.default else 100) if max_examples is None else max_examples
 
-    @settings(database=None, **extra)
+    @settings(database=None, max_examples=examples)
     @given(plan=crash_plans(points, max_hit))
     def scenario(plan: list[Crash]) -> None:
         path = str(base / f"run-{next(counter)}.db")

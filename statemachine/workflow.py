@@ -47,7 +47,7 @@ class Retry:
         if self.backoff == 0:
             return 0.0
         base = min(self.max_backoff, self.backoff * 2 ** max(0, attempt - 1))
-        return base + random.uniform(0, self.jitter * base)
+        return float(base + random.uniform(0, self.jitter * base))
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import sqlite3
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import peewee
 
@@ -32,13 +33,14 @@ UNFINISHED_JOB_STATES = ("pending", "running")
 
 @dataclass(frozen=True)
 class Models:
-    meta: type[peewee.Model]
-    job: type[peewee.Model]
-    step: type[peewee.Model]
-    journal: type[peewee.Model]
-    once: type[peewee.Model]
+    # Any: the classes are built at run time per database, with fields peewee adds.
+    meta: Any
+    job: Any
+    step: Any
+    journal: Any
+    once: Any
 
-    def all(self) -> list[type[peewee.Model]]:
+    def all(self) -> list[Any]:
         return [self.meta, self.job, self.step, self.journal, self.once]
 
 
@@ -158,4 +160,4 @@ def ensure_schema(db: peewee.SqliteDatabase, models: Models, path: str, *, creat
         )
     if version < 1 or "database_id" not in rows:
         raise NotADatabase(f"{path}: walstate_meta is incomplete (schema version {version}); the file is damaged", path)
-    return rows["database_id"]
+    return str(rows["database_id"])

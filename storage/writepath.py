@@ -280,10 +280,13 @@ class WritePath:
                 self._UPDATE_STEP,
                 (c.new, c.attempt, c.output, c.error, now, c.row_id, c.expected, c.job_id, c.owner),
             )
-        elif c.kind == "job" and c.claim is None:
-            cur = conn.execute(self._UPDATE_JOB, (c.new, c.error, now, c.row_id, c.expected, c.owner))
         elif c.kind == "job":
-            cur = conn.execute(self._UPDATE_JOB_CLAIM, (c.new, c.error, now, *c.claim, c.row_id, c.expected, c.owner))
+            if c.claim is None:
+                cur = conn.execute(self._UPDATE_JOB, (c.new, c.error, now, c.row_id, c.expected, c.owner))
+            else:
+                new_owner, lease = c.claim
+                cur = conn.execute(self._UPDATE_JOB_CLAIM,
+                                   (c.new, c.error, now, new_owner, lease, c.row_id, c.expected, c.owner))
         else:
             raise ValueError(f"unknown change kind {c.kind!r}")
         faults.point("after_update")
