@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from storage import ContextPatch, Store, TERMINAL_STEP_STATES
 from storage import faults
-from storage.errors import ContextInvalid, OutputNotJSON, WalstateError
+from storage.errors import ContextInvalid, OutputNotJSON
 from storage.writepath import Change
 
 from .context import StepContext, StepResult, check_update_keys, context_merger, to_json
@@ -33,10 +33,6 @@ class _HandlerRaised(Exception):
     def __init__(self, exc: Exception) -> None:
         super().__init__(str(exc))
         self.exc = exc
-
-
-class _Final(Exception):
-    """A failure no retry can fix (bad output or context): fail the step now."""
 
 
 def describe(exc: BaseException) -> str:
@@ -106,6 +102,7 @@ class JobRun:
         message = f"attempt {step.attempt} was interrupted (the process running it died)"
         if self.interruptions[step.name] > retry.max_interruptions:
             step.fail(error=f"{message}; interrupted {self.interruptions[step.name]} times, giving up", note="interrupted")
+            self.failing.set()
         else:
             step.retry(error=message, note="interrupted")
 
@@ -203,15 +200,13 @@ class JobRun:
             box: list[tuple[int, str]] = []
             try:
                 if d.transactional:
-                    step.succeed(effect=lambda change: self._transactional(d, ctx, sc, change, box))
+                    # The handler runs inside the transaction that records its completion.
+                    def effect(change: Change) -> None:
+                        change.output, change.context = self._call(d, ctx, sc, box)
+
+                    step.succeed(effect=effect)
                 else:
-                    faults.point("handler_before_effect")
-                    try:
-                        result = d.fn(ctx, sc)
-                    except Exception as exc:
-                        raise _HandlerRaised(exc) from exc
-                    faults.point("handler_after_effect")
-                    output, patch = self._result(d, result, box)
+                    output, patch = self._call(d, ctx, sc, box)
                     step.succeed(output=output, context=patch)
                 self._adopt(box)
                 return
@@ -222,15 +217,16 @@ class JobRun:
                 self._failed_attempt(d, step, describe(exc), final=True)
                 return
 
-    def _transactional(self, d: StepDef, ctx: BaseModel, sc: StepContext, change: Change,
-                       box: list[tuple[int, str]]) -> None:
+    def _call(self, d: StepDef, ctx: BaseModel, sc: StepContext,
+              box: list[tuple[int, str]]) -> tuple[str | None, ContextPatch | None]:
+        """Run the handler between its two fault points; return its output and context update."""
         faults.point("handler_before_effect")
         try:
             result = d.fn(ctx, sc)
         except Exception as exc:
             raise _HandlerRaised(exc) from exc
         faults.point("handler_after_effect")
-        change.output, change.context = self._result(d, result, box)
+        return self._result(d, result, box)
 
     def _failed_attempt(self, d: StepDef, step: SubStep, error: str, *, final: bool) -> bool:
         """Record a failed attempt; return True when the step failed for good."""
@@ -280,5 +276,3 @@ class JobRun:
     def _idempotency_key(self, step: str) -> str:
         return f"{self.store.database_id}:{self.job.id}:{step}"
 
-
-__all__ = ["JobRun", "WalstateError"]

@@ -412,4 +412,4 @@ class WritePath:
                 raise translate(exc, self.path, doing) from exc
 
 
-__all__ = ["Change", "ContextPatch", "WritePath", "WalstateError"]
+__all__ = ["Change", "ContextPatch", "WritePath"]

@@ -388,3 +388,17 @@ def test_recover_never_takes_over_a_job_that_a_live_run_is_executing(db_path: st
     assert e2.status(job).state == "succeeded"
     e1.close()
     e2.close()
+
+
+def test_a_step_that_kills_its_process_every_time_fails_after_max_interruptions(db_path: str) -> None:
+    from statemachine.testing import run_with_crashes
+
+    flow = Workflow("w", context=Ctx, phases=["p"])
+    flow.step(phase="p", name="poison", retry=Retry(max_attempts=5, max_interruptions=2))(lambda ctx, step: None)
+    plan = [faults.Crash("handler_before_effect", 1)] * 3  # it dies on every attempt
+    outcome = run_with_crashes(flow, Ctx(), db_path, plan)
+    assert outcome.crashes == 3
+    assert outcome.step_states == {"poison": "failed"} and outcome.state == "failed"
+    with engine_for(db_path, flow) as e:
+        notes = [r.note for r in e.history(outcome.job_id, "poison") if r.to_state in ("retrying", "failed")]
+    assert notes == ["interrupted", "interrupted", "interrupted"]
