@@ -197,7 +197,7 @@ class Engine:
             interruptions = self.store.read.interruptions(job_id) if resumed else {}
             run = JobRun(self.store, flow, job, steps, interruptions, row.context, self._workers(),
                          renew=lambda: self._renewals.run_once(job_id, lambda: self.store.write.renew(
-                             job_id, self.owner, time.time() + self.lease)))
+                             job_id, self.owner, time.time() + self.lease)), workers=self.workers)
             run.execute()
         return self._finished(self._row(job_id))
 

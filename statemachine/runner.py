@@ -44,13 +44,14 @@ class JobRun:
 
     def __init__(self, store: Store, flow: Workflow[Any], job: JobHandle, steps: dict[str, SubStep],
                  interruptions: dict[str, int], context_text: str, pool: ThreadPoolExecutor | None,
-                 renew: Callable[[], object] = lambda: None) -> None:
+                 renew: Callable[[], object] = lambda: None, workers: int = 1) -> None:
         self.store = store
         self.flow = flow
         self.job = job
         self.steps = steps
         self.interruptions = interruptions
         self.pool = pool
+        self.workers = workers
         self.renew = renew
         self.failing = threading.Event()
         self.aborted = threading.Event()
@@ -135,37 +136,76 @@ class JobRun:
                 if unmet[dep] == 0 and self.steps[dep].state not in _TERMINAL:
                     ready.append(dep)
 
-        # Workers report on a queue: each completion costs O(1) to notice.
-        finished: queue.SimpleQueue[tuple[str, BaseException | None]] = queue.SimpleQueue()
+        if self.pool is None or self.workers < 2:
+            while ready and not self.failing.is_set():
+                name = ready.pop(0)
+                self._run_step(todo[name])
+                settle(name)
+            return
+        self._run_parallel(todo, ready, settle)
+
+    def _run_parallel(self, todo: dict[str, StepDef], ready: list[str], settle: Callable[[str], None]) -> None:
+        """Run ``ready`` steps (and those they unlock) on long-lived worker loops.
+
+        Each loop settles what it finished and takes the next ready step itself,
+        so a step costs no hand-off to a scheduler thread; the calling thread is
+        one of the loops. A crash in any loop stops the others at their next
+        write; the first error is re-raised once all loops have stopped.
+        """
+        lock = threading.Lock()
+        work: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        loops = min(self.workers, len(todo))
+        errors: list[BaseException] = []
         in_flight = 0
-        while True:
-            launch = [] if self.failing.is_set() else [todo[n] for n in ready]
+
+        def take() -> str | None:
+            """Under ``lock``: keep one ready step for this loop, queue the rest; stop all when done."""
+            nonlocal in_flight
+            if self.failing.is_set() or errors:
+                ready.clear()
+            mine = ready.pop(0) if ready else None
+            for name in ready:
+                work.put(name)
+            in_flight += len(ready) + (mine is not None)
             ready.clear()
-            if self.pool is None or (len(launch) == 1 and not in_flight):
-                # Nothing to overlap with: run inline and spare a thread hand-off.
-                for d in launch:
-                    self._run_step(d)
-                    settle(d.name)
-                if not in_flight:
-                    if not ready:
-                        return
-                    continue
-            else:
-                for d in launch:
-                    self.pool.submit(self._report, d, finished)
-                in_flight += len(launch)
-                if not in_flight:
-                    return
-            name, exc = finished.get()
-            in_flight -= 1
-            if exc is not None:
-                # A crash (or a storage error) ends this run: stop the other
-                # workers at their next write, wait for them, then re-raise.
-                self.aborted.set()
-                for _ in range(in_flight):
-                    finished.get()
-                raise exc
-            settle(name)
+            if in_flight == 0:
+                for _ in range(loops):
+                    work.put(None)
+            return mine
+
+        def loop() -> None:
+            nonlocal in_flight
+            name = work.get()
+            while name is not None:
+                try:
+                    self._run_step(todo[name])
+                    exc = None
+                except BaseException as caught:  # re-raised by the calling thread below
+                    exc = caught
+                with lock:
+                    in_flight -= 1
+                    if exc is None:
+                        try:
+                            settle(name)  # may write (cancel dependents); a failure must not strand the loops
+                        except BaseException as caught:
+                            exc = caught
+                    if exc is not None:
+                        errors.append(exc)
+                        self.aborted.set()
+                    name = take()
+                if name is None:
+                    name = work.get()
+
+        with lock:
+            first = take()
+        if first is not None:
+            work.put(first)
+        helpers = [self.pool.submit(loop) for _ in range(loops - 1)]  # type: ignore[union-attr]
+        loop()
+        for helper in helpers:
+            helper.result()
+        if errors:
+            raise errors[0]
 
     def _dependency_failed(self, name: str, todo: dict[str, StepDef], dependents: dict[str, list[str]]) -> None:
         """Cancel ``name`` (a step it runs after did not succeed) and, in turn, its dependents."""
@@ -175,14 +215,6 @@ class JobRun:
         step.cancel(note=f"a step it runs after did not succeed ({', '.join(todo[name].after)})")
         for dep in dependents.get(name, ()):
             self._dependency_failed(dep, todo, dependents)
-
-    def _report(self, d: StepDef, finished: queue.SimpleQueue[tuple[str, BaseException | None]]) -> None:
-        try:
-            self._run_step(d)
-        except BaseException as exc:  # handed to the scheduler thread, which re-raises it
-            finished.put((d.name, exc))
-        else:
-            finished.put((d.name, None))
 
     # -- one sub-step -----------------------------------------------------------
 

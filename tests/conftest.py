@@ -19,6 +19,8 @@ settings.register_profile("deep", max_examples=2000, deadline=None, suppress_hea
 PROFILE = os.environ.get("WALSTATE_HYPOTHESIS_PROFILE", "ci")
 settings.load_profile(PROFILE)
 #: SIGKILL examples start real processes (~1 s each): few in CI, many in the deep profile.
+#: In-process crash examples with 3 worker threads (threads make each example slower).
+PARALLEL_EXAMPLES = 500 if PROFILE == "deep" else 40
 SIGKILL_EXAMPLES = int(os.environ.get("WALSTATE_SIGKILL_EXAMPLES", "150" if PROFILE == "deep" else "6"))
 
 

@@ -30,7 +30,7 @@ from statemachine.testing import (
 from storage import faults
 from statemachine import Workflow
 
-from .conftest import SIGKILL_EXAMPLES
+from .conftest import PARALLEL_EXAMPLES, SIGKILL_EXAMPLES
 from .shapes import Effects, Shape, StepShape, build, shapes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,11 +97,24 @@ def _context(shape: Shape) -> Any:
 @given(shape=shapes(), plan=crash_plans(max_hit=12))
 def test_any_shape_resumes_exactly_once_under_any_crash_plan(tmp_path_factory: pytest.TempPathFactory,
                                                              shape: Shape, plan: list[Crash]) -> None:
+    crash_and_check(tmp_path_factory, shape, plan, workers=1)
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow], database=None,
+          max_examples=PARALLEL_EXAMPLES)
+@given(shape=shapes(), plan=crash_plans(max_hit=12))
+def test_parallel_workers_resume_exactly_once_under_any_crash_plan(tmp_path_factory: pytest.TempPathFactory,
+                                                                   shape: Shape, plan: list[Crash]) -> None:
+    # Crashes now hit one worker while others are mid-step: the run must stop them all and resume cleanly.
+    crash_and_check(tmp_path_factory, shape, plan, workers=3)
+
+
+def crash_and_check(tmp_path_factory: pytest.TempPathFactory, shape: Shape, plan: list[Crash], workers: int) -> None:
     tmp = tmp_path_factory.mktemp("crash")
     reference = reference_run(tmp, shape)
     effects = Effects()
     path = str(tmp / "crashed.db")
-    outcome = run_with_crashes(build(shape, effects), _context(shape), path, plan)
+    outcome = run_with_crashes(build(shape, effects), _context(shape), path, plan, workers=workers)
     check_invariants(path, build(shape, Effects()), outcome.job_id, reference)
     check_effects(path, shape, outcome.job_id, effects.counts)
     TOTALS["in_process_examples"] += 1
