@@ -197,9 +197,14 @@ class JobRun:
                     name = work.get()
 
         with lock:
-            first = take()
-        if first is not None:
-            work.put(first)
+            # In declared order: the first ready steps start first.
+            for name in ready:
+                work.put(name)
+            in_flight = len(ready)
+            ready.clear()
+            if in_flight == 0:
+                for _ in range(loops):
+                    work.put(None)
         helpers = [self.pool.submit(loop) for _ in range(loops - 1)]  # type: ignore[union-attr]
         loop()
         for helper in helpers:
