@@ -174,15 +174,16 @@ class Engine:
                 raise JobOwned(f"{self.path}: job {job_id} is being run by {row.owner}; not taking it over")
             job = JobHandle(job_id, row.workflow, row.state, row.owner, self.store.write)
             claim = (self.owner, time.time() + self.lease)
-            try:
-                if job.state == "pending":
+            taken = f"{self.path}: job {job_id} was claimed by another process just now"
+            if job.state == "pending":
+                try:
                     job.fire("start", claim=claim)  # claim and start share one commit
-                elif row.owner != self.owner:
-                    if not self.store.write.claim(job_id, row.owner, *claim):
-                        raise StaleState("owner changed", kind="job", row_id=job_id, expected="", actual=None)
-                    job.owner = self.owner
-            except (StaleState, LeaseLost) as exc:
-                raise JobOwned(f"{self.path}: job {job_id} was claimed by another process just now") from exc
+                except (StaleState, LeaseLost) as exc:
+                    raise JobOwned(taken) from exc
+            elif row.owner != self.owner:
+                if not self.store.write.claim(job_id, row.owner, *claim):
+                    raise JobOwned(taken)
+                job.owner = self.owner
             # The claim just set the lease: the next renewal is due a period from now.
             self._renewals.forget(job_id)
             self._renewals.run_once(job_id, lambda: None)

@@ -3,9 +3,11 @@
 A state change is a compare-and-set: ``UPDATE … WHERE id=? AND state=<expected>``
 (fenced by the job's owner) plus one append-only journal row, in one
 ``BEGIN IMMEDIATE`` transaction, and :meth:`WritePath.commit` returns only after
-COMMIT. A batch of changes shares that transaction; if any compare-and-set
-misses, the whole batch is rolled back and :class:`StaleState` (or
-:class:`LeaseLost`) says which row and what state it really had.
+COMMIT. The changes of one ``commit`` call are all-or-nothing: if any
+compare-and-set misses, none is written and :class:`StaleState` (or
+:class:`LeaseLost`) says which row and what state it really had. With group
+commit, the calls of several threads share one transaction, each still
+all-or-nothing on its own.
 
 Statements are fixed class-level strings with ``?`` placeholders, executed on
 peewee's connection: peewee's query builder costs several times the raw

@@ -402,3 +402,31 @@ def test_a_step_that_kills_its_process_every_time_fails_after_max_interruptions(
     with engine_for(db_path, flow) as e:
         notes = [r.note for r in e.history(outcome.job_id, "poison") if r.to_state in ("retrying", "failed")]
     assert notes == ["interrupted", "interrupted", "interrupted"]
+
+
+def test_running_a_job_that_a_live_run_owns_raises_job_owned(db_path: str) -> None:
+    from statemachine import JobOwned
+
+    gate, release = threading.Event(), threading.Event()
+    flow = Workflow("w", context=Ctx, phases=["p"])
+
+    @flow.step(phase="p")
+    def slow(ctx: Ctx, step: StepContext) -> None:
+        gate.set()
+        release.wait(10)
+
+    e1, e2 = engine_for(db_path, flow), engine_for(db_path, flow)
+    job = e1.submit("w", Ctx())
+    runner = threading.Thread(target=e1.run, args=(job,))
+    runner.start()
+    try:
+        assert gate.wait(10)
+        with pytest.raises(JobOwned, match="being run by"):
+            e2.run(job)
+    finally:
+        release.set()
+        runner.join(10)
+    assert e2.status(job).state == "succeeded"
+    assert [r.to_state for r in e2.history(job, "slow")] == ["running", "succeeded"]
+    e1.close()
+    e2.close()
