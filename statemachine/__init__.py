@@ -30,9 +30,27 @@ from storage.errors import (
 
 from storage.dedup import Deduper, guarded_update
 
+from typing import TYPE_CHECKING, Any
+
 from .context import StepContext, StepResult
-from .engine import Engine, JobStatus, StepStatus, TransitionRecord
 from .workflow import Retry, Workflow
+
+if TYPE_CHECKING:
+    from .engine import Engine, JobStatus, StepStatus, TransitionRecord
+
+_ENGINE_NAMES = ("Engine", "JobStatus", "StepStatus", "TransitionRecord")
+
+
+def __getattr__(name: str) -> Any:
+    # The engine (and with it peewee, transitions and SQLite) loads on first
+    # use: defining workflows, or a `walstate --help`, does not pay for it.
+    if name in _ENGINE_NAMES:
+        from . import engine
+
+        value = getattr(engine, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'statemachine' has no attribute {name!r}")
 
 __all__ = [
     "ConfigurationError",

@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import peewee
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
-from storage import Reader, WritePath
 from storage.errors import ContextInvalid, OutputNotJSON
+
+if TYPE_CHECKING:
+    import peewee
+
+    from storage import Reader, WritePath
 
 T = TypeVar("T")
 

@@ -2,13 +2,49 @@
 
 Internal to walstate: ``statemachine`` builds on it and re-exports what users
 need. Nothing here imports ``statemachine``.
+
+Names load on first use (PEP 562), so ``storage.errors`` and
+``storage.dedup`` (and ``import statemachine``) do not pay for importing peewee.
 """
 
-from .connection import Durability, open_database
-from .reads import JobRow, JournalRow, Reader, StepRow
-from .schema import SCHEMA_VERSION, TERMINAL_JOB_STATES, TERMINAL_STEP_STATES, UNFINISHED_JOB_STATES
-from .store import Store
-from .writepath import Change, ContextPatch, WritePath
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .connection import Durability, open_database
+    from .reads import JobRow, JournalRow, Reader, StepRow
+    from .schema import SCHEMA_VERSION, TERMINAL_JOB_STATES, TERMINAL_STEP_STATES, UNFINISHED_JOB_STATES
+    from .store import Store
+    from .writepath import Change, ContextPatch, WritePath
+
+_HOME = {
+    "Durability": "connection",
+    "open_database": "connection",
+    "JobRow": "reads",
+    "JournalRow": "reads",
+    "Reader": "reads",
+    "StepRow": "reads",
+    "SCHEMA_VERSION": "schema",
+    "TERMINAL_JOB_STATES": "schema",
+    "TERMINAL_STEP_STATES": "schema",
+    "UNFINISHED_JOB_STATES": "schema",
+    "Store": "store",
+    "Change": "writepath",
+    "ContextPatch": "writepath",
+    "WritePath": "writepath",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module 'storage' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{home}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -26,3 +62,4 @@ __all__ = [
     "WritePath",
     "open_database",
 ]
+assert sorted(__all__) == sorted(_HOME)

@@ -25,3 +25,18 @@ def test_the_readme_backfill_example_writes_once(tmp_path: Path) -> None:
     for _ in range(50):
         assert scope["effective_phase"](conn, 1) == "COMPLETED"  # type: ignore[operator]
     assert len(updates) == 1
+
+
+def test_importing_statemachine_defers_sqlite_peewee_and_transitions_until_the_engine_is_used() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, statemachine\n"
+        "assert 'peewee' not in sys.modules and 'transitions' not in sys.modules, sorted(sys.modules)\n"
+        "statemachine.Engine\n"
+        "assert 'peewee' in sys.modules and 'transitions' in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent, timeout=60)
+    assert done.returncode == 0, done.stderr
