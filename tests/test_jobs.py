@@ -6,6 +6,8 @@ import sqlite3
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -364,49 +366,9 @@ def test_recovery_journals_the_interrupted_attempt_and_retries_it(db_path: str) 
     e.close()
 
 
-def test_recover_never_takes_over_a_job_that_a_live_run_is_executing(db_path: str) -> None:
-    gate, release = threading.Event(), threading.Event()
-    flow = Workflow("w", context=Ctx, phases=["p"])
-
-    @flow.step(phase="p")
-    def slow(ctx: Ctx, step: StepContext) -> None:
-        gate.set()
-        release.wait(10)
-
-    e1 = engine_for(db_path, flow)
-    job = e1.submit("w", Ctx())
-    runner = threading.Thread(target=e1.run, args=(job,))
-    runner.start()
-    assert gate.wait(10)
-    e2 = engine_for(db_path, flow)
-    try:
-        assert e2.recover() == []
-        assert e2.status(job).steps["slow"].state == "running"
-    finally:
-        release.set()
-        runner.join(10)
-    assert e2.status(job).state == "succeeded"
-    e1.close()
-    e2.close()
-
-
-def test_a_step_that_kills_its_process_every_time_fails_after_max_interruptions(db_path: str) -> None:
-    from statemachine.testing import run_with_crashes
-
-    flow = Workflow("w", context=Ctx, phases=["p"])
-    flow.step(phase="p", name="poison", retry=Retry(max_attempts=5, max_interruptions=2))(lambda ctx, step: None)
-    plan = [faults.Crash("handler_before_effect", 1)] * 3  # it dies on every attempt
-    outcome = run_with_crashes(flow, Ctx(), db_path, plan)
-    assert outcome.crashes == 3
-    assert outcome.step_states == {"poison": "failed"} and outcome.state == "failed"
-    with engine_for(db_path, flow) as e:
-        notes = [r.note for r in e.history(outcome.job_id, "poison") if r.to_state in ("retrying", "failed")]
-    assert notes == ["interrupted", "interrupted", "interrupted"]
-
-
-def test_running_a_job_that_a_live_run_owns_raises_job_owned(db_path: str) -> None:
-    from statemachine import JobOwned
-
+@contextmanager
+def live_run(db_path: str) -> Iterator[tuple[Engine, int]]:
+    """A job held mid-step by a run in another thread; yields a second engine and the job id."""
     gate, release = threading.Event(), threading.Event()
     flow = Workflow("w", context=Ctx, phases=["p"])
 
@@ -421,12 +383,38 @@ def test_running_a_job_that_a_live_run_owns_raises_job_owned(db_path: str) -> No
     runner.start()
     try:
         assert gate.wait(10)
-        with pytest.raises(JobOwned, match="being run by"):
-            e2.run(job)
+        yield e2, job
     finally:
         release.set()
         runner.join(10)
-    assert e2.status(job).state == "succeeded"
-    assert [r.to_state for r in e2.history(job, "slow")] == ["running", "succeeded"]
-    e1.close()
-    e2.close()
+        assert e2.status(job).state == "succeeded"
+        assert [r.to_state for r in e2.history(job, "slow")] == ["running", "succeeded"]  # ran once
+        e1.close()
+        e2.close()
+
+
+def test_recover_never_takes_over_a_job_that_a_live_run_is_executing(db_path: str) -> None:
+    with live_run(db_path) as (e2, job):
+        assert e2.recover() == []
+        assert e2.status(job).steps["slow"].state == "running"
+
+
+def test_running_a_job_that_a_live_run_owns_raises_job_owned(db_path: str) -> None:
+    from statemachine import JobOwned
+
+    with live_run(db_path) as (e2, job), pytest.raises(JobOwned, match="being run by"):
+        e2.run(job)
+
+
+def test_a_step_that_kills_its_process_every_time_fails_after_max_interruptions(db_path: str) -> None:
+    from statemachine.testing import run_with_crashes
+
+    flow = Workflow("w", context=Ctx, phases=["p"])
+    flow.step(phase="p", name="poison", retry=Retry(max_attempts=5, max_interruptions=2))(lambda ctx, step: None)
+    plan = [faults.Crash("handler_before_effect", 1)] * 3  # it dies on every attempt
+    outcome = run_with_crashes(flow, Ctx(), db_path, plan)
+    assert outcome.crashes == 3
+    assert outcome.step_states == {"poison": "failed"} and outcome.state == "failed"
+    with engine_for(db_path, flow) as e:
+        notes = [r.note for r in e.history(outcome.job_id, "poison") if r.to_state in ("retrying", "failed")]
+    assert notes == ["interrupted", "interrupted", "interrupted"]
