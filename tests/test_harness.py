@@ -32,6 +32,5 @@ def test_crash_test_runs_plans_and_names_handlers_whose_effects_repeat(tmp_path:
 
     report = crash_test(flow, Order(), tmp_path, max_examples=60)
     assert report.examples == 60 and report.crashes > 0
-    assert not report.violations
     # A crash between charge's call and its commit re-runs it: the report says so.
     assert report.repeated_effects.get("charge", 0) >= 2
