@@ -203,7 +203,7 @@ class Engine:
         return self._finished(self._row(job_id))
 
     def _finished(self, row: JobRow) -> JobStatus:
-        status = self.status(row.id)
+        status = self._status(row)
         if row.state == "failed":
             errors = {n: s.error or "" for n, s in status.steps.items() if s.state == "failed"}
             raise JobFailed(f"{self.path}: job {row.id} ({row.workflow}) failed: {row.error}", job_id=row.id, errors=errors)
@@ -234,12 +234,14 @@ class Engine:
 
     def status(self, job_id: int) -> JobStatus:
         """The job as stored now: state, context, and every sub-step."""
-        row = self._row(job_id)
+        return self._status(self._row(job_id))
+
+    def _status(self, row: JobRow) -> JobStatus:
         flow = self._flows.get(row.workflow)
         context: Any = json.loads(row.context) if flow is None else flow.context.model_validate_json(row.context)
         steps = {
             s.name: StepStatus(s.name, s.state, s.phase, s.attempt, None if s.output is None else json.loads(s.output), s.error)
-            for s in self.store.read.steps(job_id)
+            for s in self.store.read.steps(row.id)
         }
         return JobStatus(row.id, row.workflow, row.key, row.state, context, steps, row.error, row.created_at, row.updated_at)
 
