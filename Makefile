@@ -6,9 +6,15 @@ PY     := $(VENV)/bin/python
 
 .PHONY: demo test test-deep typecheck bench clean
 
-$(VENV)/.installed-%: pyproject.toml
+# The package is installed editable in "strict" mode: a tree of links that
+# maps statemachine/ -> walstate/ and storage/ -> walstate/storage/, which is
+# what lets mypy see the package under its installed name. A new source file
+# needs a new link, so the stamp depends on the list of source files too.
+SOURCES := $(wildcard statemachine/*.py storage/*.py)
+
+$(VENV)/.installed-%: pyproject.toml $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[$*]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[$*]' --config-settings editable_mode=strict
 	touch $@
 
 demo: $(VENV)/.installed-test

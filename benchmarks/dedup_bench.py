@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-from storage.dedup import Deduper
+from walstate.storage.dedup import Deduper
 
 from .common import Figure, measure, report
 
@@ -21,7 +21,7 @@ HITS = 200_000
 
 def rss_growth_mb() -> float:
     code = (
-        "import resource\nfrom storage.dedup import Deduper\n"
+        "import resource\nfrom walstate.storage.dedup import Deduper\n"
         "d = Deduper(max_entries=1000)\nbase = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         f"for k in range({KEYS}):\n    d.run_once(k, lambda: None)\n"
         "assert len(d) == 1000\n"

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import threading
 
-from storage import Store
-from statemachine.substep import JobHandle, SubStep
+from walstate.storage import Store
+from walstate.substep import JobHandle, SubStep
 
 from .common import Figure, fresh_path, measure, rate, report
 from .transitions_bench import raw_floor

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from statemachine import Engine, Workflow
+from walstate import Engine, Workflow
 
 from .common import Figure, fresh_path, measure, rate, report
 from .transitions_bench import raw_floor

@@ -22,7 +22,7 @@ THREADS = 8
 _WALSTATE = r'''
 import sys, threading, time
 from pydantic import BaseModel
-from statemachine import Engine, Workflow
+from walstate import Engine, Workflow
 class C(BaseModel):
     pass
 flow = Workflow("bench", context=C, phases=["p"])
@@ -101,18 +101,18 @@ def main() -> list[Figure]:
                                   ">= 20x"))
         else:
             figures.append(Figure(f"walstate sub-steps/s, {label}", ws, wss, "steps/s"))
-    imp, imps = measure(lambda: import_seconds("statemachine"))
+    imp, imps = measure(lambda: import_seconds("walstate"))
     # The engine loads lazily; show the cost a program pays by its first Engine too.
-    full, fulls = measure(lambda: import_seconds("statemachine", "statemachine.Engine"))
+    full, fulls = measure(lambda: import_seconds("walstate", "walstate.Engine"))
     if have_dbos:
         dimp, dimps = measure(lambda: import_seconds("dbos"))
         figures.append(Figure("import dbos", dimp * 1000, dimps, "ms"))
-        figures.append(Figure("import statemachine", imp * 1000, imps, "ms", "import dbos", imp / dimp, "<= 0.25x"))
-        figures.append(Figure("import statemachine + load the engine", full * 1000, fulls, "ms", "import dbos",
+        figures.append(Figure("import walstate", imp * 1000, imps, "ms", "import dbos", imp / dimp, "<= 0.25x"))
+        figures.append(Figure("import walstate + load the engine", full * 1000, fulls, "ms", "import dbos",
                               full / dimp))
     else:
-        figures.append(Figure("import statemachine", imp * 1000, imps, "ms"))
-        figures.append(Figure("import statemachine + load the engine", full * 1000, fulls, "ms"))
+        figures.append(Figure("import walstate", imp * 1000, imps, "ms"))
+        figures.append(Figure("import walstate + load the engine", full * 1000, fulls, "ms"))
     report(f"walstate vs DBOS Transact on SQLite ({JOBS} jobs x {STEPS} no-op steps)", figures, "peers.json")
     return figures
 

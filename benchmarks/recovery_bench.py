@@ -15,9 +15,9 @@ import time
 
 from pydantic import BaseModel
 
-from statemachine import Engine, Workflow
-from statemachine.substep import JobHandle, SubStep
-from storage import Store
+from walstate import Engine, Workflow
+from walstate.substep import JobHandle, SubStep
+from walstate.storage import Store
 
 from .common import Figure, fresh_path, measure, report
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import sqlite3
 import time
 
-from storage import Store
-from statemachine.substep import JobHandle, SubStep
+from walstate.storage import Store
+from walstate.substep import JobHandle, SubStep
 
 from .common import Figure, fresh_path, measure, rate, report
 

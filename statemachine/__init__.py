@@ -5,7 +5,7 @@ believed, with the job's typed context in the same transaction, so a process
 that dies at any instant resumes its jobs exactly once.
 """
 
-from storage.errors import (
+from .storage.errors import (
     ConfigurationError,
     ContextInvalid,
     DatabaseBusy,
@@ -28,7 +28,7 @@ from storage.errors import (
     WriteFailed,
 )
 
-from storage.dedup import Deduper, guarded_update
+from .storage.dedup import Deduper, guarded_update
 
 from typing import TYPE_CHECKING, Any
 
@@ -50,7 +50,7 @@ def __getattr__(name: str) -> Any:
         value = getattr(engine, name)
         globals()[name] = value
         return value
-    raise AttributeError(f"module 'statemachine' has no attribute {name!r}")
+    raise AttributeError(f"module 'walstate' has no attribute {name!r}")
 
 __all__ = [
     "ConfigurationError",

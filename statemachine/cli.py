@@ -1,4 +1,4 @@
-"""The ``walstate`` command: see, explain and repair jobs from the shell (also ``python -m statemachine``).
+"""The ``walstate`` command: see, explain and repair jobs from the shell (also ``python -m walstate``).
 
 Read commands open the database read-only (``mode=ro``) and never create or
 change it. Errors are one line on stderr and a non-zero exit code.
@@ -15,8 +15,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
-from storage import Store
-from storage.errors import ConfigurationError, WalstateError
+from .storage import Store
+from .storage.errors import ConfigurationError, WalstateError
 
 from . import operator, views
 from .fsm import STEP

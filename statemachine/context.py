@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
-from storage.errors import ContextInvalid, OutputNotJSON
+from .storage.errors import ContextInvalid, OutputNotJSON
 
 if TYPE_CHECKING:
     import peewee
 
-    from storage import Reader, WritePath
+    from .storage import Reader, WritePath
 
 T = TypeVar("T")
 

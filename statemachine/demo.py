@@ -145,7 +145,7 @@ def _child(action: str, path: str) -> int:
 
 
 def _spawn(action: str, path: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "statemachine.demo", action, path])
+    return subprocess.Popen([sys.executable, "-m", "walstate.demo", action, path])
 
 
 def _snapshot(path: str) -> dict[str, tuple[str, str, int]]:

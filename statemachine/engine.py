@@ -12,9 +12,9 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from storage import Durability, JobRow, Store, TERMINAL_JOB_STATES
-from storage.dedup import Deduper
-from storage.errors import (
+from .storage import Durability, JobRow, Store, TERMINAL_JOB_STATES
+from .storage.dedup import Deduper
+from .storage.errors import (
     ConfigurationError,
     ContextInvalid,
     DefinitionError,

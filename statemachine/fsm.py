@@ -20,7 +20,7 @@ from typing import Any, Protocol, cast
 
 from transitions import EventData, Machine, MachineError
 
-from storage.errors import InvalidTransition
+from .storage.errors import InvalidTransition
 
 
 class Durable(Protocol):

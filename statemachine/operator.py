@@ -9,8 +9,8 @@ next write.
 
 from __future__ import annotations
 
-from storage import Change, JobRow, StepRow, Store
-from storage.errors import UnknownJob
+from .storage import Change, JobRow, StepRow, Store
+from .storage.errors import UnknownJob
 
 from .fsm import JOB, STEP
 

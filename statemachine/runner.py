@@ -14,10 +14,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from storage import ContextPatch, Store, TERMINAL_STEP_STATES
-from storage import faults
-from storage.errors import ContextInvalid, OutputNotJSON
-from storage.writepath import Change
+from .storage import ContextPatch, Store, TERMINAL_STEP_STATES
+from .storage import faults
+from .storage.errors import ContextInvalid, OutputNotJSON
+from .storage.writepath import Change
 
 from .context import StepContext, StepResult, check_update_keys, context_merger, to_json
 from .substep import JobHandle, SubStep

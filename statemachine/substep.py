@@ -6,7 +6,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from storage import Change, ContextPatch, StepRow, WritePath
+from .storage import Change, ContextPatch, StepRow, WritePath
 
 from .fsm import JOB, STEP
 

@@ -3,7 +3,7 @@
 walstate's own suite is built on this module; applications use it from pytest
 to prove that *their* workflow definitions resume exactly once::
 
-    from statemachine.testing import crash_test
+    from walstate.testing import crash_test
 
     def test_registration_survives_crashes(tmp_path):
         report = crash_test(flow, Onboarding(tenant="t1"), tmp_path)  # raises on a violation
@@ -33,8 +33,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from storage.errors import InjectedCrash, JobFailed
-from storage.faults import POINTS, Crash, Injector, install
+from .storage.errors import InjectedCrash, JobFailed
+from .storage.faults import POINTS, Crash, Injector, install
 
 from .engine import Engine
 from .fsm import STEP

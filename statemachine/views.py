@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from storage import Store, TERMINAL_STEP_STATES
-from storage.errors import UnknownJob
-from storage.reads import JobRow, StepRow
+from .storage import Store, TERMINAL_STEP_STATES
+from .storage.errors import UnknownJob
+from .storage.reads import JobRow, StepRow
 
 _TERMINAL = frozenset(TERMINAL_STEP_STATES)
 

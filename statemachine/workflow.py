@@ -9,7 +9,7 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel
 
-from storage.errors import DefinitionError
+from .storage.errors import DefinitionError
 
 C = TypeVar("C", bound=BaseModel)
 Handler = Callable[..., Any]

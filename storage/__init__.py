@@ -1,10 +1,10 @@
 """walstate's storage layer: everything that touches SQLite.
 
-Internal to walstate: ``statemachine`` builds on it and re-exports what users
-need. Nothing here imports ``statemachine``.
+Internal to walstate (installed as ``walstate.storage``): ``walstate`` builds on it and re-exports what users
+need. Nothing here imports the rest of ``walstate``.
 
-Names load on first use (PEP 562), so ``storage.errors`` and
-``storage.dedup`` (and ``import statemachine``) do not pay for importing peewee.
+Names load on first use (PEP 562), so ``walstate.storage.errors`` and
+``walstate.storage.dedup`` (and ``import walstate``) do not pay for importing peewee.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ _HOME = {
 def __getattr__(name: str) -> Any:
     home = _HOME.get(name)
     if home is None:
-        raise AttributeError(f"module 'storage' has no attribute {name!r}")
+        raise AttributeError(f"module 'walstate.storage' has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{home}", __name__), name)
     globals()[name] = value
     return value

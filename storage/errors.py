@@ -9,7 +9,7 @@ from ``BaseException`` so that a handler's ``except Exception`` cannot swallow
 a simulated crash (the same reason ``KeyboardInterrupt`` does).
 
 The module lives in ``storage/`` because storage raises most of these and must
-not import ``statemachine/``; ``statemachine`` re-exports every name.
+not import ``statemachine/``; ``walstate`` (from ``statemachine/``) re-exports every name.
 """
 
 from __future__ import annotations
@@ -116,7 +116,7 @@ class LeaseLost(WalstateError):
 
 
 class InjectedCrash(BaseException):
-    """A crash simulated by the fault injector (tests and ``statemachine.testing`` only).
+    """A crash simulated by the fault injector (tests and ``walstate.testing`` only).
 
     Derives from ``BaseException`` so that user code's ``except Exception`` cannot hide it.
     """

@@ -4,7 +4,7 @@ Library code calls :func:`point` at each place a crash is interesting (before
 BEGIN, after the UPDATE, after COMMIT ...). With no injector installed that is
 one global read and a comparison, so production pays nothing measurable.
 
-Tests (and :mod:`statemachine.testing`) install an :class:`Injector` that
+Tests (and :mod:`walstate.testing`) install an :class:`Injector` that
 counts hits per point and, at the planned hit, raises :class:`InjectedCrash`
 or kills the process with SIGKILL.
 """

@@ -9,8 +9,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from statemachine import Engine, JobFailed, StepContext, Workflow
-from storage import faults
+from walstate import Engine, JobFailed, StepContext, Workflow
+from walstate.storage import faults
 
 
 class Shop(BaseModel):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
-from storage import Store
+from walstate.storage import Store
 
 # `ci` keeps the whole suite within a few minutes on two cores; `deep` is for
 # long local runs: WALSTATE_HYPOTHESIS_PROFILE=deep make test (or make test-deep).

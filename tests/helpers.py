@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sqlite3
 
-from storage import Store
-from statemachine.substep import JobHandle, SubStep
+from walstate.storage import Store
+from walstate.substep import JobHandle, SubStep
 
 
 def new_step(store: Store, name: str = "s", owner: str | None = None) -> SubStep:

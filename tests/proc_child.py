@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from statemachine import Engine, StepContext, Workflow
+from walstate import Engine, StepContext, Workflow
 
 
 class Ctx(BaseModel):

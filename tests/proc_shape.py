@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import sys
 
-from statemachine import Engine, JobFailed
-from storage import faults
+from walstate import Engine, JobFailed
+from walstate.storage import faults
 
 from .shapes import Effects, Shape, build
 

@@ -12,7 +12,7 @@ from typing import Any
 from hypothesis import strategies as st
 from pydantic import BaseModel, create_model
 
-from statemachine import Retry, StepContext, Workflow
+from walstate import Retry, StepContext, Workflow
 
 
 @dataclass(frozen=True)

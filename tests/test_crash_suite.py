@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from statemachine.testing import (
+from walstate.testing import (
     POINTS,
     Crash,
     Injector,
@@ -27,8 +27,8 @@ from statemachine.testing import (
     crash_plans,
     run_with_crashes,
 )
-from storage import faults
-from statemachine import Workflow
+from walstate.storage import faults
+from walstate import Workflow
 
 from .conftest import PARALLEL_EXAMPLES, SIGKILL_EXAMPLES
 from .shapes import Effects, Shape, StepShape, build, shapes

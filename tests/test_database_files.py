@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from statemachine import ConfigurationError, DatabaseUnavailable, NotADatabase, SchemaTooNew
-from storage import Store
+from walstate import ConfigurationError, DatabaseUnavailable, NotADatabase, SchemaTooNew
+from walstate.storage import Store
 
 
 @pytest.mark.parametrize("durability,expected", [("normal", 1), ("full", 2)])

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from statemachine import ConfigurationError, Deduper, guarded_update
+from walstate import ConfigurationError, Deduper, guarded_update
 
 from .conftest import trace
 
@@ -153,7 +153,7 @@ def test_lease_renewal_reaches_sqlite_only_when_a_period_has_passed(db_path: str
 
     from pydantic import BaseModel
 
-    from statemachine import Engine, Workflow
+    from walstate import Engine, Workflow
 
     class C(BaseModel):
         pass

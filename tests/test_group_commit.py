@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from statemachine import InjectedCrash, StaleState
-from statemachine.substep import SubStep
-from storage import Store, faults
+from walstate import InjectedCrash, StaleState
+from walstate.substep import SubStep
+from walstate.storage import Store, faults
 
 from .helpers import new_step, stored_state
 

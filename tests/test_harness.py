@@ -7,8 +7,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from statemachine import StepContext, Workflow
-from statemachine.testing import crash_test
+from walstate import StepContext, Workflow
+from walstate.testing import crash_test
 
 
 class Order(BaseModel):

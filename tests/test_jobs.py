@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from statemachine import (
+from walstate import (
     ContextInvalid,
     DefinitionError,
     Engine,
@@ -25,7 +25,7 @@ from statemachine import (
     StepResult,
     Workflow,
 )
-from storage import faults
+from walstate.storage import faults
 
 from .conftest import trace
 
@@ -400,14 +400,14 @@ def test_recover_never_takes_over_a_job_that_a_live_run_is_executing(db_path: st
 
 
 def test_running_a_job_that_a_live_run_owns_raises_job_owned(db_path: str) -> None:
-    from statemachine import JobOwned
+    from walstate import JobOwned
 
     with live_run(db_path) as (e2, job), pytest.raises(JobOwned, match="being run by"):
         e2.run(job)
 
 
 def test_a_step_that_kills_its_process_every_time_fails_after_max_interruptions(db_path: str) -> None:
-    from statemachine.testing import run_with_crashes
+    from walstate.testing import run_with_crashes
 
     flow = Workflow("w", context=Ctx, phases=["p"])
     flow.step(phase="p", name="poison", retry=Retry(max_attempts=5, max_interruptions=2))(lambda ctx, step: None)

@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
-from statemachine import WalstateError
-from statemachine import runner as runner_mod
-from statemachine.context import StepContext
-from statemachine.runner import JobRun
-from storage import faults
-from storage.writepath import WritePath
+from walstate import WalstateError
+from walstate import runner as runner_mod
+from walstate.context import StepContext
+from walstate.runner import JobRun
+from walstate.storage import faults
+from walstate.storage.writepath import WritePath
 
 from .test_crash_suite import sweep
 

@@ -79,7 +79,7 @@ def test_a_job_killed_with_sigkill_mid_phase_resumes_exactly_once_in_another_pro
 @pytest.mark.slow
 def test_the_demo_kills_its_worker_and_resumes_the_registration_job(tmp_path: Path) -> None:
     db = tmp_path / "demo.db"
-    done = subprocess.run([sys.executable, "-m", "statemachine", "demo", "--db", str(db)], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "walstate", "demo", "--db", str(db)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stdout + done.stderr
     assert "SIGKILLed the worker" in done.stdout

@@ -27,14 +27,14 @@ def test_the_readme_backfill_example_writes_once(tmp_path: Path) -> None:
     assert len(updates) == 1
 
 
-def test_importing_statemachine_defers_sqlite_peewee_and_transitions_until_the_engine_is_used() -> None:
+def test_importing_walstate_defers_sqlite_peewee_and_transitions_until_the_engine_is_used() -> None:
     import subprocess
     import sys
 
     code = (
-        "import sys, statemachine\n"
+        "import sys, walstate\n"
         "assert 'peewee' not in sys.modules and 'transitions' not in sys.modules, sorted(sys.modules)\n"
-        "statemachine.Engine\n"
+        "walstate.Engine\n"
         "assert 'peewee' in sys.modules and 'transitions' in sys.modules\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from storage import Store
-from storage import reads
+from walstate.storage import Store
+from walstate.storage import reads
 
 
 def test_finding_unfinished_jobs_searches_the_partial_index_instead_of_scanning_the_table(store: Store) -> None:

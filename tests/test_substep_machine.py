@@ -10,11 +10,11 @@ import transitions
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from statemachine import InjectedCrash, InvalidTransition, StaleState
-from statemachine.fsm import STEP
-from statemachine.substep import JobHandle, SubStep
-from storage import Store, faults
-from storage.errors import DatabaseBusy, DatabaseFull, LeaseLost
+from walstate import InjectedCrash, InvalidTransition, StaleState
+from walstate.fsm import STEP
+from walstate.substep import JobHandle, SubStep
+from walstate.storage import Store, faults
+from walstate.storage.errors import DatabaseBusy, DatabaseFull, LeaseLost
 
 from .conftest import trace
 from .helpers import journal_of, new_step, stored_state
