@@ -13,8 +13,10 @@ from .storage.errors import (
     DatabaseFull,
     DatabaseUnavailable,
     DefinitionError,
+    EngineClosed,
     InjectedCrash,
     InvalidTransition,
+    JobCancelled,
     JobFailed,
     JobOwned,
     KeyConflict,
@@ -24,6 +26,7 @@ from .storage.errors import (
     SchemaTooNew,
     StaleState,
     UnknownJob,
+    UsageError,
     WalstateError,
     WriteFailed,
 )
@@ -36,9 +39,9 @@ from .context import StepContext, StepResult
 from .workflow import Retry, Workflow
 
 if TYPE_CHECKING:
-    from .engine import Engine, JobStatus, StepStatus, TransitionRecord
+    from .engine import Engine, JobStatus, RecoveryReport, StepStatus, TransitionRecord
 
-_ENGINE_NAMES = ("Engine", "JobStatus", "StepStatus", "TransitionRecord")
+_ENGINE_NAMES = ("Engine", "JobStatus", "RecoveryReport", "StepStatus", "TransitionRecord")
 
 
 def __getattr__(name: str) -> Any:
@@ -62,8 +65,10 @@ __all__ = [
     "Deduper",
     "DefinitionError",
     "Engine",
+    "EngineClosed",
     "InjectedCrash",
     "InvalidTransition",
+    "JobCancelled",
     "JobFailed",
     "JobOwned",
     "JobStatus",
@@ -71,6 +76,7 @@ __all__ = [
     "LeaseLost",
     "NotADatabase",
     "OutputNotJSON",
+    "RecoveryReport",
     "Retry",
     "SchemaTooNew",
     "StaleState",
@@ -79,6 +85,7 @@ __all__ = [
     "StepStatus",
     "TransitionRecord",
     "UnknownJob",
+    "UsageError",
     "WalstateError",
     "Workflow",
     "WriteFailed",

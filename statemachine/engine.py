@@ -3,33 +3,38 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from .storage import Durability, JobRow, Store, TERMINAL_JOB_STATES
-from .storage.dedup import Deduper
+from . import operator, ownership
+from .context import dump_context
+from .ownership import Clock
+from .runner import JobRun
+from .storage import TERMINAL_JOB_STATES, TERMINAL_STEP_STATES, Durability, JobRow, StepRow, Store
 from .storage.errors import (
     ConfigurationError,
     ContextInvalid,
     DefinitionError,
+    EngineClosed,
+    JobCancelled,
     JobFailed,
     JobOwned,
     KeyConflict,
-    LeaseLost,
-    StaleState,
     UnknownJob,
+    UsageError,
 )
-
-from . import ownership
-from .runner import JobRun
 from .substep import JobHandle, SubStep
+from .threads import ThreadCache
 from .workflow import Workflow
+
+log = logging.getLogger("walstate.engine")
 
 
 @dataclass(frozen=True)
@@ -71,13 +76,40 @@ class TransitionRecord:
     note: str | None
 
 
+class RecoveryReport(list[int]):
+    """The ids of the jobs :meth:`Engine.recover` resumed (a list), plus what it skipped and why.
+
+    ``skipped`` maps a job id to the reason it was left alone and unclaimed
+    (its workflow is not registered here, its definition changed, its stored
+    context no longer validates, ...). Jobs a live run holds are not listed.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.skipped: dict[int, str] = {}
+
+
+class _Active:
+    """A run of one job in this engine: later ``run()`` calls of the job wait for it."""
+
+    __slots__ = ("done", "run", "thread")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.run: JobRun | None = None
+        self.thread = threading.get_ident()
+
+
 class Engine:
     """Runs registered workflows durably on the SQLite file at ``path``.
 
     ``durability="normal"`` survives process crashes; ``"full"`` also power
     loss (an fsync per commit). ``workers`` threads run a phase's sub-steps in
-    parallel. ``lease`` is how long a claim on a job holds against processes
-    that cannot check this one's liveness directly (another pid namespace).
+    parallel, per run. ``lease`` is how long a claim on a job holds against
+    processes that cannot check this one's liveness directly (another host,
+    container or pid namespace); a heartbeat renews it every ``lease / 3``
+    while a run lives, however long its handlers take. ``clock`` (wall-clock
+    seconds) is what leases are measured with; tests inject one.
     ``group_commit`` lets parallel sub-steps' changes share one commit (one
     fsync under ``"full"``); each trigger still returns only after its own
     change is durable.
@@ -92,20 +124,36 @@ class Engine:
         busy_timeout: float = 5.0,
         lease: float = 60.0,
         group_commit: bool = True,
+        clock: Clock = time.time,
     ) -> None:
         if workers < 1:
             raise ConfigurationError(f"workers must be >= 1, not {workers}")
+        if not lease > 0:
+            raise ConfigurationError(f"lease must be > 0 seconds, not {lease}")
         self.store = Store(path, durability=durability, busy_timeout=busy_timeout, group_commit=group_commit)
         self.path = self.store.path
         self.workers = workers
         self.lease = lease
-        self.owner = ownership.new_token()
+        self.clock = clock
+        self._nonce = ownership.new_nonce()
         self._flows: dict[str, Workflow[Any]] = {}
-        self._pool: ThreadPoolExecutor | None = None
-        self._pool_lock = threading.Lock()
-        # Lease renewal is the hot idempotent write here: every step start asks
-        # for it, but it reaches SQLite at most once per job per lease/3.
-        self._renewals = Deduper(max_entries=1024, ttl=max(lease / 3, 0.001))
+        self._threads = ThreadCache()
+        self._heartbeat = ownership.Heartbeat(lease, self.store.write.renew, clock)
+        self._active: dict[int, _Active] = {}
+        self._active_lock = threading.Lock()
+        self._closing = False
+        _engines.add(self)
+
+    @property
+    def owner(self) -> str:
+        """The owner token this engine claims jobs under (a forked child gets its own)."""
+        return ownership.identity().token(self._nonce)
+
+    def _after_fork_in_child(self) -> None:
+        # The parent's runs are not ours to wait for or to write under.
+        self._active = {}
+        self._active_lock = threading.Lock()
+        self._threads = ThreadCache()
 
     # -- definitions ------------------------------------------------------------
 
@@ -135,12 +183,8 @@ class Engine:
         create nothing; the same key with another context raises KeyConflict.
         """
         flow = self._flow(workflow)
-        try:
-            model = flow.context.model_validate(context.model_dump() if isinstance(context, BaseModel) else context)
-        except ValidationError as exc:
-            raise ContextInvalid(f"submit({workflow!r}): the context does not validate against "
-                                 f"{flow.context.__name__}: {exc}") from exc
-        text = model.model_dump_json()
+        text = dump_context(flow.context, context.model_dump() if isinstance(context, BaseModel) else context,
+                            f"submit({workflow!r})")
         # position ranks steps by phase order, then declaration order, so readers
         # (the CLI) recover the phase order from the rows alone.
         ranked = sorted(flow.steps.values(), key=lambda s: (flow.phases.index(s.phase), s.position))
@@ -162,44 +206,97 @@ class Engine:
     def run(self, job_id: int) -> JobStatus:
         """Run (or resume) job ``job_id`` to its end and return its status.
 
-        Raises JobFailed if a sub-step failed for good, JobOwned if a live
-        process is running it.
+        Every run starts with one claim of the job that bumps its claim epoch;
+        all its writes are fenced by it. If this engine is already running the
+        job (another thread called ``run``), this call starts no second
+        execution: it waits for that run and returns its outcome.
+
+        Raises :class:`JobFailed` or :class:`JobCancelled` when the job ended
+        so, :class:`JobOwned` if a live run elsewhere holds it,
+        :class:`LeaseLost` if this run lost its claim to another,
+        :class:`EngineClosed` if the engine was closed during the run (the
+        job is released for another run), and, before claiming anything,
+        :class:`DefinitionError` or :class:`ContextInvalid` when the job
+        cannot run on this engine's definition.
         """
+        if self.store.db.transaction_depth() > 0:
+            raise UsageError(
+                f"{self.path}: run({job_id}) inside an open transaction (a transactional step, or db.atomic()) "
+                "would wait for that very transaction; submit() the job there and run it after the step, or make "
+                "the step non-transactional"
+            )
+        while True:
+            if self._closing:
+                raise EngineClosed(f"{self.path}: the engine is closed; it starts no new run of job {job_id}")
+            with self._active_lock:
+                active = self._active.get(job_id)
+                mine = active is None
+                if active is None:
+                    active = self._active[job_id] = _Active()
+            if mine:
+                try:
+                    return self._run_claimed(job_id, active)
+                finally:
+                    with self._active_lock:
+                        del self._active[job_id]
+                    active.done.set()
+            if active.thread == threading.get_ident():
+                raise UsageError(f"{self.path}: run({job_id}) from inside that job's own run would wait forever")
+            active.done.wait()
+            row = self._row(job_id)
+            if row.state in TERMINAL_JOB_STATES:
+                return self._finished(row)
+            # The live run stopped without finishing (closed, or lost its
+            # claim): try again, which claims it if nobody else holds it.
+
+    def _check_runnable(self, row: JobRow, flow: Workflow[Any], steps: list[StepRow]) -> None:
+        """Refuse, before claiming, a job this engine's definition cannot run."""
+        if {r.name for r in steps} != set(flow.steps):
+            raise DefinitionError(
+                f"{self.path}: job {row.id} was created with steps {sorted(r.name for r in steps)} but workflow "
+                f"{flow.name!r} now declares {sorted(flow.steps)}; run it with the definition it was created with"
+            )
+        try:
+            flow.context.model_validate_json(row.context)
+        except ValidationError as exc:
+            raise ContextInvalid(f"{self.path}: job {row.id} ({flow.name}): its stored context no longer validates "
+                                 f"against {flow.context.__name__}: {exc}") from exc
+
+    def _run_claimed(self, job_id: int, active: _Active) -> JobStatus:
         row = self._row(job_id)
-        flow = self._flow(row.workflow)
         if row.state in TERMINAL_JOB_STATES:
             return self._finished(row)
-        with ownership.LiveRun(self.owner, job_id):
-            if row.owner != self.owner and ownership.owner_alive(row.owner, job_id, row.lease_expires):
+        flow = self._flow(row.workflow)
+        self._check_runnable(row, flow, self.store.read.steps(job_id))
+        owner = self.owner
+        # Marked live *before* the claim commits, so that another engine of
+        # this process never sees our claim with no live run behind it.
+        with ownership.LiveRun(owner, job_id):
+            if row.owner is not None and ownership.owner_alive(row.owner, job_id, row.lease_expires, self.clock()):
                 raise JobOwned(f"{self.path}: job {job_id} is being run by {row.owner}; not taking it over")
-            job = JobHandle(job_id, row.workflow, row.state, row.owner, self.store.write)
-            claim = (self.owner, time.time() + self.lease)
-            taken = f"{self.path}: job {job_id} was claimed by another process just now"
-            if job.state == "pending":
-                try:
-                    job.fire("start", claim=claim)  # claim and start share one commit
-                except (StaleState, LeaseLost) as exc:
-                    raise JobOwned(taken) from exc
-            elif row.owner != self.owner:
-                if not self.store.write.claim(job_id, row.owner, *claim):
-                    raise JobOwned(taken)
-                job.owner = self.owner
-            # The claim just set the lease: the next renewal is due a period from now.
-            self._renewals.forget(job_id)
-            self._renewals.run_once(job_id, lambda: None)
-            rows = self.store.read.steps(job_id)
-            if {r.name for r in rows} != set(flow.steps):
-                raise DefinitionError(
-                    f"{self.path}: job {job_id} was created with steps {sorted(r.name for r in rows)} but workflow "
-                    f"{flow.name!r} now declares {sorted(flow.steps)}; run it with the definition it was created with"
-                )
-            steps = {r.name: SubStep(job, r) for r in rows}
-            resumed = any(s.attempt for s in steps.values())
-            interruptions = self.store.read.interruptions(job_id) if resumed else {}
-            run = JobRun(self.store, flow, job, steps, interruptions, row.context, self._workers(),
-                         renew=lambda: self._renewals.run_once(job_id, lambda: self.store.write.renew(
-                             job_id, self.owner, time.time() + self.lease)), workers=self.workers)
-            run.execute()
+            note = "claimed" if row.owner is None else f"claimed from {row.owner} (epoch {row.epoch}), found dead"
+            claimed = self.store.write.claim(job_id, state=row.state, epoch=row.epoch, owner=owner,
+                                             lease_expires=self._heartbeat.lease_expires(), note=note)
+            if claimed is None:
+                raise JobOwned(f"{self.path}: job {job_id} was claimed by another run just now")
+            job = JobHandle(job_id, row.workflow, "running", owner, self.store.write, claimed.epoch)
+            steps = {r.name: SubStep(job, r) for r in claimed.steps}
+            run = JobRun(self.store, flow, job, steps, claimed.context, self._threads, workers=self.workers)
+            active.run = run
+            if claimed.cancel_requested:
+                run.signal("cancel")
+            claim = ownership.Claim(job_id, owner, claimed.epoch, run.signal)
+            self._heartbeat.add(claim)
+            try:
+                if self._closing:
+                    run.signal("close")
+                outcome = run.execute()
+            finally:
+                self._heartbeat.remove(claim)
+            if outcome == "released":
+                self.store.write.release(job_id, owner, job.epoch, "released: the engine was closed")
+                raise EngineClosed(f"{self.path}: the engine was closed during the run of job {job_id}; its "
+                                   "unfinished steps are left for another run")
         return self._finished(self._row(job_id))
 
     def _finished(self, row: JobRow) -> JobStatus:
@@ -207,28 +304,77 @@ class Engine:
         if row.state == "failed":
             errors = {n: s.error or "" for n, s in status.steps.items() if s.state == "failed"}
             raise JobFailed(f"{self.path}: job {row.id} ({row.workflow}) failed: {row.error}", job_id=row.id, errors=errors)
+        if row.state == "cancelled":
+            raise JobCancelled(f"{self.path}: job {row.id} ({row.workflow}) was cancelled", job_id=row.id)
         return status
 
-    def recover(self) -> list[int]:
-        """Resume every unfinished job that no live process is running; return their ids.
+    def recover(self) -> RecoveryReport:
+        """Resume every unfinished job that no live run holds; return their ids.
 
-        Jobs that end ``failed`` are resumed too (their ids are returned); use
-        :meth:`status` to see how each ended.
+        Each job is tried on its own: a job this engine cannot run (workflow
+        not registered, changed definition, a context that no longer
+        validates, an error in user code) is left unclaimed, logged and listed
+        in the report's ``skipped``, and the next job is tried. Jobs that end
+        ``failed`` or ``cancelled`` are resumed too (their ids are returned);
+        use :meth:`status` to see how each ended.
         """
-        resumed = []
+        report = RecoveryReport()
         for row in self.store.read.unfinished_jobs():
+            with self._active_lock:
+                if row.id in self._active:
+                    continue  # this engine is running it right now
             if row.workflow not in self._flows:
+                report.skipped[row.id] = f"workflow {row.workflow!r} is not registered on this engine"
                 continue
-            if row.owner is not None and ownership.owner_alive(row.owner, row.id, row.lease_expires):
+            if row.owner is not None and ownership.owner_alive(row.owner, row.id, row.lease_expires, self.clock()):
                 continue
             try:
                 self.run(row.id)
-            except JobFailed:
+            except (JobFailed, JobCancelled):
                 pass
             except JobOwned:
                 continue
-            resumed.append(row.id)
-        return resumed
+            except EngineClosed:
+                break
+            except Exception as exc:
+                report.skipped[row.id] = f"{type(exc).__name__}: {exc}"
+                log.warning("recover: job %s left alone: %s", row.id, report.skipped[row.id],
+                            extra={"walstate_job": row.id, "walstate_workflow": row.workflow})
+                continue
+            report.append(row.id)
+        return report
+
+    # -- operator actions -------------------------------------------------------
+
+    def cancel(self, job_id: int, *, wait: float = 30.0) -> list[str]:
+        """Cancel a job; return the names of the sub-steps cancelled.
+
+        A job this engine is running is told at once: it starts no new step,
+        its handlers in flight see ``step.cancelled``, and the run ends the
+        job ``cancelled`` once they return. A job a live run elsewhere holds
+        is asked through the database (its run sees it at its next
+        heartbeat). Either way this waits up to ``wait`` seconds for the run
+        to stop, then raises :class:`JobOwned` (the request stays). A job no
+        live run holds is cancelled directly.
+        """
+        with self._active_lock:
+            active = self._active.get(job_id)
+        if active is not None and active.run is not None:
+            before = {n for n, s in active.run.steps.items() if s.state in TERMINAL_STEP_STATES}
+            active.run.signal("cancel")
+            if not active.done.wait(wait):
+                raise JobOwned(f"{self.path}: job {job_id} is still running; it will be cancelled once its handlers "
+                               f"in flight return (waited {wait:g}s)")
+            return [s.name for s in self.store.read.steps(job_id) if s.state == "cancelled" and s.name not in before]
+        return operator.cancel(self.store, job_id, wait=wait, clock=self.clock)
+
+    def retry(self, job_id: int, step: str | None = None) -> list[str]:
+        """Requeue a failed or cancelled job (or one failed ``step``) with a fresh retry budget.
+
+        Returns the names of the sub-steps requeued; the job then runs again
+        under :meth:`run`, :meth:`recover` or a worker.
+        """
+        return operator.retry(self.store, job_id, step)
 
     # -- reading ----------------------------------------------------------------
 
@@ -238,7 +384,14 @@ class Engine:
 
     def _status(self, row: JobRow) -> JobStatus:
         flow = self._flows.get(row.workflow)
-        context: Any = json.loads(row.context) if flow is None else flow.context.model_validate_json(row.context)
+        if flow is None:
+            context: Any = json.loads(row.context)
+        else:
+            try:
+                context = flow.context.model_validate_json(row.context)
+            except ValidationError as exc:
+                raise ContextInvalid(f"{self.path}: job {row.id} ({row.workflow}): its stored context does not "
+                                     f"validate against {flow.context.__name__}: {exc}") from exc
         steps = {
             s.name: StepStatus(s.name, s.state, s.phase, s.attempt, None if s.output is None else json.loads(s.output), s.error)
             for s in self.store.read.steps(row.id)
@@ -253,20 +406,27 @@ class Engine:
 
     # -- lifecycle --------------------------------------------------------------
 
-    def _workers(self) -> ThreadPoolExecutor | None:
-        if self.workers == 1:
-            return None
-        with self._pool_lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="walstate")
-            return self._pool
+    def close(self, grace: float = 30.0) -> None:
+        """Stop new work, let runs in flight stop cleanly, release their claims, then close the database.
 
-    def close(self) -> None:
-        """Stop the worker threads and close the database."""
-        with self._pool_lock:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-                self._pool = None
+        Runs in other threads start no new step; their handlers in flight
+        finish (up to ``grace`` seconds are waited for), then each run releases
+        its job for another process (journalled) and its ``run()`` raises
+        :class:`EngineClosed`.
+        """
+        self._closing = True
+        with self._active_lock:
+            actives = list(self._active.values())
+        me = threading.get_ident()
+        deadline = time.monotonic() + grace
+        for active in actives:
+            if active.run is not None:
+                active.run.signal("close")
+        for active in actives:
+            if active.thread != me:
+                active.done.wait(max(0.0, deadline - time.monotonic()))
+        self._heartbeat.close()
+        self._threads.close()
         self.store.close()
 
     def __enter__(self) -> Engine:
@@ -274,3 +434,14 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for engine in list(_engines):
+        engine._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,44 +1,114 @@
-"""Who runs a job: owner tokens, and whether the owner is still alive.
+"""Who runs a job: owner identities, liveness, claims, leases and heartbeats.
 
-A token is ``host|pid|process-start|engine-id``. A job whose owner is alive is
-never taken over: on this host we can tell exactly (the pid exists and started
-when the token says; in this process, the engine is running that job right
-now); for another host or pid namespace we fall back to the lease.
+Every run of a job begins with one compare-and-set claim that bumps the job's
+claim epoch (see ``WritePath.claim``); every later write of the run is
+conditioned on that owner and epoch, so a superseded run can change nothing.
+This module decides *when* a claim may be taken and keeps taken claims alive.
+
+An owner token is ``boot-id|pid-namespace|host|pid|process-start|nonce``.
+Whether its process still lives can be told exactly only from the same
+kernel boot and the same pid namespace: then the pid must exist, not be a
+zombie, and have started when the token says (a reused pid started later).
+Within this very process, the owner is alive while it is running that job.
+Anywhere else (another host, another container, another boot) only the
+lease counts, and a heartbeat renews it every lease/3 while the run lives,
+however long a handler takes.
+
+After ``fork()`` the child computes its own identity (``os.register_at_fork``)
+and forgets the parent's live runs, so it never writes under the parent's
+claims and judges the parent like any other process.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
 import time
 import uuid
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
 
-_HOST = socket.gethostname()
+log = logging.getLogger("walstate.ownership")
+
+Clock = Callable[[], float]
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def _proc_stat(pid: int) -> tuple[str, str] | None:
+    """``(state letter, start time in ticks)`` of a process, or ``None`` if it does not exist."""
+    stat = _read(f"/proc/{pid}/stat")
+    if not stat:
+        return None
+    # Fields counted after the parenthesised command name (which may hold spaces).
+    fields = stat.rsplit(")", 1)[1].split()
+    return fields[0], fields[19]
+
+
+def _pid_namespace() -> str:
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return ""
+
+
+@dataclass(frozen=True)
+class Identity:
+    """This process as other processes can check it."""
+
+    boot_id: str
+    pid_ns: str
+    host: str
+    pid: int
+    start: str
+
+    @classmethod
+    def current(cls) -> Identity:
+        pid = os.getpid()
+        stat = _proc_stat(pid)
+        return cls(_read("/proc/sys/kernel/random/boot_id"), _pid_namespace(), socket.gethostname(), pid,
+                   stat[1] if stat else "")
+
+    def token(self, nonce: str) -> str:
+        return f"{self.boot_id}|{self.pid_ns}|{self.host}|{self.pid}|{self.start}|{nonce}"
+
+
+_identity = Identity.current()
+# (owner token, job id) of every run live in this process right now.
 _live_runs: set[tuple[str, int]] = set()
 _live_lock = threading.Lock()
 
 
-def _start_time(pid: int) -> str:
-    """The process's start time in clock ticks since boot, or '' where /proc is missing."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read().decode()
-    except OSError:
-        return ""
-    # Field 22, counted after the parenthesised command name (which may hold spaces).
-    return stat.rsplit(")", 1)[1].split()[19]
+def identity() -> Identity:
+    """This process's identity (recomputed in a forked child)."""
+    return _identity
 
 
-_PID = os.getpid()
-_PID_START = _start_time(_PID)
+def new_nonce() -> str:
+    return uuid.uuid4().hex[:12]
 
 
-def new_token() -> str:
-    """A fresh owner token for one engine in this process."""
-    pid = os.getpid()
-    start = _PID_START if pid == _PID else _start_time(pid)
-    return f"{_HOST}|{pid}|{start}|{uuid.uuid4().hex[:12]}"
+def _after_fork_in_child() -> None:
+    global _identity, _live_lock
+    _identity = Identity.current()
+    # The parent's runs are not ours; the lock may have been held mid-fork.
+    _live_lock = threading.Lock()
+    _live_runs.clear()
+    for heartbeat in list(_heartbeats):
+        heartbeat._after_fork_in_child()
+
+
+_heartbeats: weakref.WeakSet[Heartbeat] = weakref.WeakSet()
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 class LiveRun:
@@ -56,23 +126,126 @@ class LiveRun:
             _live_runs.discard(self.key)
 
 
-def owner_alive(owner: str | None, job_id: int, lease_expires: float | None) -> bool:
-    """Whether the process named by ``owner`` may still be running job ``job_id``."""
+def owner_alive(owner: str | None, job_id: int, lease_expires: float | None, now: float) -> bool:
+    """Whether the run named by ``owner`` may still be running job ``job_id``.
+
+    ``now`` comes from the caller's clock and is compared with the lease only
+    when the owner's process cannot be checked directly.
+    """
     if owner is None:
         return False
     parts = owner.split("|")
-    if len(parts) != 4 or parts[0] != _HOST:
-        return lease_expires is not None and lease_expires > time.time()
-    pid = int(parts[1])
-    if pid == os.getpid():
+    me = _identity
+    lease_valid = lease_expires is not None and lease_expires > now
+    if len(parts) != 6 or not parts[0] or parts[0] != me.boot_id or parts[1] != me.pid_ns:
+        # Another boot, host or pid namespace (or a token from an older
+        # walstate): its pid means nothing here, only its lease does.
+        return lease_valid
+    try:
+        pid = int(parts[3])
+    except ValueError:
+        return lease_valid
+    if pid == me.pid and parts[4] == me.start:
         with _live_lock:
             return (owner, job_id) in _live_runs
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, owned by another user
-    started = _start_time(pid)
+    stat = _proc_stat(pid)
+    if stat is None or stat[0] in ("Z", "X"):
+        return False  # gone, or killed and not yet reaped: a zombie runs nothing
     # A reused pid started at another time: the owner is gone.
-    return not (started and parts[2] and started != parts[2])
+    return not (stat[1] and parts[4] and stat[1] != parts[4])
+
+
+class Claim:
+    """One run's hold on one job: the fencing token its writes carry, and what it is told.
+
+    ``on_signal(reason)`` is called (from the heartbeat thread) with ``"lost"``
+    when the claim was taken over or the job ended elsewhere, and with
+    ``"cancel"`` when an operator asked for the job to be cancelled.
+    """
+
+    __slots__ = ("job_id", "owner", "epoch", "on_signal")
+
+    def __init__(self, job_id: int, owner: str, epoch: int, on_signal: Callable[[str], None]) -> None:
+        self.job_id = job_id
+        self.owner = owner
+        self.epoch = epoch
+        self.on_signal = on_signal
+
+
+Renew = Callable[[int, str, int, float], "bool | None"]
+
+
+class Heartbeat:
+    """Renews the lease of every live claim of one engine every ``lease / 3`` seconds.
+
+    One daemon thread per engine, started with the first claim and idle (not
+    running) while there is none. A renewal that finds the claim gone
+    signals the run ``"lost"``, which stops it; a renewal that finds a
+    cancellation request signals ``"cancel"``.
+    """
+
+    def __init__(self, lease: float, renew: Renew, clock: Clock = time.time) -> None:
+        self.lease = lease
+        self.period = lease / 3
+        self.renew = renew
+        self.clock = clock
+        self._claims: dict[int, Claim] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        _heartbeats.add(self)
+
+    def lease_expires(self) -> float:
+        return self.clock() + self.lease
+
+    def add(self, claim: Claim) -> None:
+        with self._lock:
+            self._claims[claim.job_id] = claim
+            if self._thread is None and not self._closed:
+                self._thread = threading.Thread(target=self._loop, name="walstate-heartbeat", daemon=True)
+                self._thread.start()
+
+    def remove(self, claim: Claim) -> None:
+        with self._lock:
+            if self._claims.get(claim.job_id) is claim:
+                del self._claims[claim.job_id]
+
+    def beat(self) -> None:
+        """Renew every claim now (the loop calls this every period)."""
+        with self._lock:
+            claims = list(self._claims.values())
+        for claim in claims:
+            try:
+                result = self.renew(claim.job_id, claim.owner, claim.epoch, self.lease_expires())
+            except Exception as exc:  # a busy or failing disk: try again next period
+                log.warning("job %s: lease renewal failed (%s); retrying in %.1fs", claim.job_id, exc, self.period,
+                            extra={"walstate_job": claim.job_id})
+                continue
+            if result is None:
+                log.warning("job %s: claim lost (epoch %s); stopping its run", claim.job_id, claim.epoch,
+                            extra={"walstate_job": claim.job_id})
+                self.remove(claim)
+                claim.on_signal("lost")
+            elif result:
+                claim.on_signal("cancel")
+
+    def _loop(self) -> None:
+        while not self._wake.wait(self.period):
+            if self._closed:
+                return
+            self.beat()
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
+
+    def _after_fork_in_child(self) -> None:
+        # The thread did not survive the fork, and the parent's claims are not ours.
+        self._claims = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread = None

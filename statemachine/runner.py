@@ -6,21 +6,22 @@ the job's machine, which commits through ``storage``'s write path first.
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pydantic import BaseModel
 
 from .storage import ContextPatch, Store, TERMINAL_STEP_STATES
 from .storage import faults
-from .storage.errors import ContextInvalid, OutputNotJSON
+from .storage.errors import ContextInvalid, LeaseLost, OutputNotJSON
 from .storage.writepath import Change
 
 from .context import StepContext, StepResult, check_update_keys, context_merger, to_json
 from .substep import JobHandle, SubStep
+from .threads import ThreadCache
 from .workflow import StepDef, Workflow
 
 _TERMINAL = frozenset(TERMINAL_STEP_STATES)
@@ -40,55 +41,95 @@ def describe(exc: BaseException) -> str:
 
 
 class JobRun:
-    """One execution (first run or resume) of one job in this process."""
+    """One execution (first run or resume) of one job in this process, under one claim.
+
+    The run stops starting steps when it is told to (:meth:`signal`): an
+    operator's cancel (the job ends ``cancelled``), the loss of its claim
+    (it writes nothing more and :meth:`execute` raises :class:`LeaseLost`),
+    or the engine closing (its claim is released for another process).
+    Handlers in flight see ``step.cancelled`` for the first two.
+    """
 
     def __init__(self, store: Store, flow: Workflow[Any], job: JobHandle, steps: dict[str, SubStep],
-                 interruptions: dict[str, int], context_text: str, pool: ThreadPoolExecutor | None,
-                 renew: Callable[[], object] = lambda: None, workers: int = 1) -> None:
+                 context_text: str, threads: ThreadCache | None, workers: int = 1) -> None:
         self.store = store
         self.flow = flow
         self.job = job
         self.steps = steps
-        self.interruptions = interruptions
-        self.pool = pool
+        self.threads = threads
         self.workers = workers
-        self.renew = renew
         self.failing = threading.Event()
         self.aborted = threading.Event()
+        #: Set for any reason to start no new step; wakes a step waiting in backoff.
+        self.stop = threading.Event()
+        #: What handlers see as ``step.cancelled``.
+        self.cancelled = threading.Event()
+        self.reasons: set[str] = set()
         job.aborted = self.aborted
         if any(s.state == "failed" for s in steps.values()):
             # Resuming a job whose step had failed for good before the crash:
             # it is still failing; start nothing new.
-            self.failing.set()
+            self._failing()
         # The context as last committed, with the commit order that produced it.
         self._ctx_lock = threading.Lock()
         self._ctx_text = context_text
         self._ctx_seq = 0
         self._merge_seq = 0
-        self._merger = context_merger(flow.context, f"job {job.id} ({flow.name})")
+        self._where = f"job {job.id} ({flow.name})"
+        self._merger = context_merger(flow.context, self._where)
+
+    def signal(self, reason: str) -> None:
+        """Tell the run to stop: ``"cancel"``, ``"lost"`` (its claim) or ``"close"`` (the engine)."""
+        self.reasons.add(reason)
+        if reason in ("cancel", "lost"):
+            self.cancelled.set()
+        self.stop.set()
+
+    def _failing(self) -> None:
+        self.failing.set()
+        self.stop.set()
 
     # -- the job ----------------------------------------------------------------
 
-    def execute(self) -> None:
-        """Run every unfinished sub-step; leave the job succeeded or failed."""
+    def execute(self) -> str:
+        """Run every unfinished sub-step; return how the run ended.
+
+        ``"finished"``: the job is now succeeded, failed or cancelled (and its
+        claim released in the same commit). ``"released"``: the engine is
+        closing and the job is left unfinished for another run. Raises
+        :class:`LeaseLost` when the claim was lost: nothing more was written.
+        """
         for step in self.steps.values():
             if step.state == "running":
                 self._interrupted(step)
         for phase in self.flow.phases:
-            self._run_phase(phase)
-            if self.failing.is_set():
+            if self.stop.is_set():
                 break
+            self._run_phase(phase)
+        if "lost" in self.reasons:
+            raise LeaseLost(f"{self.store.path}: {self._where}: this run lost its claim on the job (another run "
+                            "took it over after its lease expired); it stopped and wrote nothing more")
+        if "cancel" in self.reasons:
+            for step in self.steps.values():
+                if step.state not in _TERMINAL:
+                    step.cancel(note="the job was cancelled")
+            self.job.fire("cancel", note="cancelled by an operator", release=True)
+            return "finished"
         if self.failing.is_set():
             for step in self.steps.values():
                 if step.state not in _TERMINAL:
                     step.cancel(note="job failed before this sub-step could run")
+        elif "close" in self.reasons and any(s.state not in _TERMINAL for s in self.steps.values()):
+            return "released"
         unfinished = {n: s for n, s in self.steps.items() if s.state not in _SATISFIED}
         if unfinished:
             # A job succeeds only when every step did (or was skipped): a step an
             # operator cancelled fails the job too.
-            self.job.fire("fail", error="; ".join(f"{n}: {s.error or s.state}" for n, s in unfinished.items()))
+            self.job.fire("fail", error="; ".join(f"{n}: {s.error or s.state}" for n, s in unfinished.items()),
+                          release=True)
         else:
-            self.job.fire("succeed")
+            self.job.fire("succeed", release=True)
+        return "finished"
 
     def context(self) -> BaseModel:
         with self._ctx_lock:
@@ -98,14 +139,14 @@ class JobRun:
 
     def _interrupted(self, step: SubStep) -> None:
         """A sub-step left ``running`` by a dead process: journal it and let it retry."""
-        self.interruptions[step.name] = self.interruptions.get(step.name, 0) + 1
         retry = self.flow.steps[step.name].retry
         message = f"attempt {step.attempt} was interrupted (the process running it died)"
-        if self.interruptions[step.name] > retry.max_interruptions:
-            step.fail(error=f"{message}; interrupted {self.interruptions[step.name]} times, giving up", note="interrupted")
-            self.failing.set()
+        if step.interruptions + 1 > retry.max_interruptions:
+            step.fail(error=f"{message}; interrupted {step.interruptions + 1} times, giving up", note="interrupted",
+                      interrupted=True)
+            self._failing()
         else:
-            step.retry(error=message, note="interrupted")
+            step.retry(error=message, note="interrupted", interrupted=True)
 
     # -- one phase --------------------------------------------------------------
 
@@ -136,8 +177,8 @@ class JobRun:
                 if unmet[dep] == 0 and self.steps[dep].state not in _TERMINAL:
                     ready.append(dep)
 
-        if self.pool is None or self.workers < 2:
-            while ready and not self.failing.is_set():
+        if self.threads is None or self.workers < 2:
+            while ready and not self.stop.is_set():
                 name = ready.pop(0)
                 self._run_step(todo[name])
                 settle(name)
@@ -161,7 +202,7 @@ class JobRun:
         def take() -> str | None:
             """Under ``lock``: keep one ready step for this loop, queue the rest; stop all when done."""
             nonlocal in_flight
-            if self.failing.is_set() or errors:
+            if self.stop.is_set() or errors:
                 ready.clear()
             mine = ready.pop(0) if ready else None
             for name in ready:
@@ -205,10 +246,11 @@ class JobRun:
             if in_flight == 0:
                 for _ in range(loops):
                     work.put(None)
-        helpers = [self.pool.submit(loop) for _ in range(loops - 1)]  # type: ignore[union-attr]
+        assert self.threads is not None
+        helpers = [self.threads.submit(loop) for _ in range(loops - 1)]
         loop()
         for helper in helpers:
-            helper.result()
+            helper.wait()
         if errors:
             raise errors[0]
 
@@ -225,15 +267,24 @@ class JobRun:
 
     def _run_step(self, d: StepDef) -> None:
         step = self.steps[d.name]
-        while not self.failing.is_set():
+        while not self.stop.is_set():
             ctx = self.context()
-            if step.state == "pending" and d.when is not None and not d.when(ctx):
-                step.skip(note="its when() condition was false")
-                return
-            self.renew()
+            if step.state == "pending" and d.when is not None:
+                try:
+                    run_it = d.when(ctx)
+                except Exception as exc:
+                    # A bug in user code outside the handler fails the step
+                    # under its retry policy, like one inside it.
+                    step.start()
+                    if self._failed_attempt(d, step, f"its when() condition raised {describe(exc)}", ()):
+                        return
+                    continue
+                if not run_it:
+                    step.skip(note="its when() condition was false")
+                    return
             step.start()
             sc = StepContext(self.job.id, d.name, step.attempt, self._idempotency_key(d.name), self.store.db,
-                             self.store.read, self.store.write)
+                             self.store.read, self.store.write, self.cancelled)
             box: list[tuple[int, str]] = []
             try:
                 if d.transactional:
@@ -248,10 +299,10 @@ class JobRun:
                 self._adopt(box)
                 return
             except _HandlerRaised as raised:
-                if self._failed_attempt(d, step, describe(raised.exc), final=False):
+                if self._failed_attempt(d, step, describe(raised.exc), tuple(sc.recorded)):
                     return
             except (ContextInvalid, OutputNotJSON) as exc:
-                self._failed_attempt(d, step, describe(exc), final=True)
+                self._failed_attempt(d, step, describe(exc), tuple(sc.recorded), final=True)
                 return
 
     def _call(self, d: StepDef, ctx: BaseModel, sc: StepContext,
@@ -263,17 +314,20 @@ class JobRun:
         except Exception as exc:
             raise _HandlerRaised(exc) from exc
         faults.point("handler_after_effect")
+        # A completion after this run lost its claim is refused by the fenced
+        # write itself (LeaseLost), so no check is needed here.
         return self._result(d, result, box)
 
-    def _failed_attempt(self, d: StepDef, step: SubStep, error: str, *, final: bool) -> bool:
-        """Record a failed attempt; return True when the step failed for good."""
-        failures = step.attempt - self.interruptions.get(d.name, 0)
-        if final or failures >= d.retry.max_attempts:
-            step.fail(error=error)
-            self.failing.set()
+    def _failed_attempt(self, d: StepDef, step: SubStep, error: str, once: tuple[tuple[str, str, str], ...],
+                        *, final: bool = False) -> bool:
+        """Record a failed attempt (with the once() records it made); True when the step failed for good."""
+        if final or step.failures + 1 >= d.retry.max_attempts:
+            step.fail(error=error, once=once)
+            self._failing()
             return True
-        step.retry(error=error)
-        self.aborted.wait(d.retry.delay(failures))
+        step.retry(error=error, once=once)
+        # A sibling failing for good, a cancel or a lost claim end the wait early.
+        self.stop.wait(d.retry.delay(step.failures))
         return False
 
     def _result(self, d: StepDef, result: Any, box: list[tuple[int, str]]) -> tuple[str | None, ContextPatch | None]:
@@ -289,6 +343,12 @@ class JobRun:
         if not update:
             return text, None
         check_update_keys(self.flow.context, update, where)
+        # Validate against the context as this run knows it *before* the
+        # commit: a bad update fails this step here, outside the shared
+        # transaction (the merge inside it validates again against the stored one).
+        with self._ctx_lock:
+            current = json.loads(self._ctx_text)
+        self._merger({**current, **update})
         return text, ContextPatch(dict(update), self._capture(box))
 
     def _capture(self, box: list[tuple[int, str]]) -> Any:

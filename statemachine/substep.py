@@ -22,13 +22,16 @@ class RunAborted(BaseException):
 class JobHandle:
     """A job as this process sees it: id, its state, the owner token it writes under."""
 
-    __slots__ = ("id", "workflow", "state", "owner", "write", "aborted")
+    __slots__ = ("id", "workflow", "state", "owner", "epoch", "write", "aborted")
 
-    def __init__(self, job_id: int, workflow: str, state: str, owner: str | None, write: WritePath) -> None:
+    def __init__(self, job_id: int, workflow: str, state: str, owner: str | None, write: WritePath,
+                 epoch: int = 0) -> None:
         self.id = job_id
         self.workflow = workflow
         self.state = state
         self.owner = owner
+        #: The claim epoch this run holds: the fencing token of all its writes.
+        self.epoch = epoch
         self.write = write
         self.aborted: threading.Event | None = None
 
@@ -40,18 +43,23 @@ class JobHandle:
             raise RunAborted(f"job {self.id}: the run was aborted; no more writes")
 
     def fire(self, trigger: str, **data: Any) -> bool:
-        """Move the job by ``trigger`` (``start``, ``succeed``, ``fail``, ``cancel``, ``requeue``)."""
+        """Move the job by ``trigger`` (``succeed``, ``fail``, ``cancel``, ``requeue``).
+
+        ``release=True`` also gives up this run's claim in the same commit (the
+        run's last write).
+        """
         return JOB.fire(self, trigger, data)
 
     def _persist(self, trigger: str, source: str, dest: str, data: Mapping[str, Any]) -> None:
         self.check_alive()
-        claim = data.get("claim")
+        release = bool(data.get("release"))
         self.write.commit(
-            [Change("job", self.id, self.id, None, source, dest, 0, self.owner, error=data.get("error"),
-                    note=data.get("note"), claim=claim)]
+            [Change("job", self.id, self.id, None, source, dest, 0, self.owner, self.epoch, error=data.get("error"),
+                    note=data.get("note"), release=release)]
         )
-        if claim is not None:
-            self.owner = claim[0]
+        if release:
+            self.owner = None
+            self.epoch += 1
 
 
 Effect = Callable[[Change], None]
@@ -67,7 +75,7 @@ class SubStep:
     move is illegal (nothing written).
     """
 
-    __slots__ = ("job", "id", "name", "phase", "state", "attempt", "output", "error")
+    __slots__ = ("job", "id", "name", "phase", "state", "attempt", "failures", "interruptions", "output", "error")
 
     def __init__(self, job: JobHandle, row: StepRow) -> None:
         # Restoring from a row sets attributes only: no machine callback runs on load.
@@ -77,6 +85,8 @@ class SubStep:
         self.phase = row.phase
         self.state = row.state
         self.attempt = row.attempt
+        self.failures = row.failures
+        self.interruptions = row.interruptions
         self.output = row.output
         self.error = row.error
 
@@ -97,11 +107,14 @@ class SubStep:
         """
         return self.fire("succeed", output=output, error=None, context=context, effect=effect)
 
-    def retry(self, error: str, note: str | None = None) -> bool:
-        return self.fire("retry", error=error, note=note or error)
+    def retry(self, error: str, note: str | None = None, *, interrupted: bool = False,
+              once: tuple[tuple[str, str, str], ...] = ()) -> bool:
+        """Record a failed (or, with ``interrupted``, cut-short) attempt that will be tried again."""
+        return self.fire("retry", error=error, note=note or error, interrupted=interrupted, once=once)
 
-    def fail(self, error: str, note: str | None = None) -> bool:
-        return self.fire("fail", error=error, note=note or error)
+    def fail(self, error: str, note: str | None = None, *, interrupted: bool = False,
+             once: tuple[tuple[str, str, str], ...] = ()) -> bool:
+        return self.fire("fail", error=error, note=note or error, interrupted=interrupted, once=once)
 
     def skip(self, note: str | None = None) -> bool:
         return self.fire("skip", note=note)
@@ -113,10 +126,17 @@ class SubStep:
         job = self.job
         job.check_alive()
         attempt = self.attempt + 1 if dest == "running" else self.attempt
+        failures, interruptions = self.failures, self.interruptions
+        if dest in ("retrying", "failed") and source == "running":
+            if data.get("interrupted"):
+                interruptions += 1
+            else:
+                failures += 1
         output = data["output"] if "output" in data else self.output
         change = Change(
-            "step", self.id, job.id, self.name, source, dest, attempt, job.owner,
+            "step", self.id, job.id, self.name, source, dest, attempt, job.owner, job.epoch,
             output=output, error=data.get("error", self.error), note=data.get("note"), context=data.get("context"),
+            failures=failures, interruptions=interruptions, once=data.get("once", ()),
         )
         effect: Effect | None = data.get("effect")
         if effect is None:
@@ -129,5 +149,7 @@ class SubStep:
             job.write.commit(effect=run_effect)
         # Only now, with the change durable, does memory follow.
         self.attempt = attempt
+        self.failures = failures
+        self.interruptions = interruptions
         self.output = change.output
         self.error = change.error

@@ -46,7 +46,9 @@ class Retry:
         """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
         if self.backoff == 0:
             return 0.0
-        base = min(self.max_backoff, self.backoff * 2 ** max(0, attempt - 1))
+        # The exponent is capped before it is used: 2.0**1024 overflows a float
+        # long before max_backoff would have capped the product.
+        base = min(self.max_backoff, self.backoff * 2.0 ** min(max(0, attempt - 1), 64))
         return float(base + random.uniform(0, self.jitter * base))
 
 

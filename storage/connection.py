@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 import pathlib
 import sqlite3
-from typing import Literal
+import threading
+from typing import Any, Literal
 
 import peewee
 
@@ -31,6 +32,70 @@ Durability = Literal["normal", "full"]
 _SYNCHRONOUS = {"normal": 1, "full": 2}
 
 
+class WalstateDatabase(peewee.SqliteDatabase):
+    """peewee's SQLite database, with one in-process write lock shared by every writer.
+
+    walstate's write path takes :attr:`write_lock` before ``BEGIN IMMEDIATE``;
+    so does a transaction that user code opens with ``db.atomic()`` (through
+    :meth:`begin`). Threads of one process therefore queue on a Python lock
+    instead of one holding SQLite's lock while another holds ours, which is
+    how a handler's own ``step.db.atomic()`` around ``once()`` used to wait
+    for the busy timeout. The lock is re-entrant: inside such a transaction,
+    walstate's own writes on the same thread become savepoints of it.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.write_lock = threading.RLock()
+        self._held = threading.local()
+
+    def begin(self, lock_type: str | None = None) -> None:
+        self.write_lock.acquire()
+        try:
+            super().begin(lock_type)
+        except BaseException:
+            self.write_lock.release()
+            raise
+        self._held.depth = getattr(self._held, "depth", 0) + 1
+
+    def _release(self) -> None:
+        depth = getattr(self._held, "depth", 0)
+        if depth:
+            self._held.depth = depth - 1
+            self.write_lock.release()
+
+    def commit(self) -> None:
+        # On failure peewee rolls back next, and that releases the lock.
+        super().commit()
+        self._release()
+
+    def rollback(self) -> None:
+        try:
+            super().rollback()
+        finally:
+            self._release()
+
+    def after_fork_in_child(self) -> None:
+        """Forget the parent's connections and locks without touching them.
+
+        SQLite forbids using a connection opened before ``fork()`` in the child;
+        closing it could even release the parent's locks or remove its WAL. The
+        inherited connection object is parked forever (never closed, never
+        collected) and the child opens its own on first use.
+        """
+        state: Any = getattr(self, "_state")
+        if state.conn is not None:
+            _ABANDONED.append(state.conn)
+        self._state = type(state)()
+        self.write_lock = threading.RLock()
+        self._held = threading.local()
+
+
+#: Connections inherited across fork(): kept referenced so that their
+#: finalizer never runs sqlite3_close() on the parent's file in the child.
+_ABANDONED: list[object] = []
+
+
 def _pragmas(durability: Durability, busy_timeout: float) -> dict[str, object]:
     return {
         "journal_mode": "wal",
@@ -46,7 +111,7 @@ def open_database(
     durability: Durability = "normal",
     busy_timeout: float = 5.0,
     readonly: bool = False,
-) -> peewee.SqliteDatabase:
+) -> WalstateDatabase:
     """Open (creating it unless ``readonly``) the SQLite file at ``path`` in WAL mode.
 
     ``durability="normal"`` survives a process crash; ``"full"`` also survives
@@ -69,12 +134,12 @@ def open_database(
         # bytes. A mode=ro reader never writes the database file (SQLite may
         # leave PATH-wal and PATH-shm beside it).
         uri = pathlib.Path(path).absolute().as_uri() + "?mode=ro"
-        db = peewee.SqliteDatabase(uri, uri=True, pragmas={"busy_timeout": int(busy_timeout * 1000)})
+        db = WalstateDatabase(uri, uri=True, pragmas={"busy_timeout": int(busy_timeout * 1000)})
     else:
         directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory):
             raise DatabaseUnavailable(f"{path}: directory {directory} does not exist", path)
-        db = peewee.SqliteDatabase(path, pragmas=_pragmas(durability, busy_timeout), lock_type="IMMEDIATE")
+        db = WalstateDatabase(path, pragmas=_pragmas(durability, busy_timeout), lock_type="IMMEDIATE")
     try:
         db.connect(reuse_if_open=True)
         conn = db.connection()

@@ -111,6 +111,23 @@ class JobOwned(WalstateError):
     """The job is being run by another live process (or its lease is still valid)."""
 
 
+class JobCancelled(WalstateError):
+    """A job ended ``cancelled`` (an operator cancelled it)."""
+
+    def __init__(self, message: str, *, job_id: int) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+
+
+class EngineClosed(WalstateError):
+    """The engine was closed: it starts no new work, and a run it stopped left its job to another run."""
+
+
+class UsageError(WalstateError):
+    """The API was used in a way walstate cannot honour (for example, running a job inside a
+    transactional step's transaction); the message says what to do instead."""
+
+
 class LeaseLost(WalstateError):
     """This process's claim on a job expired or was taken over; it must stop writing to it."""
 

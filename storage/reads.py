@@ -28,6 +28,8 @@ class JobRow:
     lease_expires: float | None
     created_at: float
     updated_at: float
+    epoch: int = 0
+    cancel_requested: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +44,8 @@ class StepRow:
     output: str | None
     error: str | None
     updated_at: float
+    failures: int = 0
+    interruptions: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,9 +60,10 @@ class JournalRow:
     note: str | None
 
 
-_JOB_COLS = "id, workflow, key, state, context, error, owner, lease_expires, created_at, updated_at"
-_STEP_COLS = "id, job_id, name, phase, position, state, attempt, output, error, updated_at"
+_JOB_COLS = "id, workflow, key, state, context, error, owner, lease_expires, created_at, updated_at, epoch, cancel_requested"
+_STEP_COLS = "id, job_id, name, phase, position, state, attempt, output, error, updated_at, failures, interruptions"
 _JOURNAL_COLS = "id, job_id, step, from_state, to_state, attempt, at, note"
+STEPS_OF_JOB = f"SELECT {_STEP_COLS} FROM walstate_step WHERE job_id=? ORDER BY position"
 # The unfinished states are written into the SQL as literals, the same ones
 # the partial index names: they are module constants, never data.
 assert all(s.isalpha() for s in UNFINISHED_JOB_STATES)
@@ -92,7 +97,7 @@ class Reader:
         return [JobRow(*r) for r in rows]  # type: ignore[arg-type]
 
     def steps(self, job_id: int) -> list[StepRow]:
-        rows = self._rows(f"SELECT {_STEP_COLS} FROM walstate_step WHERE job_id=? ORDER BY position", (job_id,))
+        rows = self._rows(STEPS_OF_JOB, (job_id,))
         return [StepRow(*r) for r in rows]  # type: ignore[arg-type]
 
     def journal(self, job_id: int, step: str | None = None) -> list[JournalRow]:

@@ -23,7 +23,7 @@ import peewee
 from .connection import translate
 from .errors import NotADatabase, SchemaTooNew
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 #: States after which nothing changes any more (shared by steps and jobs).
 TERMINAL_STEP_STATES = ("succeeded", "failed", "skipped", "cancelled")
@@ -69,6 +69,12 @@ def bind_models(db: peewee.Database) -> Models:
         error = peewee.TextField(null=True)
         owner = peewee.TextField(null=True)
         lease_expires = peewee.FloatField(null=True)
+        # Claim epoch: bumped by every claim and release, the fencing token
+        # that every write of a run is conditioned on.
+        epoch = peewee.IntegerField(default=0, constraints=[peewee.SQL("DEFAULT 0")])
+        # Set by an operator's cancel while a live run holds the job; the run
+        # sees it at its next heartbeat and cancels the job itself.
+        cancel_requested = peewee.IntegerField(default=0, constraints=[peewee.SQL("DEFAULT 0")])
         created_at = peewee.FloatField()
         updated_at = peewee.FloatField()
 
@@ -85,6 +91,10 @@ def bind_models(db: peewee.Database) -> Models:
         position = peewee.IntegerField()
         state = peewee.TextField(default="pending")
         attempt = peewee.IntegerField(default=0)
+        # Failed attempts and interruptions since the step was last requeued:
+        # the retry budget (an operator's retry gives a fresh one).
+        failures = peewee.IntegerField(default=0, constraints=[peewee.SQL("DEFAULT 0")])
+        interruptions = peewee.IntegerField(default=0, constraints=[peewee.SQL("DEFAULT 0")])
         output = peewee.TextField(null=True)
         error = peewee.TextField(null=True)
         updated_at = peewee.FloatField()
@@ -127,6 +137,33 @@ def bind_models(db: peewee.Database) -> Models:
     return Models(Meta_, Job, Step, Journal, Once)
 
 
+_V2 = (
+    "ALTER TABLE walstate_job ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE walstate_job ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE walstate_step ADD COLUMN failures INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE walstate_step ADD COLUMN interruptions INTEGER NOT NULL DEFAULT 0",
+    # The retry budget was derived from the journal: keep what it said.
+    "UPDATE walstate_step SET interruptions=(SELECT count(*) FROM walstate_journal j WHERE j.job_id=walstate_step.job_id "
+    "AND j.step=walstate_step.name AND j.note='interrupted')",
+    "UPDATE walstate_step SET failures=max(0, attempt - interruptions - (state='running'))",
+    "UPDATE walstate_meta SET value='2' WHERE key='schema_version'",
+)
+
+
+def _upgrade_1_to_2(db: peewee.SqliteDatabase) -> None:
+    conn = db.connection()
+    conn.execute("BEGIN EXCLUSIVE")
+    try:
+        if conn.execute("SELECT value FROM walstate_meta WHERE key='schema_version'").fetchone()[0] == "1":
+            for sql in _V2:
+                conn.execute(sql)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
 def ensure_schema(db: peewee.SqliteDatabase, models: Models, path: str, *, create: bool) -> str:
     """Create or check walstate's tables; return this database's stable id.
 
@@ -149,6 +186,9 @@ def ensure_schema(db: peewee.SqliteDatabase, models: Models, path: str, *, creat
                     fields=[models.meta.key, models.meta.value],
                 ).on_conflict_ignore().execute()
         rows = dict(conn.execute("SELECT key, value FROM walstate_meta").fetchall())
+        if create and rows.get("schema_version") == "1":
+            _upgrade_1_to_2(db)
+            rows = dict(conn.execute("SELECT key, value FROM walstate_meta").fetchall())
     except (sqlite3.Error, peewee.PeeweeException) as exc:
         raise translate(exc, path, "reading walstate's schema") from exc
     version = int(rows.get("schema_version", "0"))

@@ -28,8 +28,9 @@ from typing import Any
 import peewee
 
 from . import faults
-from .connection import translate
-from .errors import LeaseLost, StaleState, WalstateError
+from .connection import WalstateDatabase, translate
+from .errors import LeaseLost, StaleState
+from .reads import STEPS_OF_JOB, StepRow
 
 JSONMerge = Callable[[dict[str, Any]], str]
 
@@ -64,13 +65,33 @@ class Change:
     new: str
     attempt: int = 0
     owner: str | None = None
+    #: The claim epoch the writer holds (fencing token): a change is written only
+    #: while the job still has this owner *and* this epoch.
+    epoch: int = 0
     output: str | None = None
     error: str | None = None
     note: str | None = None
     context: ContextPatch | None = field(default=None)
-    #: For a job change: ``(new_owner, lease_expires)`` to take the job over (or, with
-    #: ``(None, None)``, release it) in the same commit.
-    claim: tuple[str | None, float | None] | None = None
+    #: For a step: failed attempts and interruptions since its last requeue.
+    failures: int = 0
+    interruptions: int = 0
+    #: For a job change: also release the claim (owner and lease cleared, epoch
+    #: bumped) in the same commit, so that a superseded writer is fenced off.
+    release: bool = False
+    #: ``once()`` records ``(step, name, result)`` to (re)store in the same commit:
+    #: an outside effect that happened during an attempt whose own transaction
+    #: rolled back must stay recorded.
+    once: tuple[tuple[str, str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """What a successful claim holds: the new epoch, and the job as the claim found it."""
+
+    epoch: int
+    context: str
+    cancel_requested: bool
+    steps: list[StepRow]
 
 
 class _Request:
@@ -88,17 +109,19 @@ class WritePath:
     """Writes walstate's state changes to one database, one transaction per batch."""
 
     _UPDATE_STEP = (
-        "UPDATE walstate_step SET state=?, attempt=?, output=?, error=?, updated_at=? "
-        "WHERE id=? AND state=? AND (SELECT owner FROM walstate_job WHERE id=?) IS ?"
+        "UPDATE walstate_step SET state=?, attempt=?, failures=?, interruptions=?, output=?, error=?, updated_at=? "
+        "WHERE id=? AND state=? AND EXISTS (SELECT 1 FROM walstate_job WHERE id=? AND owner IS ? AND epoch=?)"
     )
     _UPDATE_JOB = (
         "UPDATE walstate_job SET state=?, error=?, updated_at=? "
-        "WHERE id=? AND state=? AND owner IS ?"
+        "WHERE id=? AND state=? AND owner IS ? AND epoch=?"
     )
-    _UPDATE_JOB_CLAIM = (
-        "UPDATE walstate_job SET state=?, error=?, updated_at=?, owner=?, lease_expires=? "
-        "WHERE id=? AND state=? AND owner IS ?"
+    _UPDATE_JOB_RELEASE = (
+        "UPDATE walstate_job SET state=?, error=?, updated_at=?, owner=NULL, lease_expires=NULL, epoch=epoch+1, "
+        "cancel_requested=0 "
+        "WHERE id=? AND state=? AND owner IS ? AND epoch=?"
     )
+    _ONCE = "INSERT OR IGNORE INTO walstate_once (job_id, step, name, result, at) VALUES (?, ?, ?, ?, ?)"
     _JOURNAL = (
         "INSERT INTO walstate_journal (job_id, step, from_state, to_state, attempt, at, note) "
         "VALUES (?, ?, ?, ?, ?, ?, ?)"
@@ -106,24 +129,35 @@ class WritePath:
     _READ_CONTEXT = "SELECT context FROM walstate_job WHERE id=?"
     _WRITE_CONTEXT = "UPDATE walstate_job SET context=?, updated_at=? WHERE id=?"
 
-    def __init__(self, db: peewee.SqliteDatabase, path: str, *, group_commit: bool = True) -> None:
+    def __init__(self, db: WalstateDatabase, path: str, *, group_commit: bool = True) -> None:
         self.db = db
         self.path = path
         self.group_commit = group_commit
-        # One writer at a time inside this process: threads queue on a Python
-        # lock instead of spinning in SQLite's busy handler. Re-entrant because
-        # a transactional step may record a once() result inside its commit.
-        self._lock = threading.RLock()
-        # Group commit: callers queue their changes; the first to find no
-        # leader writes everything queued in one transaction, then wakes them.
-        self._queue: list[_Request] = []
-        self._leader = False
-        self._cv = threading.Condition(threading.Lock())
+        self._reset_locks()
         #: Batch sizes written by group commit (for benchmarks): count of batches, of changes.
         self.batches = 0
         self.batched_requests = 0
         self._last_batch = 0
 
+    def _reset_locks(self) -> None:
+        # Group commit: callers queue their changes; the first to find no
+        # leader writes everything queued in one transaction, then wakes them.
+        self._queue: list[_Request] = []
+        self._leader = False
+        self._cv = threading.Condition(threading.Lock())
+
+    def after_fork_in_child(self) -> None:
+        """A forked child starts with no queue, no leader and fresh locks (threads do not survive fork)."""
+        self._reset_locks()
+
+    @property
+    def _lock(self) -> threading.RLock:
+        # One writer at a time inside this process: threads queue on a Python
+        # lock instead of spinning in SQLite's busy handler. It is the
+        # database's lock, shared with transactions user code opens through
+        # ``db.atomic()``; re-entrant because a transactional step may record
+        # a once() result inside its commit.
+        return self.db.write_lock
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         """``BEGIN IMMEDIATE`` … ``COMMIT``, rolled back on any ``BaseException``.
@@ -228,7 +262,7 @@ class WritePath:
             error = translate(exc, self.path, "writing a state change")
             for r in batch:
                 r.error = r.error or error
-        except WalstateError as exc:  # a one-request batch: it failed alone
+        except Exception as exc:  # a one-request batch: it failed alone
             for r in batch:
                 r.error = r.error or exc
         except BaseException as exc:  # a crash (or a bug): nothing of the batch committed
@@ -256,23 +290,37 @@ class WritePath:
                     self._apply(conn, change, now)
             else:
                 for r in batch:
-                    if len(r.changes) == 1 and r.changes[0].context is None:
-                        # A lone CAS that misses changes nothing and raises before
-                        # its journal row: no savepoint needed to undo it.
-                        try:
-                            self._apply(conn, r.changes[0], now)
-                        except WalstateError as exc:
-                            r.error = exc
-                        continue
-                    conn.execute("SAVEPOINT walstate_change")
-                    try:
-                        for change in r.changes:
-                            self._apply(conn, change, now)
-                    except WalstateError as exc:
-                        conn.execute("ROLLBACK TO walstate_change")
-                        r.error = exc
-                    conn.execute("RELEASE walstate_change")
+                    self._apply_alone(conn, r, now)
             faults.point("before_commit")
+
+    def _apply_alone(self, conn: sqlite3.Connection, r: _Request, now: float) -> None:
+        """Apply one request of a shared batch so that its failure is its own.
+
+        Any ``Exception`` (a missed compare-and-set, or user code such as a
+        context validator raising) fails this request only: its changes are
+        rolled back to its savepoint and the others' commit. SQLite errors and
+        crashes still abort the whole transaction.
+        """
+        if len(r.changes) == 1 and r.changes[0].context is None and not r.changes[0].once:
+            # A lone CAS that misses changes nothing and raises before its
+            # journal row: no savepoint needed to undo it.
+            try:
+                self._apply(conn, r.changes[0], now)
+            except (sqlite3.Error, peewee.PeeweeException):
+                raise
+            except Exception as exc:
+                r.error = exc
+            return
+        conn.execute("SAVEPOINT walstate_change")
+        try:
+            for change in r.changes:
+                self._apply(conn, change, now)
+        except (sqlite3.Error, peewee.PeeweeException):
+            raise
+        except Exception as exc:
+            conn.execute("ROLLBACK TO walstate_change")
+            r.error = exc
+        conn.execute("RELEASE walstate_change")
 
     def _apply(self, conn: sqlite3.Connection, c: Change, now: float) -> None:
         if c.context is not None:
@@ -280,21 +328,20 @@ class WritePath:
         if c.kind == "step":
             cur = conn.execute(
                 self._UPDATE_STEP,
-                (c.new, c.attempt, c.output, c.error, now, c.row_id, c.expected, c.job_id, c.owner),
+                (c.new, c.attempt, c.failures, c.interruptions, c.output, c.error, now, c.row_id, c.expected,
+                 c.job_id, c.owner, c.epoch),
             )
         elif c.kind == "job":
-            if c.claim is None:
-                cur = conn.execute(self._UPDATE_JOB, (c.new, c.error, now, c.row_id, c.expected, c.owner))
-            else:
-                new_owner, lease = c.claim
-                cur = conn.execute(self._UPDATE_JOB_CLAIM,
-                                   (c.new, c.error, now, new_owner, lease, c.row_id, c.expected, c.owner))
+            sql = self._UPDATE_JOB_RELEASE if c.release else self._UPDATE_JOB
+            cur = conn.execute(sql, (c.new, c.error, now, c.row_id, c.expected, c.owner, c.epoch))
         else:
             raise ValueError(f"unknown change kind {c.kind!r}")
         faults.point("after_update")
         if cur.rowcount != 1:
             self._explain_miss(conn, c)
         conn.execute(self._JOURNAL, (c.job_id, c.step, c.expected, c.new, c.attempt, now, c.note))
+        for step, name, result in c.once:
+            conn.execute(self._ONCE, (c.job_id, step, name, result, now))
         faults.point("after_journal")
 
     def _merge_context(self, conn: sqlite3.Connection, job_id: int, patch: ContextPatch, now: float) -> None:
@@ -305,18 +352,19 @@ class WritePath:
         conn.execute(self._WRITE_CONTEXT, (patch.merge(merged), now, job_id))
 
     def _explain_miss(self, conn: sqlite3.Connection, c: Change) -> None:
-        owner_row = conn.execute("SELECT owner FROM walstate_job WHERE id=?", (c.job_id,)).fetchone()
+        job = conn.execute("SELECT state, owner, epoch FROM walstate_job WHERE id=?", (c.job_id,)).fetchone()
         if c.kind == "step":
             row = conn.execute("SELECT state FROM walstate_step WHERE id=?", (c.row_id,)).fetchone()
             what = f"sub-step {c.step!r} of job {c.job_id}"
         else:
-            row = owner_row and conn.execute("SELECT state FROM walstate_job WHERE id=?", (c.row_id,)).fetchone()
+            row = job
             what = f"job {c.job_id}"
         actual = row[0] if row else None
-        if row is not None and actual == c.expected and owner_row is not None and owner_row[0] != c.owner:
+        if row is not None and job is not None and (job[1], job[2]) != (c.owner, c.epoch):
             raise LeaseLost(
-                f"{self.path}: {what} is now owned by {owner_row[0]!r}, not {c.owner!r}; this process "
-                "lost its claim (another process recovered the job) and must stop writing to it"
+                f"{self.path}: {what} is now held by {job[1]!r} (claim epoch {job[2]}), not by {c.owner!r} "
+                f"(epoch {c.epoch}); this run lost its claim (the job was recovered, cancelled or retried "
+                "elsewhere) and must stop writing to it"
             )
         raise StaleState(
             f"{self.path}: {what} is {actual!r}, not {c.expected!r} as expected for the move to "
@@ -367,24 +415,88 @@ class WritePath:
             except (sqlite3.Error, peewee.PeeweeException) as exc:
                 raise translate(exc, self.path, f"creating a {workflow!r} job") from exc
 
-    def claim(self, job_id: int, expected_owner: str | None, owner: str | None, lease_expires: float | None) -> bool:
-        """Compare-and-set the job's owner; ``False`` if someone else holds it now."""
-        return self._single(
-            "UPDATE walstate_job SET owner=?, lease_expires=?, updated_at=? WHERE id=? AND owner IS ?",
-            (owner, lease_expires, time.time(), job_id, expected_owner),
-            f"claiming job {job_id}",
-        ) == 1
+    _CLAIM = (
+        "UPDATE walstate_job SET owner=?, lease_expires=?, epoch=epoch+1, updated_at=?, "
+        "state=CASE state WHEN 'pending' THEN 'running' ELSE state END "
+        "WHERE id=? AND epoch=? AND state=? AND state IN ('pending', 'running') RETURNING epoch, context, "
+        "cancel_requested"
+    )
 
-    def renew(self, job_id: int, owner: str, lease_expires: float) -> None:
-        """Extend ``owner``'s lease on the job; :class:`LeaseLost` if it no longer owns it."""
-        changed = self._single(
-            "UPDATE walstate_job SET lease_expires=? WHERE id=? AND owner=?",
-            (lease_expires, job_id, owner),
-            f"renewing the lease on job {job_id}",
-        )
-        if changed != 1:
-            raise LeaseLost(f"{self.path}: job {job_id} is no longer owned by {owner!r}; this process must stop "
-                            "writing to it")
+    def claim(self, job_id: int, *, state: str, epoch: int, owner: str, lease_expires: float,
+              note: str) -> Claimed | None:
+        """Claim job ``job_id`` for ``owner``: one compare-and-set on the epoch that was read.
+
+        The claim bumps the job's epoch (the fencing token every later write of
+        the run is conditioned on), sets the lease, starts a ``pending`` job,
+        and journals itself, in one transaction, which also reads the job's
+        context and sub-steps as the claim found them. Returns ``None`` when
+        the job moved on since it was read (someone else claimed it, it
+        finished, or it was cancelled).
+        """
+        # The claim is a write like any other: crash tests reach it through the same fault points.
+        faults.point("before_begin")
+        with self._lock:
+            try:
+                with self._transaction() as conn:
+                    now = time.time()
+                    row = conn.execute(self._CLAIM, (owner, lease_expires, now, job_id, epoch, state)).fetchone()
+                    faults.point("after_update")
+                    if row is None:
+                        return None
+                    conn.execute(self._JOURNAL, (job_id, None, state, "running", 0, now, note))
+                    faults.point("after_journal")
+                    steps = [StepRow(*r) for r in conn.execute(STEPS_OF_JOB, (job_id,))]
+                    claimed = Claimed(int(row[0]), str(row[1]), bool(row[2]), steps)
+                    faults.point("before_commit")
+            except (sqlite3.Error, peewee.PeeweeException) as exc:
+                raise translate(exc, self.path, f"claiming job {job_id}") from exc
+        faults.point("after_commit")
+        return claimed
+
+    def renew(self, job_id: int, owner: str, epoch: int, lease_expires: float) -> bool | None:
+        """Extend the lease of ``owner``'s claim (``epoch``) on the job.
+
+        Returns whether an operator asked for the job to be cancelled, or
+        ``None`` when the claim is lost (the job has another owner or epoch, or
+        it ended): the run must stop writing.
+        """
+        with self._lock:
+            try:
+                with self._transaction() as conn:
+                    row = conn.execute(
+                        "UPDATE walstate_job SET lease_expires=? WHERE id=? AND owner=? AND epoch=? "
+                        "RETURNING cancel_requested",
+                        (lease_expires, job_id, owner, epoch),
+                    ).fetchone()
+            except (sqlite3.Error, peewee.PeeweeException) as exc:
+                raise translate(exc, self.path, f"renewing the lease on job {job_id}") from exc
+        return None if row is None else bool(row[0])
+
+    def release(self, job_id: int, owner: str, epoch: int, note: str) -> bool:
+        """Give up ``owner``'s claim on an unfinished job (shutdown); journalled. False if already lost."""
+        with self._lock:
+            try:
+                with self._transaction() as conn:
+                    now = time.time()
+                    row = conn.execute(
+                        "UPDATE walstate_job SET owner=NULL, lease_expires=NULL, epoch=epoch+1, updated_at=? "
+                        "WHERE id=? AND owner=? AND epoch=? RETURNING state",
+                        (now, job_id, owner, epoch),
+                    ).fetchone()
+                    if row is None:
+                        return False
+                    conn.execute(self._JOURNAL, (job_id, None, row[0], row[0], 0, now, note))
+                    return True
+            except (sqlite3.Error, peewee.PeeweeException) as exc:
+                raise translate(exc, self.path, f"releasing job {job_id}") from exc
+
+    def request_cancel(self, job_id: int) -> bool:
+        """Ask whoever runs the unfinished job to cancel it; False if it is already finished."""
+        return self._single(
+            "UPDATE walstate_job SET cancel_requested=1 WHERE id=? AND state IN ('pending', 'running')",
+            (job_id,),
+            f"requesting the cancellation of job {job_id}",
+        ) == 1
 
     def record_once(self, job_id: int, step: str, name: str, result: str) -> str:
         """Store a ``once()`` result unless one exists; return the stored JSON text."""
@@ -392,10 +504,7 @@ class WritePath:
         with self._lock:
             try:
                 with self._transaction() as conn:
-                    conn.execute(
-                        "INSERT OR IGNORE INTO walstate_once (job_id, step, name, result, at) VALUES (?, ?, ?, ?, ?)",
-                        (job_id, step, name, result, time.time()),
-                    )
+                    conn.execute(self._ONCE, (job_id, step, name, result, time.time()))
                     stored = conn.execute(
                         "SELECT result FROM walstate_once WHERE job_id=? AND step=? AND name=?",
                         (job_id, step, name),
@@ -414,4 +523,4 @@ class WritePath:
                 raise translate(exc, self.path, doing) from exc
 
 
-__all__ = ["Change", "ContextPatch", "WritePath"]
+__all__ = ["Change", "Claimed", "ContextPatch", "WritePath"]

@@ -11,9 +11,13 @@ from walstate.substep import JobHandle, SubStep
 def new_step(store: Store, name: str = "s", owner: str | None = None) -> SubStep:
     """A fresh pending sub-step in a one-step job, loaded from the database."""
     job_id, _ = store.write.create_job("wf", None, "{}", [(name, "p", 0)])
+    epoch = 0
+    state = "pending"
     if owner is not None:
-        store.write.claim(job_id, None, owner, None)
-    job = JobHandle(job_id, "wf", "pending", owner, store.write)
+        claimed = store.write.claim(job_id, state="pending", epoch=0, owner=owner, lease_expires=0.0, note="test")
+        assert claimed is not None
+        epoch, state = claimed.epoch, "running"
+    job = JobHandle(job_id, "wf", state, owner, store.write, epoch)
     return SubStep(job, store.read.steps(job_id)[0])
 
 

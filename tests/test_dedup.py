@@ -144,29 +144,3 @@ def test_guarded_update_refuses_identifiers_that_are_not_plain_names(tmp_path: P
     conn = tenants_db(tmp_path)
     with pytest.raises(ConfigurationError, match="identifier"):
         guarded_update(conn, "tenant; DROP TABLE tenant", {"onboarding_phase": "x"}, {"id": 1})
-
-
-@pytest.mark.parametrize("lease,renewals", [(3600.0, {0}), (0.0003, {19, 20})])
-def test_lease_renewal_reaches_sqlite_only_when_a_period_has_passed(db_path: str, lease: float,
-                                                                   renewals: set[int]) -> None:
-    import time
-
-    from pydantic import BaseModel
-
-    from walstate import Engine, Workflow
-
-    class C(BaseModel):
-        pass
-
-    flow = Workflow("w", context=C, phases=["p"])
-    for i in range(20):
-        flow.step(phase="p", name=f"s{i}")(lambda ctx, step: time.sleep(0.002))
-    with Engine(db_path, workers=1, lease=lease) as e:
-        e.register(flow)
-        job = e.submit("w", C())
-        log = trace(e.store.db.connection())
-        e.run(job)
-    # Every step start asks for a renewal; the claim itself set the lease, so with a
-    # long lease none reaches SQLite; with a lease shorter than a step every later
-    # start does (the first one only if a period passed since the claim).
-    assert log.count("UPDATE WALSTATE_JOB SET LEASE_EXPIRES") in renewals

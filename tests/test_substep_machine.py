@@ -118,7 +118,9 @@ def test_concurrent_writer_makes_the_cas_fail_and_memory_keeps_agreeing_with_the
 def test_a_writer_whose_job_was_taken_over_is_fenced_off(store: Store) -> None:
     step = new_step(store, owner="host|1|1|old")
     step.start()
-    assert store.write.claim(step.job.id, "host|1|1|old", "host|2|2|new", None)
+    # Another run claims the job (a CAS on the epoch it read), bumping the epoch.
+    assert store.write.claim(step.job.id, state="running", epoch=step.job.epoch, owner="host|2|2|new",
+                             lease_expires=0.0, note="taken over") is not None
     with pytest.raises(LeaseLost, match="lost its claim"):
         step.succeed()
     assert step.state == "running" == stored_state(store.path, step.id)[0]
