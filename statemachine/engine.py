@@ -138,7 +138,7 @@ class Engine:
         self._nonce = ownership.new_nonce()
         self._flows: dict[str, Workflow[Any]] = {}
         self._threads = ThreadCache()
-        self._heartbeat = ownership.Heartbeat(lease, self.store.write.renew, clock)
+        self._heartbeat = ownership.Heartbeat(lease, self.store.write.renew, clock, self.store.read.cancel_requested)
         self._active: dict[int, _Active] = {}
         self._active_lock = threading.Lock()
         self._closing = False

@@ -135,7 +135,8 @@ STEP = Definition(
         ("succeed", "running", "succeeded"),
         ("retry", "running", "retrying"),
         ("fail", "running", "failed"),
-        ("skip", "pending", "skipped"),
+        # From retrying too: a when() condition that raised is asked again, and may say no.
+        ("skip", ["pending", "retrying"], "skipped"),
         ("cancel", ["pending", "running", "retrying"], "cancelled"),
         # An operator's second chance for a step that ended badly.
         ("requeue", ["failed", "cancelled"], "retrying"),

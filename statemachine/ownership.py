@@ -173,21 +173,26 @@ class Claim:
 
 
 Renew = Callable[[int, str, int, float], "bool | None"]
+Poll = Callable[[list[int]], "set[int]"]
+
+#: How often a heartbeat looks for cancellation requests between renewals (one read).
+POLL_INTERVAL = 0.25
 
 
 class Heartbeat:
     """Renews the lease of every live claim of one engine every ``lease / 3`` seconds.
 
-    One daemon thread per engine, started with the first claim and idle (not
-    running) while there is none. A renewal that finds the claim gone
-    signals the run ``"lost"``, which stops it; a renewal that finds a
-    cancellation request signals ``"cancel"``.
+    One daemon thread per engine, started with the first claim. A renewal
+    that finds the claim gone signals the run ``"lost"``, which stops it; a
+    renewal, or the cheaper read ``poll`` made every :data:`POLL_INTERVAL`
+    in between, that finds a cancellation request signals ``"cancel"``.
     """
 
-    def __init__(self, lease: float, renew: Renew, clock: Clock = time.time) -> None:
+    def __init__(self, lease: float, renew: Renew, clock: Clock = time.time, poll: Poll | None = None) -> None:
         self.lease = lease
         self.period = lease / 3
         self.renew = renew
+        self.poll = poll
         self.clock = clock
         self._claims: dict[int, Claim] = {}
         self._lock = threading.Lock()
@@ -230,11 +235,32 @@ class Heartbeat:
             elif result:
                 claim.on_signal("cancel")
 
+    def check_cancels(self) -> None:
+        """Signal ``"cancel"`` to the runs whose job an operator asked to cancel."""
+        if self.poll is None:
+            return
+        with self._lock:
+            claims = dict(self._claims)
+        if not claims:
+            return
+        try:
+            wanted = self.poll(list(claims))
+        except Exception:  # a busy file: the next poll or renewal sees it
+            return
+        for job_id in wanted:
+            claims[job_id].on_signal("cancel")
+
     def _loop(self) -> None:
-        while not self._wake.wait(self.period):
+        tick = min(self.period, POLL_INTERVAL)
+        next_beat = time.monotonic() + self.period
+        while not self._wake.wait(tick):
             if self._closed:
                 return
-            self.beat()
+            if time.monotonic() >= next_beat:
+                self.beat()
+                next_beat = time.monotonic() + self.period
+            else:
+                self.check_cancels()
 
     def close(self) -> None:
         self._closed = True

@@ -267,9 +267,12 @@ class JobRun:
 
     def _run_step(self, d: StepDef) -> None:
         step = self.steps[d.name]
+        # when() decides once, before the first attempt; if it raises, that is
+        # a failed attempt and it is asked again before the next one.
+        decide = step.state == "pending" and d.when is not None
         while not self.stop.is_set():
             ctx = self.context()
-            if step.state == "pending" and d.when is not None:
+            if decide and d.when is not None:
                 try:
                     run_it = d.when(ctx)
                 except Exception as exc:
@@ -282,6 +285,7 @@ class JobRun:
                 if not run_it:
                     step.skip(note="its when() condition was false")
                     return
+                decide = False
             step.start()
             sc = StepContext(self.job.id, d.name, step.attempt, self._idempotency_key(d.name), self.store.db,
                              self.store.read, self.store.write, self.cancelled)

@@ -6,6 +6,7 @@ SQL. Nothing here writes.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -124,6 +125,12 @@ class Reader:
     def once(self, job_id: int, step: str, name: str) -> str | None:
         rows = self._rows("SELECT result FROM walstate_once WHERE job_id=? AND step=? AND name=?", (job_id, step, name))
         return str(rows[0][0]) if rows else None
+
+    def cancel_requested(self, job_ids: Sequence[int]) -> set[int]:
+        """Which of these jobs an operator asked to cancel (one read, for a heartbeat's poll)."""
+        rows = self._rows("SELECT id FROM walstate_job WHERE cancel_requested=1 AND id IN "
+                          "(SELECT value FROM json_each(?))", (json.dumps(list(job_ids)),))
+        return {int(r[0]) for r in rows}  # type: ignore[call-overload]
 
     def database_id(self) -> str:
         return str(self._rows("SELECT value FROM walstate_meta WHERE key='database_id'")[0][0])

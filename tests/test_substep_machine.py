@@ -67,7 +67,7 @@ def test_start_counts_attempts_and_the_journal_records_them(store: Store) -> Non
 
 
 @pytest.mark.parametrize("source,trigger", [("pending", "succeed"), ("pending", "retry"), ("succeeded", "start"),
-                                            ("failed", "succeed"), ("skipped", "cancel"), ("retrying", "skip")])
+                                            ("failed", "succeed"), ("skipped", "cancel"), ("running", "skip")])
 def test_illegal_trigger_raises_invalid_transition_and_writes_nothing(store: Store, source: str, trigger: str) -> None:
     step = new_step(store)
     drive(step, {"succeeded": ["start", "succeed"], "skipped": ["skip"]}.get(source, PATH_TO.get(source, [])))

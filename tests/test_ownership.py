@@ -1,0 +1,569 @@
+"""Exactly once under concurrency, not only under crashes (issue 11), in one process.
+
+Each test names a way the first release ran a sub-step twice, got stuck or
+failed the wrong way with no crash at all. The real-process cases (fork,
+zombies, other pid namespaces, the multi-process load) are in
+``test_ownership_processes.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from walstate import (
+    ContextInvalid,
+    DefinitionError,
+    Engine,
+    EngineClosed,
+    InvalidTransition,
+    JobCancelled,
+    JobFailed,
+    JobOwned,
+    LeaseLost,
+    Retry,
+    StepContext,
+    StepResult,
+    Workflow,
+)
+from walstate.ownership import Identity, _proc_stat, owner_alive
+from walstate.testing import check_invariants
+
+
+class Ctx(BaseModel):
+    name: str = ""
+    n: int = 0
+    x: float = 0.0
+
+
+def engine_for(path: str, *flows: Workflow[Any], **kwargs: Any) -> Engine:
+    e = Engine(path, **kwargs)
+    for flow in flows:
+        e.register(flow)
+    return e
+
+
+def wait_until(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.005)
+
+
+class Gate:
+    """A handler that signals it is running and waits to be released."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.calls = 0
+        self.cancelled_seen = False
+
+    def __call__(self, ctx: Ctx, step: StepContext) -> None:
+        self.calls += 1
+        self.entered.set()
+        while not self.release.wait(0.01):
+            if step.cancelled.is_set():
+                self.cancelled_seen = True
+                return
+
+
+def gated_flow(gate: Gate, name: str = "w", then: int = 1) -> Workflow[Ctx]:
+    flow = Workflow(name, context=Ctx, phases=["p", "q"])
+    flow.step(phase="p", name="slow")(gate)
+    for i in range(then):
+        flow.step(phase="q", name=f"after{i}")(lambda ctx, step: None)
+    return flow
+
+
+def background(fn: Any, *args: Any) -> tuple[threading.Thread, list[Any]]:
+    out: list[Any] = []
+
+    def target() -> None:
+        try:
+            out.append(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - the test inspects it
+            out.append(exc)
+
+    t = threading.Thread(target=target)
+    t.start()
+    return t, out
+
+
+# -- 1. one engine, two run() calls --------------------------------------------
+
+
+def test_a_second_run_of_a_job_this_engine_is_running_waits_for_it_and_runs_nothing_twice(db_path: str) -> None:
+    gate = Gate()
+    flow = gated_flow(gate)
+    with engine_for(db_path, flow) as e:
+        job = e.submit("w", Ctx())
+        t1, out1 = background(e.run, job)
+        assert gate.entered.wait(10)
+        t2, out2 = background(e.run, job)
+        assert e.recover() == []  # recover() skips the job this engine runs
+        time.sleep(0.05)
+        assert t2.is_alive()  # waiting for the live run, not running it again
+        gate.release.set()
+        t1.join(10)
+        t2.join(10)
+        assert out1[0].state == out2[0].state == "succeeded"
+        assert gate.calls == 1
+        assert [r.attempt for r in e.history(job, "slow")] == [1, 1]
+    check_invariants(db_path, flow, job)
+
+
+def test_every_run_claims_the_job_with_a_new_epoch(db_path: str) -> None:
+    flow = Workflow("w", context=Ctx, phases=["p"])
+    flow.step(phase="p", name="s", retry=Retry(max_attempts=1))(lambda ctx, step: 1 / 0)
+    with engine_for(db_path, flow) as e:
+        job = e.submit("w", Ctx())
+        epoch = lambda: e.store.read.job(job).epoch  # noqa: E731
+        assert epoch() == 0
+        with pytest.raises(JobFailed):
+            e.run(job)
+        first = epoch()
+        assert first >= 2  # claimed, then released with the job's end
+        e.retry(job)
+        with pytest.raises(JobFailed):
+            e.run(job)
+        assert epoch() >= first + 3  # the retry and the second run each moved it on
+        assert e.store.read.job(job).owner is None
+
+
+def test_the_claim_sets_a_lease_in_the_future_and_the_end_releases_it(db_path: str) -> None:
+    gate = Gate()
+    flow = gated_flow(gate)
+    now = [1000.0]
+    with engine_for(db_path, flow, lease=30.0, clock=lambda: now[0]) as e:
+        job = e.submit("w", Ctx())
+        t, _ = background(e.run, job)
+        assert gate.entered.wait(10)
+        row = e.store.read.job(job)
+        assert row.owner == e.owner and row.lease_expires == pytest.approx(1030.0)
+        gate.release.set()
+        t.join(10)
+        row = e.store.read.job(job)
+        assert row.owner is None and row.lease_expires is None
+
+
+# -- liveness that cannot be fooled ------------------------------------------------
+
+
+def foreign_token(boot: str = "another-boot") -> str:
+    me = Identity.current()
+    return f"{boot}|{me.pid_ns}|{me.host}|{me.pid}|{me.start}|nonce"
+
+
+def test_an_owner_from_another_boot_or_namespace_is_judged_by_its_lease_only() -> None:
+    token = foreign_token()
+    assert owner_alive(token, 1, lease_expires=200.0, now=100.0)
+    assert not owner_alive(token, 1, lease_expires=100.0, now=100.0)
+    assert not owner_alive(token, 1, lease_expires=None, now=100.0)
+    me = Identity.current()
+    other_ns = f"{me.boot_id}|999999|{me.host}|{me.pid}|{me.start}|nonce"
+    assert owner_alive(other_ns, 1, lease_expires=200.0, now=100.0)
+    assert not owner_alive(other_ns, 1, lease_expires=99.0, now=100.0)
+
+
+def test_an_owner_on_this_host_is_judged_by_its_pid_whatever_its_lease() -> None:
+    me = Identity.current()
+    # This process, but no live run of that job: dead, even with a valid lease.
+    assert not owner_alive(me.token("x"), 7, lease_expires=1e12, now=0.0)
+    # pid 1 of this namespace lives: alive even with an expired lease.
+    stat = _proc_stat(1)
+    assert stat is not None
+    init = Identity(me.boot_id, me.pid_ns, me.host, 1, stat[1])
+    assert owner_alive(init.token("x"), 7, lease_expires=0.0, now=1e12)
+    # A pid that started at another time is a reused pid: the owner is gone.
+    reused = Identity(me.boot_id, me.pid_ns, me.host, 1, "1")
+    assert not owner_alive(reused.token("x"), 7, lease_expires=1e12, now=0.0)
+
+
+# -- 4. heartbeats -------------------------------------------------------------------
+
+
+def test_a_handler_longer_than_its_lease_keeps_the_lease_renewed(db_path: str) -> None:
+    gate = Gate()
+    flow = gated_flow(gate)
+    with engine_for(db_path, flow, lease=0.3) as e:
+        job = e.submit("w", Ctx())
+        t, _ = background(e.run, job)
+        assert gate.entered.wait(10)
+        first = e.store.read.job(job).lease_expires
+        deadline = time.monotonic() + 1.0  # more than three leases
+        while time.monotonic() < deadline:
+            row = e.store.read.job(job)
+            assert row.lease_expires is not None and row.lease_expires > time.time() - 0.05, "lease lapsed"
+            time.sleep(0.02)
+        assert e.store.read.job(job).lease_expires > first + 0.5  # renewed, not just set once
+        gate.release.set()
+        t.join(10)
+        assert gate.calls == 1
+
+
+def test_a_run_that_lost_its_claim_stops_and_its_late_completion_is_refused(db_path: str) -> None:
+    gate = Gate()
+    flow = gated_flow(gate)
+    with engine_for(db_path, flow, lease=0.3) as e:
+        job = e.submit("w", Ctx())
+        t, out = background(e.run, job)
+        assert gate.entered.wait(10)
+        row = e.store.read.job(job)
+        # Another host takes the job over (as if our lease had expired there).
+        assert e.store.write.claim(job, state="running", epoch=row.epoch, owner=foreign_token(),
+                                   lease_expires=time.time() + 60, note="taken over") is not None
+        t.join(10)  # the heartbeat notices; the handler sees step.cancelled and returns
+        assert isinstance(out[0], LeaseLost)
+        assert gate.cancelled_seen
+        steps = e.store.read.steps(job)
+        assert {s.name: s.state for s in steps} == {"slow": "running", "after0": "pending"}  # nothing more written
+        assert e.store.read.job(job).owner == foreign_token()
+
+
+# -- 6. once() in a transactional step --------------------------------------------------
+
+
+def test_once_records_survive_the_rollback_of_a_failed_transactional_attempt(db_path: str) -> None:
+    calls = Counter[str]()
+    flow = Workflow("w", context=Ctx, phases=["p"])
+
+    @flow.step(phase="p", transactional=True, retry=Retry(max_attempts=3))
+    def charge(ctx: Ctx, step: StepContext) -> None:
+        step.once("charge", lambda: calls.update(["charge"]) or "ch_1")
+        raise RuntimeError("the database part failed after the charge")
+
+    with engine_for(db_path, flow) as e:
+        job = e.submit("w", Ctx())
+        with pytest.raises(JobFailed):
+            e.run(job)
+        assert e.status(job).steps["charge"].attempts == 3
+    assert calls["charge"] == 1
+
+
+# -- 7. cancel and retry on a live job ---------------------------------------------------
+
+
+def test_cancel_of_a_live_run_waits_for_it_and_retry_cannot_start_a_second_execution(db_path: str) -> None:
+    gate = Gate()
+    gate_ignores = Gate()
+    flow = Workflow("w", context=Ctx, phases=["p"])
+
+    @flow.step(phase="p")
+    def slow(ctx: Ctx, step: StepContext) -> None:
+        gate_ignores.calls += 1
+        gate_ignores.entered.set()
+        gate_ignores.release.wait(10)  # ignores step.cancelled
+
+    with engine_for(db_path, flow) as e1, engine_for(db_path, flow) as e2:
+        job = e1.submit("w", Ctx())
+        t, out = background(e1.run, job)
+        assert gate_ignores.entered.wait(10)
+        with pytest.raises(JobOwned, match="cancellation was requested"):
+            e2.cancel(job, wait=0.3)
+        with pytest.raises(InvalidTransition):
+            e2.retry(job)  # still running: nothing to retry
+        assert e2.recover() == []
+        gate_ignores.release.set()
+        t.join(10)
+        assert isinstance(out[0], JobCancelled)  # the run honoured the request when its handler returned
+        assert e2.status(job).state == "cancelled"
+        e2.retry(job)
+        e2.run(job)
+        assert e2.status(job).state == "succeeded"
+    # The handler that ignored the cancel completed (its result was kept), so the
+    # retry had nothing to run again: it ran once, never concurrently.
+    assert gate_ignores.calls == 1
+    del gate
+
+
+def test_cancel_in_the_running_engine_reaches_the_run_and_handlers_see_it(db_path: str) -> None:
+    gate = Gate()
+    flow = gated_flow(gate, then=2)
+    with engine_for(db_path, flow) as e:
+        job = e.submit("w", Ctx())
+        t, out = background(e.run, job)
+        assert gate.entered.wait(10)
+        names = e.cancel(job)
+        t.join(10)
+        assert isinstance(out[0], JobCancelled)  # not a StaleState
+        assert gate.cancelled_seen
+        assert sorted(names) == ["after0", "after1"]
+        assert {n: s.state for n, s in e.status(job).steps.items()} == {
+            "slow": "succeeded", "after0": "cancelled", "after1": "cancelled"}
+        assert e.store.read.job(job).owner is None
+
+
+# -- 8. recovery never stops; run() validates before it claims ----------------------------
+
+
+def test_recover_skips_a_job_it_cannot_run_and_goes_on_with_the_next(db_path: str) -> None:
+    old = Workflow("w", context=Ctx, phases=["p"])
+    old.step(phase="p", name="one")(lambda ctx, step: None)
+    with engine_for(db_path, old) as e:
+        stale = e.submit("w", Ctx())
+    new = Workflow("w", context=Ctx, phases=["p"])
+    new.step(phase="p", name="one")(lambda ctx, step: None)
+    new.step(phase="p", name="two")(lambda ctx, step: None)
+    with engine_for(db_path, new) as e:
+        fine = e.submit("w", Ctx())
+        before = e.store.read.job(stale)
+        report = e.recover()
+        assert list(report) == [fine]
+        assert "DefinitionError" in report.skipped[stale]
+        with pytest.raises(DefinitionError):
+            e.run(stale)
+        after = e.store.read.job(stale)
+        assert (after.state, after.owner, after.epoch) == (before.state, before.owner, before.epoch) == (
+            "pending", None, 0)  # validated before any claim
+
+
+def test_a_stored_context_that_no_longer_validates_is_reported_not_raised_raw(db_path: str) -> None:
+    flow = Workflow("w", context=Ctx, phases=["p"])
+    flow.step(phase="p", name="one")(lambda ctx, step: None)
+    with engine_for(db_path, flow) as e:
+        bad = e.submit("w", Ctx())
+        good = e.submit("w", Ctx())
+    conn = sqlite3.connect(db_path)
+    with conn:
+        conn.execute("UPDATE walstate_job SET context=? WHERE id=?", ('{"n": "not a number"}', bad))
+    conn.close()
+    with engine_for(db_path, flow) as e:
+        report = e.recover()
+        assert list(report) == [good] and "ContextInvalid" in report.skipped[bad]
+        with pytest.raises(ContextInvalid, match=f"job {bad}"):
+            e.status(bad)
+
+
+# -- 9, 10, 11. user-code errors fail the step, not the bookkeeping -------------------------
+
+
+def test_a_bad_context_update_of_one_job_never_fails_other_jobs_sharing_its_group_commit(db_path: str) -> None:
+    flow = Workflow("w", context=Ctx, phases=["p"])
+
+    @flow.step(phase="p")
+    def name_it(ctx: Ctx, step: StepContext) -> dict[str, Any]:
+        # A file name from os.listdir on a non-UTF-8 name carries a surrogate escape.
+        return {"name": "caf\udce9" if ctx.n == 0 else f"job{ctx.n}"}
+
+    with engine_for(db_path, flow, workers=1) as e:
+        jobs = [e.submit("w", Ctx(n=i)) for i in range(40)]
+        threads = [background(e.run, j) for j in jobs]
+        for t, _ in threads:
+            t.join(20)
+        outcomes = {j: out[0] for j, (_, out) in zip(jobs, threads)}
+        assert isinstance(outcomes[jobs[0]], JobFailed)
+        assert "ContextInvalid" in e.status(jobs[0]).steps["name_it"].error
+        for j in jobs[1:]:
+            assert e.status(j).state == "succeeded", outcomes[j]
+        assert all(e.store.read.job(j).owner is None for j in jobs)
+
+
+@pytest.mark.parametrize("result,error", [
+    (StepResult(context={"x": math.nan}), "ContextInvalid"),
+    (StepResult(context={"x": math.inf}), "ContextInvalid"),
+    ([math.inf], "OutputNotJSON"),
+    ({"x": -math.inf}, "OutputNotJSON"),  # a dict result is also the step's output
+])
+def test_nan_and_infinity_are_refused_at_the_step_and_everything_stays_readable(
+        db_path: str, result: Any, error: str) -> None:
+    flow = Workflow("w", context=Ctx, phases=["p"])
+    flow.step(phase="p", name="bad")(lambda ctx, step: result)
+    with engine_for(db_path, flow) as e:
+        with pytest.raises(ContextInvalid):
+            e.submit("w", Ctx(x=math.inf))
+        job = e.submit("w", Ctx())
+        with pytest.raises(JobFailed) as failed:
+            e.run(job)
+        assert error in failed.value.errors["bad"]
+        assert e.status(job).context == Ctx()  # nothing was stored as null
+        assert e.recover() == []
+
+
+def test_a_when_predicate_that_raises_fails_the_step_under_its_retry_policy(db_path: str) -> None:
+    calls = Counter[str]()
+
+    def when(ctx: Ctx) -> bool:
+        calls["when"] += 1
+        raise KeyError("missing")
+
+    flow = Workflow("w", context=Ctx, phases=["p"])
+    flow.step(phase="p", name="guarded", when=when, retry=Retry(max_attempts=2))(lambda ctx, step: None)
+    with engine_for(db_path, flow) as e:
+        job = e.submit("w", Ctx())
+        with pytest.raises(JobFailed, match="when"):
+            e.run(job)
+        row = e.store.read.job(job)
+        assert row.state == "failed" and row.owner is None
+        assert calls["when"] == 2
+
+
+# -- 12. backoff ---------------------------------------------------------------------------
+
+
+def test_the_retry_delay_is_capped_and_never_overflows() -> None:
+    retry = Retry(max_attempts=5000, backoff=1.0, max_backoff=30.0, jitter=0.1)
+    for attempt in (1, 10, 1025, 5000, 10**9):
+        assert 0 <= retry.delay(attempt) <= 33.0
+    assert retry.delay(1) >= 1.0 and retry.delay(1) <= 1.1
+
+
+def test_a_step_waiting_in_backoff_wakes_when_a_sibling_fails_for_good(db_path: str) -> None:
+    flow = Workflow("w", context=Ctx, phases=["p"])
+    flow.step(phase="p", name="flaky", retry=Retry(max_attempts=3, backoff=5.0, jitter=0))(
+        lambda ctx, step: 1 / 0)
+
+    @flow.step(phase="p", name="doomed")
+    def doomed(ctx: Ctx, step: StepContext) -> None:
+        time.sleep(0.1)
+        raise RuntimeError("for good")
+
+    with engine_for(db_path, flow, workers=2) as e:
+        job = e.submit("w", Ctx())
+        started = time.monotonic()
+        with pytest.raises(JobFailed):
+            e.run(job)
+        assert time.monotonic() - started < 3.0  # not the 5 s backoff
+        assert e.status(job).steps["flaky"].attempts == 1
+
+
+# -- 13. close() during a run --------------------------------------------------------------
+
+
+def test_close_during_a_run_lets_the_step_finish_and_releases_the_job_for_another_run(db_path: str) -> None:
+    gate = Gate()
+    flow = gated_flow(gate)
+    e1 = engine_for(db_path, flow)
+    job = e1.submit("w", Ctx())
+    t, out = background(e1.run, job)
+    assert gate.entered.wait(10)
+    closer = threading.Thread(target=e1.close)
+    closer.start()
+    time.sleep(0.05)
+    gate.release.set()
+    closer.join(10)
+    t.join(10)
+    assert isinstance(out[0], EngineClosed)
+    with engine_for(db_path, flow) as e2:
+        row = e2.store.read.job(job)
+        assert row.state == "running" and row.owner is None
+        assert e2.status(job).steps["slow"].state == "succeeded"
+        assert "released" in (e2.history(job)[-1].note or "")
+        assert e2.recover() == [job]
+        assert e2.status(job).state == "succeeded"
+    assert gate.calls == 1
+
+
+# -- 14. nested runs and writes inside the handler's own transaction ------------------------
+
+
+def test_running_a_job_inside_a_transactional_step_is_refused_at_once(db_path: str) -> None:
+    child = Workflow("child", context=Ctx, phases=["p"])
+    child.step(phase="p", name="c1")(lambda ctx, step: None)
+    child.step(phase="p", name="c2")(lambda ctx, step: None)
+    parent = Workflow("parent", context=Ctx, phases=["p"])
+    holder: list[Engine] = []
+
+    @parent.step(phase="p", transactional=True)
+    def spawn(ctx: Ctx, step: StepContext) -> None:
+        e = holder[0]
+        e.run(e.submit("child", Ctx()))
+
+    with engine_for(db_path, parent, child, workers=2) as e:
+        holder.append(e)
+        job = e.submit("parent", Ctx())
+        started = time.monotonic()
+        with pytest.raises(JobFailed) as failed:
+            e.run(job)
+        assert time.monotonic() - started < 4.0
+        assert "UsageError" in failed.value.errors["spawn"]
+
+
+def test_once_and_submit_inside_the_handlers_own_atomic_block_do_not_wait_for_the_busy_timeout(
+        db_path: str) -> None:
+    flow = Workflow("w", context=Ctx, phases=["p"])
+    holder: list[Engine] = []
+
+    @flow.step(phase="p")
+    def inside(ctx: Ctx, step: StepContext) -> None:
+        with step.db.atomic():
+            step.once("call", lambda: "ok")
+            holder[0].submit("w", Ctx(n=99), key="child")
+
+    for i in range(6):  # busy siblings committing while `inside` holds its transaction
+        flow.step(phase="p", name=f"sibling{i}")(lambda ctx, step: {"n": 1})
+    with engine_for(db_path, flow, workers=4, busy_timeout=2.0) as e:
+        holder.append(e)
+        job = e.submit("w", Ctx())
+        started = time.monotonic()
+        assert e.run(job).state == "succeeded"
+        assert time.monotonic() - started < 1.5
+
+
+# -- 15. operator retry and cancel -----------------------------------------------------------
+
+
+def test_retrying_a_failed_step_gives_it_a_fresh_attempt_budget(db_path: str) -> None:
+    calls = Counter[str]()
+
+    def flaky(ctx: Ctx, step: StepContext) -> None:
+        calls["flaky"] += 1
+        if calls["flaky"] < 5:
+            raise RuntimeError(f"failure {calls['flaky']}")
+
+    flow = Workflow("w", context=Ctx, phases=["p"])
+    flow.step(phase="p", name="flaky", retry=Retry(max_attempts=3))(flaky)
+    with engine_for(db_path, flow) as e:
+        job = e.submit("w", Ctx())
+        with pytest.raises(JobFailed):
+            e.run(job)
+        assert calls["flaky"] == 3
+        assert e.retry(job, "flaky") == ["flaky"]
+        assert e.run(job).state == "succeeded"  # attempts 4 and 5: a new budget of 3
+        assert calls["flaky"] == 5
+
+
+def test_retrying_one_failed_step_when_a_sibling_failed_too_names_what_else_to_retry(db_path: str) -> None:
+    flow = Workflow("w", context=Ctx, phases=["p"])
+    flow.step(phase="p", name="a")(lambda ctx, step: 1 / 0)
+    flow.step(phase="p", name="b")(lambda ctx, step: 1 / 0)
+    with engine_for(db_path, flow, workers=2) as e:
+        job = e.submit("w", Ctx())
+        with pytest.raises(JobFailed):
+            e.run(job)
+        failed = [n for n, s in e.status(job).steps.items() if s.state == "failed"]
+        if len(failed) == 2:
+            with pytest.raises(InvalidTransition, match=r"\['b'\] failed too"):
+                e.retry(job, "a")
+        assert e.status(job).state == "failed"  # nothing written by the refusal
+        assert sorted(e.retry(job)) == ["a", "b"] or len(failed) == 1
+
+
+# -- 16. one run's threads -----------------------------------------------------------------------
+
+
+def test_a_short_job_never_waits_for_other_jobs_long_steps(db_path: str) -> None:
+    gate = Gate()
+    long_flow = Workflow("long", context=Ctx, phases=["p"])
+    for i in range(2):
+        long_flow.step(phase="p", name=f"long{i}")(gate)
+    short = Workflow("short", context=Ctx, phases=["p"])
+    for i in range(3):
+        short.step(phase="p", name=f"s{i}")(lambda ctx, step: None)
+    with engine_for(db_path, long_flow, short, workers=2) as e:
+        longs = [background(e.run, e.submit("long", Ctx(n=i))) for i in range(2)]
+        wait_until(lambda: gate.calls == 4)
+        t, out = background(e.run, e.submit("short", Ctx()))
+        t.join(5)
+        assert not t.is_alive() and out[0].state == "succeeded"  # while the long steps still hold
+        gate.release.set()
+        for lt, _ in longs:
+            lt.join(10)
