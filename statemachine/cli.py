@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
-from .storage import Store
+from .storage import SCHEMA_VERSION, Store
 from .storage.errors import ConfigurationError, WalstateError
 
 from . import operator, views
@@ -126,6 +126,19 @@ def cmd_cancel(args: argparse.Namespace, out: Out) -> int:
     names = operator.cancel(store, args.job)
     store.close()
     out.line(f"job {args.job} cancelled; steps cancelled: {', '.join(names) or '(none unfinished)'}")
+    return 0
+
+
+def cmd_upgrade(args: argparse.Namespace, out: Out) -> int:
+    store = _open(args.db, readonly=False)
+    applied = store.migrated
+    store.close()
+    if out.as_json:
+        out.json({"applied": list(applied), "schema_version": SCHEMA_VERSION})
+    elif applied:
+        out.line(f"{args.db}: upgraded to schema {SCHEMA_VERSION} (applied {', '.join(map(str, applied))})")
+    else:
+        out.line(f"{args.db}: already at schema {SCHEMA_VERSION}")
     return 0
 
 
@@ -266,6 +279,8 @@ def parser() -> argparse.ArgumentParser:
     retry = add("retry", cmd_retry, "put a failed job (or one failed sub-step) back to run", job=True)
     retry.add_argument("step", metavar="STEP", nargs="?", help="only this sub-step")
     add("cancel", cmd_cancel, "cancel a job and its unfinished sub-steps", job=True)
+    add("upgrade", cmd_upgrade, "upgrade a file written by an older walstate to this one's schema, in place",
+        as_json=True)
     rec = add("recover", cmd_recover, "resume what a dead process left, with your app's Engine", as_json=True)
     rec.add_argument("--app", required=True, help="MODULE:ATTR naming an Engine, or a factory taking DB")
     diag = add("diagram", cmd_diagram, "the sub-step machine and a workflow's phases as Mermaid text", db=False)
