@@ -58,7 +58,7 @@ def check_states(states: Iterable[str]) -> tuple[str, ...]:
     """The states to prune, refusing any that is not terminal."""
     chosen = tuple(dict.fromkeys(states))
     if not chosen:
-        raise ConfigurationError("prune needs at least one state to prune (succeeded, failed, cancelled)")
+        raise ConfigurationError("prune needs at least one finished state to prune (succeeded, failed, cancelled)")
     unfinished = [s for s in chosen if s not in TERMINAL_JOB_STATES]
     if unfinished:
         raise ConfigurationError(
