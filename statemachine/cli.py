@@ -10,12 +10,13 @@ import argparse
 import importlib
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
-from .storage import Store
+from .storage import SCHEMA_VERSION, Store
 from .storage.errors import ConfigurationError, WalstateError
 
 from . import operator, views
@@ -126,6 +127,49 @@ def cmd_cancel(args: argparse.Namespace, out: Out) -> int:
     names = operator.cancel(store, args.job)
     store.close()
     out.line(f"job {args.job} cancelled; steps cancelled: {', '.join(names) or '(none unfinished)'}")
+    return 0
+
+
+def cmd_upgrade(args: argparse.Namespace, out: Out) -> int:
+    store = _open(args.db, readonly=False)
+    applied = store.migrated
+    store.close()
+    if out.as_json:
+        out.json({"applied": list(applied), "schema_version": SCHEMA_VERSION})
+    elif applied:
+        out.line(f"{args.db}: upgraded to schema {SCHEMA_VERSION} (applied {', '.join(map(str, applied))})")
+    else:
+        out.line(f"{args.db}: already at schema {SCHEMA_VERSION}")
+    return 0
+
+
+_UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
+
+
+def duration(text: str) -> float:
+    """Seconds in a duration like ``30d``, ``12h``, ``15m``, ``90s`` or ``1d12h`` (argparse type)."""
+    parts = re.findall(r"(\d+(?:\.\d+)?)([dhms])", text.strip().lower())
+    if not parts or "".join(n + u for n, u in parts) != text.strip().lower():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 30d, 12h, 15m or 90s")
+    return sum(float(n) * _UNITS[u] for n, u in parts)
+
+
+def cmd_prune(args: argparse.Namespace, out: Out) -> int:
+    from .storage.retention import check_states, cutoff, prune
+
+    states = check_states(s.strip() for s in args.states.split(","))
+    before = cutoff(args.older_than)
+    # A dry run opens the file read-only: it cannot change a byte of it.
+    store = _open(args.db, readonly=args.dry_run)
+    try:
+        count = prune(store.db, store.path, args.older_than, states, batch=args.batch, dry_run=args.dry_run)
+    finally:
+        store.close()
+    if out.as_json:
+        out.json({"jobs": count, "dry_run": args.dry_run, "states": list(states), "finished_before": before})
+    else:
+        verb = "would delete" if args.dry_run else "deleted"
+        out.line(f"{verb} {count} {'/'.join(states)} job(s) finished before {_when(before)}")
     return 0
 
 
@@ -266,6 +310,16 @@ def parser() -> argparse.ArgumentParser:
     retry = add("retry", cmd_retry, "put a failed job (or one failed sub-step) back to run", job=True)
     retry.add_argument("step", metavar="STEP", nargs="?", help="only this sub-step")
     add("cancel", cmd_cancel, "cancel a job and its unfinished sub-steps", job=True)
+    add("upgrade", cmd_upgrade, "upgrade a file written by an older walstate to this one's schema, in place",
+        as_json=True)
+    prune = add("prune", cmd_prune, "delete finished jobs (steps, journal, once records) older than a duration",
+                as_json=True)
+    prune.add_argument("--older-than", required=True, type=duration, metavar="AGE",
+                       help="finished more than AGE ago: 30d, 12h, 15m, 90s")
+    prune.add_argument("--states", default="succeeded,cancelled",
+                       help="comma-separated finished states to delete (default: %(default)s; failed is allowed)")
+    prune.add_argument("--batch", type=int, default=200, help="jobs per transaction (default: %(default)s)")
+    prune.add_argument("--dry-run", action="store_true", help="count what would be deleted; change nothing")
     rec = add("recover", cmd_recover, "resume what a dead process left, with your app's Engine", as_json=True)
     rec.add_argument("--app", required=True, help="MODULE:ATTR naming an Engine, or a factory taking DB")
     diag = add("diagram", cmd_diagram, "the sub-step machine and a workflow's phases as Mermaid text", db=False)

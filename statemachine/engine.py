@@ -8,7 +8,9 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -17,7 +19,8 @@ from . import operator, ownership
 from .context import dump_context
 from .ownership import Clock
 from .runner import JobRun
-from .storage import TERMINAL_JOB_STATES, TERMINAL_STEP_STATES, Durability, JobRow, StepRow, Store
+from .storage import TERMINAL_JOB_STATES, TERMINAL_STEP_STATES, Durability, JobRow, StepRow, Store, retention
+from .storage.retention import DEFAULT_BATCH
 from .storage.errors import (
     ConfigurationError,
     ContextInvalid,
@@ -403,6 +406,19 @@ class Engine:
         self._row(job_id)
         return [TransitionRecord(r.step, r.from_state, r.to_state, r.attempt, r.at, r.note)
                 for r in self.store.read.journal(job_id, step)]
+
+    # -- retention --------------------------------------------------------------
+
+    def prune(self, older_than: float | timedelta, states: Sequence[str] = ("succeeded", "cancelled"), *,
+              batch: int = DEFAULT_BATCH, dry_run: bool = False) -> int:
+        """Delete jobs in ``states`` that finished more than ``older_than`` (seconds) ago; return how many.
+
+        Their sub-steps, journal and once() records go with them, ``batch`` jobs
+        per short transaction, so running workers keep committing meanwhile.
+        Only finished states are accepted (ConfigurationError otherwise);
+        ``dry_run`` counts without deleting. A pruned job's key can be used again.
+        """
+        return retention.prune(self.store.db, self.path, older_than, states, batch=batch, dry_run=dry_run)
 
     # -- lifecycle --------------------------------------------------------------
 

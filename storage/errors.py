@@ -43,6 +43,14 @@ class SchemaTooNew(DatabaseError):
     """The file was written by a newer walstate whose schema this one cannot read."""
 
 
+class SchemaTooOld(DatabaseError):
+    """A read-only open found a file written by an older walstate; open it read-write once to upgrade it."""
+
+
+class MigrationFailed(DatabaseError):
+    """Upgrading the file's schema failed; the upgrade was rolled back and the file is unchanged."""
+
+
 class DatabaseBusy(DatabaseError):
     """Another connection held the write lock for longer than the busy timeout."""
 

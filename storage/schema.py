@@ -5,6 +5,10 @@ database): two engines on two files never share state. The hot write path
 uses raw SQL against these same tables; the models serve schema creation and
 the cooler read paths.
 
+The models describe the *latest* schema: a new file is created from them;
+older files reach the same schema through :mod:`.migrations` (see there how to
+add a migration).
+
 The schema version lives in our own ``walstate_meta`` table rather than in
 ``PRAGMA user_version``, because walstate shares its file with the
 application's tables (transactional steps write them) and ``user_version``
@@ -16,14 +20,17 @@ from __future__ import annotations
 import sqlite3
 import uuid
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 import peewee
 
 from .connection import translate
-from .errors import NotADatabase, SchemaTooNew
+from .errors import NotADatabase, SchemaTooNew, SchemaTooOld
+from .migrations import BASE_VERSION, LATEST, MIGRATIONS, Migration, apply, latest
 
-SCHEMA_VERSION = 2
+#: The schema version this walstate creates and reads (older files are upgraded: see migrations.py).
+SCHEMA_VERSION = LATEST
 
 #: States after which nothing changes any more (shared by steps and jobs).
 TERMINAL_STEP_STATES = ("succeeded", "failed", "skipped", "cancelled")
@@ -69,14 +76,15 @@ def bind_models(db: peewee.Database) -> Models:
         error = peewee.TextField(null=True)
         owner = peewee.TextField(null=True)
         lease_expires = peewee.FloatField(null=True)
-        # Claim epoch: bumped by every claim and release, the fencing token
-        # that every write of a run is conditioned on.
-        epoch = peewee.IntegerField(default=0, constraints=[peewee.SQL("DEFAULT 0")])
-        # Set by an operator's cancel while a live run holds the job; the run
-        # sees it at its next heartbeat and cancels the job itself.
-        cancel_requested = peewee.IntegerField(default=0, constraints=[peewee.SQL("DEFAULT 0")])
         created_at = peewee.FloatField()
         updated_at = peewee.FloatField()
+        # Schema 3 (added last, where ALTER TABLE puts them):
+        # the claim epoch, bumped by every claim and release: the fencing
+        # token that every write of a run is conditioned on;
+        epoch = peewee.IntegerField(default=0, constraints=[peewee.SQL("DEFAULT 0")])
+        # set by an operator's cancel while a live run holds the job; the run
+        # sees it at its next heartbeat poll and cancels the job itself.
+        cancel_requested = peewee.IntegerField(default=0, constraints=[peewee.SQL("DEFAULT 0")])
 
         class Meta:
             table_name = "walstate_job"
@@ -91,13 +99,13 @@ def bind_models(db: peewee.Database) -> Models:
         position = peewee.IntegerField()
         state = peewee.TextField(default="pending")
         attempt = peewee.IntegerField(default=0)
-        # Failed attempts and interruptions since the step was last requeued:
-        # the retry budget (an operator's retry gives a fresh one).
-        failures = peewee.IntegerField(default=0, constraints=[peewee.SQL("DEFAULT 0")])
-        interruptions = peewee.IntegerField(default=0, constraints=[peewee.SQL("DEFAULT 0")])
         output = peewee.TextField(null=True)
         error = peewee.TextField(null=True)
         updated_at = peewee.FloatField()
+        # Schema 3: failed attempts and interruptions since the step was last
+        # requeued, its retry budget (an operator's retry gives a fresh one).
+        failures = peewee.IntegerField(default=0, constraints=[peewee.SQL("DEFAULT 0")])
+        interruptions = peewee.IntegerField(default=0, constraints=[peewee.SQL("DEFAULT 0")])
 
         class Meta:
             table_name = "walstate_step"
@@ -134,70 +142,98 @@ def bind_models(db: peewee.Database) -> Models:
     # literal values (bound parameters cannot be proven to match), and only an
     # IN list (not NOT IN) is searchable: see Reader.unfinished_jobs.
     Job.add_index(Job.index(Job.state, Job.id).where(Job.state.in_(UNFINISHED_JOB_STATES)))
+    # Schema 2: retention finds finished jobs by when they finished (migrations.py).
+    Job.add_index(Job.index(Job.updated_at, name="job_finished_at").where(Job.state.in_(TERMINAL_JOB_STATES)))
     return Models(Meta_, Job, Step, Journal, Once)
 
 
-_V2 = (
-    "ALTER TABLE walstate_job ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0",
-    "ALTER TABLE walstate_job ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0",
-    "ALTER TABLE walstate_step ADD COLUMN failures INTEGER NOT NULL DEFAULT 0",
-    "ALTER TABLE walstate_step ADD COLUMN interruptions INTEGER NOT NULL DEFAULT 0",
-    # The retry budget was derived from the journal: keep what it said.
-    "UPDATE walstate_step SET interruptions=(SELECT count(*) FROM walstate_journal j WHERE j.job_id=walstate_step.job_id "
-    "AND j.step=walstate_step.name AND j.note='interrupted')",
-    "UPDATE walstate_step SET failures=max(0, attempt - interruptions - (state='running'))",
-    "UPDATE walstate_meta SET value='2' WHERE key='schema_version'",
-)
+@dataclass(frozen=True)
+class SchemaState:
+    """What opening a file found and did: its stable id, and the migrations this open applied."""
+
+    database_id: str
+    applied: tuple[int, ...]
 
 
-def _upgrade_1_to_2(db: peewee.SqliteDatabase) -> None:
-    conn = db.connection()
-    conn.execute("BEGIN EXCLUSIVE")
-    try:
-        if conn.execute("SELECT value FROM walstate_meta WHERE key='schema_version'").fetchone()[0] == "1":
-            for sql in _V2:
-                conn.execute(sql)
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
+def _meta(conn: sqlite3.Connection) -> dict[str, str] | None:
+    """walstate_meta as a dict, or None when the file has no walstate tables."""
+    if not conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='walstate_meta'").fetchone():
+        return None
+    return {str(k): str(v) for k, v in conn.execute("SELECT key, value FROM walstate_meta").fetchall()}
 
 
-def ensure_schema(db: peewee.SqliteDatabase, models: Models, path: str, *, create: bool) -> str:
-    """Create or check walstate's tables; return this database's stable id.
+def ensure_schema(
+    db: peewee.SqliteDatabase,
+    models: Models,
+    path: str,
+    *,
+    create: bool,
+    migrations: Mapping[int, Migration] = MIGRATIONS,
+) -> SchemaState:
+    """Create, upgrade or check walstate's tables.
 
-    Raises :class:`SchemaTooNew` for a file written by a newer walstate and
+    A file without walstate's tables gets the latest schema (when ``create``);
+    an older one is upgraded in place by :func:`.migrations.apply`. Both happen
+    under ``BEGIN EXCLUSIVE``, and the version is read again once the lock is
+    held, so of several processes opening the same file one does the work and
+    the others find it done. A file already at the latest version takes no
+    lock at all.
+
+    Raises :class:`SchemaTooNew` for a file written by a newer walstate,
+    :class:`SchemaTooOld` for an older file opened read-only (``create`` false),
+    :class:`MigrationFailed` when an upgrade fails (rolled back), and
     :class:`NotADatabase` for a SQLite file without walstate's tables when
     ``create`` is false.
     """
+    target = latest(migrations)
+    applied: list[int] = []
     try:
         conn = db.connection()
-        has_meta = conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='walstate_meta'"
-        ).fetchone()
-        if not has_meta:
+        rows = _meta(conn)
+        if rows is None and not create:
+            raise NotADatabase(f"{path}: a SQLite file, but not a walstate database (no walstate_meta table)", path)
+        if rows is None or _version(rows, path, target) < target:
             if not create:
-                raise NotADatabase(f"{path}: a SQLite file, but not a walstate database (no walstate_meta table)", path)
-            with db.atomic():
-                db.create_tables(models.all())
-                models.meta.insert_many(
-                    [("schema_version", str(SCHEMA_VERSION)), ("database_id", uuid.uuid4().hex)],
-                    fields=[models.meta.key, models.meta.value],
-                ).on_conflict_ignore().execute()
-        rows = dict(conn.execute("SELECT key, value FROM walstate_meta").fetchall())
-        if create and rows.get("schema_version") == "1":
-            _upgrade_1_to_2(db)
-            rows = dict(conn.execute("SELECT key, value FROM walstate_meta").fetchall())
+                raise SchemaTooOld(
+                    f"{path}: written by an older walstate (schema version {_version(rows or {}, path, target)}; "
+                    f"this walstate uses {target}) and opened read-only; upgrade it in place once with "
+                    "`walstate upgrade DB` (or by opening it with an Engine), then retry",
+                    path,
+                )
+            # EXCLUSIVE: in WAL mode it is the write lock (readers go on); taken
+            # up front, so two openers never both decide to upgrade.
+            conn.execute("BEGIN EXCLUSIVE")
+            try:
+                rows = _meta(conn)
+                if rows is None:
+                    db.create_tables(models.all())
+                    conn.execute(
+                        "INSERT OR IGNORE INTO walstate_meta (key, value) VALUES ('schema_version', ?), "
+                        "('database_id', ?)",
+                        (str(target), uuid.uuid4().hex),
+                    )
+                else:
+                    applied = apply(conn, path, _version(rows, path, target), migrations)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            rows = _meta(conn) or {}
     except (sqlite3.Error, peewee.PeeweeException) as exc:
         raise translate(exc, path, "reading walstate's schema") from exc
+    version = _version(rows, path, target)
+    if version < BASE_VERSION or "database_id" not in rows:
+        raise NotADatabase(f"{path}: walstate_meta is incomplete (schema version {version}); the file is damaged", path)
+    return SchemaState(rows["database_id"], tuple(applied))
+
+
+def _version(rows: Mapping[str, str], path: str, target: int) -> int:
     version = int(rows.get("schema_version", "0"))
-    if version > SCHEMA_VERSION:
+    if version > target:
         raise SchemaTooNew(
             f"{path}: written by a newer walstate (schema version {version}; this walstate reads up to "
-            f"{SCHEMA_VERSION}); upgrade walstate to open it",
+            f"{target}); upgrade walstate to open it",
             path,
         )
-    if version < 1 or "database_id" not in rows:
-        raise NotADatabase(f"{path}: walstate_meta is incomplete (schema version {version}); the file is damaged", path)
-    return str(rows["database_id"])
+    return version

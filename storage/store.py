@@ -33,7 +33,10 @@ class Store:
         self.db = open_database(self.path, durability=durability, busy_timeout=busy_timeout, readonly=readonly)
         try:
             self.models = bind_models(self.db)
-            self.database_id = ensure_schema(self.db, self.models, self.path, create=not readonly)
+            schema = ensure_schema(self.db, self.models, self.path, create=not readonly)
+            self.database_id = schema.database_id
+            #: Schema versions this open upgraded the file through (empty when it was current).
+            self.migrated = schema.applied
         except BaseException:
             self.db.close()
             raise

@@ -1,0 +1,132 @@
+"""Numbered forward migrations of walstate's own tables, applied when a file is opened.
+
+The schema version of a file is ``schema_version`` in ``walstate_meta``. The
+first release wrote version 1; every later version is one entry of
+:data:`MIGRATIONS`, keyed by the version it produces. Opening a file with an
+older version (read-write) applies every missing entry in order, all in one
+``BEGIN EXCLUSIVE`` transaction: one process wins the lock and upgrades, the
+others wait (busy timeout), re-read the version after taking the lock and find
+nothing left to do. A migration that fails rolls the whole upgrade back (SQLite
+DDL is transactional) and raises :class:`MigrationFailed`; the file stays at
+its old version. Each applied version is journalled in ``walstate_meta`` as
+``migrated_at_N`` (a Unix time).
+
+A new file is created directly at the latest schema from the peewee models in
+:mod:`.schema`; tests/test_migrations.py proves that this gives the same
+tables, columns and indexes as upgrading the schema-1 fixture
+(tests/fixtures/schema1.db, written by the first release).
+
+Adding a migration
+------------------
+1. Append ``N: [...]`` to :data:`MIGRATIONS`, with ``N`` one more than the
+   last key: a list of SQL statements (no parameters, no ``BEGIN``/``COMMIT``:
+   the upgrade is already in a transaction), or a function taking the
+   ``sqlite3.Connection`` for data rewrites. Never edit or renumber an entry
+   that has been released: files in the field have already applied it.
+2. Make the models in :mod:`.schema` describe the result, so new files get it
+   too: a column added with ``ALTER TABLE … ADD COLUMN`` goes *last* in its
+   model (that is where SQLite puts it), with the same type, NULL-ability and
+   default; an index gets the same name, columns and ``WHERE``.
+3. Run tests/test_migrations.py: it fails if the upgraded fixture and a fresh
+   file differ, or if the fixture's rows do not survive.
+
+:data:`LATEST` (re-exported as ``SCHEMA_VERSION``) follows from the table.
+Files newer than :data:`LATEST` are refused with :class:`SchemaTooNew`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Union
+
+from .errors import MigrationFailed
+
+#: One migration: SQL statements run in order, or a function given the connection.
+Migration = Union[Sequence[str], Callable[[sqlite3.Connection], None]]
+
+#: Version the first release created; migrations start from it.
+BASE_VERSION = 1
+
+MIGRATIONS: dict[int, Migration] = {
+    # Retention (prune) looks for finished jobs by the time they finished: a
+    # partial index on terminal jobs only, so it costs nothing while a job
+    # runs and pruning never scans the history. The WHERE literal must match
+    # retention's query exactly (SQLite uses a partial index only then).
+    2: [
+        'CREATE INDEX IF NOT EXISTS "job_finished_at" ON "walstate_job" ("updated_at") '
+        "WHERE (\"state\" IN ('succeeded', 'failed', 'cancelled'))",
+    ],
+    # Ownership: every claim bumps a per-job epoch that fences the run's writes;
+    # an operator's cancel of a live run is a request the run carries out; the
+    # retry budget is stored per step (it was derived from the journal, whose
+    # counts are kept here).
+    3: [
+        "ALTER TABLE walstate_job ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE walstate_job ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE walstate_step ADD COLUMN failures INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE walstate_step ADD COLUMN interruptions INTEGER NOT NULL DEFAULT 0",
+        "UPDATE walstate_step SET interruptions=(SELECT count(*) FROM walstate_journal j "
+        "WHERE j.job_id=walstate_step.job_id AND j.step=walstate_step.name AND j.note='interrupted')",
+        "UPDATE walstate_step SET failures=max(0, attempt - interruptions - (state='running'))",
+    ],
+}
+
+
+def latest(migrations: Mapping[int, Migration] = MIGRATIONS) -> int:
+    """The schema version a file has after every migration of ``migrations``."""
+    expected = list(range(BASE_VERSION + 1, BASE_VERSION + 1 + len(migrations)))
+    if sorted(migrations) != expected:
+        raise ValueError(f"migrations must be numbered {expected} without gaps, not {sorted(migrations)}")
+    return BASE_VERSION + len(migrations)
+
+
+#: The schema version this walstate writes and reads.
+LATEST = latest()
+
+
+def apply(
+    conn: sqlite3.Connection,
+    path: str,
+    version: int,
+    migrations: Mapping[int, Migration] = MIGRATIONS,
+) -> list[int]:
+    """Apply every migration after ``version``, inside the caller's transaction; return the versions applied.
+
+    Records ``schema_version`` and ``migrated_at_N`` as it goes. The caller
+    holds the write lock (``BEGIN EXCLUSIVE``) and rolls back everything if this
+    raises; a failure of a migration itself is raised as
+    :class:`MigrationFailed` naming the file and the version.
+    """
+    applied = []
+    for target in range(version + 1, latest(migrations) + 1):
+        step = migrations[target]
+        try:
+            if callable(step):
+                step(conn)
+            else:
+                for sql in step:
+                    conn.execute(sql)
+            conn.execute(
+                "INSERT OR REPLACE INTO walstate_meta (key, value) VALUES ('schema_version', ?), (?, ?)",
+                (str(target), f"migrated_at_{target}", repr(time.time())),
+            )
+        except Exception as exc:  # a function migration may fail with anything
+            if isinstance(exc, sqlite3.Error) and _busy(exc):
+                raise  # not the migration's fault: the caller reports the lock
+            raise MigrationFailed(
+                f"{path}: upgrading walstate's tables from schema {target - 1} to {target} failed ({exc}); "
+                f"the whole upgrade was rolled back and the file is unchanged at schema {version}; "
+                "keep using the older walstate on it and report this with the file's `sqlite3 .schema`",
+                path,
+            ) from exc
+        applied.append(target)
+    return applied
+
+
+def _busy(exc: sqlite3.Error) -> bool:
+    return "locked" in str(exc).lower() or getattr(exc, "sqlite_errorname", "").startswith("SQLITE_BUSY")
+
+
+__all__ = ["BASE_VERSION", "LATEST", "MIGRATIONS", "Migration", "apply", "latest"]

@@ -1,0 +1,137 @@
+"""Retention: delete finished jobs, with their steps, journal and once() records, in short batches.
+
+Each batch is its own ``BEGIN IMMEDIATE`` transaction that picks at most
+``batch`` finished jobs (through the partial index ``job_finished_at``, so it
+never scans the history) and deletes their rows, then commits and pauses for
+as long as the batch held the lock, so the write lock is never held long and
+writers (worker threads here, or other processes waiting in SQLite's busy
+handler) always get their turn. Jobs are picked *inside* the transaction, so a
+job that changed state since the previous batch is judged on its state now.
+
+Only terminal states may be pruned: a pending or running job is never touched.
+A job's time is ``updated_at``, which for a finished job is when it finished.
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+import time
+from collections.abc import Iterable
+from datetime import timedelta
+
+import peewee
+
+from .connection import translate
+from .errors import ConfigurationError
+from .schema import TERMINAL_JOB_STATES
+
+# The terminal states are written into the SQL as literals, the same ones the
+# partial index job_finished_at names (SQLite uses a partial index only for a
+# query whose WHERE repeats its condition literally); the states the caller
+# asked for are bound as parameters on top of it.
+assert all(s.isalpha() for s in TERMINAL_JOB_STATES)
+_FINISHED = "state IN (" + ", ".join(f"'{s}'" for s in TERMINAL_JOB_STATES) + ")"
+# `updated_at >= ?` resumes after the previous batch: jobs it passed over (in
+# states not chosen) are not scanned again by every later batch.
+_PICK = (
+    f"SELECT id, updated_at FROM walstate_job WHERE {_FINISHED} AND updated_at < ? AND updated_at >= ? "
+    "AND state IN (SELECT value FROM json_each(?)) ORDER BY updated_at LIMIT ?"
+)
+_COUNT = (
+    f"SELECT count(*) FROM walstate_job WHERE {_FINISHED} AND updated_at < ? "
+    "AND state IN (SELECT value FROM json_each(?))"
+)
+# Children first: the foreign keys would cascade, but saying it keeps the
+# deletes visible (and counted) whatever the connection's foreign_keys setting.
+_DELETES = (
+    "DELETE FROM walstate_once WHERE job_id=?",
+    "DELETE FROM walstate_journal WHERE job_id=?",
+    "DELETE FROM walstate_step WHERE job_id=?",
+    "DELETE FROM walstate_job WHERE id=?",
+)
+
+DEFAULT_BATCH = 200
+
+
+def check_states(states: Iterable[str]) -> tuple[str, ...]:
+    """The states to prune, refusing any that is not terminal."""
+    chosen = tuple(dict.fromkeys(states))
+    if not chosen:
+        raise ConfigurationError("prune needs at least one finished state to prune (succeeded, failed, cancelled)")
+    unfinished = [s for s in chosen if s not in TERMINAL_JOB_STATES]
+    if unfinished:
+        raise ConfigurationError(
+            f"prune deletes finished jobs only; {', '.join(map(repr, unfinished))} is not a finished state "
+            f"(choose among {', '.join(TERMINAL_JOB_STATES)})"
+        )
+    return chosen
+
+
+def cutoff(older_than: float | timedelta, now: float | None = None) -> float:
+    """The Unix time before which a job must have finished to be pruned."""
+    seconds = older_than.total_seconds() if isinstance(older_than, timedelta) else float(older_than)
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ConfigurationError(f"older_than must be a duration >= 0, not {older_than!r}")
+    return (time.time() if now is None else now) - seconds
+
+
+def prune(
+    db: peewee.SqliteDatabase,
+    path: str,
+    older_than: float | timedelta,
+    states: Iterable[str] = ("succeeded", "cancelled"),
+    *,
+    batch: int = DEFAULT_BATCH,
+    dry_run: bool = False,
+) -> int:
+    """Delete jobs in ``states`` that finished more than ``older_than`` ago; return how many.
+
+    With ``dry_run`` nothing is written: the return value is how many jobs
+    would be deleted now. Raises :class:`ConfigurationError` for a state that
+    is not terminal, a negative age or a batch < 1, and a
+    :class:`DatabaseError` if SQLite fails (the batches already committed stay
+    deleted; running it again continues).
+    """
+    chosen = check_states(states)
+    if batch < 1:
+        raise ConfigurationError(f"batch must be >= 1, not {batch}")
+    before = cutoff(older_than)
+    wanted = "[" + ", ".join(f'"{s}"' for s in chosen) + "]"  # JSON of checked names
+    conn = db.connection()
+    try:
+        if dry_run:
+            return int(conn.execute(_COUNT, (before, wanted)).fetchone()[0])
+        total = 0
+        since = -math.inf
+        while True:
+            started = time.monotonic()
+            picked, since = _batch(conn, before, since, wanted, batch)
+            total += picked
+            if picked < batch:
+                return total
+            # Hand the write lock over: as long a pause as the batch held it, so
+            # writers get at least half of the time and never wait for two
+            # batches in a row.
+            time.sleep(time.monotonic() - started)
+    except (sqlite3.Error, peewee.PeeweeException) as exc:
+        raise translate(exc, path, "pruning finished jobs") from exc
+
+
+def _batch(conn: sqlite3.Connection, before: float, since: float, wanted: str, limit: int) -> tuple[int, float]:
+    """Delete one batch in its own transaction: (jobs deleted, the newest finish time among them)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        rows = conn.execute(_PICK, (before, since, wanted, limit)).fetchall()
+        ids = [(row[0],) for row in rows]
+        for sql in _DELETES:
+            conn.executemany(sql, ids)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return len(ids), (float(rows[-1][1]) if rows else since)
+
+
+__all__ = ["DEFAULT_BATCH", "check_states", "cutoff", "prune"]
