@@ -36,9 +36,9 @@ from .context import StepContext, StepResult
 from .workflow import Retry, Workflow
 
 if TYPE_CHECKING:
-    from .engine import Engine, JobStatus, StepStatus, TransitionRecord
+    from .engine import Engine, JobId, JobStatus, StepStatus, TransitionRecord
 
-_ENGINE_NAMES = ("Engine", "JobStatus", "StepStatus", "TransitionRecord")
+_ENGINE_NAMES = ("Engine", "JobId", "JobStatus", "StepStatus", "TransitionRecord")
 
 
 def __getattr__(name: str) -> Any:
@@ -65,6 +65,7 @@ __all__ = [
     "InjectedCrash",
     "InvalidTransition",
     "JobFailed",
+    "JobId",
     "JobOwned",
     "JobStatus",
     "KeyConflict",

@@ -8,15 +8,14 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, overload
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from .storage import Durability, JobRow, Store, TERMINAL_JOB_STATES
 from .storage.dedup import Deduper
 from .storage.errors import (
     ConfigurationError,
-    ContextInvalid,
     DefinitionError,
     JobFailed,
     JobOwned,
@@ -29,7 +28,19 @@ from .storage.errors import (
 from . import ownership
 from .runner import JobRun
 from .substep import JobHandle, SubStep
-from .workflow import Workflow
+from .context import validate_submission
+from .workflow import C, Workflow
+
+
+class JobId(int, Generic[C]):
+    """A job id (an ``int``) that also tells type checkers the job's context model.
+
+    :meth:`Engine.submit` returns one; :meth:`Engine.run` and
+    :meth:`Engine.status` given one return a ``JobStatus[C]``. Any plain
+    ``int`` is a job id too (its status's context is then typed ``Any``).
+    """
+
+    __slots__ = ()
 
 
 @dataclass(frozen=True)
@@ -45,14 +56,15 @@ class StepStatus:
 
 
 @dataclass(frozen=True)
-class JobStatus:
-    """A job as stored. ``context`` is an instance of the workflow's model when it is registered."""
+class JobStatus(Generic[C]):
+    """A job as stored. ``context`` is an instance of the workflow's model ``C`` when the workflow is registered
+    on the engine (otherwise the stored JSON as a dict, and the status is a ``JobStatus[Any]``)."""
 
     id: int
     workflow: str
     key: str | None
     state: str
-    context: Any
+    context: C
     steps: dict[str, StepStatus]
     error: str | None
     created_at: float
@@ -109,7 +121,7 @@ class Engine:
 
     # -- definitions ------------------------------------------------------------
 
-    def register(self, flow: Workflow[Any]) -> Workflow[Any]:
+    def register(self, flow: Workflow[C]) -> Workflow[C]:
         """Make ``flow`` runnable here; validates its step order (raises DefinitionError)."""
         flow.validate()
         known = self._flows.get(flow.name)
@@ -128,18 +140,30 @@ class Engine:
 
     # -- jobs -------------------------------------------------------------------
 
-    def submit(self, workflow: str, context: BaseModel | dict[str, Any], *, key: str | None = None) -> int:
+    @overload
+    def submit(self, workflow: Workflow[C], context: C | dict[str, Any], *, key: str | None = None) -> JobId[C]: ...
+
+    @overload
+    def submit(self, workflow: str, context: BaseModel | dict[str, Any], *, key: str | None = None) -> JobId[Any]: ...
+
+    def submit(self, workflow: Workflow[Any] | str, context: BaseModel | dict[str, Any], *,
+               key: str | None = None) -> JobId[Any]:
         """Create a job (all sub-steps ``pending``) and return its id.
 
-        With a ``key`` already used for this workflow, return that job's id and
-        create nothing; the same key with another context raises KeyConflict.
+        ``workflow`` is a registered :class:`Workflow` (then the id is typed
+        ``JobId[C]``) or its name. ``context`` is an instance of the
+        workflow's context model or a dict of its fields; anything else (an
+        instance of another model class, a dict naming unknown or misspelled
+        fields, values that do not validate) raises ContextInvalid and creates
+        nothing. With a ``key`` already used for this workflow, return that
+        job's id and create nothing; the same key with another context raises
+        KeyConflict.
         """
+        if isinstance(workflow, Workflow):
+            self.register(workflow)  # a no-op when registered; a different flow of that name raises
+            workflow = workflow.name
         flow = self._flow(workflow)
-        try:
-            model = flow.context.model_validate(context.model_dump() if isinstance(context, BaseModel) else context)
-        except ValidationError as exc:
-            raise ContextInvalid(f"submit({workflow!r}): the context does not validate against "
-                                 f"{flow.context.__name__}: {exc}") from exc
+        model = validate_submission(flow.context, context, f"submit({workflow!r})")
         text = model.model_dump_json()
         # position ranks steps by phase order, then declaration order, so readers
         # (the CLI) recover the phase order from the rows alone.
@@ -151,7 +175,7 @@ class Engine:
                 f"{self.path}: key {key!r} of workflow {workflow!r} already names job {job_id}, submitted with "
                 f"another context ({existing}); use a new key or the same context"
             )
-        return job_id
+        return JobId(job_id)
 
     def _row(self, job_id: int) -> JobRow:
         row = self.store.read.job(job_id)
@@ -159,7 +183,13 @@ class Engine:
             raise UnknownJob(f"{self.path}: no job {job_id}")
         return row
 
-    def run(self, job_id: int) -> JobStatus:
+    @overload
+    def run(self, job_id: JobId[C]) -> JobStatus[C]: ...
+
+    @overload
+    def run(self, job_id: int) -> JobStatus[Any]: ...
+
+    def run(self, job_id: int) -> JobStatus[Any]:
         """Run (or resume) job ``job_id`` to its end and return its status.
 
         Raises JobFailed if a sub-step failed for good, JobOwned if a live
@@ -202,7 +232,7 @@ class Engine:
             run.execute()
         return self._finished(self._row(job_id))
 
-    def _finished(self, row: JobRow) -> JobStatus:
+    def _finished(self, row: JobRow) -> JobStatus[Any]:
         status = self._status(row)
         if row.state == "failed":
             errors = {n: s.error or "" for n, s in status.steps.items() if s.state == "failed"}
@@ -232,11 +262,21 @@ class Engine:
 
     # -- reading ----------------------------------------------------------------
 
-    def status(self, job_id: int) -> JobStatus:
-        """The job as stored now: state, context, and every sub-step."""
+    @overload
+    def status(self, job_id: JobId[C]) -> JobStatus[C]: ...
+
+    @overload
+    def status(self, job_id: int) -> JobStatus[Any]: ...
+
+    def status(self, job_id: int) -> JobStatus[Any]:
+        """The job as stored now: state, context, and every sub-step.
+
+        Given the ``JobId[C]`` that :meth:`submit` returned, the status is typed
+        ``JobStatus[C]``; for a plain ``int``, wrap it: ``JobId[Onboarding](42)``.
+        """
         return self._status(self._row(job_id))
 
-    def _status(self, row: JobRow) -> JobStatus:
+    def _status(self, row: JobRow) -> JobStatus[Any]:
         flow = self._flows.get(row.workflow)
         context: Any = json.loads(row.context) if flow is None else flow.context.model_validate_json(row.context)
         steps = {
