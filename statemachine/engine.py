@@ -12,7 +12,7 @@ from typing import Any, Generic, overload
 
 from pydantic import BaseModel
 
-from .storage import Durability, JobRow, Store, TERMINAL_JOB_STATES
+from .storage import Durability, JobRow, Store, TERMINAL_JOB_STATES, TERMINAL_STEP_STATES
 from .storage.dedup import Deduper
 from .storage.errors import (
     ConfigurationError,
@@ -25,7 +25,7 @@ from .storage.errors import (
     UnknownJob,
 )
 
-from . import ownership
+from . import log, ownership
 from .runner import JobRun
 from .substep import JobHandle, SubStep
 from .context import validate_submission
@@ -201,6 +201,7 @@ class Engine:
             return self._finished(row)
         with ownership.LiveRun(self.owner, job_id):
             if row.owner != self.owner and ownership.owner_alive(row.owner, job_id, row.lease_expires):
+                log.job_left_alone(job_id, row.workflow, f"{row.owner} is running it")  # log
                 raise JobOwned(f"{self.path}: job {job_id} is being run by {row.owner}; not taking it over")
             job = JobHandle(job_id, row.workflow, row.state, row.owner, self.store.write)
             claim = (self.owner, time.time() + self.lease)
@@ -210,9 +211,12 @@ class Engine:
                     job.fire("start", claim=claim)  # claim and start share one commit
                 except (StaleState, LeaseLost) as exc:
                     raise JobOwned(taken) from exc
+                log.job_claimed(job_id, row.workflow, None)  # log
+                log.job_started(job_id, row.workflow)  # log
             elif row.owner != self.owner:
                 if not self.store.write.claim(job_id, row.owner, *claim):
                     raise JobOwned(taken)
+                log.job_claimed(job_id, row.workflow, row.owner)  # log: a takeover when row.owner is set
                 job.owner = self.owner
             # The claim just set the lease: the next renewal is due a period from now.
             self._renewals.forget(job_id)
@@ -225,11 +229,14 @@ class Engine:
                 )
             steps = {r.name: SubStep(job, r) for r in rows}
             resumed = any(s.attempt for s in steps.values())
+            if resumed:  # log
+                log.job_resumed(job_id, row.workflow, sum(s.state in TERMINAL_STEP_STATES for s in steps.values()), len(steps))
             interruptions = self.store.read.interruptions(job_id) if resumed else {}
             run = JobRun(self.store, flow, job, steps, interruptions, row.context, self._workers(),
                          renew=lambda: self._renewals.run_once(job_id, lambda: self.store.write.renew(
                              job_id, self.owner, time.time() + self.lease)), workers=self.workers)
             run.execute()
+            log.job_ended(job_id, row.workflow, job.state, None if job.state == "succeeded" else self._row(job_id).error)  # log
         return self._finished(self._row(job_id))
 
     def _finished(self, row: JobRow) -> JobStatus[Any]:
@@ -248,8 +255,10 @@ class Engine:
         resumed = []
         for row in self.store.read.unfinished_jobs():
             if row.workflow not in self._flows:
+                log.job_left_alone(row.id, row.workflow, "its workflow is not registered on this engine")  # log
                 continue
             if row.owner is not None and ownership.owner_alive(row.owner, row.id, row.lease_expires):
+                log.job_left_alone(row.id, row.workflow, f"{row.owner} is running it")  # log
                 continue
             try:
                 self.run(row.id)

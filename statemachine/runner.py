@@ -19,6 +19,7 @@ from .storage import faults
 from .storage.errors import ContextInvalid, OutputNotJSON
 from .storage.writepath import Change
 
+from . import log
 from .context import StepContext, StepResult, check_update_keys, context_merger, to_json
 from .substep import JobHandle, SubStep
 from .workflow import StepDef, Workflow
@@ -101,7 +102,9 @@ class JobRun:
         self.interruptions[step.name] = self.interruptions.get(step.name, 0) + 1
         retry = self.flow.steps[step.name].retry
         message = f"attempt {step.attempt} was interrupted (the process running it died)"
-        if self.interruptions[step.name] > retry.max_interruptions:
+        giving_up = self.interruptions[step.name] > retry.max_interruptions
+        log.step_interrupted(self.job.id, self.flow.name, step.name, step.attempt, giving_up)  # log
+        if giving_up:
             step.fail(error=f"{message}; interrupted {self.interruptions[step.name]} times, giving up", note="interrupted")
             self.failing.set()
         else:
@@ -270,10 +273,13 @@ class JobRun:
         failures = step.attempt - self.interruptions.get(d.name, 0)
         if final or failures >= d.retry.max_attempts:
             step.fail(error=error)
+            log.step_failed(self.job.id, self.flow.name, d.name, step.attempt, error)  # log
             self.failing.set()
             return True
         step.retry(error=error)
-        self.aborted.wait(d.retry.delay(failures))
+        delay = d.retry.delay(failures)
+        log.step_retrying(self.job.id, self.flow.name, d.name, step.attempt, error, delay)  # log
+        self.aborted.wait(delay)
         return False
 
     def _result(self, d: StepDef, result: Any, box: list[tuple[int, str]]) -> tuple[str | None, ContextPatch | None]:
