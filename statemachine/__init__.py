@@ -41,9 +41,9 @@ from .context import StepContext, StepResult
 from .workflow import Retry, Workflow
 
 if TYPE_CHECKING:
-    from .engine import Engine, JobStatus, RecoveryReport, StepStatus, TransitionRecord
+    from .engine import Engine, JobId, JobStatus, RecoveryReport, StepStatus, TransitionRecord
 
-_ENGINE_NAMES = ("Engine", "JobStatus", "RecoveryReport", "StepStatus", "TransitionRecord")
+_ENGINE_NAMES = ("Engine", "JobId", "JobStatus", "RecoveryReport", "StepStatus", "TransitionRecord")
 
 
 def __getattr__(name: str) -> Any:
@@ -72,6 +72,7 @@ __all__ = [
     "InvalidTransition",
     "JobCancelled",
     "JobFailed",
+    "JobId",
     "JobOwned",
     "JobStatus",
     "KeyConflict",

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticSerializationError, to_jsonable_python
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     from .storage import Reader, WritePath
 
 T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
 
 
 def to_json(value: Any, what: str) -> str:
@@ -69,6 +71,64 @@ def check_update_keys(model: type[BaseModel], update: dict[str, Any], where: str
         )
 
 
+def _accepted_keys(model: type[BaseModel]) -> set[str]:
+    keys = set(model.model_fields)
+    keys.update(f.alias for f in model.model_fields.values() if f.alias)
+    return keys
+
+
+def _unknown_fields(model: type[BaseModel], names: set[str]) -> str:
+    known = sorted(model.model_fields)
+    hints = []
+    for name in sorted(names):
+        close = difflib.get_close_matches(name, known, n=1)
+        hints.append(f"{name!r} (did you mean {close[0]!r}?)" if close else repr(name))
+    return f"{', '.join(hints)}; {model.__name__} has {known}"
+
+
+def validate_submission(model: type[M], context: object, where: str) -> M:
+    """The submitted ``context`` as a validated instance of ``model``, or :class:`ContextInvalid`.
+
+    The rule: an instance of ``model`` is accepted (and validated again, in
+    case it was changed after construction); an instance of any other class,
+    a subclass that adds fields included, is refused, because its extra data
+    would be silently dropped. A dict may name only ``model``'s fields (or
+    their aliases), unless the model itself allows extra fields
+    (``model_config["extra"] == "allow"``): a misspelled field is an error,
+    not a default value.
+    """
+    if isinstance(context, BaseModel):
+        extra = set(type(context).model_fields) - set(model.model_fields)
+        if not isinstance(context, model) or extra:
+            raise ContextInvalid(
+                f"{where}: the context is a {type(context).__name__}, but this workflow's context model is "
+                f"{model.__name__}; pass a {model.__name__}(...) or a dict of its fields")
+        data: dict[str, Any] = context.model_dump()
+    elif isinstance(context, dict):
+        data = context
+        unknown = {str(k) for k in data} - _accepted_keys(model)
+        if unknown and model.model_config.get("extra") != "allow":
+            raise ContextInvalid(f"{where}: the context names unknown fields {_unknown_fields(model, unknown)}")
+    else:
+        raise ContextInvalid(f"{where}: the context must be a {model.__name__} or a dict of its fields, "
+                             f"not {type(context).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ContextInvalid(f"{where}: the context does not validate against {model.__name__}: {exc}") from exc
+
+
+class Cursor(Protocol):
+    """What :meth:`StepContext.execute` returns: the DB-API cursor of the statement (``sqlite3.Cursor`` here)."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+
 @dataclass(frozen=True)
 class StepResult:
     """An explicit handler result: ``output`` to record, ``context`` fields to update."""
@@ -106,11 +166,24 @@ class StepContext:
         #: runner can record them again if the attempt's own transaction rolls back.
         self.recorded: list[tuple[str, str, str]] = []
 
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
+        """Run one SQL statement with ``params`` on the job database (``self.db``) and return its cursor.
+
+        In a transactional step this is part of the transaction that records
+        the step's completion. The same as ``self.db.execute_sql(sql, params)``,
+        typed (peewee's own hints leave ``execute_sql`` untyped).
+        """
+        cursor: Cursor = self.db.execute_sql(sql, tuple(params))
+        return cursor
+
     def once(self, name: str, fn: Callable[[], T]) -> T:
         """Call ``fn`` at most once per (job, step, ``name``) and return its result.
 
         The JSON result is stored durably; any later attempt or restart gets the
-        stored value back without calling ``fn``. If the process dies after
+        stored value back without calling ``fn``, decoded from JSON: return
+        JSON values (str, int, float, bool, None, lists and dicts of them) so
+        that the stored value has the type ``fn`` declares (a tuple would come
+        back as a list, a pydantic model as a dict). If the process dies after
         ``fn`` returns but before the record is written, ``fn`` runs again:
         give it this step's ``idempotency_key`` to make that harmless.
         """

@@ -6,6 +6,10 @@ resumes it in a fresh process, and prints what happened to every sub-step,
 read from the database: final state, attempts, how often its effect ran, and
 what a design that writes only at phase boundaries would have lost at the
 moment of the kill.
+
+The demo never deletes or overwrites a file it did not make: it marks its
+database with a table of its own (``walstate_demo``) and replaces an existing
+file at ``--db`` only when that file carries the mark.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import textwrap
 import time
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -174,53 +180,138 @@ def _kill_mid_phase_two(path: str, child: subprocess.Popen[bytes]) -> dict[str, 
     return None
 
 
+WIDTH = 100  # every line the demo prints fits this many columns
+_MARK = "made by walstate demo"
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+class NotOurs(Exception):
+    """The file at --db is not a database this demo made: it must be left alone."""
+
+
+def is_demo_database(path: str) -> bool:
+    """Whether ``path`` is a SQLite file carrying the demo's mark, read without changing anything.
+
+    Only a file that starts with SQLite's header is opened, and then with
+    ``immutable=1``: no lock, no journal, no -wal/-shm files created. The mark
+    is committed (rollback journal) before the file becomes a WAL database, so
+    it is always in the main file.
+    """
+    try:
+        with open(path, "rb") as f:
+            if f.read(len(_SQLITE_HEADER)) != _SQLITE_HEADER:
+                return False
+        conn = sqlite3.connect(f"{Path(path).resolve().as_uri()}?immutable=1", uri=True)
+    except (OSError, sqlite3.Error):
+        return False
+    try:
+        row = conn.execute("SELECT mark FROM walstate_demo").fetchone()
+    except sqlite3.Error:
+        return False
+    finally:
+        conn.close()
+    return row is not None and row[0] == _MARK
+
+
+def claim_path(path: str) -> None:
+    """Make ``path`` a fresh, marked, empty demo database, or raise NotOurs and touch nothing.
+
+    A previous demo database (and its -wal/-shm files) is replaced; anything
+    else at ``path``, or a stray -wal/-shm file beside it, is refused.
+    """
+    exists = os.path.lexists(path)
+    if exists and not (os.path.isfile(path) and not os.path.islink(path) and is_demo_database(path)):
+        raise NotOurs(f"{path} exists and was not made by `walstate demo`; refusing to overwrite it "
+                      "(pass --db with a new file name)")
+    if not exists:
+        for suffix in ("-wal", "-shm"):
+            if os.path.lexists(path + suffix):
+                raise NotOurs(f"{path + suffix} exists without its database; refusing to touch it "
+                              "(pass --db with a new file name)")
+    else:
+        for suffix in ("-wal", "-shm", ""):  # all three belong to the demo database just checked
+            if os.path.lexists(path + suffix):
+                os.remove(path + suffix)
+    try:
+        # O_EXCL: if anything appeared at path meanwhile, it is not ours either.
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    except FileExistsError:
+        raise NotOurs(f"{path} appeared while the demo was starting; refusing to overwrite it") from None
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("CREATE TABLE walstate_demo (mark TEXT NOT NULL, created_at REAL NOT NULL)")
+        conn.execute("INSERT INTO walstate_demo VALUES (?, ?)", (_MARK, time.time()))
+    conn.close()
+
+
 def main(path: str) -> int:
-    for suffix in ("", "-wal", "-shm"):
-        if os.path.exists(path + suffix):
-            os.remove(path + suffix)
+    try:
+        claim_path(path)
+    except (NotOurs, OSError) as exc:
+        print(f"walstate demo: error: {exc}", file=sys.stderr)
+        return 1
     print(f"walstate demo: the seed's registration job on {path}", flush=True)
     child = _spawn("run", path)
     at_kill = _kill_mid_phase_two(path, child)
     if at_kill is None:
-        print("the job finished before it could be killed mid-phase 2; nothing to show (run again)")
+        print("the job finished before it could be killed mid-phase 2; nothing to show (run again)", file=sys.stderr)
         return 1
     print(f"SIGKILLed the worker (pid {child.pid}) in the middle of phase 'configure'; resuming in a new process")
     resumed = _spawn("resume", path)
     if resumed.wait() != 0:
-        print("the resuming process failed")
+        print("walstate demo: error: the resuming process failed", file=sys.stderr)
         return 1
     return _print_report(path, at_kill)
+
+
+def _wrapped(text: str, indent: str = "  ") -> None:
+    print(textwrap.fill(text, WIDTH, subsequent_indent=indent, break_on_hyphens=False))
 
 
 def _print_report(path: str, at_kill: dict[str, tuple[str, str, int]]) -> int:
     with engine(path) as e:
         job_id = e.store.read.jobs(workflow="registration", limit=1)[0].id
         status = e.status(job_id)
-        interrupted = {r.step for r in e.history(job_id) if r.note == "interrupted"}
+        history = e.history(job_id)
+    interrupted = [n for n in status.steps if any(r.step == n and r.note == "interrupted" for r in history)]
+    retried = [n for n in status.steps
+               if any(r.step == n and r.to_state == "retrying" and r.note != "interrupted" for r in history)]
     conn = sqlite3.connect(path)
     effects = dict(conn.execute("SELECT step, count(*) FROM demo_effects GROUP BY step").fetchall())
     menu_rows = conn.execute("SELECT count(*) FROM demo_menu").fetchone()[0]
     conn.close()
     print(f"\njob {job_id}: {status.state}\n")
-    header = f"{'sub-step':<23}{'phase':<10}{'at kill':<11}{'final':<10}{'attempts':>8}{'effect ran':>11}  phase-boundary design would have lost"
-    print(header)
-    print("-" * len(header))
+    # 23 + 10 + 10 + 10 + 9 + 8 + 2 + 28 = 100 columns at most.
+    print(f"{'sub-step':<23}{'phase':<10}{'at kill':<10}{'final':<10}{'attempts':>9}{'effect':>8}  "
+          "lost if only phases saved")
+    print("-" * WIDTH)
     for name, s in status.steps.items():
         phase, state_at_kill, _ = at_kill[name]
         if phase == "setup":
-            lost = "context it produced (context was never persisted)"
+            lost = "the context it produced"
         elif phase == "configure" and state_at_kill == "succeeded":
-            lost = "its completion: would run again"
+            lost = "its completion: reruns"
         elif phase == "configure" and state_at_kill in ("running", "retrying"):
-            lost = "that it had started (its attempt)" + (", cut short by the kill" if name in interrupted else "")
+            lost = "its attempt" + (" (cut short)" if name in interrupted else "")
         else:
             lost = "-"
-        print(f"{name:<23}{phase:<10}{state_at_kill:<11}{s.state:<10}{s.attempts:>8}{effects.get(name, 0):>11}  {lost}")
-    print(f"\ncontext restored from the database: {status.context.model_dump()}")
-    print(f"menu rows written by the transactional step: {menu_rows} (exactly once)")
-    print("'effect ran' counts attempts whose outside work completed: a failed attempt (servicesConfig's simulated")
-    print("timeout) or a kill between the work and its commit runs it again; paymentConfig calls its provider")
-    print("through step.once() and menuImport is transactional, so neither can run twice.")
+        print(f"{name:<23}{phase:<10}{state_at_kill:<10}{s.state:<10}{s.attempts:>9}{effects.get(name, 0):>8}  {lost}")
+    print("\n'attempts' counts started attempts; 'effect' counts attempts whose outside work completed.")
+    print("\nIn this run:")
+    finished_before = [n for n, v in at_kill.items() if v[1] in ("succeeded", "skipped")]
+    rerun = [n for n in finished_before if status.steps[n].attempts != at_kill[n][2]]
+    _wrapped(f"- finished before the kill, not run again after it: "
+             f"{', '.join(n for n in finished_before if n not in rerun) or 'none'}")
+    if rerun:
+        _wrapped(f"- finished before the kill but run again (a bug): {', '.join(rerun)}")
+    _wrapped(f"- cut short by the kill, journalled as interrupted and run again: {', '.join(interrupted) or 'none'}")
+    _wrapped(f"- retried after a failed attempt: {', '.join(retried) or 'none'}")
+    repeated = [f"{n} ({effects[n]}x)" for n in status.steps if effects.get(n, 0) > 1]
+    _wrapped(f"- outside work that completed more than once: {', '.join(repeated) or 'none'}")
+    _wrapped(f"- paymentConfig's provider call, made through step.once(): completed "
+             f"{effects.get('paymentConfig', 0)} time(s)")
+    _wrapped(f"- menu rows written by the transactional step: {menu_rows} (it imports 3 items)")
+    _wrapped(f"- context restored from the database: {status.context.model_dump()}")
     return 0 if status.state == "succeeded" else 1
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import threading
 import time
@@ -11,12 +10,12 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Generic, overload
 
 from pydantic import BaseModel, ValidationError
 
-from . import operator, ownership
-from .context import dump_context
+from . import log, operator, ownership
+from .context import dump_context, validate_submission
 from .ownership import Clock
 from .runner import JobRun
 from .storage import TERMINAL_JOB_STATES, TERMINAL_STEP_STATES, Durability, JobRow, StepRow, Store, retention
@@ -35,9 +34,18 @@ from .storage.errors import (
 )
 from .substep import JobHandle, SubStep
 from .threads import ThreadCache
-from .workflow import Workflow
+from .workflow import C, Workflow
 
-log = logging.getLogger("walstate.engine")
+
+class JobId(int, Generic[C]):
+    """A job id (an ``int``) that also tells type checkers the job's context model.
+
+    :meth:`Engine.submit` returns one; :meth:`Engine.run` and
+    :meth:`Engine.status` given one return a ``JobStatus[C]``. Any plain
+    ``int`` is a job id too (its status's context is then typed ``Any``).
+    """
+
+    __slots__ = ()
 
 
 @dataclass(frozen=True)
@@ -53,14 +61,15 @@ class StepStatus:
 
 
 @dataclass(frozen=True)
-class JobStatus:
-    """A job as stored. ``context`` is an instance of the workflow's model when it is registered."""
+class JobStatus(Generic[C]):
+    """A job as stored. ``context`` is an instance of the workflow's model ``C`` when the workflow is registered
+    on the engine (otherwise the stored JSON as a dict, and the status is a ``JobStatus[Any]``)."""
 
     id: int
     workflow: str
     key: str | None
     state: str
-    context: Any
+    context: C
     steps: dict[str, StepStatus]
     error: str | None
     created_at: float
@@ -160,7 +169,7 @@ class Engine:
 
     # -- definitions ------------------------------------------------------------
 
-    def register(self, flow: Workflow[Any]) -> Workflow[Any]:
+    def register(self, flow: Workflow[C]) -> Workflow[C]:
         """Make ``flow`` runnable here; validates its step order (raises DefinitionError)."""
         flow.validate()
         known = self._flows.get(flow.name)
@@ -179,15 +188,31 @@ class Engine:
 
     # -- jobs -------------------------------------------------------------------
 
-    def submit(self, workflow: str, context: BaseModel | dict[str, Any], *, key: str | None = None) -> int:
+    @overload
+    def submit(self, workflow: Workflow[C], context: C | dict[str, Any], *, key: str | None = None) -> JobId[C]: ...
+
+    @overload
+    def submit(self, workflow: str, context: BaseModel | dict[str, Any], *, key: str | None = None) -> JobId[Any]: ...
+
+    def submit(self, workflow: Workflow[Any] | str, context: BaseModel | dict[str, Any], *,
+               key: str | None = None) -> JobId[Any]:
         """Create a job (all sub-steps ``pending``) and return its id.
 
-        With a ``key`` already used for this workflow, return that job's id and
-        create nothing; the same key with another context raises KeyConflict.
+        ``workflow`` is a registered :class:`Workflow` (then the id is typed
+        ``JobId[C]``) or its name. ``context`` is an instance of the
+        workflow's context model or a dict of its fields; anything else (an
+        instance of another model class, a dict naming unknown or misspelled
+        fields, values that do not validate) raises ContextInvalid and creates
+        nothing. With a ``key`` already used for this workflow, return that
+        job's id and create nothing; the same key with another context raises
+        KeyConflict.
         """
+        if isinstance(workflow, Workflow):
+            self.register(workflow)  # a no-op when registered; a different flow of that name raises
+            workflow = workflow.name
         flow = self._flow(workflow)
-        text = dump_context(flow.context, context.model_dump() if isinstance(context, BaseModel) else context,
-                            f"submit({workflow!r})")
+        model = validate_submission(flow.context, context, f"submit({workflow!r})")
+        text = dump_context(flow.context, model, f"submit({workflow!r})")  # also refuses NaN and infinities
         # position ranks steps by phase order, then declaration order, so readers
         # (the CLI) recover the phase order from the rows alone.
         ranked = sorted(flow.steps.values(), key=lambda s: (flow.phases.index(s.phase), s.position))
@@ -198,7 +223,7 @@ class Engine:
                 f"{self.path}: key {key!r} of workflow {workflow!r} already names job {job_id}, submitted with "
                 f"another context ({existing}); use a new key or the same context"
             )
-        return job_id
+        return JobId(job_id)
 
     def _row(self, job_id: int) -> JobRow:
         row = self.store.read.job(job_id)
@@ -206,7 +231,13 @@ class Engine:
             raise UnknownJob(f"{self.path}: no job {job_id}")
         return row
 
-    def run(self, job_id: int) -> JobStatus:
+    @overload
+    def run(self, job_id: JobId[C]) -> JobStatus[C]: ...
+
+    @overload
+    def run(self, job_id: int) -> JobStatus[Any]: ...
+
+    def run(self, job_id: int) -> JobStatus[Any]:
         """Run (or resume) job ``job_id`` to its end and return its status.
 
         Every run starts with one claim of the job that bumps its claim epoch;
@@ -265,7 +296,7 @@ class Engine:
             raise ContextInvalid(f"{self.path}: job {row.id} ({flow.name}): its stored context no longer validates "
                                  f"against {flow.context.__name__}: {exc}") from exc
 
-    def _run_claimed(self, job_id: int, active: _Active) -> JobStatus:
+    def _run_claimed(self, job_id: int, active: _Active) -> JobStatus[Any]:
         row = self._row(job_id)
         if row.state in TERMINAL_JOB_STATES:
             return self._finished(row)
@@ -276,14 +307,21 @@ class Engine:
         # this process never sees our claim with no live run behind it.
         with ownership.LiveRun(owner, job_id):
             if row.owner is not None and ownership.owner_alive(row.owner, job_id, row.lease_expires, self.clock()):
+                log.job_left_alone(job_id, row.workflow, f"{row.owner} is running it")  # log
                 raise JobOwned(f"{self.path}: job {job_id} is being run by {row.owner}; not taking it over")
             note = "claimed" if row.owner is None else f"claimed from {row.owner} (epoch {row.epoch}), found dead"
             claimed = self.store.write.claim(job_id, state=row.state, epoch=row.epoch, owner=owner,
                                              lease_expires=self._heartbeat.lease_expires(), note=note)
             if claimed is None:
                 raise JobOwned(f"{self.path}: job {job_id} was claimed by another run just now")
+            log.job_claimed(job_id, row.workflow, row.owner)  # log: a takeover when row.owner is set
             job = JobHandle(job_id, row.workflow, "running", owner, self.store.write, claimed.epoch)
             steps = {r.name: SubStep(job, r) for r in claimed.steps}
+            if row.state == "pending":  # log
+                log.job_started(job_id, row.workflow)
+            elif any(s.attempt for s in steps.values()):  # log
+                log.job_resumed(job_id, row.workflow, sum(s.state in TERMINAL_STEP_STATES for s in steps.values()),
+                                len(steps))
             run = JobRun(self.store, flow, job, steps, claimed.context, self._threads, workers=self.workers)
             active.run = run
             if claimed.cancel_requested:
@@ -298,11 +336,14 @@ class Engine:
                 self._heartbeat.remove(claim)
             if outcome == "released":
                 self.store.write.release(job_id, owner, job.epoch, "released: the engine was closed")
+                log.job_left_alone(job_id, row.workflow, "released: the engine was closed")  # log
                 raise EngineClosed(f"{self.path}: the engine was closed during the run of job {job_id}; its "
                                    "unfinished steps are left for another run")
+            log.job_ended(job_id, row.workflow, job.state,  # log
+                          None if job.state == "succeeded" else self._row(job_id).error)
         return self._finished(self._row(job_id))
 
-    def _finished(self, row: JobRow) -> JobStatus:
+    def _finished(self, row: JobRow) -> JobStatus[Any]:
         status = self._status(row)
         if row.state == "failed":
             errors = {n: s.error or "" for n, s in status.steps.items() if s.state == "failed"}
@@ -328,6 +369,7 @@ class Engine:
                     continue  # this engine is running it right now
             if row.workflow not in self._flows:
                 report.skipped[row.id] = f"workflow {row.workflow!r} is not registered on this engine"
+                log.job_left_alone(row.id, row.workflow, "its workflow is not registered on this engine")  # log
                 continue
             if row.owner is not None and ownership.owner_alive(row.owner, row.id, row.lease_expires, self.clock()):
                 continue
@@ -341,8 +383,7 @@ class Engine:
                 break
             except Exception as exc:
                 report.skipped[row.id] = f"{type(exc).__name__}: {exc}"
-                log.warning("recover: job %s left alone: %s", row.id, report.skipped[row.id],
-                            extra={"walstate_job": row.id, "walstate_workflow": row.workflow})
+                log.job_left_alone(row.id, row.workflow, report.skipped[row.id])  # log
                 continue
             report.append(row.id)
         return report
@@ -381,11 +422,21 @@ class Engine:
 
     # -- reading ----------------------------------------------------------------
 
-    def status(self, job_id: int) -> JobStatus:
-        """The job as stored now: state, context, and every sub-step."""
+    @overload
+    def status(self, job_id: JobId[C]) -> JobStatus[C]: ...
+
+    @overload
+    def status(self, job_id: int) -> JobStatus[Any]: ...
+
+    def status(self, job_id: int) -> JobStatus[Any]:
+        """The job as stored now: state, context, and every sub-step.
+
+        Given the ``JobId[C]`` that :meth:`submit` returned, the status is typed
+        ``JobStatus[C]``; for a plain ``int``, wrap it: ``JobId[Onboarding](42)``.
+        """
         return self._status(self._row(job_id))
 
-    def _status(self, row: JobRow) -> JobStatus:
+    def _status(self, row: JobRow) -> JobStatus[Any]:
         flow = self._flows.get(row.workflow)
         if flow is None:
             context: Any = json.loads(row.context)

@@ -20,7 +20,9 @@ from typing import Any, Protocol, cast
 
 from transitions import EventData, Machine, MachineError
 
-from .storage.errors import InvalidTransition
+from .storage.errors import InvalidTransition, WalstateError
+
+from . import log
 
 
 class Durable(Protocol):
@@ -118,9 +120,14 @@ class Definition:
                 trigger=trigger,
             )
         try:
-            return bool(self.machine.events[trigger].trigger(obj, **data))
+            moved = bool(self.machine.events[trigger].trigger(obj, **data))
         except MachineError as exc:  # pragma: no cover - the table above mirrors the machine
             raise InvalidTransition(f"{obj._describe()}: {exc.value}", state=state, trigger=trigger) from exc
+        except WalstateError as exc:
+            log.write_refused(obj, trigger, state, exc)  # log: a refused write (WARNING)
+            raise
+        log.transition(obj, trigger, state, obj.state)  # log: each committed transition (DEBUG)
+        return moved
 
 
 Persist = Callable[[str, str, str, Mapping[str, Any]], None]

@@ -19,6 +19,7 @@ from .storage import faults
 from .storage.errors import ContextInvalid, LeaseLost, OutputNotJSON
 from .storage.writepath import Change
 
+from . import log
 from .context import StepContext, StepResult, check_update_keys, context_merger, to_json
 from .substep import JobHandle, SubStep
 from .threads import ThreadCache
@@ -141,7 +142,9 @@ class JobRun:
         """A sub-step left ``running`` by a dead process: journal it and let it retry."""
         retry = self.flow.steps[step.name].retry
         message = f"attempt {step.attempt} was interrupted (the process running it died)"
-        if step.interruptions + 1 > retry.max_interruptions:
+        giving_up = step.interruptions + 1 > retry.max_interruptions
+        log.step_interrupted(self.job.id, self.flow.name, step.name, step.attempt, giving_up)  # log
+        if giving_up:
             step.fail(error=f"{message}; interrupted {step.interruptions + 1} times, giving up", note="interrupted",
                       interrupted=True)
             self._failing()
@@ -327,11 +330,14 @@ class JobRun:
         """Record a failed attempt (with the once() records it made); True when the step failed for good."""
         if final or step.failures + 1 >= d.retry.max_attempts:
             step.fail(error=error, once=once)
+            log.step_failed(self.job.id, self.flow.name, d.name, step.attempt, error)  # log
             self._failing()
             return True
         step.retry(error=error, once=once)
+        delay = d.retry.delay(step.failures)
+        log.step_retrying(self.job.id, self.flow.name, d.name, step.attempt, error, delay)  # log
         # A sibling failing for good, a cancel or a lost claim end the wait early.
-        self.stop.wait(d.retry.delay(step.failures))
+        self.stop.wait(delay)
         return False
 
     def _result(self, d: StepDef, result: Any, box: list[tuple[int, str]]) -> tuple[str | None, ContextPatch | None]:

@@ -5,13 +5,18 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from pydantic import BaseModel
 
 from .storage.errors import DefinitionError
 
+if TYPE_CHECKING:
+    from .context import StepContext
+
 C = TypeVar("C", bound=BaseModel)
+R = TypeVar("R")
+#: A sub-step handler as stored (its context type erased).
 Handler = Callable[..., Any]
 
 
@@ -99,19 +104,23 @@ class Workflow(Generic[C]):
         retry: Retry | None = None,
         after: Sequence[str] = (),
         transactional: bool = False,
-        when: Callable[[Any], bool] | None = None,
-    ) -> Callable[[Handler], Handler]:
+        when: Callable[[C], bool] | None = None,
+    ) -> Callable[[Callable[[C, StepContext], R]], Callable[[C, StepContext], R]]:
         """Decorator declaring a sub-step of ``phase``.
 
-        ``after`` names sub-steps of the same phase that must succeed (or be
-        skipped) first. ``transactional=True`` runs the handler inside the
-        transaction that records its completion, so its ``step.db`` writes
-        commit exactly once. ``when(ctx)`` returning false skips the step.
+        The handler's signature is ``(ctx: C, step: StepContext) -> result``,
+        ``C`` being this workflow's context model; type checkers refuse a
+        handler with other parameters. The decorator returns the handler
+        unchanged. ``after`` names sub-steps of the same phase that must
+        succeed (or be skipped) first. ``transactional=True`` runs the handler
+        inside the transaction that records its completion, so its
+        ``step.db`` writes commit exactly once. ``when(ctx)`` returning false
+        skips the step.
         """
         if phase not in self.phases:
             raise DefinitionError(f"workflow {self.name!r}: unknown phase {phase!r}; phases are {list(self.phases)}")
 
-        def register(fn: Handler) -> Handler:
+        def register(fn: Callable[[C, StepContext], R]) -> Callable[[C, StepContext], R]:
             step_name = name or fn.__name__
             if step_name in self.steps:
                 raise DefinitionError(f"workflow {self.name!r}: step {step_name!r} is declared twice")

@@ -9,9 +9,8 @@ import sqlite3
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -86,11 +85,13 @@ def check_effects(path: str, shape: Shape, job_id: int, external: Counter[str], 
 
 
 def reference_run(tmp: Path, shape: Shape) -> Outcome:
-    return run_with_crashes(build(shape, Effects()), _context(shape), str(tmp / "reference.db"))
+    return run_shape(shape, Effects(), str(tmp / "reference.db"))
 
 
-def _context(shape: Shape) -> Any:
-    return build(shape, Effects()).context()
+def run_shape(shape: Shape, effects: Effects, path: str, plan: Sequence[Crash] = (), workers: int = 1) -> Outcome:
+    # The context is an instance of this flow's own model: submit refuses another class's instance.
+    flow = build(shape, effects)
+    return run_with_crashes(flow, flow.context(), path, plan, workers=workers)
 
 
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow], database=None)
@@ -114,7 +115,7 @@ def crash_and_check(tmp_path_factory: pytest.TempPathFactory, shape: Shape, plan
     reference = reference_run(tmp, shape)
     effects = Effects()
     path = str(tmp / "crashed.db")
-    outcome = run_with_crashes(build(shape, effects), _context(shape), path, plan, workers=workers)
+    outcome = run_shape(shape, effects, path, plan, workers=workers)
     check_invariants(path, build(shape, Effects()), outcome.job_id, reference)
     check_effects(path, shape, outcome.job_id, effects.counts)
     TOTALS["in_process_examples"] += 1
@@ -133,12 +134,12 @@ def sweep(tmp_path: Path, shape: Shape = SWEEP_SHAPE) -> int:
     """Crash at every reachable (fault point, hit) of ``shape``, resume, check; return positions covered."""
     counter = Injector()
     with counter:
-        reference = run_with_crashes(build(shape, Effects()), _context(shape), str(tmp_path / "ref.db"))
+        reference = run_shape(shape, Effects(), str(tmp_path / "ref.db"))
     positions = [(point, n) for point in POINTS for n in range(1, counter.hits[point] + 1)]
     for point, n in positions:
         effects = Effects()
         path = str(tmp_path / f"{point}-{n}.db")
-        outcome = run_with_crashes(build(shape, effects), _context(shape), path, [Crash(point, n)])
+        outcome = run_shape(shape, effects, path, [Crash(point, n)])
         assert outcome.crashes == 1, f"crash at {point}#{n} was not reached"
         check_invariants(path, build(shape, Effects()), outcome.job_id, reference)
         # once() may repeat its call only when the crash fell between the call and its record.

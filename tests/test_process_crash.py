@@ -74,14 +74,3 @@ def test_a_job_killed_with_sigkill_mid_phase_resumes_exactly_once_in_another_pro
         assert attempts == list(range(1, len(attempts) + 1))
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     conn.close()
-
-
-@pytest.mark.slow
-def test_the_demo_kills_its_worker_and_resumes_the_registration_job(tmp_path: Path) -> None:
-    db = tmp_path / "demo.db"
-    done = subprocess.run([sys.executable, "-m", "walstate", "demo", "--db", str(db)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "SIGKILLed the worker" in done.stdout
-    assert "job 1: succeeded" in done.stdout
-    assert "menu rows written by the transactional step: 3 (exactly once)" in done.stdout
