@@ -80,7 +80,9 @@ class Engine:
     that cannot check this one's liveness directly (another pid namespace).
     ``group_commit`` lets parallel sub-steps' changes share one commit (one
     fsync under ``"full"``); each trigger still returns only after its own
-    change is durable.
+    change is durable. ``sync_interval`` (seconds, ``None`` for off) bounds
+    what a power cut can take from ``"normal"``: the WAL is fsynced in the
+    background at most that often while it has unsynced commits.
     """
 
     def __init__(
@@ -92,10 +94,13 @@ class Engine:
         busy_timeout: float = 5.0,
         lease: float = 60.0,
         group_commit: bool = True,
+        sync_interval: float | None = 0.1,
     ) -> None:
         if workers < 1:
             raise ConfigurationError(f"workers must be >= 1, not {workers}")
-        self.store = Store(path, durability=durability, busy_timeout=busy_timeout, group_commit=group_commit)
+        # sync_interval: see Store (bounds what a power cut can take from durability="normal").
+        self.store = Store(path, durability=durability, busy_timeout=busy_timeout, group_commit=group_commit,
+                           sync_interval=sync_interval)
         self.path = self.store.path
         self.workers = workers
         self.lease = lease

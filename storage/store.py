@@ -7,6 +7,7 @@ import os
 from .connection import Durability, open_database
 from .reads import Reader
 from .schema import bind_models, ensure_schema
+from .syncer import DEFAULT_SYNC_INTERVAL, WalSyncer
 from .writepath import WritePath
 
 
@@ -16,6 +17,13 @@ class Store:
     ``readonly=True`` never creates or modifies the file and refuses files
     that are not walstate databases. ``group_commit`` lets concurrent state
     changes share one transaction (see :meth:`WritePath.commit`).
+
+    ``sync_interval`` (``durability="normal"`` only) starts a background
+    :class:`~walstate.storage.syncer.WalSyncer` that fsyncs the WAL at most
+    every ``sync_interval`` seconds while it has unsynced commits, so a power
+    cut loses at most about the last ``sync_interval`` of commits; ``None``
+    turns it off (a power cut may then lose everything since the last
+    checkpoint). ``"full"`` fsyncs every commit and needs no syncer.
     """
 
     def __init__(
@@ -26,6 +34,7 @@ class Store:
         busy_timeout: float = 5.0,
         readonly: bool = False,
         group_commit: bool = True,
+        sync_interval: float | None = DEFAULT_SYNC_INTERVAL,
     ) -> None:
         self.path = os.fspath(path)
         self.durability = durability
@@ -39,8 +48,17 @@ class Store:
             raise
         self.read = Reader(self.db, self.path)
         self.write = WritePath(self.db, self.path, group_commit=group_commit)
+        self.syncer: WalSyncer | None = None
+        if sync_interval is not None and durability == "normal" and not readonly:
+            try:
+                self.syncer = WalSyncer(self.path, sync_interval)
+            except BaseException:
+                self.db.close()
+                raise
 
     def close(self) -> None:
-        """Close this thread's connection (other threads' close when they end)."""
+        """Stop the syncer (after a last sync) and close this thread's connection (other threads' close when they end)."""
+        if self.syncer is not None:
+            self.syncer.stop()
         if not self.db.is_closed():
             self.db.close()
