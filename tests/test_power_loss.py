@@ -71,14 +71,14 @@ def test_full_loses_no_acknowledged_change_at_any_cut_under_any_disk_model(full_
 
 @needs_shim
 def test_full_holds_on_the_group_commit_path_with_several_threads(shim: Path, tmp_path: Path) -> None:
-    run = _recorded(shim, tmp_path, "threads", durability="full", jobs=4 if DEEP else 2)
+    run = _recorded(shim, tmp_path, "threads", durability="full", jobs=4 if DEEP else 1)
     _no_failures(run.checker.check(MODELS, "all", _cuts(run), per_cut=PER_CUT))
 
 
 @needs_shim
 def test_normal_survives_a_process_crash_and_loses_only_the_newest_commits_to_a_power_cut(
         shim: Path, tmp_path: Path) -> None:
-    run = _recorded(shim, tmp_path, "chain", durability="normal", sync_interval=None, jobs=3)
+    run = _recorded(shim, tmp_path, "chain", durability="normal", sync_interval=None, jobs=2)
     result = run.checker.check(MODELS, "prefix", _cuts(run), per_cut=PER_CUT)
     _no_failures(result)  # never corrupt, never out of order; under `crash` nothing is lost
     # The models have teeth: without a sync, a power cut does lose commits.
@@ -109,7 +109,7 @@ def test_an_acknowledgement_sent_before_commit_is_caught(shim: Path, tmp_path: P
 
 @needs_shim
 def test_sync_interval_bounds_what_a_power_cut_takes_from_normal(shim: Path, tmp_path: Path) -> None:
-    jobs, pace, interval = (20, 0.02, 0.05)
+    jobs, pace, interval = (20, 0.02, 0.05) if DEEP else (8, 0.04, 0.05)
     unbounded = _recorded(shim, tmp_path / "off", "chain", durability="normal", sync_interval=None,
                           jobs=jobs, pace=pace)
     bounded = _recorded(shim, tmp_path / "on", "chain", durability="normal", sync_interval=interval,

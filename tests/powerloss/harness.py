@@ -6,6 +6,8 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,10 +54,13 @@ def record(shim: Path, base: Path, workload: str, *, durability: str = "full", s
     interval = "none" if sync_interval is None else repr(sync_interval)
     subprocess.run([sys.executable, "-m", "tests.powerloss.workloads", workload, directory, ack, durability,
                     interval, str(jobs), repr(pace)], env=env, check=True, cwd=ROOT, timeout=120)
-    scratch = base / "images"
-    scratch.mkdir()
+    # Images are opened thousands of times: on tmpfs when there is one (4x faster here).
+    shm = "/dev/shm"
+    scratch = tempfile.mkdtemp(prefix="walstate-images-", dir=shm if os.access(shm, os.W_OK) else str(base))
     facts = raw_facts if workload.startswith("raw-") else walstate_facts
-    return Run(directory, log, Checker(read_log(log), DB_NAME, facts, str(scratch)))
+    checker = Checker(read_log(log), DB_NAME, facts, scratch)
+    weakref.finalize(checker, shutil.rmtree, scratch, True)
+    return Run(directory, log, checker)
 
 
 def recover_image(files: dict[str, bytes], directory: Path) -> int:
