@@ -124,7 +124,9 @@ class Engine:
     seconds) is what leases are measured with; tests inject one.
     ``group_commit`` lets parallel sub-steps' changes share one commit (one
     fsync under ``"full"``); each trigger still returns only after its own
-    change is durable.
+    change is durable. ``sync_interval`` (seconds, ``None`` for off) bounds
+    what a power cut can take from ``"normal"``: the WAL is fsynced in the
+    background at most that often while it has unsynced commits.
     """
 
     def __init__(
@@ -137,12 +139,15 @@ class Engine:
         lease: float = 60.0,
         group_commit: bool = True,
         clock: Clock = time.time,
+        sync_interval: float | None = 0.1,
     ) -> None:
         if workers < 1:
             raise ConfigurationError(f"workers must be >= 1, not {workers}")
         if not lease > 0:
             raise ConfigurationError(f"lease must be > 0 seconds, not {lease}")
-        self.store = Store(path, durability=durability, busy_timeout=busy_timeout, group_commit=group_commit)
+        # sync_interval: see Store (bounds what a power cut can take from durability="normal").
+        self.store = Store(path, durability=durability, busy_timeout=busy_timeout, group_commit=group_commit,
+                           sync_interval=sync_interval)
         self.path = self.store.path
         self.workers = workers
         self.lease = lease

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import weakref
 
 from .connection import Durability, open_database
 from .reads import Reader
 from .schema import bind_models, ensure_schema
+from .syncer import DEFAULT_SYNC_INTERVAL, WalSyncer
 from .writepath import WritePath
 
 
@@ -16,6 +18,13 @@ class Store:
     ``readonly=True`` never creates or modifies the file and refuses files
     that are not walstate databases. ``group_commit`` lets concurrent state
     changes share one transaction (see :meth:`WritePath.commit`).
+
+    ``sync_interval`` (``durability="normal"`` only) starts a background
+    :class:`~walstate.storage.syncer.WalSyncer` that fsyncs the WAL at most
+    every ``sync_interval`` seconds while it has unsynced commits, so a power
+    cut loses at most about the last ``sync_interval`` of commits; ``None``
+    turns it off (a power cut may then lose everything since the last
+    checkpoint). ``"full"`` fsyncs every commit and needs no syncer.
     """
 
     def __init__(
@@ -26,6 +35,7 @@ class Store:
         busy_timeout: float = 5.0,
         readonly: bool = False,
         group_commit: bool = True,
+        sync_interval: float | None = DEFAULT_SYNC_INTERVAL,
     ) -> None:
         self.path = os.fspath(path)
         self.durability = durability
@@ -42,8 +52,36 @@ class Store:
             raise
         self.read = Reader(self.db, self.path)
         self.write = WritePath(self.db, self.path, group_commit=group_commit)
+        _stores.add(self)
+        self.syncer: WalSyncer | None = None
+        if sync_interval is not None and durability == "normal" and not readonly:
+            try:
+                self.syncer = WalSyncer(self.path, sync_interval)
+            except BaseException:
+                self.db.close()
+                raise
 
     def close(self) -> None:
-        """Close this thread's connection (other threads' close when they end)."""
+        """Stop the syncer (after a last sync) and close this thread's connection (other threads' close when they end)."""
+        if self.syncer is not None:
+            self.syncer.stop()
         if not self.db.is_closed():
             self.db.close()
+
+    def _after_fork_in_child(self) -> None:
+        # SQLite forbids using the parent's connection in a child: drop it
+        # (without closing it) and the write path's locks, which another
+        # thread of the parent may have held at the fork.
+        self.db.after_fork_in_child()
+        self.write.after_fork_in_child()
+
+
+_stores: weakref.WeakSet[Store] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for store in list(_stores):
+        store._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
