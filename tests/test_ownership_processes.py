@@ -1,0 +1,179 @@
+"""Ownership between real processes: fork, zombies, other pid namespaces and host names, heartbeats, load.
+
+Every test here runs real processes (``tests/proc_owner.py``, ``tests/proc_load.py``) on one SQLite
+file, kills them with real signals, and judges the outcome from the file and from the outside effects
+each handler execution appends to a log (one line per execution, tagged with the process id).
+The pid-namespace and host-name tests use ``unshare`` (they run as root) and are skipped with the
+reason when it is unavailable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from walstate import Engine
+from walstate.testing import check_invariants
+
+from .conftest import PROFILE
+from .proc_owner import Ctx, flow
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def effects(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The outside-effect log, for the child processes and for handlers run in this process."""
+    path = str(tmp_path / "effects.log")
+    monkeypatch.setenv("WALSTATE_EFFECTS", path)
+    return path
+
+
+def lines(path: str) -> list[list[str]]:
+    p = Path(path)
+    return [line.split() for line in p.read_text().splitlines()] if p.exists() else []
+
+
+def env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), **extra}
+
+
+def run_driver(*args: str, timeout: float = 120) -> dict[str, Any]:
+    """Run ``python -m tests.proc_owner ARGS`` to its end and return the JSON it prints."""
+    done = subprocess.run([sys.executable, "-m", "tests.proc_owner", *args], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
+    return result
+
+
+def poll(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout:g}s for {what}")
+        time.sleep(0.005)
+
+
+def job_row(db: str, job: int) -> tuple[str, str | None, int, float | None]:
+    """``(state, owner, epoch, lease_expires)`` of a job, read through a connection of its own."""
+    conn = sqlite3.connect(db, timeout=10)
+    try:
+        row = conn.execute("SELECT state, owner, epoch, lease_expires FROM walstate_job WHERE id=?", (job,)).fetchone()
+        return str(row[0]), row[1], int(row[2]), row[3]
+    finally:
+        conn.close()
+
+
+def owner_of(db: str, job: int) -> str | None:
+    conn = sqlite3.connect(db, timeout=10)
+    try:
+        owner: str | None = conn.execute("SELECT owner FROM walstate_job WHERE id=?", (job,)).fetchone()[0]
+        return owner
+    finally:
+        conn.close()
+
+
+def notes(db: str, job: int, step: str) -> list[str | None]:
+    conn = sqlite3.connect(db, timeout=10)
+    try:
+        return [n for (n,) in conn.execute("SELECT note FROM walstate_journal WHERE job_id=? AND step=? ORDER BY id",
+                                           (job, step))]
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def recoverer(db_path: str) -> Iterator[Engine]:
+    """An engine in this (the test's) process, with the same workflow, to recover jobs from outside."""
+    engine = Engine(db_path, workers=1)
+    engine.register(flow)
+    yield engine
+    engine.close()
+
+
+# -- item 2: an Engine created before fork() -------------------------------------------------
+
+
+def test_a_child_forked_from_an_engine_claims_under_its_own_token_and_its_parent_recovers_it_once_killed(
+        db_path: str, effects: str) -> None:
+    result = run_driver("fork-kill", db_path)
+    child, job = result["child"], result["job"]
+    stored = result["stored_owner"].split("|")
+    assert result["stored_owner"] != result["parent_owner"], "the child claimed under its parent's owner token"
+    assert int(stored[3]) == child, f"the claim names pid {stored[3]}, not the child's {child}"
+    # The parent, still alive, judged its dead (reaped) child dead and took the job at once.
+    assert result["child_state_at_recover"] == ""
+    assert result["recovered"] == [job], result
+    assert result["state"] == "succeeded"
+    starts = [e for e in lines(effects) if e[0] == "start"]
+    assert [int(e[1]) for e in starts] == [child, result["parent"]]
+    assert "interrupted" in notes(db_path, job, "held")
+    check_invariants(db_path, flow, job)
+
+
+def test_two_children_forked_from_one_engine_never_run_the_same_step_twice(db_path: str, effects: str) -> None:
+    n = 12
+    result = run_driver("fork-siblings", db_path, str(n))
+    assert result["codes"] == [0, 0], result
+    ran = Counter((e[2], e[3]) for e in lines(effects) if e[0] in ("start", "run"))
+    assert ran == Counter({(str(j), s): 1 for j in result["jobs"] for s in ("held", "after")}), \
+        f"steps run more than once: {({k: v for k, v in ran.items() if v != 1})}"
+    # Racing for the same jobs, a sibling may only be told that the other one holds a job.
+    assert {e for s in result["siblings"] for e in s["errors"]} <= {"JobOwned"}, result
+    assert set(result["states"].values()) == {"succeeded"}, result
+    owners = {s["owner"] for s in result["siblings"]}
+    assert len(owners) == 2 and result["parent_owner"] not in owners, result
+    # Both siblings did some of the work (else they never raced).
+    assert len({e[1] for e in lines(effects)}) == 2
+    for job in result["jobs"]:
+        check_invariants(db_path, flow, job)
+
+
+# -- item 5: a killed, unreaped owner is dead --------------------------------------------------
+
+
+def test_a_zombie_child_forked_from_an_engine_counts_as_dead_for_its_parent(db_path: str, effects: str) -> None:
+    result = run_driver("fork-zombie", db_path)
+    assert result["stored_owner"] != result["parent_owner"], "the child claimed under its parent's owner token"
+    assert result["child_state_at_recover"] == "Z"
+    assert result["recovered"] == [result["job"]], result
+    assert result["state"] == "succeeded"
+    check_invariants(db_path, flow, result["job"])
+
+
+def test_a_killed_but_unreaped_owner_process_is_dead_and_its_job_is_recovered_at_once(
+        db_path: str, effects: str, recoverer: Engine) -> None:
+    worker = subprocess.Popen([sys.executable, "-m", "tests.proc_owner", "hold", db_path], cwd=ROOT,
+                              env=env(WALSTATE_HOLD="120", WALSTATE_LEASE="60"),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        poll(lambda: any(e[0] == "start" for e in lines(effects)), "the worker to start the held step")
+        job = int(lines(effects)[0][2])
+        assert owner_of(db_path, job) is not None
+        worker.send_signal(signal.SIGKILL)
+        # Not waited for: the killed worker stays a zombie until this process reaps it.
+        poll(lambda: Path(f"/proc/{worker.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z",
+             "the killed worker to become a zombie")
+        report = recoverer.recover()
+        assert Path(f"/proc/{worker.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        assert list(report) == [job], f"a zombie owner kept job {job} from recovery: {report} {getattr(report, 'skipped', None)}"
+        assert recoverer.status(job).state == "succeeded"
+        assert "interrupted" in notes(db_path, job, "held")
+    finally:
+        worker.kill()
+        worker.wait()
+    check_invariants(db_path, flow, job)
