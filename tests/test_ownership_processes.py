@@ -177,3 +177,160 @@ def test_a_killed_but_unreaped_owner_process_is_dead_and_its_job_is_recovered_at
         worker.kill()
         worker.wait()
     check_invariants(db_path, flow, job)
+
+
+# -- items 3 and 4: another pid namespace, another host name, heartbeats ------------------------
+
+LEASE = 2.0
+
+
+def unshare(*flags: str) -> list[str]:
+    """The ``unshare`` command line for ``flags``, or skip the test with the reason it cannot run."""
+    try:
+        probe = subprocess.run(["unshare", *flags, "true"], capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        pytest.skip("the unshare command (util-linux) is not installed")
+    if probe.returncode != 0:
+        pytest.skip(f"unshare {' '.join(flags)} is not permitted here (needs root or user namespaces): "
+                    f"{probe.stderr.strip()}")
+    return ["unshare", *flags]
+
+
+def hold_worker(prefix: list[str], **environ: str) -> subprocess.Popen[str]:
+    """A worker running the held job under ``prefix`` (unshare ...), in a process group of its own."""
+    return subprocess.Popen([*prefix, sys.executable, "-m", "tests.proc_owner", "hold", environ.pop("db")],
+                            cwd=ROOT, env=env(**environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def proc_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return ""
+
+
+def kill_group(worker: subprocess.Popen[str]) -> None:
+    """SIGKILL the worker and everything it started; return once none of them can write any more."""
+    try:
+        children = [int(p) for p in Path(f"/proc/{worker.pid}/task/{worker.pid}/children").read_text().split()]
+    except OSError:
+        children = []
+    try:
+        os.killpg(worker.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    worker.communicate(timeout=30)
+    for pid in children:
+        poll(lambda: proc_state(pid) in ("", "Z"), f"process {pid} to die")
+
+
+def first_start(effects: str) -> tuple[int, int]:
+    """``(job, pid)`` of the first execution of the held step."""
+    poll(lambda: any(e[0] == "start" for e in lines(effects)), "the worker to start the held step")
+    line = next(e for e in lines(effects) if e[0] == "start")
+    return int(line[2]), int(line[1])
+
+
+def test_a_live_run_in_another_pid_namespace_keeps_its_job_by_heartbeat_and_loses_it_only_after_its_lease(
+        db_path: str, effects: str, recoverer: Engine) -> None:
+    prefix = unshare("--pid", "--fork", "--mount-proc")
+    worker = hold_worker(prefix, db=db_path, WALSTATE_HOLD="120", WALSTATE_LEASE=str(LEASE))
+    try:
+        job, inner_pid = first_start(effects)
+        _, owner, epoch, first_lease = job_row(db_path, job)
+        assert owner is not None and first_lease is not None
+        boot, pid_ns, host = owner.split("|")[:3]
+        # The premise: the same boot and host name, another pid namespace (whose pids mean nothing here).
+        assert pid_ns != str(os.stat("/proc/self/ns/pid").st_ino) and host == os.uname().nodename
+        assert boot == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+        # For three leases, recovery from this namespace must leave the live run alone.
+        leases = [first_lease]
+        until = time.monotonic() + 3 * LEASE
+        while time.monotonic() < until:
+            report = recoverer.recover()
+            assert job not in report, f"recover() took job {job} from a live run {leases[-1] - time.time():.2f}s " \
+                                      "before its lease expired"
+            state, now_owner, now_epoch, lease = job_row(db_path, job)
+            assert (state, now_owner, now_epoch) == ("running", owner, epoch)
+            assert lease is not None
+            leases.append(lease)
+            time.sleep(0.05)  # pacing the recovery loop, not waiting for anything
+        # The heartbeat kept renewing it all along.
+        assert leases[-1] > first_lease + LEASE, leases
+        assert [e[0] for e in lines(effects)] == ["start"]
+
+        kill_group(worker)
+        _, _, _, expires = job_row(db_path, job)
+        assert expires is not None
+        refused_in_lease = 0
+        deadline = time.time() + 3 * LEASE + 10
+        while True:
+            report = recoverer.recover()
+            after = time.time()
+            if job in report:
+                break
+            if after < expires:
+                refused_in_lease += 1
+            assert after < deadline, f"job {job} was not recovered {after - expires:.1f}s after its lease expired"
+            time.sleep(0.02)
+        assert after >= expires, "the job of a killed owner in another pid namespace was taken before its lease expired"
+        assert refused_in_lease > 0
+    finally:
+        kill_group(worker)
+    assert recoverer.status(job).state == "succeeded"
+    assert [(e[0], int(e[1])) for e in lines(effects) if e[0] == "start"] == [("start", inner_pid),
+                                                                              ("start", os.getpid())]
+    assert "interrupted" in notes(db_path, job, "held")
+    check_invariants(db_path, flow, job)
+
+
+def test_a_dead_owner_with_another_host_name_in_this_pid_namespace_is_judged_by_pid_and_recovered_at_once(
+        db_path: str, effects: str, recoverer: Engine) -> None:
+    prefix = unshare("--uts")
+    worker = hold_worker(prefix, db=db_path, WALSTATE_HOLD="120", WALSTATE_LEASE="60",
+                         WALSTATE_HOSTNAME="walstate-other-host")
+    try:
+        job, pid = first_start(effects)
+        _, owner, _, _ = job_row(db_path, job)
+        assert owner is not None
+        parts = owner.split("|")
+        assert parts[2] == "walstate-other-host" != os.uname().nodename and int(parts[3]) == pid == worker.pid
+        # Alive: its pid says so, whatever its host name.
+        assert job not in recoverer.recover()
+        kill_group(worker)
+        # Dead, with 60 s of lease left: taken at once.
+        report = recoverer.recover()
+        assert list(report) == [job], f"a dead owner named by another host name kept job {job}: {report}"
+    finally:
+        kill_group(worker)
+    assert recoverer.status(job).state == "succeeded"
+    check_invariants(db_path, flow, job)
+
+
+def test_a_handler_running_three_leases_in_another_pid_namespace_is_never_taken_over_by_recovery_loops(
+        db_path: str, effects: str, recoverer: Engine) -> None:
+    prefix = unshare("--pid", "--fork", "--mount-proc")
+    lease = 1.0
+    worker = hold_worker(prefix, db=db_path, WALSTATE_HOLD=str(3 * lease), WALSTATE_LEASE=str(lease))
+    try:
+        job, _ = first_start(effects)
+        deadline = time.monotonic() + 60
+        while worker.poll() is None:
+            assert job not in recoverer.recover(), "recover() took over a job whose handler was still running"
+            assert time.monotonic() < deadline, "the worker did not finish"
+            time.sleep(0.05)  # pacing the recovery loop
+        out, err = worker.communicate(timeout=30)
+    finally:
+        kill_group(worker)
+    assert worker.returncode == 0, err
+    assert json.loads(out.splitlines()[-1])["state"] == "succeeded", out + err
+    ran = Counter((e[0], e[3]) for e in lines(effects))
+    assert ran == Counter({("start", "held"): 1, ("end", "held"): 1, ("run", "after"): 1}), ran
+    conn = sqlite3.connect(db_path)
+    claims = conn.execute("SELECT count(*) FROM walstate_journal WHERE job_id=? AND step IS NULL AND to_state='running'",
+                          (job,)).fetchone()[0]
+    conn.close()
+    assert claims == 1, "the job was claimed again while its handler ran"
+    check_invariants(db_path, flow, job)
