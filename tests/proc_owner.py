@@ -125,12 +125,10 @@ def fork_kill(path: str, reap: bool) -> dict[str, Any]:
     else:
         wait_for(lambda: proc_state(child) == "Z", "the killed child to become a zombie")
     child_state = proc_state(child)
-    started = time.monotonic()
     report = engine.recover()
-    took = time.monotonic() - started
-    result = {"job": job, "child": child, "parent": os.getpid(), "parent_owner": engine.owner, "stored_owner": stored_owner,
-              "child_state_at_recover": child_state, "recovered": list(report), "skipped": getattr(report, "skipped", {}),
-              "seconds": took, "state": engine.status(job).state}
+    result = {"job": job, "child": child, "parent": os.getpid(), "parent_owner": engine.owner,
+              "stored_owner": stored_owner, "child_state_at_recover": child_state, "recovered": list(report),
+              "skipped": getattr(report, "skipped", {}), "state": engine.status(job).state}
     if not reap:
         os.waitpid(child, 0)
     engine.close()
