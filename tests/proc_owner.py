@@ -1,0 +1,195 @@
+"""Processes for the ownership tests: ``python -m tests.proc_owner ACTION DB [ARG]``.
+
+``hold``      run one job whose first step holds for ``WALSTATE_HOLD`` seconds (a long handler), with
+              ``WALSTATE_LEASE``; the tests run it in another pid namespace or under another host name
+              (``WALSTATE_HOSTNAME``), kill it, and recover its job from outside.
+``fork-kill`` / ``fork-zombie``
+              an Engine created before ``fork()``: the child runs the held job, the parent SIGKILLs it
+              (and reaps it, or leaves it a zombie) and calls ``recover()``.
+``fork-siblings N``
+              an Engine created before ``fork()``: two forked siblings run the same N jobs at once.
+
+Every execution of a handler appends one line ``TAG PID JOB STEP IDEMPOTENCY-KEY`` to
+``WALSTATE_EFFECTS`` (an outside effect the tests count). Results go to stdout as one JSON line.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+if __name__ == "__main__" and os.environ.get("WALSTATE_HOSTNAME"):
+    # Before walstate is imported: it reads this process's identity once, at import.
+    socket.sethostname(os.environ["WALSTATE_HOSTNAME"])
+
+import json  # noqa: E402
+import signal  # noqa: E402
+import sqlite3  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+from pydantic import BaseModel  # noqa: E402
+
+from walstate import Engine, StepContext, Workflow  # noqa: E402
+
+
+class Ctx(BaseModel):
+    held: int = 0
+
+
+flow = Workflow("owned", context=Ctx, phases=["hold", "after"])
+#: How long the ``held`` handler takes in this process (a forked child sets its own).
+HOLD = float(os.environ.get("WALSTATE_HOLD", "0"))
+
+
+def effect(step: StepContext, tag: str) -> None:
+    """One outside effect: one line, appended in one write (atomic between processes)."""
+    fd = os.open(os.environ["WALSTATE_EFFECTS"], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(fd, f"{tag} {os.getpid()} {step.job_id} {step.step} {step.idempotency_key}\n".encode())
+    finally:
+        os.close(fd)
+
+
+@flow.step(phase="hold", name="held")
+def held(ctx: Ctx, step: StepContext) -> dict[str, Any]:
+    effect(step, "start")
+    time.sleep(HOLD)  # the handler's own work, however long it takes
+    effect(step, "end")
+    return {"held": ctx.held + 1}
+
+
+@flow.step(phase="after", name="after")
+def after(ctx: Ctx, step: StepContext) -> None:
+    effect(step, "run")
+
+
+def effects(path: str) -> list[list[str]]:
+    """The effect lines written so far, split into fields."""
+    p = Path(path)
+    return [line.split() for line in p.read_text().splitlines()] if p.exists() else []
+
+
+def wait_for(predicate: Any, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout:g}s for {what}")
+        time.sleep(0.005)
+
+
+def proc_state(pid: int) -> str:
+    """The state letter of a process ('Z' for a zombie), or '' when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return ""
+
+
+def hold(path: str) -> dict[str, Any]:
+    engine = Engine(path, workers=1, lease=float(os.environ.get("WALSTATE_LEASE", "60")))
+    engine.register(flow)
+    job = engine.submit("owned", Ctx(), key="held")
+    try:
+        state = engine.run(job).state
+    except Exception as exc:  # the test reads what reached this caller
+        state = type(exc).__name__
+    owner = engine.owner
+    engine.close()
+    return {"job": job, "state": state, "owner": owner}
+
+
+def fork_kill(path: str, reap: bool) -> dict[str, Any]:
+    """A child forked from an Engine's process is SIGKILLed mid-step; the parent recovers its job."""
+    global HOLD
+    engine = Engine(path, workers=1, lease=60)
+    engine.register(flow)
+    job = engine.submit("owned", Ctx(), key="held")
+    child = os.fork()
+    if child == 0:
+        try:
+            HOLD = 120.0
+            engine.run(job)
+        finally:
+            os._exit(0)
+    wait_for(lambda: any(e[:2] == ["start", str(child)] for e in effects(os.environ["WALSTATE_EFFECTS"])),
+             "the child to start the held step")
+    conn = sqlite3.connect(path)
+    stored_owner = conn.execute("SELECT owner FROM walstate_job WHERE id=?", (job,)).fetchone()[0]
+    conn.close()
+    os.kill(child, signal.SIGKILL)
+    if reap:
+        os.waitpid(child, 0)
+    else:
+        wait_for(lambda: proc_state(child) == "Z", "the killed child to become a zombie")
+    child_state = proc_state(child)
+    report = engine.recover()
+    result = {"job": job, "child": child, "parent": os.getpid(), "parent_owner": engine.owner,
+              "stored_owner": stored_owner, "child_state_at_recover": child_state, "recovered": list(report),
+              "skipped": getattr(report, "skipped", {}), "state": engine.status(job).state}
+    if not reap:
+        os.waitpid(child, 0)
+    engine.close()
+    return result
+
+
+def fork_siblings(path: str, n: int) -> dict[str, Any]:
+    """Two children forked from one Engine's process run the same jobs at the same time."""
+    global HOLD
+    results = os.environ["WALSTATE_EFFECTS"] + ".siblings"
+    go = Path(path + ".go")
+    engine = Engine(path, workers=2, lease=60)
+    engine.register(flow)
+    jobs = [engine.submit("owned", Ctx(), key=f"sibling-{i}") for i in range(n)]
+    children = []
+    for _ in range(2):
+        child = os.fork()
+        if child == 0:
+            status = 1
+            try:
+                HOLD = 0.02
+                wait_for(go.exists, "the go file")
+                errors = []
+                for job in jobs:
+                    try:
+                        engine.run(job)
+                    except Exception as exc:
+                        errors.append(type(exc).__name__)
+                try:
+                    engine.recover()
+                except Exception as exc:
+                    errors.append(type(exc).__name__)
+                line = json.dumps({"pid": os.getpid(), "owner": engine.owner, "errors": errors})
+                fd = os.open(results, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+                os.write(fd, (line + "\n").encode())
+                os.close(fd)
+                status = 0
+            finally:
+                os._exit(status)
+        children.append(child)
+    go.touch()
+    codes = [os.waitstatus_to_exitcode(os.waitpid(c, 0)[1]) for c in children]
+    siblings = [json.loads(line) for line in Path(results).read_text().splitlines()]
+    states = {job: engine.status(job).state for job in jobs}
+    result = {"jobs": jobs, "parent_owner": engine.owner, "codes": codes, "siblings": siblings, "states": states}
+    engine.close()
+    return result
+
+
+def main(action: str, path: str, *args: str) -> int:
+    if action == "hold":
+        result = hold(path)
+    elif action in ("fork-kill", "fork-zombie"):
+        result = fork_kill(path, reap=action == "fork-kill")
+    elif action == "fork-siblings":
+        result = fork_siblings(path, int(args[0]))
+    else:
+        raise SystemExit(f"unknown action {action!r}")
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:]))
