@@ -6,8 +6,8 @@
 ``fork-kill`` / ``fork-zombie``
               an Engine created before ``fork()``: the child runs the held job, the parent SIGKILLs it
               (and reaps it, or leaves it a zombie) and calls ``recover()``.
-``fork-siblings N``
-              an Engine created before ``fork()``: two forked siblings run the same N jobs at once.
+``fork-siblings N run|recover``
+              an Engine created before ``fork()``: two forked siblings run (or recover) the same N jobs at once.
 
 Every execution of a handler appends one line ``TAG PID JOB STEP IDEMPOTENCY-KEY`` to
 ``WALSTATE_EFFECTS`` (an outside effect the tests count). Results go to stdout as one JSON line.
@@ -135,8 +135,8 @@ def fork_kill(path: str, reap: bool) -> dict[str, Any]:
     return result
 
 
-def fork_siblings(path: str, n: int) -> dict[str, Any]:
-    """Two children forked from one Engine's process run the same jobs at the same time."""
+def fork_siblings(path: str, n: int, mode: str) -> dict[str, Any]:
+    """Two children forked from one Engine's process run (``mode="run"``) or recover the same jobs at once."""
     global HOLD
     results = os.environ["WALSTATE_EFFECTS"] + ".siblings"
     go = Path(path + ".go")
@@ -152,15 +152,23 @@ def fork_siblings(path: str, n: int) -> dict[str, Any]:
                 HOLD = 0.02
                 wait_for(go.exists, "the go file")
                 errors = []
-                for job in jobs:
+                if mode == "run":
+                    for job in jobs:
+                        try:
+                            engine.run(job)
+                        except Exception as exc:
+                            errors.append(type(exc).__name__)
+                # Then (or only) recover, until every job is finished by one sibling or the other.
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
                     try:
-                        engine.run(job)
+                        report = engine.recover()
                     except Exception as exc:
                         errors.append(type(exc).__name__)
-                try:
-                    engine.recover()
-                except Exception as exc:
-                    errors.append(type(exc).__name__)
+                    else:
+                        errors.extend(reason.split(":")[0] for reason in report.skipped.values())
+                    if all(engine.status(job).state == "succeeded" for job in jobs):
+                        break
                 line = json.dumps({"pid": os.getpid(), "owner": engine.owner, "errors": errors})
                 fd = os.open(results, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
                 os.write(fd, (line + "\n").encode())
@@ -184,7 +192,7 @@ def main(action: str, path: str, *args: str) -> int:
     elif action in ("fork-kill", "fork-zombie"):
         result = fork_kill(path, reap=action == "fork-kill")
     elif action == "fork-siblings":
-        result = fork_siblings(path, int(args[0]))
+        result = fork_siblings(path, int(args[0]), args[1])
     else:
         raise SystemExit(f"unknown action {action!r}")
     print(json.dumps(result), flush=True)

@@ -126,9 +126,11 @@ def test_a_child_forked_from_an_engine_claims_under_its_own_token_and_its_parent
     check_invariants(db_path, flow, job)
 
 
-def test_two_children_forked_from_one_engine_never_run_the_same_step_twice(db_path: str, effects: str) -> None:
+@pytest.mark.parametrize("mode", ["run", "recover"])
+def test_two_children_forked_from_one_engine_never_run_the_same_step_twice(db_path: str, effects: str,
+                                                                           mode: str) -> None:
     n = 12
-    result = run_driver("fork-siblings", db_path, str(n))
+    result = run_driver("fork-siblings", db_path, str(n), mode)
     assert result["codes"] == [0, 0], result
     ran = Counter((e[2], e[3]) for e in lines(effects) if e[0] in ("start", "run"))
     assert ran == Counter({(str(j), s): 1 for j in result["jobs"] for s in ("held", "after")}), \
@@ -313,7 +315,7 @@ def test_a_dead_owner_with_another_host_name_in_this_pid_namespace_is_judged_by_
 def test_a_handler_running_three_leases_in_another_pid_namespace_is_never_taken_over_by_recovery_loops(
         db_path: str, effects: str, recoverer: Engine) -> None:
     prefix = unshare("--pid", "--fork", "--mount-proc")
-    lease = 1.0
+    lease = 1.5  # a heartbeat every 0.5 s: a margin of 1 s on a loaded machine
     worker = hold_worker(prefix, db=db_path, WALSTATE_HOLD=str(3 * lease), WALSTATE_LEASE=str(lease))
     try:
         job, _ = first_start(effects)
