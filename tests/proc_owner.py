@@ -6,6 +6,8 @@
 ``fork-kill`` / ``fork-zombie``
               an Engine created before ``fork()``: the child runs the held job, the parent SIGKILLs it
               (and reaps it, or leaves it a zombie) and calls ``recover()``.
+``fork-mid-write``
+              fork while a thread of the parent is inside a write transaction: the child writes its own job.
 ``fork-siblings N run|recover``
               an Engine created before ``fork()``: two forked siblings run (or recover) the same N jobs at once.
 
@@ -26,7 +28,9 @@ if __name__ == "__main__" and os.environ.get("WALSTATE_HOSTNAME"):
 import json  # noqa: E402
 import signal  # noqa: E402
 import sqlite3  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
+import traceback  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -64,6 +68,16 @@ def held(ctx: Ctx, step: StepContext) -> dict[str, Any]:
 @flow.step(phase="after", name="after")
 def after(ctx: Ctx, step: StepContext) -> None:
     effect(step, "run")
+
+
+txflow = Workflow("txheld", context=Ctx, phases=["hold"])
+
+
+@txflow.step(phase="hold", name="inside", transactional=True)
+def inside(ctx: Ctx, step: StepContext) -> None:
+    # Runs inside the transaction that records its completion: it holds the write lock meanwhile.
+    effect(step, "start")
+    time.sleep(0.5)
 
 
 def effects(path: str) -> list[list[str]]:
@@ -186,6 +200,51 @@ def fork_siblings(path: str, n: int, mode: str) -> dict[str, Any]:
     return result
 
 
+def fork_mid_write(path: str) -> dict[str, Any]:
+    """Fork while a thread of the parent is inside a write transaction; the child must still write."""
+    global HOLD
+    results = os.environ["WALSTATE_EFFECTS"] + ".child"
+    engine = Engine(path, workers=1, lease=60)
+    engine.register(flow)
+    engine.register(txflow)
+    job = engine.submit("txheld", Ctx(), key="tx")
+    runner = threading.Thread(target=engine.run, args=(job,))
+    runner.start()
+    wait_for(lambda: any(e[0] == "start" and e[3] == "inside" for e in effects(os.environ["WALSTATE_EFFECTS"])),
+             "the transactional step to start")
+    child = os.fork()
+    if child == 0:
+        status = 1
+        try:
+            HOLD = 0.0
+            own = engine.submit("owned", Ctx(), key="child")
+            state = engine.run(own).state
+            Path(results).write_text(json.dumps({"owner": engine.owner, "job": own, "state": state}))
+            status = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(status)
+    runner.join()
+    # A child that hangs is killed and reported, so that the test fails instead of hanging too.
+    deadline = time.monotonic() + 30
+    code: int | None = None
+    while code is None and time.monotonic() < deadline:
+        done, status = os.waitpid(child, os.WNOHANG)
+        if done:
+            code = os.waitstatus_to_exitcode(status)
+        else:
+            time.sleep(0.01)
+    if code is None:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+    child_result = json.loads(Path(results).read_text()) if Path(results).exists() else None
+    result = {"job": job, "state": engine.status(job).state, "hung": code is None, "code": code,
+              "child": child_result, "parent_owner": engine.owner}
+    engine.close()
+    return result
+
+
 def main(action: str, path: str, *args: str) -> int:
     if action == "hold":
         result = hold(path)
@@ -193,6 +252,8 @@ def main(action: str, path: str, *args: str) -> int:
         result = fork_kill(path, reap=action == "fork-kill")
     elif action == "fork-siblings":
         result = fork_siblings(path, int(args[0]), args[1])
+    elif action == "fork-mid-write":
+        result = fork_mid_write(path)
     else:
         raise SystemExit(f"unknown action {action!r}")
     print(json.dumps(result), flush=True)

@@ -146,6 +146,18 @@ def test_two_children_forked_from_one_engine_never_run_the_same_step_twice(db_pa
         check_invariants(db_path, flow, job)
 
 
+def test_a_child_forked_while_its_parent_is_inside_a_write_transaction_writes_on_its_own_connection(
+        db_path: str, effects: str) -> None:
+    result = run_driver("fork-mid-write", db_path)
+    # Inheriting the parent's connection and its write lock (held by a thread the child does not
+    # have), the child would wait for that lock forever.
+    assert not result["hung"], "the forked child hung on the write lock its parent held at fork()"
+    assert result["code"] == 0, result
+    assert result["child"]["state"] == "succeeded" and result["child"]["owner"] != result["parent_owner"]
+    assert result["state"] == "succeeded"
+    check_invariants(db_path, flow, result["child"]["job"])
+
+
 # -- item 5: a killed, unreaped owner is dead --------------------------------------------------
 
 
