@@ -77,11 +77,29 @@ class Store:
 
 
 _stores: weakref.WeakSet[Store] = weakref.WeakSet()
+_forking: list[Store] = []
+
+
+def _before_fork() -> None:
+    # No write transaction of this process may be open at fork(): SQLite's
+    # per-process lock records are copied into the child, which would then see
+    # the file locked for good. So fork() waits for in-flight writes (a
+    # transactional step's handler included) to commit.
+    _forking[:] = list(_stores)
+    for store in _forking:
+        store.db.write_lock.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    for store in reversed(_forking):
+        store.db.write_lock.release()
+    _forking.clear()
 
 
 def _after_fork_in_child() -> None:
+    _forking.clear()
     for store in list(_stores):
         store._after_fork_in_child()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
