@@ -114,14 +114,6 @@ class Reader:
         """Jobs not yet terminal; served by a partial index, so finished history costs nothing."""
         return [JobRow(*r) for r in self._rows(_UNFINISHED_SQL)]  # type: ignore[arg-type]
 
-    def interruptions(self, job_id: int) -> dict[str, int]:
-        """Per sub-step, how many of its attempts a dead process cut short (from the journal)."""
-        rows = self._rows(
-            "SELECT step, count(*) FROM walstate_journal WHERE job_id=? AND note='interrupted' GROUP BY step",
-            (job_id,),
-        )
-        return {str(r[0]): int(r[1]) for r in rows}  # type: ignore[call-overload]
-
     def once(self, job_id: int, step: str, name: str) -> str | None:
         rows = self._rows("SELECT result FROM walstate_once WHERE job_id=? AND step=? AND name=?", (job_id, step, name))
         return str(rows[0][0]) if rows else None
