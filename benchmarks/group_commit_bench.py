@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 
 from walstate.storage import Store
-from walstate.substep import JobHandle, SubStep
+from walstate.substep import LiveJob, SubStep
 
 from .common import Figure, fresh_path, measure, rate, report
 from .transitions_bench import raw_floor
@@ -22,7 +22,7 @@ PER_THREAD = 300
 def threaded(group: bool, durability: str = "full") -> tuple[float, float]:
     store = Store(fresh_path("group"), durability=durability, group_commit=group)  # type: ignore[arg-type]
     job_id, _ = store.write.create_job("b", None, "{}", [(f"s{i}", "p", i) for i in range(THREADS)])
-    job = JobHandle(job_id, "b", "running", None, store.write)
+    job = LiveJob(job_id, "b", "running", None, store.write)
     steps = [SubStep(job, r) for r in store.read.steps(job_id)]
     barrier = threading.Barrier(THREADS + 1)
 
@@ -50,7 +50,7 @@ def threaded(group: bool, durability: str = "full") -> tuple[float, float]:
 def single(group: bool) -> float:
     store = Store(fresh_path("single"), group_commit=group)
     job_id, _ = store.write.create_job("b", None, "{}", [("s", "p", 0)])
-    step = SubStep(JobHandle(job_id, "b", "running", None, store.write), store.read.steps(job_id)[0])
+    step = SubStep(LiveJob(job_id, "b", "running", None, store.write), store.read.steps(job_id)[0])
 
     def work() -> None:
         for _ in range(1500):

@@ -16,7 +16,7 @@ import time
 from pydantic import BaseModel
 
 from walstate import Engine, Workflow
-from walstate.substep import JobHandle, SubStep
+from walstate.substep import LiveJob, SubStep
 from walstate.storage import Store
 
 from .common import Figure, fresh_path, measure, report
@@ -78,7 +78,7 @@ def recover_seconds(path: str) -> float:
 def rebuild() -> tuple[tuple[float, float], tuple[float, float]]:
     store = Store(fresh_path("rebuild"))
     job_id, _ = store.write.create_job("r", None, "{}", [(f"s{i}", "p", i) for i in range(10_000)])
-    job = JobHandle(job_id, "r", "running", None, store.write)
+    job = LiveJob(job_id, "r", "running", None, store.write)
     conn = store.db.connection()
 
     def raw() -> float:

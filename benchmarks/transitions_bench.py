@@ -12,7 +12,7 @@ import sqlite3
 import time
 
 from walstate.storage import Store
-from walstate.substep import JobHandle, SubStep
+from walstate.substep import LiveJob, SubStep
 
 from .common import Figure, fresh_path, measure, rate, report
 
@@ -50,7 +50,7 @@ def raw_floor(durability: str) -> float:
 def library(durability: str) -> float:
     store = Store(fresh_path("lib"), durability=durability)  # type: ignore[arg-type]
     job_id, _ = store.write.create_job("b", None, "{}", [("s", "p", 0)])
-    step = SubStep(JobHandle(job_id, "b", "running", None, store.write), store.read.steps(job_id)[0])
+    step = SubStep(LiveJob(job_id, "b", "running", None, store.write), store.read.steps(job_id)[0])
     step.start()
 
     def work() -> None:

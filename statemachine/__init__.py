@@ -42,17 +42,19 @@ from .workflow import Retry, Workflow
 
 if TYPE_CHECKING:
     from .engine import Engine, JobId, JobStatus, RecoveryReport, StepStatus, TransitionRecord
+    from .runtime import JobHandle, Worker
 
 _ENGINE_NAMES = ("Engine", "JobId", "JobStatus", "RecoveryReport", "StepStatus", "TransitionRecord")
+_RUNTIME_NAMES = ("JobHandle", "Worker")
 
 
 def __getattr__(name: str) -> Any:
     # The engine (and with it peewee, transitions and SQLite) loads on first
     # use: defining workflows, or a `walstate --help`, does not pay for it.
-    if name in _ENGINE_NAMES:
-        from . import engine
+    if name in _ENGINE_NAMES or name in _RUNTIME_NAMES:
+        from . import engine, runtime
 
-        value = getattr(engine, name)
+        value = getattr(engine if name in _ENGINE_NAMES else runtime, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'walstate' has no attribute {name!r}")
@@ -72,6 +74,7 @@ __all__ = [
     "InvalidTransition",
     "JobCancelled",
     "JobFailed",
+    "JobHandle",
     "JobId",
     "JobOwned",
     "JobStatus",
@@ -92,6 +95,7 @@ __all__ = [
     "UnknownJob",
     "UsageError",
     "WalstateError",
+    "Worker",
     "Workflow",
     "WriteFailed",
     "guarded_update",

@@ -11,7 +11,9 @@ import importlib
 import json
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
@@ -188,7 +190,7 @@ def _load_app(spec: str) -> Any:
         raise ConfigurationError(f"module {module_name!r} has no attribute {attr!r}") from None
 
 
-def cmd_recover(args: argparse.Namespace, out: Out) -> int:
+def _app_engine(args: argparse.Namespace) -> Any:
     from .engine import Engine
 
     app = _load_app(args.app)
@@ -197,6 +199,35 @@ def cmd_recover(args: argparse.Namespace, out: Out) -> int:
         raise ConfigurationError(f"{args.app} is neither an Engine nor a factory taking the database path")
     if os.path.realpath(engine.path) != os.path.realpath(args.db):
         raise ConfigurationError(f"{args.app} runs on {engine.path}, not {args.db}")
+    return engine
+
+
+def cmd_worker(args: argparse.Namespace, out: Out) -> int:
+    """Run a worker in the foreground; SIGTERM or SIGINT stop it gracefully (exit 0)."""
+    engine = _app_engine(args)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop.set()
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        worker = engine.start_worker(args.concurrency)
+        out.line(f"worker on {engine.path}: concurrency {worker.concurrency}, pid {os.getpid()}")
+        while not stop.wait(0.2):
+            pass
+        out.line(f"stopping: no new claims; steps in flight get {args.grace:g}s, then the rest is released")
+        engine.stop_worker(drain=False, grace=args.grace)
+        engine.close(grace=0)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    out.line("worker stopped")
+    return 0
+
+
+def cmd_recover(args: argparse.Namespace, out: Out) -> int:
+    engine = _app_engine(args)
     ids = engine.recover()
     engine.close()
     out.json(ids) if out.as_json else out.line(f"resumed {len(ids)} job(s): {', '.join(map(str, ids)) or '-'}")
@@ -320,6 +351,13 @@ def parser() -> argparse.ArgumentParser:
                        help="comma-separated finished states to delete (default: %(default)s; failed is allowed)")
     prune.add_argument("--batch", type=int, default=200, help="jobs per transaction (default: %(default)s)")
     prune.add_argument("--dry-run", action="store_true", help="count what would be deleted; change nothing")
+    work = add("worker", cmd_worker, "run a worker in the foreground: claim and run jobs until SIGTERM/SIGINT")
+    work.add_argument("--app", required=True, metavar="MODULE:ATTR",
+                      help="your app's Engine (or a factory taking the database path), e.g. myapp.jobs:engine")
+    work.add_argument("--concurrency", type=int, default=None, metavar="N",
+                      help="jobs run at once by this worker (default: the engine's workers)")
+    work.add_argument("--grace", type=float, default=30.0, metavar="S",
+                      help="on SIGTERM/SIGINT, seconds steps in flight get to finish before the rest is released")
     rec = add("recover", cmd_recover, "resume what a dead process left, with your app's Engine", as_json=True)
     rec.add_argument("--app", required=True, help="MODULE:ATTR naming an Engine, or a factory taking DB")
     diag = add("diagram", cmd_diagram, "the sub-step machine and a workflow's phases as Mermaid text", db=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import threading
@@ -10,7 +11,7 @@ import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Generic, overload
+from typing import Any, Generic, cast, overload
 
 from pydantic import BaseModel, ValidationError
 
@@ -19,6 +20,7 @@ from .context import dump_context, validate_submission
 from .ownership import Clock
 from .runner import JobRun
 from .storage import TERMINAL_JOB_STATES, TERMINAL_STEP_STATES, Durability, JobRow, StepRow, Store, retention
+from .storage.writepath import Claimed
 from .storage.retention import DEFAULT_BATCH
 from .storage.errors import (
     ConfigurationError,
@@ -29,10 +31,12 @@ from .storage.errors import (
     JobFailed,
     JobOwned,
     KeyConflict,
+    LeaseLost,
     UnknownJob,
     UsageError,
 )
-from .substep import JobHandle, SubStep
+from .substep import LiveJob, SubStep
+from .runtime import JobHandle, Worker
 from .threads import ThreadCache
 from .workflow import C, Workflow
 
@@ -104,12 +108,19 @@ class RecoveryReport(list[int]):
 class _Active:
     """A run of one job in this engine: later ``run()`` calls of the job wait for it."""
 
-    __slots__ = ("done", "run", "thread")
+    __slots__ = ("done", "run", "thread", "stop")
 
     def __init__(self) -> None:
         self.done = threading.Event()
         self.run: JobRun | None = None
         self.thread = threading.get_ident()
+        #: Set when the run must stop after its steps in flight (worker shutdown).
+        self.stop = False
+
+    def halt(self) -> None:
+        self.stop = True
+        if self.run is not None:
+            self.run.signal("close")
 
 
 class Engine:
@@ -159,6 +170,10 @@ class Engine:
         self._active: dict[int, _Active] = {}
         self._active_lock = threading.Lock()
         self._closing = False
+        self._worker: Worker | None = None
+        self._worker_lock = threading.Lock()
+        # Notified whenever a run of this engine ends (JobHandle.result waits on it).
+        self._ends = threading.Condition()
         _engines.add(self)
 
     @property
@@ -171,6 +186,10 @@ class Engine:
         self._active = {}
         self._active_lock = threading.Lock()
         self._threads = ThreadCache()
+        # The parent's worker thread did not survive the fork.
+        self._worker = None
+        self._worker_lock = threading.Lock()
+        self._ends = threading.Condition()
 
     # -- definitions ------------------------------------------------------------
 
@@ -276,9 +295,7 @@ class Engine:
                 try:
                     return self._run_claimed(job_id, active)
                 finally:
-                    with self._active_lock:
-                        del self._active[job_id]
-                    active.done.set()
+                    self._ended(job_id, active)
             if active.thread == threading.get_ident():
                 raise UsageError(f"{self.path}: run({job_id}) from inside that job's own run would wait forever")
             active.done.wait()
@@ -287,6 +304,20 @@ class Engine:
                 return self._finished(row)
             # The live run stopped without finishing (closed, or lost its
             # claim): try again, which claims it if nobody else holds it.
+
+    def _ended(self, job_id: int, active: _Active) -> None:
+        with self._active_lock:
+            del self._active[job_id]
+        active.done.set()
+        with self._ends:
+            self._ends.notify_all()
+        worker = self._worker
+        if worker is not None:
+            worker._done(job_id)
+
+    def _wait_for_an_end(self, timeout: float) -> None:
+        with self._ends:
+            self._ends.wait(timeout)
 
     def _check_runnable(self, row: JobRow, flow: Workflow[Any], steps: list[StepRow]) -> None:
         """Refuse, before claiming, a job this engine's definition cannot run."""
@@ -320,33 +351,162 @@ class Engine:
             if claimed is None:
                 raise JobOwned(f"{self.path}: job {job_id} was claimed by another run just now")
             log.job_claimed(job_id, row.workflow, row.owner)  # log: a takeover when row.owner is set
-            job = JobHandle(job_id, row.workflow, "running", owner, self.store.write, claimed.epoch)
-            steps = {r.name: SubStep(job, r) for r in claimed.steps}
-            if row.state == "pending":  # log
-                log.job_started(job_id, row.workflow)
-            elif any(s.attempt for s in steps.values()):  # log
-                log.job_resumed(job_id, row.workflow, sum(s.state in TERMINAL_STEP_STATES for s in steps.values()),
-                                len(steps))
-            run = JobRun(self.store, flow, job, steps, claimed.context, self._threads, workers=self.workers)
-            active.run = run
-            if claimed.cancel_requested:
-                run.signal("cancel")
-            claim = ownership.Claim(job_id, owner, claimed.epoch, run.signal)
-            self._heartbeat.add(claim)
-            try:
-                if self._closing:
-                    run.signal("close")
-                outcome = run.execute()
-            finally:
-                self._heartbeat.remove(claim)
-            if outcome == "released":
-                self.store.write.release(job_id, owner, job.epoch, "released: the engine was closed")
-                log.job_left_alone(job_id, row.workflow, "released: the engine was closed")  # log
-                raise EngineClosed(f"{self.path}: the engine was closed during the run of job {job_id}; its "
-                                   "unfinished steps are left for another run")
-            log.job_ended(job_id, row.workflow, job.state,  # log
-                          None if job.state == "succeeded" else self._row(job_id).error)
+            return self._execute(flow, job_id, row.state, claimed, active, owner)
+
+    def _execute(self, flow: Workflow[Any], job_id: int, prior_state: str, claimed: Claimed, active: _Active,
+                 owner: str) -> JobStatus[Any]:
+        """Run a job this engine has just claimed (the caller holds its LiveRun mark) to its end."""
+        job = LiveJob(job_id, flow.name, "running", owner, self.store.write, claimed.epoch)
+        steps = {r.name: SubStep(job, r) for r in claimed.steps}
+        if prior_state == "pending":  # log
+            log.job_started(job_id, flow.name)
+        elif any(s.attempt for s in steps.values()):  # log
+            log.job_resumed(job_id, flow.name, sum(s.state in TERMINAL_STEP_STATES for s in steps.values()), len(steps))
+        run = JobRun(self.store, flow, job, steps, claimed.context, self._threads, workers=self.workers)
+        active.run = run
+        if claimed.cancel_requested:
+            run.signal("cancel")
+        claim = ownership.Claim(job_id, owner, claimed.epoch, run.signal)
+        self._heartbeat.add(claim)
+        try:
+            if self._closing or active.stop:
+                run.signal("close")
+            outcome = run.execute()
+        finally:
+            self._heartbeat.remove(claim)
+        if outcome == "released":
+            self.store.write.release(job_id, owner, job.epoch, "released: the engine was closed")
+            log.job_left_alone(job_id, flow.name, "released: the engine was closed")  # log
+            raise EngineClosed(f"{self.path}: the engine was closed during the run of job {job_id}; its "
+                               "unfinished steps are left for another run")
+        log.job_ended(job_id, flow.name, job.state,  # log
+                      None if job.state == "succeeded" else self._row(job_id).error)
         return self._finished(self._row(job_id))
+
+    # -- the runtime -------------------------------------------------------------
+
+    def _claim_batch(self, limit: int, dead: list[tuple[int, int]], worker: Worker) -> int:
+        """Claim up to ``limit`` runnable jobs for ``worker`` and start each on a thread; return how many."""
+        owner = self.owner
+        limits = {name: f.concurrency for name, f in self._flows.items() if f.concurrency is not None}
+        with ownership.Claiming(owner):
+            claims = self.store.write.claim_runnable(
+                owner=owner, lease_expires=self._heartbeat.lease_expires(), limit=limit, workflows=list(self._flows),
+                dead=dead, skip=list(worker.unrunnable), limits=limits or None)
+            for workflow, prior_state, prior_owner, claimed in claims:
+                # Marked live before the batch's Claiming mark goes away.
+                live = ownership.LiveRun(owner, claimed.job_id)
+                live.__enter__()
+                active = _Active()
+                with self._active_lock:
+                    self._active[claimed.job_id] = active
+                worker._adopt(claimed.job_id, active)
+                log.job_claimed(claimed.job_id, workflow, prior_owner)  # log
+                self._threads.submit(functools.partial(self._run_for_worker, workflow, prior_state, claimed, active,
+                                                       live, owner, worker))
+        return len(claims)
+
+    def _run_for_worker(self, workflow: str, prior_state: str, claimed: Claimed, active: _Active,
+                        live: ownership.LiveRun, owner: str, worker: Worker) -> None:
+        job_id = claimed.job_id
+        active.thread = threading.get_ident()
+        try:
+            flow = self._flows[workflow]
+            try:
+                self._check_claimed(job_id, flow, claimed)
+            except Exception as exc:
+                # Nothing ran: give the job back at once and never claim it here again.
+                worker.unrunnable[job_id] = f"{type(exc).__name__}: {exc}"
+                self.store.write.release(job_id, owner, claimed.epoch, f"released: cannot run here ({exc})")
+                log.job_unrunnable(job_id, workflow, worker.unrunnable[job_id])  # log
+                return
+            self._execute(flow, job_id, prior_state, claimed, active, owner)
+        except (JobFailed, JobCancelled, EngineClosed):
+            pass  # the job's outcome is in the database
+        except LeaseLost as exc:
+            log.job_left_alone(job_id, workflow, str(exc))  # log
+        except Exception as exc:  # a bug, or the file failing: the job stays claimed until its owner is found dead
+            log.worker_error(exc)  # log
+        finally:
+            live.__exit__()
+            self._ended(job_id, active)
+
+    def _check_claimed(self, job_id: int, flow: Workflow[Any], claimed: Claimed) -> None:
+        if {r.name for r in claimed.steps} != set(flow.steps):
+            raise DefinitionError(
+                f"{self.path}: job {job_id} was created with steps {sorted(r.name for r in claimed.steps)} but "
+                f"workflow {flow.name!r} now declares {sorted(flow.steps)}")
+        try:
+            flow.context.model_validate_json(claimed.context)
+        except ValidationError as exc:
+            raise ContextInvalid(f"{self.path}: job {job_id} ({flow.name}): its stored context no longer validates "
+                                 f"against {flow.context.__name__}: {exc}") from exc
+
+    def start_worker(self, concurrency: int | None = None, *, poll: float = 0.02) -> Worker:
+        """Start a worker in background threads: it claims and runs jobs until :meth:`stop_worker`.
+
+        At most ``concurrency`` jobs (default: ``workers``) run at once in this
+        engine; workers of several processes on one file share the work (no
+        job runs twice) and take over the jobs of dead owners by themselves.
+        Usable as a context manager (``with engine.start_worker(4): ...``).
+        """
+        with self._worker_lock:
+            if self._closing:
+                raise EngineClosed(f"{self.path}: the engine is closed; it starts no worker")
+            if self._worker is not None and self._worker.running:
+                raise UsageError(f"{self.path}: this engine already runs a worker; stop_worker() it first")
+            self._worker = Worker(self, concurrency or self.workers, poll=poll).start()
+            log.worker_started(self._worker.concurrency)  # log
+            return self._worker
+
+    def stop_worker(self, *, drain: bool = True, grace: float = 30.0) -> None:
+        """Stop this engine's worker: no new claims; see :meth:`Worker.stop` for ``drain`` and ``grace``."""
+        with self._worker_lock:
+            worker = self._worker
+        if worker is not None:
+            worker.stop(drain=drain, grace=grace)
+            log.worker_stopped()  # log
+
+    def serve(self, concurrency: int | None = None, *, grace: float = 30.0) -> None:
+        """Run a worker in this thread until :meth:`stop_worker` is called from elsewhere or Ctrl-C.
+
+        On Ctrl-C (``KeyboardInterrupt``) it stops claiming, lets steps in
+        flight finish within ``grace`` seconds and releases the rest.
+        """
+        worker = self.start_worker(concurrency)
+        try:
+            while worker.running:
+                worker._stopped.wait(0.2)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self.stop_worker(drain=False, grace=grace)
+
+    def start(self, workflow: Workflow[C] | str, context: C | BaseModel | dict[str, Any], *,
+              key: str | None = None) -> JobHandle[C]:
+        """Submit a job and run it in this engine's background runtime; return its :class:`JobHandle`.
+
+        Starts the engine's worker (``concurrency=workers``) if it is not
+        running yet: like any worker, it also runs other runnable jobs of the
+        workflows registered here (those ``submit`` stored, those of dead
+        processes).
+        """
+        job_id: int = self.submit(cast(Any, workflow), cast(Any, context), key=key)
+        with self._worker_lock:
+            worker = self._worker
+        if worker is None or not worker.running:
+            try:
+                worker = self.start_worker()
+            except UsageError:
+                worker = self._worker
+        assert worker is not None
+        worker.wake()
+        return JobHandle(self, job_id)
+
+    def handle(self, job_id: int) -> JobHandle[Any]:
+        """A :class:`JobHandle` for any existing job (raises UnknownJob)."""
+        self._row(job_id)
+        return JobHandle(self, job_id)
 
     def _finished(self, row: JobRow) -> JobStatus[Any]:
         status = self._status(row)
@@ -487,13 +647,15 @@ class Engine:
         :class:`EngineClosed`.
         """
         self._closing = True
+        deadline = time.monotonic() + grace
+        worker = self._worker
+        if worker is not None:
+            worker.stop(drain=False, grace=grace)
         with self._active_lock:
             actives = list(self._active.values())
         me = threading.get_ident()
-        deadline = time.monotonic() + grace
         for active in actives:
-            if active.run is not None:
-                active.run.signal("close")
+            active.halt()
         for active in actives:
             if active.thread != me:
                 active.done.wait(max(0.0, deadline - time.monotonic()))

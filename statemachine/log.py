@@ -33,6 +33,7 @@ LOGGER.addHandler(logging.NullHandler())
 ENGINE = logging.getLogger("walstate.engine")
 RUNNER = logging.getLogger("walstate.runner")
 FSM = logging.getLogger("walstate.fsm")
+RUNTIME = logging.getLogger("walstate.runtime")
 
 #: The names of the ``extra`` fields every walstate record carries.
 FIELDS = ("walstate_job", "walstate_workflow", "walstate_step", "walstate_attempt")
@@ -98,6 +99,32 @@ def job_ended(job: int, workflow: str, state: str, error: str | None) -> None:
 def job_left_alone(job: int, workflow: str, why: str) -> None:
     """Recovery or run() decided not to take a job (its owner lives, or its workflow is not registered)."""
     ENGINE.warning("job %s (%s) left alone: %s", job, workflow, why, extra=fields(job, workflow))
+
+
+# -- the runtime (walstate.runtime) ----------------------------------------------------
+
+
+def worker_started(concurrency: int) -> None:
+    RUNTIME.info("worker started (concurrency %d)", concurrency, extra=fields(None, None))
+
+
+def worker_stopped() -> None:
+    RUNTIME.info("worker stopped", extra=fields(None, None))
+
+
+def worker_error(exc: BaseException) -> None:
+    """The worker loop met an error (a busy or failing file); it keeps running and tries again."""
+    RUNTIME.warning("worker: %s: %s; trying again", type(exc).__name__, exc, extra=fields(None, None))
+
+
+def job_unrunnable(job: int, workflow: str, why: str) -> None:
+    RUNTIME.warning("job %s (%s) cannot run on this engine and was released: %s", job, workflow, why,
+                    extra=fields(job, workflow))
+
+
+def step_timed_out(job: int, workflow: str, step: str, attempt: int, timeout: float) -> None:
+    RUNNER.warning("job %s (%s) step %s attempt %d timed out after %gs; its handler was told through "
+                   "step.cancelled", job, workflow, step, attempt, timeout, extra=fields(job, workflow, step, attempt))
 
 
 # -- sub-steps (walstate.runner) ----------------------------------------------------

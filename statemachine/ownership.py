@@ -85,6 +85,9 @@ class Identity:
 _identity = Identity.current()
 # (owner token, job id) of every run live in this process right now.
 _live_runs: set[tuple[str, int]] = set()
+# Owner tokens of engines of this process that are claiming a batch of jobs
+# right now: until each claimed job is marked live, all of the owner's jobs count as live.
+_claiming: set[str] = set()
 _live_lock = threading.Lock()
 
 
@@ -103,12 +106,28 @@ def _after_fork_in_child() -> None:
     # The parent's runs are not ours; the lock may have been held mid-fork.
     _live_lock = threading.Lock()
     _live_runs.clear()
+    _claiming.clear()
     for heartbeat in list(_heartbeats):
         heartbeat._after_fork_in_child()
 
 
 _heartbeats: weakref.WeakSet[Heartbeat] = weakref.WeakSet()
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class Claiming:
+    """Context manager: while a batch claim of ``owner`` is in flight, its jobs count as live here."""
+
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+
+    def __enter__(self) -> None:
+        with _live_lock:
+            _claiming.add(self.owner)
+
+    def __exit__(self, *exc: object) -> None:
+        with _live_lock:
+            _claiming.discard(self.owner)
 
 
 class LiveRun:
@@ -147,7 +166,7 @@ def owner_alive(owner: str | None, job_id: int, lease_expires: float | None, now
         return lease_valid
     if pid == me.pid and parts[4] == me.start:
         with _live_lock:
-            return (owner, job_id) in _live_runs
+            return (owner, job_id) in _live_runs or owner in _claiming
     stat = _proc_stat(pid)
     if stat is None or stat[0] in ("Z", "X"):
         return False  # gone, or killed and not yet reaped: a zombie runs nothing

@@ -21,7 +21,7 @@ from .storage.writepath import Change
 
 from . import log
 from .context import StepContext, StepResult, check_update_keys, context_merger, to_json
-from .substep import JobHandle, SubStep
+from .substep import LiveJob, SubStep
 from .threads import ThreadCache
 from .workflow import StepDef, Workflow
 
@@ -51,7 +51,7 @@ class JobRun:
     Handlers in flight see ``step.cancelled`` for the first two.
     """
 
-    def __init__(self, store: Store, flow: Workflow[Any], job: JobHandle, steps: dict[str, SubStep],
+    def __init__(self, store: Store, flow: Workflow[Any], job: LiveJob, steps: dict[str, SubStep],
                  context_text: str, threads: ThreadCache | None, workers: int = 1) -> None:
         self.store = store
         self.flow = flow
@@ -63,8 +63,10 @@ class JobRun:
         self.aborted = threading.Event()
         #: Set for any reason to start no new step; wakes a step waiting in backoff.
         self.stop = threading.Event()
-        #: What handlers see as ``step.cancelled``.
+        #: Set by a cancel or a lost claim; each attempt's ``step.cancelled`` follows it.
         self.cancelled = threading.Event()
+        self._attempts: set[threading.Event] = set()
+        self._attempts_lock = threading.Lock()
         self.reasons: set[str] = set()
         job.aborted = self.aborted
         if any(s.state == "failed" for s in steps.values()):
@@ -83,8 +85,20 @@ class JobRun:
         """Tell the run to stop: ``"cancel"``, ``"lost"`` (its claim) or ``"close"`` (the engine)."""
         self.reasons.add(reason)
         if reason in ("cancel", "lost"):
-            self.cancelled.set()
+            with self._attempts_lock:
+                self.cancelled.set()
+                for event in self._attempts:
+                    event.set()
         self.stop.set()
+
+    def _attempt_event(self) -> threading.Event:
+        """The ``step.cancelled`` of one attempt: set by a cancel or a lost claim, or by its own timeout."""
+        event = threading.Event()
+        with self._attempts_lock:
+            if self.cancelled.is_set():
+                event.set()
+            self._attempts.add(event)
+        return event
 
     def _failing(self) -> None:
         self.failing.set()
@@ -290,8 +304,9 @@ class JobRun:
                     return
                 decide = False
             step.start()
+            cancelled = self._attempt_event()
             sc = StepContext(self.job.id, d.name, step.attempt, self._idempotency_key(d.name), self.store.db,
-                             self.store.read, self.store.write, self.cancelled)
+                             self.store.read, self.store.write, cancelled)
             box: list[tuple[int, str]] = []
             try:
                 if d.transactional:
@@ -311,19 +326,48 @@ class JobRun:
             except (ContextInvalid, OutputNotJSON) as exc:
                 self._failed_attempt(d, step, describe(exc), tuple(sc.recorded), final=True)
                 return
+            finally:
+                with self._attempts_lock:
+                    self._attempts.discard(cancelled)
 
     def _call(self, d: StepDef, ctx: BaseModel, sc: StepContext,
               box: list[tuple[int, str]]) -> tuple[str | None, ContextPatch | None]:
         """Run the handler between its two fault points; return its output and context update."""
         faults.point("handler_before_effect")
         try:
-            result = d.fn(ctx, sc)
+            result = d.fn(ctx, sc) if d.timeout is None else self._call_with_timeout(d, ctx, sc)
         except Exception as exc:
             raise _HandlerRaised(exc) from exc
         faults.point("handler_after_effect")
         # A completion after this run lost its claim is refused by the fenced
         # write itself (LeaseLost), so no check is needed here.
         return self._result(d, result, box)
+
+    def _call_with_timeout(self, d: StepDef, ctx: BaseModel, sc: StepContext) -> Any:
+        """Run the handler on a thread of its own and wait at most ``d.timeout`` seconds for it.
+
+        On timeout the attempt fails with ``TimeoutError`` and the handler is
+        told through ``step.cancelled``; its thread goes on until the handler
+        returns, and whatever it returns then is dropped.
+        """
+        assert d.timeout is not None and self.threads is not None
+        outcome: list[tuple[bool, Any]] = []
+
+        def target() -> None:
+            try:
+                outcome.append((True, d.fn(ctx, sc)))
+            except BaseException as exc:  # handed to the waiting thread
+                outcome.append((False, exc))
+
+        task = self.threads.submit(target)
+        if not task.wait(d.timeout):
+            sc.cancelled.set()
+            log.step_timed_out(self.job.id, self.flow.name, d.name, sc.attempt, d.timeout)  # log
+            raise TimeoutError(f"step {d.name!r} attempt {sc.attempt} timed out after {d.timeout:g}s")
+        ok, value = outcome[0]
+        if not ok:
+            raise value
+        return value
 
     def _failed_attempt(self, d: StepDef, step: SubStep, error: str, once: tuple[tuple[str, str, str], ...],
                         *, final: bool = False) -> bool:

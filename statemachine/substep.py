@@ -19,7 +19,7 @@ class RunAborted(BaseException):
     """
 
 
-class JobHandle:
+class LiveJob:
     """A job as this process sees it: id, its state, the owner token it writes under."""
 
     __slots__ = ("id", "workflow", "state", "owner", "epoch", "write", "aborted")
@@ -77,7 +77,7 @@ class SubStep:
 
     __slots__ = ("job", "id", "name", "phase", "state", "attempt", "failures", "interruptions", "output", "error")
 
-    def __init__(self, job: JobHandle, row: StepRow) -> None:
+    def __init__(self, job: LiveJob, row: StepRow) -> None:
         # Restoring from a row sets attributes only: no machine callback runs on load.
         self.job = job
         self.id = row.id

@@ -22,8 +22,9 @@ class Task:
         self.fn = fn
         self._done = threading.Event()
 
-    def wait(self) -> None:
-        self._done.wait()
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the call to have run; False if ``timeout`` passed first."""
+        return self._done.wait(timeout)
 
 
 class ThreadCache:

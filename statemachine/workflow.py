@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -69,6 +70,8 @@ class StepDef:
     transactional: bool
     when: Callable[[Any], bool] | None
     position: int
+    #: Seconds an attempt may run before it fails as timed out (None: no limit).
+    timeout: float | None = None
 
 
 @dataclass
@@ -80,11 +83,15 @@ class Workflow(Generic[C]):
     It returns ``None``, a ``dict`` of context fields to update (also recorded
     as the step's output), a :class:`StepResult`, or any other JSON value as
     its output.
+
+    ``concurrency`` caps how many jobs of this workflow workers run at once,
+    across every process on the file (``None``: no cap).
     """
 
     name: str
     context: type[C]
     phases: Sequence[str]
+    concurrency: int | None = field(default=None, kw_only=True)
     steps: dict[str, StepDef] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
@@ -95,6 +102,8 @@ class Workflow(Generic[C]):
             raise DefinitionError(f"workflow {self.name!r} repeats a phase name: {list(self.phases)}")
         if not (isinstance(self.context, type) and issubclass(self.context, BaseModel)):
             raise DefinitionError(f"workflow {self.name!r}: context must be a pydantic BaseModel subclass")
+        if self.concurrency is not None and self.concurrency < 1:
+            raise DefinitionError(f"workflow {self.name!r}: concurrency must be >= 1 or None, not {self.concurrency}")
 
     def step(
         self,
@@ -105,6 +114,7 @@ class Workflow(Generic[C]):
         after: Sequence[str] = (),
         transactional: bool = False,
         when: Callable[[C], bool] | None = None,
+        timeout: float | None = None,
     ) -> Callable[[Callable[[C, StepContext], R]], Callable[[C, StepContext], R]]:
         """Decorator declaring a sub-step of ``phase``.
 
@@ -116,16 +126,33 @@ class Workflow(Generic[C]):
         inside the transaction that records its completion, so its
         ``step.db`` writes commit exactly once. ``when(ctx)`` returning false
         skips the step.
+
+        ``timeout`` (seconds): an attempt that runs longer fails as timed out
+        (journalled, retried under ``retry``) and its handler is told through
+        ``step.cancelled``. Python cannot stop a thread: a handler that ignores
+        it keeps its thread until it returns, and its late result is not
+        recorded. Not allowed with ``transactional=True`` (the handler would
+        hold the write transaction past its timeout).
+
+        ``async def`` handlers are refused until walstate supports them.
         """
         if phase not in self.phases:
             raise DefinitionError(f"workflow {self.name!r}: unknown phase {phase!r}; phases are {list(self.phases)}")
+        if timeout is not None and not timeout > 0:
+            raise DefinitionError(f"workflow {self.name!r}: step timeout must be > 0 seconds, not {timeout}")
+        if timeout is not None and transactional:
+            raise DefinitionError(f"workflow {self.name!r}: a transactional step cannot have a timeout (its handler "
+                                  "runs inside the write transaction, which a timeout cannot interrupt)")
 
         def register(fn: Callable[[C, StepContext], R]) -> Callable[[C, StepContext], R]:
-            step_name = name or fn.__name__
+            step_name: str = name or str(getattr(fn, "__name__", ""))
+            if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None)):
+                raise DefinitionError(f"workflow {self.name!r}: step {step_name!r} is an async def handler; "
+                                      "walstate runs plain (sync) handlers only for now: make it a def")
             if step_name in self.steps:
                 raise DefinitionError(f"workflow {self.name!r}: step {step_name!r} is declared twice")
             self.steps[step_name] = StepDef(
-                step_name, phase, fn, retry or Retry(), tuple(after), transactional, when, len(self.steps)
+                step_name, phase, fn, retry or Retry(), tuple(after), transactional, when, len(self.steps), timeout
             )
             return fn
 

@@ -10,6 +10,7 @@ import json
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import peewee
 
@@ -65,6 +66,8 @@ _JOB_COLS = "id, workflow, key, state, context, error, owner, lease_expires, cre
 _STEP_COLS = "id, job_id, name, phase, position, state, attempt, output, error, updated_at, failures, interruptions"
 _JOURNAL_COLS = "id, job_id, step, from_state, to_state, attempt, at, note"
 STEPS_OF_JOB = f"SELECT {_STEP_COLS} FROM walstate_step WHERE job_id=? ORDER BY position"
+STEPS_OF_JOBS = (f"SELECT {_STEP_COLS} FROM walstate_step WHERE job_id IN (SELECT value FROM json_each(?)) "
+                 "ORDER BY job_id, position")
 # The unfinished states are written into the SQL as literals, the same ones
 # the partial index names: they are module constants, never data.
 assert all(s.isalpha() for s in UNFINISHED_JOB_STATES)
@@ -123,6 +126,24 @@ class Reader:
         rows = self._rows("SELECT id FROM walstate_job WHERE cancel_requested=1 AND id IN "
                           "(SELECT value FROM json_each(?))", (json.dumps(list(job_ids)),))
         return {int(r[0]) for r in rows}  # type: ignore[call-overload]
+
+    def owned_unfinished(self) -> list[tuple[int, int, str, str, float | None]]:
+        """``(id, epoch, workflow, owner, lease_expires)`` of unfinished jobs that have an owner (liveness checks)."""
+        rows: list[Any] = self._rows("SELECT id, epoch, workflow, owner, lease_expires FROM walstate_job WHERE state IN "
+                                     "('pending', 'running') AND owner IS NOT NULL")
+        return [(int(r[0]), int(r[1]), str(r[2]), str(r[3]), None if r[4] is None else float(r[4])) for r in rows]
+
+    def runnable_exists(self, workflows: Sequence[str], skip: Sequence[int] = ()) -> bool:
+        """Whether an unowned unfinished job waits: a cheap read before a claim takes the write lock."""
+        rows = self._rows("SELECT 1 FROM walstate_job WHERE state IN ('pending', 'running') AND owner IS NULL AND "
+                          "workflow IN (SELECT value FROM json_each(?)) AND id NOT IN (SELECT value FROM json_each(?)) "
+                          "LIMIT 1", (json.dumps(list(workflows)), json.dumps(list(skip))))
+        return bool(rows)
+
+    def data_version(self) -> int:
+        """SQLite's ``PRAGMA data_version``: changes whenever another connection commits to the file."""
+        value: Any = self._rows("PRAGMA data_version")[0][0]
+        return int(value)
 
     def database_id(self) -> str:
         return str(self._rows("SELECT value FROM walstate_meta WHERE key='database_id'")[0][0])

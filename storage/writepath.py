@@ -30,7 +30,7 @@ import peewee
 from . import faults
 from .connection import WalstateDatabase, translate
 from .errors import LeaseLost, StaleState
-from .reads import STEPS_OF_JOB, StepRow
+from .reads import STEPS_OF_JOB, STEPS_OF_JOBS, StepRow
 
 JSONMerge = Callable[[dict[str, Any]], str]
 
@@ -92,6 +92,8 @@ class Claimed:
     context: str
     cancel_requested: bool
     steps: list[StepRow]
+    #: The job's id (filled by batch claims; single claims know it already).
+    job_id: int = 0
 
 
 class _Request:
@@ -452,6 +454,98 @@ class WritePath:
                 raise translate(exc, self.path, f"claiming job {job_id}") from exc
         faults.point("after_commit")
         return claimed
+
+    # Runnable: pending or unfinished with no owner, or with an owner the caller
+    # found dead (by pid on this host, by lease elsewhere: ownership.owner_alive)
+    # at the epoch it read, so a job claimed since is not taken. The state
+    # literals match the partial index.
+    _RUNNABLE = (
+        "SELECT id, state, epoch, workflow, owner FROM walstate_job "
+        "WHERE state IN ('pending', 'running') AND workflow IN (SELECT value FROM json_each(?)) "
+        "AND id NOT IN (SELECT value FROM json_each(?)) AND (owner IS NULL OR (id, epoch) IN "
+        "(SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))) "
+        "ORDER BY id LIMIT ?"
+    )
+    _RUNNING_PER_WORKFLOW = (
+        "SELECT workflow, count(*) FROM walstate_job WHERE state='running' AND owner IS NOT NULL "
+        "AND workflow IN (SELECT value FROM json_each(?)) GROUP BY workflow"
+    )
+    _CLAIM_MANY = (
+        "UPDATE walstate_job SET owner=?, lease_expires=?, epoch=epoch+1, updated_at=?, state='running' "
+        "WHERE id IN (SELECT value FROM json_each(?)) RETURNING id, epoch, context, cancel_requested"
+    )
+
+    def claim_runnable(
+        self,
+        *,
+        owner: str,
+        lease_expires: float,
+        limit: int,
+        workflows: Sequence[str],
+        dead: Sequence[tuple[int, int]] = (),
+        skip: Sequence[int] = (),
+        limits: dict[str, int] | None = None,
+    ) -> list[tuple[str, str, str | None, Claimed]]:
+        """Claim up to ``limit`` runnable jobs of ``workflows`` for ``owner``, atomically.
+
+        One ``BEGIN IMMEDIATE`` transaction picks the runnable jobs (pending or
+        unfinished with no owner, or ``(id, epoch)`` in ``dead``: jobs whose
+        owner the caller found dead at that epoch; never those in ``skip``), keeps at most ``limits[workflow]`` jobs of a workflow
+        running across every process, and claims them with one ``UPDATE …
+        WHERE id IN (…) RETURNING`` that bumps each epoch; each claim is
+        journalled and the claimed jobs' sub-steps are read in the same
+        transaction. Returns ``(workflow, state before, owner before, Claimed)``
+        per job, oldest first.
+        """
+        if limit < 1 or not workflows:
+            return []
+        faults.point("before_begin")
+        with self._lock:
+            try:
+                with self._transaction() as conn:
+                    names = json.dumps(list(workflows))
+                    extra = sum(limits.values()) if limits else 0
+                    rows = conn.execute(self._RUNNABLE, (names, json.dumps(list(skip)), json.dumps([list(d) for d in dead]),
+                                                         limit + extra)).fetchall()
+                    if limits:
+                        running = dict(conn.execute(self._RUNNING_PER_WORKFLOW, (json.dumps(list(limits)),)).fetchall())
+                        chosen = []
+                        for row in rows:
+                            budget = limits.get(row[3])
+                            if budget is not None:
+                                # A job already running (being taken over) does not add to the count.
+                                if row[1] == "pending" or row[4] is None:
+                                    if running.get(row[3], 0) >= budget:
+                                        continue
+                                    running[row[3]] = running.get(row[3], 0) + 1
+                            chosen.append(row)
+                        rows = chosen
+                    rows = rows[:limit]
+                    if not rows:
+                        return []
+                    before = {int(r[0]): (str(r[1]), str(r[3]), r[4]) for r in rows}
+                    stamp = time.time()
+                    claimed = conn.execute(self._CLAIM_MANY, (owner, lease_expires, stamp, json.dumps(list(before)))).fetchall()
+                    faults.point("after_update")
+                    conn.executemany(self._JOURNAL, [
+                        (job_id, None, before[job_id][0], "running", 0, stamp,
+                         "claimed" if before[job_id][2] is None else f"claimed from {before[job_id][2]}, found dead")
+                        for job_id in before])
+                    faults.point("after_journal")
+                    steps: dict[int, list[StepRow]] = {}
+                    for r in conn.execute(STEPS_OF_JOBS, (json.dumps(list(before)),)):
+                        step = StepRow(*r)
+                        steps.setdefault(step.job_id, []).append(step)
+                    out = []
+                    for job_id, epoch, context, cancel in sorted(claimed):
+                        state, workflow, prior_owner = before[int(job_id)]
+                        out.append((workflow, state, prior_owner, Claimed(
+                            int(epoch), str(context), bool(cancel), steps.get(int(job_id), []), int(job_id))))
+                    faults.point("before_commit")
+            except (sqlite3.Error, peewee.PeeweeException) as exc:
+                raise translate(exc, self.path, "claiming runnable jobs") from exc
+        faults.point("after_commit")
+        return out
 
     def renew(self, job_id: int, owner: str, epoch: int, lease_expires: float) -> bool | None:
         """Extend the lease of ``owner``'s claim (``epoch``) on the job.

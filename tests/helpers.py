@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 
 from walstate.storage import Store
-from walstate.substep import JobHandle, SubStep
+from walstate.substep import LiveJob, SubStep
 
 
 def new_step(store: Store, name: str = "s", owner: str | None = None) -> SubStep:
@@ -17,7 +17,7 @@ def new_step(store: Store, name: str = "s", owner: str | None = None) -> SubStep
         claimed = store.write.claim(job_id, state="pending", epoch=0, owner=owner, lease_expires=0.0, note="test")
         assert claimed is not None
         epoch, state = claimed.epoch, "running"
-    job = JobHandle(job_id, "wf", state, owner, store.write, epoch)
+    job = LiveJob(job_id, "wf", state, owner, store.write, epoch)
     return SubStep(job, store.read.steps(job_id)[0])
 
 

@@ -12,7 +12,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from walstate import InjectedCrash, InvalidTransition, StaleState
 from walstate.fsm import STEP
-from walstate.substep import JobHandle, SubStep
+from walstate.substep import LiveJob, SubStep
 from walstate.storage import Store, faults
 from walstate.storage.errors import DatabaseBusy, DatabaseFull, LeaseLost
 
@@ -220,7 +220,7 @@ def test_loading_a_step_restores_its_state_without_running_enter_or_exit_callbac
 
 def test_sub_steps_share_one_machine_instead_of_building_one_each(store: Store) -> None:
     job_id, _ = store.write.create_job("wf", None, "{}", [(f"s{i}", "p", i) for i in range(50)])
-    job = JobHandle(job_id, "wf", "pending", None, store.write)
+    job = LiveJob(job_id, "wf", "pending", None, store.write)
     with mock.patch.object(transitions.Machine, "__init__", side_effect=AssertionError("built a machine")):
         steps = [SubStep(job, r) for r in store.read.steps(job_id)]
         for s in steps:

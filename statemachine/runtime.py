@@ -1,0 +1,217 @@
+"""The job runtime: a worker that claims runnable jobs from the file and runs them in the background.
+
+A :class:`Worker` belongs to one :class:`~walstate.Engine`. Its loop claims
+runnable jobs (pending; unfinished with a dead owner or an expired lease) of
+the workflows registered on the engine, up to its free concurrency, with one
+atomic claim (``WritePath.claim_runnable``), and runs each on a thread of its
+own. Workers of several processes on one file share the work; the claim and
+its epoch make sure no job runs twice.
+
+An idle worker sleeps until something may have changed, never busy-polls:
+
+* in this process, :meth:`Worker.wake` (a submit, a started job, a job that
+  ended and freed a slot) notifies its condition at once;
+* from other processes, ``PRAGMA data_version`` changes on every commit to
+  the file; reading it costs a few microseconds, done every ``poll`` seconds
+  (20 ms by default); only a change leads to a (cheap, read-only) look for
+  runnable jobs, and only a hit to a claim that takes the write lock;
+* dead owners and expired leases need no commit to appear, so every
+  ``scan`` seconds (0.5 s) the worker also checks the owners of unfinished
+  jobs (by pid on this host, by lease elsewhere).
+
+:class:`JobHandle` is what :meth:`Engine.start` returns: the job's id, its
+status, and its result when it ends (in this process or any other).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Generic
+
+from . import log, ownership
+from .storage.errors import ConfigurationError
+from .storage.schema import TERMINAL_JOB_STATES
+from .workflow import C
+
+if TYPE_CHECKING:
+    from .engine import Engine, JobStatus
+
+
+class Worker:
+    """Claims and runs jobs for one engine until stopped (see the module docstring).
+
+    Use :meth:`Engine.start_worker` / :meth:`Engine.stop_worker` or
+    :meth:`Engine.serve` rather than building one directly.
+    """
+
+    def __init__(self, engine: Engine, concurrency: int, *, poll: float = 0.02, scan: float = 0.5) -> None:
+        if concurrency < 1:
+            raise ConfigurationError(f"concurrency must be >= 1, not {concurrency}")
+        self.engine = engine
+        self.concurrency = concurrency
+        self.poll = poll
+        self.scan = scan
+        self._cv = threading.Condition()
+        self._woken = True
+        self._stopping = False
+        self._inflight: dict[int, Any] = {}  # job id -> its _Active
+        self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
+        #: Jobs this engine cannot run (changed definition, bad context): never claimed again here.
+        self.unrunnable: dict[int, str] = {}
+        self.claimed = 0
+
+    # -- control -----------------------------------------------------------------
+
+    def start(self) -> Worker:
+        self._thread = threading.Thread(target=self._loop, name="walstate-worker", daemon=True)
+        self._thread.start()
+        return self
+
+    def wake(self) -> None:
+        """Look for work now (something in this process may have made a job runnable or freed a slot)."""
+        with self._cv:
+            self._woken = True
+            self._cv.notify_all()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and not self._stopped.is_set()
+
+    def inflight(self) -> list[int]:
+        with self._cv:
+            return list(self._inflight)
+
+    def stop(self, *, drain: bool = True, grace: float = 30.0) -> None:
+        """Stop claiming; let runs in flight end, then return.
+
+        ``drain=True`` lets the jobs in flight run to their end for up to
+        ``grace`` seconds; whatever still runs then (or at once with
+        ``drain=False``) starts no new step, lets its steps in flight finish
+        within what is left of ``grace``, and releases its job (journalled)
+        for another worker.
+        """
+        deadline = time.monotonic() + grace
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        if drain:
+            self._wait_idle(deadline)
+        with self._cv:
+            actives = list(self._inflight.values())
+        for active in actives:
+            active.halt()
+        self._wait_idle(deadline)
+
+    def _wait_idle(self, deadline: float) -> None:
+        with self._cv:
+            while self._inflight and time.monotonic() < deadline:
+                self._cv.wait(min(0.05, max(0.0, deadline - time.monotonic())))
+
+    # -- the loop ----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        read = self.engine.store.read
+        version = -1
+        next_scan = 0.0
+        try:
+            while True:
+                with self._cv:
+                    if self._stopping:
+                        return
+                    woken, self._woken = self._woken, False
+                    free = self.concurrency - len(self._inflight)
+                try:
+                    changed = False
+                    current = read.data_version()
+                    if current != version:
+                        version, changed = current, True
+                    now = time.monotonic()
+                    dead: list[tuple[int, int]] = []
+                    scanned = now >= next_scan
+                    if scanned:
+                        next_scan = now + self.scan
+                        dead = self._dead_owned()
+                    if free > 0 and (woken or changed or scanned):
+                        self._claim(free, dead)
+                except Exception as exc:  # a busy or failing file: keep the worker alive, try again
+                    log.worker_error(exc)  # log
+                with self._cv:
+                    if not self._woken and not self._stopping:
+                        self._cv.wait(self.poll)
+        finally:
+            self._stopped.set()
+
+    def _dead_owned(self) -> list[tuple[int, int]]:
+        """``(id, epoch)`` of unfinished jobs of our workflows whose owner is dead (by pid here, else by lease)."""
+        engine = self.engine
+        now = engine.clock()
+        flows = engine._flows
+        return [(job_id, epoch) for job_id, epoch, workflow, owner, lease in engine.store.read.owned_unfinished()
+                if workflow in flows and job_id not in self.unrunnable
+                and not ownership.owner_alive(owner, job_id, lease, now)]
+
+    def _claim(self, free: int, dead: list[tuple[int, int]]) -> None:
+        engine = self.engine
+        if not dead and not engine.store.read.runnable_exists(list(engine._flows), list(self.unrunnable)):
+            return
+        self.claimed += engine._claim_batch(free, dead, self)
+
+    def _adopt(self, job_id: int, active: Any) -> None:
+        with self._cv:
+            self._inflight[job_id] = active
+
+    def _done(self, job_id: int) -> None:
+        with self._cv:
+            self._inflight.pop(job_id, None)
+            self._woken = True
+            self._cv.notify_all()
+
+
+class JobHandle(Generic[C]):
+    """A job submitted with :meth:`Engine.start` (or found with :meth:`Engine.handle`).
+
+    ``id`` is the job's id; :meth:`status` reads it as stored now;
+    :meth:`result` waits for it to end, wherever it runs.
+    """
+
+    def __init__(self, engine: Engine, job_id: int) -> None:
+        self.engine = engine
+        self.id = job_id
+
+    def __repr__(self) -> str:
+        return f"JobHandle({self.id})"
+
+    def status(self) -> JobStatus[C]:
+        """The job as stored now."""
+        return self.engine.status(self.id)
+
+    def done(self) -> bool:
+        """Whether the job has ended (succeeded, failed or cancelled)."""
+        return self.engine._row(self.id).state in TERMINAL_JOB_STATES
+
+    def result(self, timeout: float | None = None) -> JobStatus[C]:
+        """Wait for the job to end and return its final status.
+
+        Raises :class:`JobFailed` or :class:`JobCancelled` when it ended so,
+        and ``TimeoutError`` when it has not ended within ``timeout`` seconds
+        (the job goes on). Ends run in this process are seen at once, others
+        within a few tens of milliseconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        engine = self.engine
+        while True:
+            row = engine._row(self.id)
+            if row.state in TERMINAL_JOB_STATES:
+                return engine._finished(row)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"{engine.path}: job {self.id} has not ended within {timeout:g}s "
+                                   f"(it is {row.state}); it goes on")
+            wait = 0.05 if deadline is None else max(0.0, min(0.05, deadline - time.monotonic()))
+            engine._wait_for_an_end(wait)
+
+
+__all__ = ["JobHandle", "Worker"]
