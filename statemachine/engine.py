@@ -247,6 +247,9 @@ class Engine:
                 f"{self.path}: key {key!r} of workflow {workflow!r} already names job {job_id}, submitted with "
                 f"another context ({existing}); use a new key or the same context"
             )
+        worker = self._worker
+        if worker is not None and existing is None:
+            worker.wake()  # an idle worker of this process starts it now, not at its next poll
         return JobId(job_id)
 
     def _row(self, job_id: int) -> JobRow:
