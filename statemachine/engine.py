@@ -420,7 +420,8 @@ class Engine:
             except Exception as exc:
                 # Nothing ran: give the job back at once and never claim it here again.
                 worker.unrunnable[job_id] = f"{type(exc).__name__}: {exc}"
-                self.store.write.release(job_id, owner, claimed.epoch, f"released: cannot run here ({exc})")
+                self.store.write.release(job_id, owner, claimed.epoch, f"released: cannot run here ({exc})",
+                                         undo_start=prior_state == "pending")
                 log.job_unrunnable(job_id, workflow, worker.unrunnable[job_id])  # log
                 return
             self._execute(flow, job_id, prior_state, claimed, active, owner)

@@ -69,6 +69,13 @@ class Worker:
         self._thread.start()
         return self
 
+    def __enter__(self) -> Worker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Leaving the ``with`` block stops the worker, letting its jobs in flight end (drain)."""
+        self.engine.stop_worker(drain=True)
+
     def wake(self) -> None:
         """Look for work now (something in this process may have made a job runnable or freed a slot)."""
         with self._cv:

@@ -566,20 +566,25 @@ class WritePath:
                 raise translate(exc, self.path, f"renewing the lease on job {job_id}") from exc
         return None if row is None else bool(row[0])
 
-    def release(self, job_id: int, owner: str, epoch: int, note: str) -> bool:
-        """Give up ``owner``'s claim on an unfinished job (shutdown); journalled. False if already lost."""
+    def release(self, job_id: int, owner: str, epoch: int, note: str, *, undo_start: bool = False) -> bool:
+        """Give up ``owner``'s claim on an unfinished job (shutdown); journalled. False if already lost.
+
+        ``undo_start`` puts a job the claim started back to ``pending`` (a claim
+        that ran nothing, such as a worker's claim of a job it cannot run).
+        """
         with self._lock:
             try:
                 with self._transaction() as conn:
                     now = time.time()
                     row = conn.execute(
-                        "UPDATE walstate_job SET owner=NULL, lease_expires=NULL, epoch=epoch+1, updated_at=? "
+                        "UPDATE walstate_job SET owner=NULL, lease_expires=NULL, epoch=epoch+1, updated_at=?, "
+                        "state=CASE WHEN ? THEN 'pending' ELSE state END "
                         "WHERE id=? AND owner=? AND epoch=? RETURNING state",
-                        (now, job_id, owner, epoch),
+                        (now, undo_start, job_id, owner, epoch),
                     ).fetchone()
                     if row is None:
                         return False
-                    conn.execute(self._JOURNAL, (job_id, None, row[0], row[0], 0, now, note))
+                    conn.execute(self._JOURNAL, (job_id, None, "running", row[0], 0, now, note))
                     return True
             except (sqlite3.Error, peewee.PeeweeException) as exc:
                 raise translate(exc, self.path, f"releasing job {job_id}") from exc

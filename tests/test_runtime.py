@@ -1,0 +1,258 @@
+"""The job runtime in one process: background starts, handles, the worker loop, shutdown, step timeouts.
+
+Real-process cases (several workers, SIGTERM, SIGKILL) are in ``test_runtime_processes.py``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from walstate import (
+    DefinitionError,
+    Engine,
+    JobCancelled,
+    JobFailed,
+    Retry,
+    StepContext,
+    UnknownJob,
+    UsageError,
+    Workflow,
+)
+
+
+class Ctx(BaseModel):
+    n: int = 0
+
+
+def wait_until(predicate: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.005)
+
+
+def simple_flow(name: str = "w", **kwargs: Any) -> Workflow[Ctx]:
+    flow = Workflow(name, context=Ctx, phases=["p", "q"], **kwargs)
+    flow.step(phase="p", name="one")(lambda ctx, step: {"n": ctx.n + 1})
+    flow.step(phase="q", name="two")(lambda ctx, step: {"n": ctx.n * 10})
+    return flow
+
+
+def test_start_runs_the_job_in_the_background_and_its_handle_returns_the_final_status(db_path: str) -> None:
+    flow = simple_flow()
+    with Engine(db_path) as e:
+        e.register(flow)
+        handles = [e.start(flow, Ctx(n=i)) for i in range(5)]
+        assert [h.result(timeout=10).context.n for h in handles] == [(i + 1) * 10 for i in range(5)]
+        assert all(h.done() and h.status().state == "succeeded" for h in handles)
+        again = e.handle(handles[0].id)
+        assert again.result(timeout=1).context.n == 10
+        with pytest.raises(UnknownJob):
+            e.handle(999)
+
+
+def test_a_handle_raises_job_failed_job_cancelled_and_timeout_error(db_path: str) -> None:
+    release = threading.Event()
+    flow = Workflow("w", context=Ctx, phases=["p"])
+
+    @flow.step(phase="p")
+    def maybe(ctx: Ctx, step: StepContext) -> None:
+        if ctx.n == 1:
+            raise RuntimeError("boom")
+        if ctx.n == 2:
+            while not step.cancelled.wait(0.01) and not release.is_set():
+                pass
+
+    with Engine(db_path) as e:
+        e.register(flow)
+        with pytest.raises(JobFailed):
+            e.start(flow, Ctx(n=1)).result(timeout=10)
+        slow = e.start(flow, Ctx(n=2))
+        with pytest.raises(TimeoutError):
+            slow.result(timeout=0.1)
+        assert slow.status().state == "running"  # a timeout does not stop the job
+        e.cancel(slow.id)
+        with pytest.raises(JobCancelled):
+            slow.result(timeout=10)
+
+
+def test_an_idle_worker_starts_a_job_submitted_in_its_process_at_once(db_path: str) -> None:
+    started: list[float] = []
+    flow = Workflow("w", context=Ctx, phases=["p"])
+    flow.step(phase="p", name="s")(lambda ctx, step: started.append(time.monotonic()))
+    with Engine(db_path) as e:
+        e.register(flow)
+        with e.start_worker(concurrency=2, poll=5.0):  # a slow poll: only the in-process wake-up can be quick
+            time.sleep(0.1)  # let the worker go idle
+            submitted = time.monotonic()
+            job = e.submit(flow, Ctx())
+            e.handle(job).result(timeout=10)
+        assert started[0] - submitted < 1.0, started[0] - submitted
+
+
+def test_a_worker_runs_jobs_submitted_elsewhere_and_never_more_than_its_concurrency(db_path: str) -> None:
+    lock = threading.Lock()
+    running = [0, 0]  # now, max
+
+    def step(ctx: Ctx, s: StepContext) -> None:
+        with lock:
+            running[0] += 1
+            running[1] = max(running[1], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+
+    flow = Workflow("w", context=Ctx, phases=["p"])
+    flow.step(phase="p", name="s")(step)
+    with Engine(db_path) as submitter:
+        submitter.register(flow)
+        jobs = [submitter.submit(flow, Ctx(n=i)) for i in range(12)]
+    with Engine(db_path) as e:
+        e.register(flow)
+        with e.start_worker(concurrency=3):
+            for job in jobs:
+                assert e.handle(job).result(timeout=20).state == "succeeded"
+    assert running[1] == 3
+
+
+def test_a_workflow_concurrency_caps_its_jobs_running_at_once(db_path: str) -> None:
+    lock = threading.Lock()
+    running = [0, 0]
+
+    def step(ctx: Ctx, s: StepContext) -> None:
+        with lock:
+            running[0] += 1
+            running[1] = max(running[1], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+
+    flow = Workflow("capped", context=Ctx, phases=["p"], concurrency=2)
+    flow.step(phase="p", name="s")(step)
+    with Engine(db_path) as e:
+        e.register(flow)
+        jobs = [e.submit(flow, Ctx(n=i)) for i in range(8)]
+        with e.start_worker(concurrency=6):
+            for job in jobs:
+                e.handle(job).result(timeout=20)
+    assert running[1] == 2
+
+
+def test_a_running_worker_takes_over_a_job_whose_owner_died_by_itself(db_path: str) -> None:
+    gate = threading.Event()
+    flow = Workflow("w", context=Ctx, phases=["p"])
+    flow.step(phase="p", name="s")(lambda ctx, step: gate.wait(10) and None)
+    dead = Engine(db_path)
+    dead.register(flow)
+    job = dead.submit(flow, Ctx())
+    # Another engine of this process claims it, then "dies": its claim stays, its live run is gone.
+    claimed = dead.store.write.claim(job, state="pending", epoch=0, owner=dead.owner, lease_expires=time.time() + 60,
+                                     note="claimed")
+    assert claimed is not None
+    gate.set()
+    with Engine(db_path) as e:
+        e.register(flow)
+        with e.start_worker(concurrency=1):
+            assert e.handle(job).result(timeout=10).state == "succeeded"
+        notes = [r.note for r in e.history(job) if r.step is None]
+        assert any(n and "found dead" in n for n in notes)
+    dead.close()
+
+
+def test_stop_worker_lets_the_step_in_flight_finish_and_releases_the_job_for_another_worker(db_path: str) -> None:
+    entered, release = threading.Event(), threading.Event()
+    calls: list[str] = []
+    flow = Workflow("w", context=Ctx, phases=["p", "q"])
+
+    @flow.step(phase="p")
+    def first(ctx: Ctx, step: StepContext) -> None:
+        calls.append("first")
+        entered.set()
+        release.wait(10)
+
+    flow.step(phase="q", name="second")(lambda ctx, step: calls.append("second") and None)
+    with Engine(db_path) as e:
+        e.register(flow)
+        handle = e.start(flow, Ctx())
+        assert entered.wait(10)
+        stopper = threading.Thread(target=e.stop_worker, kwargs={"drain": False, "grace": 10})
+        stopper.start()
+        time.sleep(0.05)
+        release.set()
+        stopper.join(10)
+        row = e.store.read.job(handle.id)
+        assert row.state == "running" and row.owner is None
+        assert handle.status().steps["first"].state == "succeeded"
+        assert "released" in (e.history(handle.id)[-1].note or "")
+    with Engine(db_path) as other:
+        other.register(flow)
+        with other.start_worker(1):
+            assert other.handle(handle.id).result(timeout=10).state == "succeeded"
+    assert calls == ["first", "second"]
+
+
+def test_a_worker_leaves_a_job_it_cannot_run_unclaimed_and_goes_on(db_path: str) -> None:
+    old = Workflow("w", context=Ctx, phases=["p"])
+    old.step(phase="p", name="one")(lambda ctx, step: None)
+    with Engine(db_path) as e:
+        e.register(old)
+        stale = e.submit(old, Ctx())
+    new = simple_flow()
+    with Engine(db_path) as e:
+        e.register(new)
+        fine = e.submit(new, Ctx())
+        with e.start_worker(2) as worker:
+            assert e.handle(fine).result(timeout=10).state == "succeeded"
+            wait_until(lambda: stale in worker.unrunnable)
+        row = e.store.read.job(stale)
+        assert row.state == "pending" and row.owner is None
+
+
+def test_only_one_worker_per_engine(db_path: str) -> None:
+    with Engine(db_path) as e:
+        e.register(simple_flow())
+        with e.start_worker(1):
+            with pytest.raises(UsageError):
+                e.start_worker(1)
+
+
+def test_a_step_longer_than_its_timeout_fails_as_timed_out_and_is_retried(db_path: str) -> None:
+    seen: list[bool] = []
+    attempts: list[int] = []
+    flow = Workflow("w", context=Ctx, phases=["p"])
+
+    @flow.step(phase="p", timeout=0.2, retry=Retry(max_attempts=2))
+    def slow(ctx: Ctx, step: StepContext) -> dict[str, int]:
+        attempts.append(step.attempt)
+        if step.attempt == 1:
+            seen.append(step.cancelled.wait(5))  # told through step.cancelled
+            return {"n": 99}  # a late completion: not recorded
+        return {"n": 1}
+
+    with Engine(db_path) as e:
+        e.register(flow)
+        job = e.submit(flow, Ctx())
+        status = e.run(job)
+        assert status.context.n == 1 and status.steps["slow"].attempts == 2
+        errors = [r.note for r in e.history(job, "slow") if r.to_state == "retrying"]
+        assert errors and "timed out after 0.2s" in (errors[0] or "")
+    wait_until(lambda: seen == [True])
+    assert attempts == [1, 2]
+
+
+def test_a_step_timeout_with_a_transactional_step_and_async_handlers_are_refused_at_declaration() -> None:
+    flow = Workflow("w", context=Ctx, phases=["p"])
+    with pytest.raises(DefinitionError, match="transactional"):
+        flow.step(phase="p", transactional=True, timeout=1.0)(lambda ctx, step: None)
+
+    async def handler(ctx: Ctx, step: StepContext) -> None:
+        return None
+
+    with pytest.raises(DefinitionError, match="async def"):
+        flow.step(phase="p")(handler)  # type: ignore[arg-type]
