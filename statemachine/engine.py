@@ -453,12 +453,18 @@ class Engine:
         engine; workers of several processes on one file share the work (no
         job runs twice) and take over the jobs of dead owners by themselves.
         Usable as a context manager (``with engine.start_worker(4): ...``).
+        An engine has one worker: when it already runs, this sets its
+        ``concurrency`` (if given) and returns it.
         """
         with self._worker_lock:
             if self._closing:
                 raise EngineClosed(f"{self.path}: the engine is closed; it starts no worker")
             if self._worker is not None and self._worker.running:
-                raise UsageError(f"{self.path}: this engine already runs a worker; stop_worker() it first")
+                # One worker per engine: a second call (say after start() began one) adjusts it.
+                if concurrency is not None:
+                    self._worker.concurrency = concurrency
+                    self._worker.wake()
+                return self._worker
             self._worker = Worker(self, concurrency or self.workers, poll=poll).start()
             log.worker_started(self._worker.concurrency)  # log
             return self._worker
@@ -499,11 +505,7 @@ class Engine:
         with self._worker_lock:
             worker = self._worker
         if worker is None or not worker.running:
-            try:
-                worker = self.start_worker()
-            except UsageError:
-                worker = self._worker
-        assert worker is not None
+            worker = self.start_worker()
         worker.wake()
         return JobHandle(self, job_id)
 

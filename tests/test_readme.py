@@ -14,9 +14,13 @@ def test_the_readme_usage_example_runs() -> None:
     exec(compile(BLOCKS[0], "README.md", "exec"), {"__name__": "readme"})
 
 
+def test_the_readme_background_example_runs() -> None:
+    exec(compile(next(b for b in BLOCKS if "start_worker" in b), "README.md", "exec"), {"__name__": "readme"})
+
+
 def test_the_readme_backfill_example_writes_once(tmp_path: Path) -> None:
     scope: dict[str, object] = {"__name__": "readme"}
-    exec(compile(BLOCKS[1], "README.md", "exec"), scope)
+    exec(compile(next(b for b in BLOCKS if "guarded_update" in b), "README.md", "exec"), scope)
     conn = sqlite3.connect(tmp_path / "t.db", isolation_level=None)
     conn.execute("CREATE TABLE tenant (id INTEGER PRIMARY KEY, onboarding_phase TEXT, completed_steps INT)")
     conn.execute("INSERT INTO tenant VALUES (1, NULL, 9)")

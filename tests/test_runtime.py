@@ -20,7 +20,6 @@ from walstate import (
     Retry,
     StepContext,
     UnknownJob,
-    UsageError,
     Workflow,
 )
 
@@ -214,12 +213,11 @@ def test_a_worker_leaves_a_job_it_cannot_run_unclaimed_and_goes_on(db_path: str)
         assert row.state == "pending" and row.owner is None
 
 
-def test_only_one_worker_per_engine(db_path: str) -> None:
+def test_an_engine_has_one_worker_and_starting_it_again_sets_its_concurrency(db_path: str) -> None:
     with Engine(db_path) as e:
         e.register(simple_flow())
-        with e.start_worker(1):
-            with pytest.raises(UsageError):
-                e.start_worker(1)
+        with e.start_worker(1) as first:
+            assert e.start_worker(3) is first and first.concurrency == 3
 
 
 def test_a_step_longer_than_its_timeout_fails_as_timed_out_and_is_retried(db_path: str) -> None:
