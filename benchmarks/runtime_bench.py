@@ -114,16 +114,27 @@ import sys, time
 sys.path.insert(0, {root!r})
 from walstate import Engine
 from benchmarks.runtime_bench import {factory}
+import os
 e = Engine({db!r})
 e.register({factory}({arg!r}))
+e.store.read.data_version()  # the file is open: this worker is ready
+open({db!r} + ".ready." + str(os.getpid()), "w").close()
 e.serve({concurrency})
 """
 
 
 def spawn_worker(db: str, factory: str, arg: str, concurrency: int = 4) -> subprocess.Popen[bytes]:
+    """A worker process; returns once it has opened the file (start-up is not measured)."""
     root = str(Path(__file__).resolve().parent.parent)
     code = WORKER.format(root=root, factory=factory, db=db, arg=arg, concurrency=concurrency)
-    return subprocess.Popen([sys.executable, "-c", code])
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    ready = Path(f"{db}.ready.{proc.pid}")
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"benchmark worker {proc.pid} did not start")
+        time.sleep(0.01)
+    return proc
 
 
 def small_flow_factory(_: str) -> Workflow[Ctx]:
@@ -171,10 +182,10 @@ def processes(count: int) -> float:
     db = fresh_path(f"runtime-procs{count}")
     e = Engine(db)
     flow = e.register(small_flow())
-    jobs = [e.submit(flow, Ctx(n=i)) for i in range(JOBS)]
     workers = [spawn_worker(db, "small_flow_factory", "", 4) for _ in range(count)]
     try:
         started = time.perf_counter()
+        jobs = [e.submit(flow, Ctx(n=i)) for i in range(JOBS)]
         for job in jobs:
             e.handle(job).result(timeout=300)
         return JOBS * STEPS / (time.perf_counter() - started)
