@@ -76,6 +76,16 @@ def cmd_jobs(args: argparse.Namespace, out: Out) -> int:
     return 0
 
 
+def describe_wait(wait: dict[str, Any]) -> str:
+    """One line on what a waiting step waits for, and when it wakes."""
+    parts = []
+    if wait.get("topic"):
+        parts.append(f"a message on {wait['topic']!r}")
+    if wait.get("wake_at") is not None:
+        parts.append(f"{'or ' if parts else ''}until {_when(wait['wake_at'])}")
+    return "waits for " + " ".join(parts) if parts else "waits"
+
+
 def cmd_show(args: argparse.Namespace, out: Out) -> int:
     store = _open(args.db)
     job = views.job_detail(store, args.job)
@@ -92,6 +102,8 @@ def cmd_show(args: argparse.Namespace, out: Out) -> int:
         for s in phase["steps"]:
             out.line(f"    {s['name'][:28]:<28} {out.state(s['state'], 10)} attempts {s['attempts']:<3} "
                      f"{_when(s['started_at'])[11:]} -> {_when(s['finished_at'])[11:]}")
+            if s.get("waits_for"):
+                out.line(f"      {describe_wait(s['waits_for'])}")
             if s["error"]:
                 out.line(f"      last error: {s['error'][:200]}")
     out.line("  context:")
@@ -226,6 +238,23 @@ def cmd_worker(args: argparse.Namespace, out: Out) -> int:
     return 0
 
 
+def cmd_send(args: argparse.Namespace, out: Out) -> int:
+    """Send a JSON message to a job (no app needed: the file is enough)."""
+    from .context import to_json
+
+    try:
+        payload = json.loads(args.payload)
+    except json.JSONDecodeError as exc:
+        raise ConfigurationError(f"the payload is not JSON ({exc}); quote it for the shell, e.g. '{{\"id\": 1}}'") from exc
+    store = Store(args.db)
+    try:
+        _, new = store.write.send(args.job, args.topic, to_json(payload, "the payload"), args.key)
+    finally:
+        store.close()
+    out.line(f"sent {args.topic!r} to job {args.job}" if new else f"key {args.key!r} was sent before: nothing stored")
+    return 0
+
+
 def cmd_recover(args: argparse.Namespace, out: Out) -> int:
     engine = _app_engine(args)
     ids = engine.recover()
@@ -351,6 +380,10 @@ def parser() -> argparse.ArgumentParser:
                        help="comma-separated finished states to delete (default: %(default)s; failed is allowed)")
     prune.add_argument("--batch", type=int, default=200, help="jobs per transaction (default: %(default)s)")
     prune.add_argument("--dry-run", action="store_true", help="count what would be deleted; change nothing")
+    send = add("send", cmd_send, "send a JSON message to a job's step.wait_for(TOPIC)", job=True)
+    send.add_argument("topic", metavar="TOPIC", help="the topic the job waits for")
+    send.add_argument("payload", metavar="JSON", help="the message, as JSON (e.g. '{\"id\": 1}')")
+    send.add_argument("--key", default=None, help="an idempotency key: a message with a key already sent is stored once")
     work = add("worker", cmd_worker, "run a worker in the foreground: claim and run jobs until SIGTERM/SIGINT")
     work.add_argument("--app", required=True, metavar="MODULE:ATTR",
                       help="your app's Engine (or a factory taking the database path), e.g. myapp.jobs:engine")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -12,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
-from .storage.errors import ContextInvalid, OutputNotJSON
+from .storage.errors import ContextInvalid, OutputNotJSON, WaitTimeout
 
 if TYPE_CHECKING:
     import peewee
@@ -147,10 +149,12 @@ class StepContext:
     step's completion.
     """
 
-    __slots__ = ("job_id", "step", "attempt", "idempotency_key", "db", "cancelled", "_reader", "_writer", "recorded")
+    __slots__ = ("job_id", "step", "attempt", "idempotency_key", "db", "cancelled", "_reader", "_writer", "recorded",
+                 "_clock", "_fence", "_waits")
 
     def __init__(self, job_id: int, step: str, attempt: int, idempotency_key: str, db: peewee.Database,
-                 reader: Reader, writer: WritePath, cancelled: threading.Event | None = None) -> None:
+                 reader: Reader, writer: WritePath, cancelled: threading.Event | None = None, *,
+                 clock: Callable[[], float] = time.time, fence: tuple[str | None, int] = (None, 0)) -> None:
         self.job_id = job_id
         self.step = step
         self.attempt = attempt
@@ -165,6 +169,9 @@ class StepContext:
         #: ``(step, name, result)`` of every once() of this attempt, so that the
         #: runner can record them again if the attempt's own transaction rolls back.
         self.recorded: list[tuple[str, str, str]] = []
+        self._clock = clock
+        self._fence = fence
+        self._waits = 0
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
         """Run one SQL statement with ``params`` on the job database (``self.db``) and return its cursor.
@@ -198,3 +205,73 @@ class StepContext:
             stored = self._writer.record_once(self.job_id, self.step, name, text)
         result: T = json.loads(stored)
         return result
+
+    # -- durable waits ------------------------------------------------------------
+    #
+    # A wait is recorded durably the first time the handler reaches it, like
+    # once(): the k-th wait of a handler has the record name
+    # "__walstate_wait_k"; handlers must reach their waits in the same order
+    # on every run (the code before a wait runs again on each resume).
+
+    def _wait_name(self, kind: str) -> str:
+        self._waits += 1
+        return f"__walstate_{kind}_{self._waits}"
+
+    def sleep(self, seconds: float) -> float:
+        """Sleep durably for ``seconds``; return the wake-up time (a Unix time).
+
+        The first time the handler gets here, the wake-up time (now +
+        ``seconds``) is recorded and the step *suspends*: it goes ``waiting``,
+        its thread and the job's claim are released, and a worker runs the
+        handler again from its start once the time has come; then this call
+        returns at once. A restart does not move the wake-up time. Code before
+        the sleep runs again on resume: put its outside effects in ``once()``.
+        """
+        name = self._wait_name("sleep")
+        return self._until(name, self.once(name, lambda: self._clock() + seconds))
+
+    def sleep_until(self, timestamp: float) -> float:
+        """Sleep durably until ``timestamp`` (a Unix time); see :meth:`sleep`."""
+        name = self._wait_name("sleep")
+        return self._until(name, self.once(name, lambda: float(timestamp)))
+
+    def _until(self, name: str, wake_at: float) -> float:
+        if self._clock() >= wake_at:
+            return wake_at
+        raise Suspend(self.step, wake_at=wake_at, topic=None)
+
+    def wait_for(self, topic: str, timeout: float | None = None) -> Any:
+        """Wait durably for a message on ``topic`` (sent with ``engine.send``) and return its payload.
+
+        A message sent before the wait is kept until a wait consumes it; each
+        message is consumed by exactly one wait, in the order sent, recorded in
+        the same transaction. With no message yet, the step suspends like
+        :meth:`sleep` (holding no thread) and runs again from its start when
+        one arrives. With ``timeout`` (seconds, counted from the first time
+        the handler got here), raises :class:`WaitTimeout` once it has passed.
+        """
+        name = self._wait_name(f"wait_{topic}")
+        owner, epoch = self._fence
+        payload = self._writer.consume(self.job_id, self.step, name, topic, owner, epoch)
+        if payload is not None:
+            return json.loads(payload)
+        deadline = math.inf
+        if timeout is not None:
+            deadline = self.once(f"{name}_deadline", lambda: self._clock() + timeout)
+            if self._clock() >= deadline:
+                raise WaitTimeout(f"step {self.step!r} of job {self.job_id}: no message on {topic!r} within "
+                                  f"{timeout:g}s", topic=topic)
+        raise Suspend(self.step, wake_at=deadline, topic=topic)
+
+
+class Suspend(BaseException):
+    """Control flow, not an error: a handler waits durably (``step.sleep``/``wait_for``).
+
+    A ``BaseException`` so that a handler's ``except Exception`` cannot swallow
+    it; the runner records the step ``waiting`` and frees its thread.
+    """
+
+    def __init__(self, step: str, *, wake_at: float, topic: str | None) -> None:
+        super().__init__(f"step {step!r} waits until {wake_at} for {topic or 'time'}")
+        self.wake_at = wake_at
+        self.topic = topic

@@ -16,7 +16,7 @@ from typing import Any, Generic, cast, overload
 from pydantic import BaseModel, ValidationError
 
 from . import log, operator, ownership
-from .context import dump_context, validate_submission
+from .context import dump_context, to_json, validate_submission
 from .ownership import Clock
 from .runner import JobRun
 from .storage import TERMINAL_JOB_STATES, TERMINAL_STEP_STATES, Durability, JobRow, StepRow, Store, retention
@@ -37,6 +37,7 @@ from .storage.errors import (
 )
 from .substep import LiveJob, SubStep
 from .runtime import JobHandle, Worker
+from .schedules import Missed, Schedule
 from .threads import ThreadCache
 from .workflow import C, Workflow
 
@@ -172,6 +173,7 @@ class Engine:
         self._closing = False
         self._worker: Worker | None = None
         self._worker_lock = threading.Lock()
+        self._schedules: dict[str, Schedule] = {}
         # Notified whenever a run of this engine ends (JobHandle.result waits on it).
         self._ends = threading.Condition()
         _engines.add(self)
@@ -365,7 +367,8 @@ class Engine:
             log.job_started(job_id, flow.name)
         elif any(s.attempt for s in steps.values()):  # log
             log.job_resumed(job_id, flow.name, sum(s.state in TERMINAL_STEP_STATES for s in steps.values()), len(steps))
-        run = JobRun(self.store, flow, job, steps, claimed.context, self._threads, workers=self.workers)
+        run = JobRun(self.store, flow, job, steps, claimed.context, self._threads, workers=self.workers,
+                     clock=self.clock)
         active.run = run
         if claimed.cancel_requested:
             run.signal("cancel")
@@ -377,6 +380,12 @@ class Engine:
             outcome = run.execute()
         finally:
             self._heartbeat.remove(claim)
+        if outcome == "parked":
+            wake_at, topics = run.waits()
+            self.store.write.park(job_id, owner, job.epoch, wake_at, topics,
+                                  "parked: " + ", ".join(f"{n} waits" for n, st in steps.items() if st.state == "waiting"))
+            log.job_parked(job_id, flow.name, wake_at, topics)  # log
+            return self._status(self._row(job_id))
         if outcome == "released":
             self.store.write.release(job_id, owner, job.epoch, "released: the engine was closed")
             log.job_left_alone(job_id, flow.name, "released: the engine was closed")  # log
@@ -395,7 +404,7 @@ class Engine:
         with ownership.Claiming(owner):
             claims = self.store.write.claim_runnable(
                 owner=owner, lease_expires=self._heartbeat.lease_expires(), limit=limit, workflows=list(self._flows),
-                dead=dead, skip=list(worker.unrunnable), limits=limits or None)
+                now=self.clock(), dead=dead, skip=list(worker.unrunnable), limits=limits or None)
             for workflow, prior_state, prior_owner, claimed in claims:
                 # Marked live before the batch's Claiming mark goes away.
                 live = ownership.LiveRun(owner, claimed.job_id)
@@ -445,6 +454,35 @@ class Engine:
         except ValidationError as exc:
             raise ContextInvalid(f"{self.path}: job {job_id} ({flow.name}): its stored context no longer validates "
                                  f"against {flow.context.__name__}: {exc}") from exc
+
+    def schedule(self, workflow: Workflow[C], *, cron: str, context: C | dict[str, Any], name: str | None = None,
+                 missed: Missed = "latest") -> Schedule:
+        """Run a job of ``workflow`` on every slot of ``cron`` (UTC) while a worker of this engine runs.
+
+        Each slot makes one job across every process on the file (its key is
+        ``schedule:NAME:SLOT``, and keys are unique per workflow). ``missed``:
+        ``"latest"`` runs the latest slot missed during downtime once when a
+        worker starts; ``"skip"`` runs only slots that come while it runs.
+        ``name`` defaults to the workflow's name; one schedule per name.
+        """
+        self.register(workflow)
+        sched = Schedule(name or workflow.name, workflow, cron, context, missed)
+        if sched.name in self._schedules:
+            raise DefinitionError(f"{self.path}: a schedule named {sched.name!r} exists already")
+        self._schedules[sched.name] = sched
+        worker = self._worker
+        if worker is not None:
+            worker.wake()
+        return sched
+
+    def _submit_due(self) -> None:
+        """Submit the job of every schedule slot that has come (the worker calls this)."""
+        now = self.clock()
+        for sched in list(self._schedules.values()):
+            slot = sched.due(now)
+            if slot is not None:
+                self.submit(sched.flow, sched.context, key=sched.key(slot))
+                sched.last_slot = slot
 
     def start_worker(self, concurrency: int | None = None, *, poll: float = 0.02) -> Worker:
         """Start a worker in background threads: it claims and runs jobs until :meth:`stop_worker`.
@@ -544,6 +582,8 @@ class Engine:
                 continue
             if row.owner is not None and ownership.owner_alive(row.owner, row.id, row.lease_expires, self.clock()):
                 continue
+            if row.owner is None and row.wake_at is not None and row.wake_at > self.clock():
+                continue  # parked: its steps wait for a time or a message that has not come
             try:
                 self.run(row.id)
             except (JobFailed, JobCancelled):
@@ -576,12 +616,32 @@ class Engine:
             active = self._active.get(job_id)
         if active is not None and active.run is not None:
             before = {n for n, s in active.run.steps.items() if s.state in TERMINAL_STEP_STATES}
+            # Stored as well as signalled: if this process dies before the run has
+            # cancelled the job, the run that recovers it finds the request.
+            self.store.write.request_cancel(job_id)
             active.run.signal("cancel")
             if not active.done.wait(wait):
                 raise JobOwned(f"{self.path}: job {job_id} is still running; it will be cancelled once its handlers "
                                f"in flight return (waited {wait:g}s)")
             return [s.name for s in self.store.read.steps(job_id) if s.state == "cancelled" and s.name not in before]
         return operator.cancel(self.store, job_id, wait=wait, clock=self.clock)
+
+    def send(self, job_id: int, topic: str, payload: Any, *, key: str | None = None) -> bool:
+        """Send ``payload`` (JSON) on ``topic`` to job ``job_id``; return whether it was stored (False: a known ``key``).
+
+        The message is stored durably and delivered exactly once, to the
+        job's first ``step.wait_for(topic)`` (in sending order); one sent
+        before the wait is kept until then. A parked job waiting for ``topic``
+        becomes runnable at once, and an idle worker of this process is woken.
+        Raises :class:`UnknownJob`, :class:`JobFinished` (the job has ended)
+        or :class:`OutputNotJSON`.
+        """
+        text = to_json(payload, f"the payload of send({job_id}, {topic!r})")
+        _, new = self.store.write.send(job_id, topic, text, key)
+        worker = self._worker
+        if worker is not None:
+            worker.wake()
+        return new
 
     def retry(self, job_id: int, step: str | None = None) -> list[str]:
         """Requeue a failed or cancelled job (or one failed ``step``) with a fresh retry budget.

@@ -136,15 +136,18 @@ Persist = Callable[[str, str, str, Mapping[str, Any]], None]
 
 STEP = Definition(
     "substep",
-    states=["pending", "running", "retrying", "succeeded", "failed", "skipped", "cancelled"],
+    states=["pending", "running", "retrying", "waiting", "succeeded", "failed", "skipped", "cancelled"],
     transitions=[
-        ("start", ["pending", "retrying"], "running"),
+        # From waiting: its wake-up time came or its message arrived; the handler runs again.
+        ("start", ["pending", "retrying", "waiting"], "running"),
+        # A durable wait (step.sleep, step.wait_for): no thread and no claim held meanwhile.
+        ("wait", "running", "waiting"),
         ("succeed", "running", "succeeded"),
         ("retry", "running", "retrying"),
         ("fail", "running", "failed"),
         # From retrying too: a when() condition that raised is asked again, and may say no.
         ("skip", ["pending", "retrying"], "skipped"),
-        ("cancel", ["pending", "running", "retrying"], "cancelled"),
+        ("cancel", ["pending", "running", "retrying", "waiting"], "cancelled"),
         # An operator's second chance for a step that ended badly.
         ("requeue", ["failed", "cancelled"], "retrying"),
     ],

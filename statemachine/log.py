@@ -96,6 +96,12 @@ def job_ended(job: int, workflow: str, state: str, error: str | None) -> None:
         ENGINE.info("job %s (%s) %s: %s", job, workflow, state, error, extra=fields(job, workflow))
 
 
+def job_parked(job: int, workflow: str, wake_at: float, topics: list[str]) -> None:
+    """A job whose steps wait was released until its wake-up time or a message on one of ``topics``."""
+    ENGINE.info("job %s (%s) parked until %s%s", job, workflow, wake_at,
+                f" or a message on {', '.join(topics)}" if topics else "", extra=fields(job, workflow))
+
+
 def job_left_alone(job: int, workflow: str, why: str) -> None:
     """Recovery or run() decided not to take a job (its owner lives, or its workflow is not registered)."""
     ENGINE.warning("job %s (%s) left alone: %s", job, workflow, why, extra=fields(job, workflow))

@@ -7,8 +7,10 @@ the job's machine, which commits through ``storage``'s write path first.
 from __future__ import annotations
 
 import json
+import math
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +22,7 @@ from .storage.errors import ContextInvalid, LeaseLost, OutputNotJSON
 from .storage.writepath import Change
 
 from . import log
-from .context import StepContext, StepResult, check_update_keys, context_merger, to_json
+from .context import StepContext, StepResult, Suspend, check_update_keys, context_merger, to_json
 from .substep import LiveJob, SubStep
 from .threads import ThreadCache
 from .workflow import StepDef, Workflow
@@ -52,9 +54,13 @@ class JobRun:
     """
 
     def __init__(self, store: Store, flow: Workflow[Any], job: LiveJob, steps: dict[str, SubStep],
-                 context_text: str, threads: ThreadCache | None, workers: int = 1) -> None:
+                 context_text: str, threads: ThreadCache | None, workers: int = 1,
+                 clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.flow = flow
+        self.clock = clock
+        # Topics with unconsumed messages, read once per run when a step waits.
+        self._topics: set[str] | None = None
         self.job = job
         self.steps = steps
         self.threads = threads
@@ -110,7 +116,8 @@ class JobRun:
         """Run every unfinished sub-step; return how the run ended.
 
         ``"finished"``: the job is now succeeded, failed or cancelled (and its
-        claim released in the same commit). ``"released"``: the engine is
+        claim released in the same commit). ``"parked"``: a step waits (see
+        :meth:`waits`) and nothing else can run before it. ``"released"``: the engine is
         closing and the job is left unfinished for another run. Raises
         :class:`LeaseLost` when the claim was lost: nothing more was written.
         """
@@ -121,6 +128,8 @@ class JobRun:
             if self.stop.is_set():
                 break
             self._run_phase(phase)
+            if any(s.state == "waiting" for s in self.steps.values()):
+                break  # the phase is not over: the job parks until a wait is due
         if "lost" in self.reasons:
             raise LeaseLost(f"{self.store.path}: {self._where}: this run lost its claim on the job (another run "
                             "took it over after its lease expired); it stopped and wrote nothing more")
@@ -136,6 +145,8 @@ class JobRun:
                     step.cancel(note="job failed before this sub-step could run")
         elif "close" in self.reasons and any(s.state not in _TERMINAL for s in self.steps.values()):
             return "released"
+        elif any(s.state == "waiting" for s in self.steps.values()):
+            return "parked"
         unfinished = {n: s for n, s in self.steps.items() if s.state not in _SATISFIED}
         if unfinished:
             # A job succeeds only when every step did (or was skipped): a step an
@@ -145,6 +156,22 @@ class JobRun:
         else:
             self.job.fire("succeed", release=True)
         return "finished"
+
+    def waits(self) -> tuple[float, list[str]]:
+        """When a parked job is due: the earliest wake-up of its waiting steps (inf: none), and their topics."""
+        waiting = [s for s in self.steps.values() if s.state == "waiting"]
+        wake_at = min((s.wake_at if s.wake_at is not None else math.inf) for s in waiting)
+        return wake_at, sorted({s.wait_topic for s in waiting if s.wait_topic is not None})
+
+    def _due(self, step: SubStep) -> bool:
+        """Whether a waiting step's time has come or a message for its topic is there."""
+        if step.wake_at is not None and step.wake_at <= self.clock():
+            return True
+        if step.wait_topic is None:
+            return False
+        if self._topics is None:
+            self._topics = self.store.read.message_topics(self.job.id)
+        return step.wait_topic in self._topics
 
     def context(self) -> BaseModel:
         with self._ctx_lock:
@@ -185,6 +212,8 @@ class JobRun:
                 self._dependency_failed(name, todo, dependents)
 
         def settle(name: str) -> None:
+            if self.steps[name].state == "waiting":
+                return  # its dependents stay blocked until it resumes and succeeds
             if self.steps[name].state not in _SATISFIED:
                 for dep in dependents.get(name, ()):
                     self._dependency_failed(dep, todo, dependents)
@@ -284,6 +313,8 @@ class JobRun:
 
     def _run_step(self, d: StepDef) -> None:
         step = self.steps[d.name]
+        if step.state == "waiting" and not self._due(step):
+            return  # still waiting: it holds no thread; the job parks
         # when() decides once, before the first attempt; if it raises, that is
         # a failed attempt and it is asked again before the next one.
         decide = step.state == "pending" and d.when is not None
@@ -306,7 +337,8 @@ class JobRun:
             step.start()
             cancelled = self._attempt_event()
             sc = StepContext(self.job.id, d.name, step.attempt, self._idempotency_key(d.name), self.store.db,
-                             self.store.read, self.store.write, cancelled)
+                             self.store.read, self.store.write, cancelled, clock=self.clock,
+                             fence=(self.job.owner, self.job.epoch))
             box: list[tuple[int, str]] = []
             try:
                 if d.transactional:
@@ -325,6 +357,12 @@ class JobRun:
                     return
             except (ContextInvalid, OutputNotJSON) as exc:
                 self._failed_attempt(d, step, describe(exc), tuple(sc.recorded), final=True)
+                return
+            except Suspend as wait:
+                # A durable wait: record it (with the wait's once() records, which a
+                # transactional attempt's rollback took back) and free this thread.
+                step.fire("wait", wake_at=wait.wake_at, topic=wait.topic, once=tuple(sc.recorded),
+                          note=f"waiting for {wait.topic!r}" if wait.topic else "sleeping")
                 return
             finally:
                 with self._attempts_lock:

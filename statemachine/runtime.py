@@ -17,7 +17,11 @@ An idle worker sleeps until something may have changed, never busy-polls:
   runnable jobs, and only a hit to a claim that takes the write lock;
 * dead owners and expired leases need no commit to appear, so every
   ``scan`` seconds (0.5 s) the worker also checks the owners of unfinished
-  jobs (by pid on this host, by lease elsewhere).
+  jobs (by pid on this host, by lease elsewhere);
+* a parked job (its steps wait) becomes due at its wake-up time: the worker
+  keeps the earliest one (re-read when the file changes) and claims when it
+  has come, so a timer is late by at most about ``poll``. Waiting jobs hold
+  no thread and no claim.
 
 :class:`JobHandle` is what :meth:`Engine.start` returns: the job's id, its
 status, and its result when it ends (in this process or any other).
@@ -25,6 +29,7 @@ status, and its result when it ends (in this process or any other).
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from typing import TYPE_CHECKING, Any, Generic
@@ -124,6 +129,7 @@ class Worker:
         read = self.engine.store.read
         version = -1
         next_scan = 0.0
+        next_wake: float | None = None
         try:
             while True:
                 with self._cv:
@@ -136,14 +142,21 @@ class Worker:
                     current = read.data_version()
                     if current != version:
                         version, changed = current, True
+                    if changed or next_wake is None:
+                        earliest = read.next_wake(list(self.engine._flows))
+                        next_wake = math.inf if earliest is None else earliest
                     now = time.monotonic()
                     dead: list[tuple[int, int]] = []
                     scanned = now >= next_scan
                     if scanned:
                         next_scan = now + self.scan
+                        self.engine._submit_due()
                         dead = self._dead_owned()
-                    if free > 0 and (woken or changed or scanned):
+                    due = self.engine.clock() >= next_wake  # a parked job's wake-up time has come
+                    if free > 0 and (woken or changed or scanned or due):
                         self._claim(free, dead)
+                        if due:
+                            next_wake = None
                 except Exception as exc:  # a busy or failing file: keep the worker alive, try again
                     log.worker_error(exc)  # log
                 with self._cv:
@@ -163,7 +176,7 @@ class Worker:
 
     def _claim(self, free: int, dead: list[tuple[int, int]]) -> None:
         engine = self.engine
-        if not dead and not engine.store.read.runnable_exists(list(engine._flows), list(self.unrunnable)):
+        if not dead and not engine.store.read.runnable_exists(list(engine._flows), engine.clock(), list(self.unrunnable)):
             return
         self.claimed += engine._claim_batch(free, dead, self)
 

@@ -75,7 +75,8 @@ class SubStep:
     move is illegal (nothing written).
     """
 
-    __slots__ = ("job", "id", "name", "phase", "state", "attempt", "failures", "interruptions", "output", "error")
+    __slots__ = ("job", "id", "name", "phase", "state", "attempt", "failures", "interruptions", "output", "error",
+                 "wake_at", "wait_topic")
 
     def __init__(self, job: LiveJob, row: StepRow) -> None:
         # Restoring from a row sets attributes only: no machine callback runs on load.
@@ -89,6 +90,8 @@ class SubStep:
         self.interruptions = row.interruptions
         self.output = row.output
         self.error = row.error
+        self.wake_at = row.wake_at
+        self.wait_topic = row.wait_topic
 
     def _describe(self) -> str:
         return f"sub-step {self.name!r} of job {self.job.id}"
@@ -137,6 +140,8 @@ class SubStep:
             "step", self.id, job.id, self.name, source, dest, attempt, job.owner, job.epoch,
             output=output, error=data.get("error", self.error), note=data.get("note"), context=data.get("context"),
             failures=failures, interruptions=interruptions, once=data.get("once", ()),
+            wake_at=data.get("wake_at") if dest == "waiting" else None,
+            topic=data.get("topic") if dest == "waiting" else None,
         )
         effect: Effect | None = data.get("effect")
         if effect is None:
@@ -151,5 +156,6 @@ class SubStep:
         self.attempt = attempt
         self.failures = failures
         self.interruptions = interruptions
+        self.wake_at, self.wait_topic = change.wake_at, change.topic
         self.output = change.output
         self.error = change.error

@@ -41,6 +41,14 @@ def job_line(store: Store, row: JobRow) -> dict[str, Any]:
     }
 
 
+def waits_for(step: StepRow) -> dict[str, Any] | None:
+    """What a waiting step waits for: ``{"topic": ..., "wake_at": ...}`` (``None`` when it does not wait)."""
+    if step.state != "waiting":
+        return None
+    wake = None if step.wake_at is None or step.wake_at == float("inf") else step.wake_at
+    return {"topic": step.wait_topic, "wake_at": wake}
+
+
 def job_detail(store: Store, job_id: int) -> dict[str, Any]:
     row = store.read.job(job_id)
     if row is None:
@@ -59,6 +67,7 @@ def job_detail(store: Store, job_id: int) -> dict[str, Any]:
     for phase in _phases(steps):
         phases.append({"name": phase, "steps": [
             {"name": s.name, "state": s.state, "attempts": s.attempt, "error": s.error,
+             "waits_for": waits_for(s),
              "output": None if s.output is None else json.loads(s.output),
              "started_at": started.get(s.name), "finished_at": finished.get(s.name)}
             for s in steps if s.phase == phase]})

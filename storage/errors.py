@@ -95,7 +95,7 @@ class ContextInvalid(WalstateError):
 
 
 class OutputNotJSON(WalstateError):
-    """A step returned (or ``once`` produced) a value that cannot be stored as JSON."""
+    """A step returned (or ``once`` produced, or ``send`` was given) a value that cannot be stored as JSON."""
 
 
 class UnknownJob(WalstateError):
@@ -125,6 +125,18 @@ class JobCancelled(WalstateError):
     def __init__(self, message: str, *, job_id: int) -> None:
         super().__init__(message)
         self.job_id = job_id
+
+
+class JobFinished(WalstateError):
+    """The job has ended (succeeded, failed or cancelled): a message sent to it would never be read."""
+
+
+class WaitTimeout(WalstateError):
+    """Raised in a handler by ``step.wait_for(topic, timeout=...)`` when no message came in time."""
+
+    def __init__(self, message: str, *, topic: str) -> None:
+        super().__init__(message)
+        self.topic = topic
 
 
 class EngineClosed(WalstateError):

@@ -31,6 +31,8 @@ POINTS: tuple[str, ...] = (
     "handler_after_effect",
     "before_once_record",
     "after_once_record",
+    "before_consume",
+    "after_consume",
 )
 
 _injector: Injector | None = None

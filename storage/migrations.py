@@ -71,6 +71,19 @@ MIGRATIONS: dict[int, Migration] = {
         "WHERE j.job_id=walstate_step.job_id AND j.step=walstate_step.name AND j.note='interrupted')",
         "UPDATE walstate_step SET failures=max(0, attempt - interruptions - (state='running'))",
     ],
+    # Durable waits: a waiting step's wake-up time and topic; a parked job's
+    # earliest wake-up (claims skip it until then); messages sent to jobs.
+    4: [
+        "ALTER TABLE walstate_job ADD COLUMN wake_at REAL",
+        "ALTER TABLE walstate_step ADD COLUMN wake_at REAL",
+        "ALTER TABLE walstate_step ADD COLUMN wait_topic TEXT",
+        'CREATE TABLE IF NOT EXISTS "walstate_message" ("id" INTEGER NOT NULL PRIMARY KEY, "job_id" INTEGER NOT NULL, '
+        '"topic" TEXT NOT NULL, "payload" TEXT NOT NULL, "key" TEXT, "sent_at" REAL NOT NULL, "consumed_by" TEXT, '
+        'FOREIGN KEY ("job_id") REFERENCES "walstate_job" ("id") ON DELETE CASCADE)',
+        'CREATE INDEX IF NOT EXISTS "message_job_id" ON "walstate_message" ("job_id")',
+        'CREATE UNIQUE INDEX IF NOT EXISTS "message_job_id_key" ON "walstate_message" ("job_id", "key")',
+        'CREATE INDEX IF NOT EXISTS "message_job_id_topic_id" ON "walstate_message" ("job_id", "topic", "id")',
+    ],
 }
 
 

@@ -32,6 +32,8 @@ class JobRow:
     updated_at: float
     epoch: int = 0
     cancel_requested: bool = False
+    #: A parked job (a step waits): not claimed before this time (None: runnable now).
+    wake_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +50,9 @@ class StepRow:
     updated_at: float
     failures: int = 0
     interruptions: int = 0
+    #: A waiting step's wake-up time (inf: none) and topic.
+    wake_at: float | None = None
+    wait_topic: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,8 +67,10 @@ class JournalRow:
     note: str | None
 
 
-_JOB_COLS = "id, workflow, key, state, context, error, owner, lease_expires, created_at, updated_at, epoch, cancel_requested"
-_STEP_COLS = "id, job_id, name, phase, position, state, attempt, output, error, updated_at, failures, interruptions"
+_JOB_COLS = ("id, workflow, key, state, context, error, owner, lease_expires, created_at, updated_at, epoch, "
+             "cancel_requested, wake_at")
+_STEP_COLS = ("id, job_id, name, phase, position, state, attempt, output, error, updated_at, failures, interruptions, "
+              "wake_at, wait_topic")
 _JOURNAL_COLS = "id, job_id, step, from_state, to_state, attempt, at, note"
 STEPS_OF_JOB = f"SELECT {_STEP_COLS} FROM walstate_step WHERE job_id=? ORDER BY position"
 STEPS_OF_JOBS = (f"SELECT {_STEP_COLS} FROM walstate_step WHERE job_id IN (SELECT value FROM json_each(?)) "
@@ -133,12 +140,26 @@ class Reader:
                                      "('pending', 'running') AND owner IS NOT NULL")
         return [(int(r[0]), int(r[1]), str(r[2]), str(r[3]), None if r[4] is None else float(r[4])) for r in rows]
 
-    def runnable_exists(self, workflows: Sequence[str], skip: Sequence[int] = ()) -> bool:
-        """Whether an unowned unfinished job waits: a cheap read before a claim takes the write lock."""
+    def runnable_exists(self, workflows: Sequence[str], now: float, skip: Sequence[int] = ()) -> bool:
+        """Whether an unowned unfinished job is due: a cheap read before a claim takes the write lock."""
         rows = self._rows("SELECT 1 FROM walstate_job WHERE state IN ('pending', 'running') AND owner IS NULL AND "
-                          "workflow IN (SELECT value FROM json_each(?)) AND id NOT IN (SELECT value FROM json_each(?)) "
-                          "LIMIT 1", (json.dumps(list(workflows)), json.dumps(list(skip))))
+                          "(wake_at IS NULL OR wake_at <= ?) AND workflow IN (SELECT value FROM json_each(?)) "
+                          "AND id NOT IN (SELECT value FROM json_each(?)) LIMIT 1",
+                          (now, json.dumps(list(workflows)), json.dumps(list(skip))))
         return bool(rows)
+
+    def next_wake(self, workflows: Sequence[str]) -> float | None:
+        """The earliest wake-up time of a parked job of ``workflows`` (None: none parked)."""
+        rows: list[Any] = self._rows(
+            "SELECT min(wake_at) FROM walstate_job WHERE state IN ('pending', 'running') AND owner IS NULL AND "
+            "wake_at IS NOT NULL AND workflow IN (SELECT value FROM json_each(?))", (json.dumps(list(workflows)),))
+        return None if rows[0][0] is None else float(rows[0][0])
+
+    def message_topics(self, job_id: int) -> set[str]:
+        """Topics with a message sent to the job and not yet consumed."""
+        rows: list[Any] = self._rows("SELECT DISTINCT topic FROM walstate_message WHERE job_id=? AND consumed_by IS NULL",
+                                     (job_id,))
+        return {str(r[0]) for r in rows}
 
     def data_version(self) -> int:
         """SQLite's ``PRAGMA data_version``: changes whenever another connection commits to the file."""

@@ -46,9 +46,10 @@ class Models:
     step: Any
     journal: Any
     once: Any
+    message: Any
 
     def all(self) -> list[Any]:
-        return [self.meta, self.job, self.step, self.journal, self.once]
+        return [self.meta, self.job, self.step, self.journal, self.once, self.message]
 
 
 def bind_models(db: peewee.Database) -> Models:
@@ -85,6 +86,9 @@ def bind_models(db: peewee.Database) -> Models:
         # set by an operator's cancel while a live run holds the job; the run
         # sees it at its next heartbeat poll and cancels the job itself.
         cancel_requested = peewee.IntegerField(default=0, constraints=[peewee.SQL("DEFAULT 0")])
+        # Schema 4: a parked job (a step waits, nothing else to do) is not
+        # claimed before this time (NULL: runnable now).
+        wake_at = peewee.FloatField(null=True)
 
         class Meta:
             table_name = "walstate_job"
@@ -106,6 +110,9 @@ def bind_models(db: peewee.Database) -> Models:
         # requeued, its retry budget (an operator's retry gives a fresh one).
         failures = peewee.IntegerField(default=0, constraints=[peewee.SQL("DEFAULT 0")])
         interruptions = peewee.IntegerField(default=0, constraints=[peewee.SQL("DEFAULT 0")])
+        # Schema 4: what a waiting step waits for: a time (inf: none), a topic.
+        wake_at = peewee.FloatField(null=True)
+        wait_topic = peewee.TextField(null=True)
 
         class Meta:
             table_name = "walstate_step"
@@ -144,7 +151,21 @@ def bind_models(db: peewee.Database) -> Models:
     Job.add_index(Job.index(Job.state, Job.id).where(Job.state.in_(UNFINISHED_JOB_STATES)))
     # Schema 2: retention finds finished jobs by when they finished (migrations.py).
     Job.add_index(Job.index(Job.updated_at, name="job_finished_at").where(Job.state.in_(TERMINAL_JOB_STATES)))
-    return Models(Meta_, Job, Step, Journal, Once)
+    class Message(Base):
+        id = peewee.AutoField()
+        job = peewee.ForeignKeyField(Job, column_name="job_id", on_delete="CASCADE")
+        topic = peewee.TextField()
+        payload = peewee.TextField()
+        key = peewee.TextField(null=True)
+        sent_at = peewee.FloatField()
+        # "step:name" of the wait that consumed it (NULL: not yet consumed).
+        consumed_by = peewee.TextField(null=True)
+
+        class Meta:
+            table_name = "walstate_message"
+            indexes = ((("job", "key"), True), (("job", "topic", "id"), False))
+
+    return Models(Meta_, Job, Step, Journal, Once, Message)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ import peewee
 
 from . import faults
 from .connection import WalstateDatabase, translate
-from .errors import LeaseLost, StaleState
+from .errors import JobFinished, LeaseLost, StaleState, UnknownJob
 from .reads import STEPS_OF_JOB, STEPS_OF_JOBS, StepRow
 
 JSONMerge = Callable[[dict[str, Any]], str]
@@ -78,6 +78,9 @@ class Change:
     #: For a job change: also release the claim (owner and lease cleared, epoch
     #: bumped) in the same commit, so that a superseded writer is fenced off.
     release: bool = False
+    #: For a step moving to ``waiting``: what it waits for (a time, inf for none; a topic).
+    wake_at: float | None = None
+    topic: str | None = None
     #: ``once()`` records ``(step, name, result)`` to (re)store in the same commit:
     #: an outside effect that happened during an attempt whose own transaction
     #: rolled back must stay recorded.
@@ -111,7 +114,8 @@ class WritePath:
     """Writes walstate's state changes to one database, one transaction per batch."""
 
     _UPDATE_STEP = (
-        "UPDATE walstate_step SET state=?, attempt=?, failures=?, interruptions=?, output=?, error=?, updated_at=? "
+        "UPDATE walstate_step SET state=?, attempt=?, failures=?, interruptions=?, output=?, error=?, updated_at=?, "
+        "wake_at=?, wait_topic=? "
         "WHERE id=? AND state=? AND EXISTS (SELECT 1 FROM walstate_job WHERE id=? AND owner IS ? AND epoch=?)"
     )
     _UPDATE_JOB = (
@@ -330,8 +334,8 @@ class WritePath:
         if c.kind == "step":
             cur = conn.execute(
                 self._UPDATE_STEP,
-                (c.new, c.attempt, c.failures, c.interruptions, c.output, c.error, now, c.row_id, c.expected,
-                 c.job_id, c.owner, c.epoch),
+                (c.new, c.attempt, c.failures, c.interruptions, c.output, c.error, now, c.wake_at, c.topic, c.row_id,
+                 c.expected, c.job_id, c.owner, c.epoch),
             )
         elif c.kind == "job":
             sql = self._UPDATE_JOB_RELEASE if c.release else self._UPDATE_JOB
@@ -418,7 +422,7 @@ class WritePath:
                 raise translate(exc, self.path, f"creating a {workflow!r} job") from exc
 
     _CLAIM = (
-        "UPDATE walstate_job SET owner=?, lease_expires=?, epoch=epoch+1, updated_at=?, "
+        "UPDATE walstate_job SET owner=?, lease_expires=?, epoch=epoch+1, updated_at=?, wake_at=NULL, "
         "state=CASE state WHEN 'pending' THEN 'running' ELSE state END "
         "WHERE id=? AND epoch=? AND state=? AND state IN ('pending', 'running') RETURNING epoch, context, "
         "cancel_requested"
@@ -462,8 +466,8 @@ class WritePath:
     _RUNNABLE = (
         "SELECT id, state, epoch, workflow, owner FROM walstate_job "
         "WHERE state IN ('pending', 'running') AND workflow IN (SELECT value FROM json_each(?)) "
-        "AND id NOT IN (SELECT value FROM json_each(?)) AND (owner IS NULL OR (id, epoch) IN "
-        "(SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))) "
+        "AND id NOT IN (SELECT value FROM json_each(?)) AND ((owner IS NULL AND (wake_at IS NULL OR wake_at <= ?)) "
+        "OR (id, epoch) IN (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))) "
         "ORDER BY id LIMIT ?"
     )
     _RUNNING_PER_WORKFLOW = (
@@ -471,7 +475,7 @@ class WritePath:
         "AND workflow IN (SELECT value FROM json_each(?)) GROUP BY workflow"
     )
     _CLAIM_MANY = (
-        "UPDATE walstate_job SET owner=?, lease_expires=?, epoch=epoch+1, updated_at=?, state='running' "
+        "UPDATE walstate_job SET owner=?, lease_expires=?, epoch=epoch+1, updated_at=?, state='running', wake_at=NULL "
         "WHERE id IN (SELECT value FROM json_each(?)) RETURNING id, epoch, context, cancel_requested"
     )
 
@@ -482,6 +486,7 @@ class WritePath:
         lease_expires: float,
         limit: int,
         workflows: Sequence[str],
+        now: float,
         dead: Sequence[tuple[int, int]] = (),
         skip: Sequence[int] = (),
         limits: dict[str, int] | None = None,
@@ -489,7 +494,7 @@ class WritePath:
         """Claim up to ``limit`` runnable jobs of ``workflows`` for ``owner``, atomically.
 
         One ``BEGIN IMMEDIATE`` transaction picks the runnable jobs (pending or
-        unfinished with no owner, or ``(id, epoch)`` in ``dead``: jobs whose
+        unfinished with no owner and no wake-up time after ``now``, or ``(id, epoch)`` in ``dead``: jobs whose
         owner the caller found dead at that epoch; never those in ``skip``), keeps at most ``limits[workflow]`` jobs of a workflow
         running across every process, and claims them with one ``UPDATE …
         WHERE id IN (…) RETURNING`` that bumps each epoch; each claim is
@@ -505,8 +510,8 @@ class WritePath:
                 with self._transaction() as conn:
                     names = json.dumps(list(workflows))
                     extra = sum(limits.values()) if limits else 0
-                    rows = conn.execute(self._RUNNABLE, (names, json.dumps(list(skip)), json.dumps([list(d) for d in dead]),
-                                                         limit + extra)).fetchall()
+                    rows = conn.execute(self._RUNNABLE, (names, json.dumps(list(skip)), now,
+                                                         json.dumps([list(d) for d in dead]), limit + extra)).fetchall()
                     if limits:
                         running = dict(conn.execute(self._RUNNING_PER_WORKFLOW, (json.dumps(list(limits)),)).fetchall())
                         chosen = []
@@ -588,6 +593,95 @@ class WritePath:
                     return True
             except (sqlite3.Error, peewee.PeeweeException) as exc:
                 raise translate(exc, self.path, f"releasing job {job_id}") from exc
+
+    def park(self, job_id: int, owner: str, epoch: int, wake_at: float, topics: Sequence[str], note: str) -> bool:
+        """Release a job whose steps wait, to be claimed again at ``wake_at`` or when a message arrives.
+
+        A message already sent for one of ``topics`` makes it runnable at once:
+        ``send`` and ``park`` both take the write lock, so no wake-up is lost
+        between them. False if the claim was already lost.
+        """
+        with self._lock:
+            try:
+                with self._transaction() as conn:
+                    now = time.time()
+                    ready = conn.execute(
+                        "SELECT 1 FROM walstate_message WHERE job_id=? AND consumed_by IS NULL AND topic IN "
+                        "(SELECT value FROM json_each(?)) LIMIT 1", (job_id, json.dumps(list(topics)))).fetchone()
+                    row = conn.execute(
+                        "UPDATE walstate_job SET owner=NULL, lease_expires=NULL, epoch=epoch+1, updated_at=?, wake_at=? "
+                        "WHERE id=? AND owner=? AND epoch=? RETURNING state",
+                        (now, None if ready else wake_at, job_id, owner, epoch),
+                    ).fetchone()
+                    if row is None:
+                        return False
+                    conn.execute(self._JOURNAL, (job_id, None, row[0], row[0], 0, now, note))
+                    return True
+            except (sqlite3.Error, peewee.PeeweeException) as exc:
+                raise translate(exc, self.path, f"parking job {job_id}") from exc
+
+    def send(self, job_id: int, topic: str, payload: str, key: str | None) -> tuple[int, bool]:
+        """Store a message for job ``job_id``; return ``(message id, whether it is new)``.
+
+        A repeated ``key`` stores nothing. A parked job with a step waiting for
+        ``topic`` becomes runnable at once, in the same transaction. Raises
+        :class:`UnknownJob` or :class:`JobFinished`.
+        """
+        with self._lock:
+            try:
+                with self._transaction() as conn:
+                    job = conn.execute("SELECT state FROM walstate_job WHERE id=?", (job_id,)).fetchone()
+                    if job is None:
+                        raise UnknownJob(f"{self.path}: no job {job_id} to send {topic!r} to")
+                    if job[0] not in ("pending", "running"):
+                        raise JobFinished(f"{self.path}: job {job_id} is {job[0]}; it will never read {topic!r}")
+                    if key is not None:
+                        known = conn.execute("SELECT id FROM walstate_message WHERE job_id=? AND key=?",
+                                             (job_id, key)).fetchone()
+                        if known is not None:
+                            return int(known[0]), False
+                    cur = conn.execute(
+                        "INSERT INTO walstate_message (job_id, topic, payload, key, sent_at) VALUES (?, ?, ?, ?, ?)",
+                        (job_id, topic, payload, key, time.time()))
+                    conn.execute(
+                        "UPDATE walstate_job SET wake_at=NULL WHERE id=? AND owner IS NULL AND wake_at IS NOT NULL "
+                        "AND EXISTS (SELECT 1 FROM walstate_step WHERE job_id=? AND state='waiting' AND wait_topic=?)",
+                        (job_id, job_id, topic))
+                    return int(cur.lastrowid or 0), True
+            except (sqlite3.Error, peewee.PeeweeException) as exc:
+                raise translate(exc, self.path, f"sending {topic!r} to job {job_id}") from exc
+
+    def consume(self, job_id: int, step: str, name: str, topic: str, owner: str | None, epoch: int) -> str | None:
+        """The payload this wait consumed: recorded before, or the oldest unconsumed message of ``topic`` now.
+
+        Consuming marks the message and records it as the wait's ``once()``
+        result in one transaction, fenced by the run's claim: a message is
+        delivered exactly once, to the first wait that asks. None: no message yet.
+        """
+        faults.point("before_consume")
+        with self._lock:
+            try:
+                with self._transaction() as conn:
+                    known = conn.execute("SELECT result FROM walstate_once WHERE job_id=? AND step=? AND name=?",
+                                         (job_id, step, name)).fetchone()
+                    if known is not None:
+                        return str(known[0])
+                    if conn.execute("SELECT 1 FROM walstate_job WHERE id=? AND owner IS ? AND epoch=?",
+                                    (job_id, owner, epoch)).fetchone() is None:
+                        raise LeaseLost(f"{self.path}: job {job_id}: this run lost its claim; it may not consume "
+                                        f"messages of {topic!r}")
+                    message = conn.execute(
+                        "SELECT id, payload FROM walstate_message WHERE job_id=? AND topic=? AND consumed_by IS NULL "
+                        "ORDER BY id LIMIT 1", (job_id, topic)).fetchone()
+                    if message is None:
+                        return None
+                    conn.execute("UPDATE walstate_message SET consumed_by=? WHERE id=?", (f"{step}:{name}", message[0]))
+                    conn.execute(self._ONCE, (job_id, step, name, message[1], time.time()))
+                    payload = str(message[1])
+            except (sqlite3.Error, peewee.PeeweeException) as exc:
+                raise translate(exc, self.path, f"consuming {topic!r} for step {step!r} of job {job_id}") from exc
+        faults.point("after_consume")
+        return payload
 
     def request_cancel(self, job_id: int) -> bool:
         """Ask whoever runs the unfinished job to cancel it; False if it is already finished."""

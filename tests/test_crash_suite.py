@@ -145,7 +145,9 @@ def sweep(tmp_path: Path, shape: Shape = SWEEP_SHAPE) -> int:
         # once() may repeat its call only when the crash fell between the call and its record.
         check_effects(path, shape, outcome.job_id, effects.counts, once_strict=point != "before_once_record")
         TOTALS["sweep_crashes"] += 1
-    assert {p for p, _ in positions} == set(POINTS)  # every fault point is on the path
+    # Every fault point is on the path, but those of message consumption: SWEEP_SHAPE
+    # does not wait (test_waits crashes around consuming a message on its own).
+    assert {p for p, _ in positions} == set(POINTS) - {"before_consume", "after_consume"}
     return len(positions)
 
 

@@ -24,6 +24,7 @@ PATH_TO = {
     "pending": [],
     "running": ["start"],
     "retrying": ["start", "retry"],
+    "waiting": ["start", "wait"],
     "failed": ["start", "fail"],
     "cancelled": ["cancel"],
 }
