@@ -97,9 +97,13 @@ class Procs:
         p = self._popen(["-m", "walstate", "worker", self.db, "--app", "tests.proc_runtime:make_engine",
                          "--concurrency", str(concurrency), "--grace", "30"], **extra)
         if ready:
-            poll(lambda: "worker on" in self.out(p) or p.poll() is not None, f"worker {p.pid} to start")
-            assert p.poll() is None, f"worker {p.pid} exited {p.returncode}: {self.err(p)}"
+            self.ready(p)
         return p
+
+    def ready(self, p: subprocess.Popen[bytes]) -> None:
+        """Return once the worker's loop runs (and its SIGTERM handler is installed)."""
+        poll(lambda: "worker on" in self.out(p) or p.poll() is not None, f"worker {p.pid} to start")
+        assert p.poll() is None, f"worker {p.pid} exited {p.returncode}: {self.err(p)}"
 
     def script(self, *args: str, **extra: str) -> subprocess.Popen[bytes]:
         """``python -m tests.proc_runtime ARGS``."""
@@ -203,6 +207,7 @@ def test_four_worker_processes_sigkilled_at_random_finish_every_job_repeating_on
          f"every job to succeed ({where}); now {job_states(db_path)}", timeout=120)
     elapsed = time.monotonic() - began
     for w in workers:
+        procs.ready(w)  # a restarted worker still starting up would die of SIGTERM before its handler exists
         assert procs.stop(w) == 0, procs.err(w)
 
     assert kills == LOAD_KILLS, where
