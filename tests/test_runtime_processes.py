@@ -158,8 +158,8 @@ def app(db_path: str) -> Iterator[Engine]:
 LOAD_WORKERS = 4
 LOAD_CONCURRENCY = 8
 LOAD_SUBMITTERS = 2
-LOAD_JOBS_PER_SUBMITTER = 200 if PROFILE == "deep" else 30  # 60 jobs in ci
-LOAD_KILLS = 10 if PROFILE == "deep" else 2
+LOAD_JOBS_PER_SUBMITTER = 500 if PROFILE == "deep" else 30  # 60 jobs in ci, 1000 in deep
+LOAD_KILLS = 20 if PROFILE == "deep" else 2
 
 
 def running_step_pids(db: str) -> set[int]:
