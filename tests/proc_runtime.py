@@ -16,6 +16,7 @@ workflow writes its enter and exit times to a file per process in ``WALSTATE_TIM
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import sys
@@ -111,7 +112,12 @@ def started(ctx: Ctx, step: StepContext) -> None:
 
 
 def make_engine(path: str) -> Engine:
-    """The app's engine on ``path``, with every workflow of this module registered."""
+    """The app's engine on ``path``, with every workflow of this module registered.
+
+    Like an app, it sends walstate's warnings to stderr, where the tests look for what the
+    worker loop met (a ``DatabaseBusy`` there is retried, never told to a caller, but still counted).
+    """
+    logging.basicConfig(level=logging.WARNING, format="%(name)s %(levelname)s %(message)s")
     engine = Engine(path, workers=3)
     for flow in (load, slow, capped, ping):
         engine.register(flow)

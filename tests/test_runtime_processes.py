@@ -233,10 +233,12 @@ def test_four_worker_processes_sigkilled_at_random_finish_every_job_repeating_on
     takeovers = sum(1 for (n,) in query(db_path, "SELECT note FROM walstate_journal WHERE step IS NULL")
                     if n and n.startswith("claimed from"))
     pids = Counter(int(e[1]) for e in lines(effects))
+    loop_errors = sum(procs.err(w).count("trying again") for w in every_worker)
     print(f"runtime load ({where}): {n_jobs} jobs on {LOAD_WORKERS} workers x {LOAD_CONCURRENCY} "
           f"({len(every_worker)} worker processes in all, {len(pids)} ran calls), {kills} SIGKILLs, {takeovers} "
-          f"jobs taken over, {sum(interrupted.values())} interrupted attempts, "
-          f"{sum(n - 1 for n in calls.values())} repeated outside calls, {elapsed:.1f}s")
+          f"takeovers, {sum(interrupted.values())} interrupted attempts, "
+          f"{sum(n - 1 for n in calls.values())} repeated outside calls, {loop_errors} worker-loop errors retried, "
+          f"{elapsed:.1f}s")
 
 
 # -- SIGTERM ----------------------------------------------------------------------------------
