@@ -159,7 +159,7 @@ LOAD_WORKERS = 4
 LOAD_CONCURRENCY = 8
 LOAD_SUBMITTERS = 2
 LOAD_JOBS_PER_SUBMITTER = 500 if PROFILE == "deep" else 30  # 60 jobs in ci, 1000 in deep
-LOAD_KILLS = 20 if PROFILE == "deep" else 2
+LOAD_STOPS = 20 if PROFILE == "deep" else 2  # SIGKILLs (or SIGTERMs) of a worker
 
 
 def running_step_pids(db: str) -> set[int]:
@@ -169,8 +169,21 @@ def running_step_pids(db: str) -> set[int]:
     return {int(owner.split("|")[3]) for (owner,) in owners}
 
 
-def test_four_worker_processes_sigkilled_at_random_finish_every_job_repeating_only_interrupted_calls(
-        db_path: str, effects: str, procs: Procs, tmp_path: Path) -> None:
+class LoadRun:
+    """What one run of the load test left: its jobs, their outside calls, and figures to report."""
+
+    def __init__(self, jobs: list[int], calls: Counter[tuple[int, str]], interrupted: dict[tuple[int, str], int],
+                 where: str, summary: str) -> None:
+        self.jobs, self.calls, self.interrupted, self.where, self.summary = jobs, calls, interrupted, where, summary
+
+
+def run_load(db_path: str, effects: str, procs: Procs, tmp_path: Path, signum: signal.Signals) -> LoadRun:
+    """4 workers x 8 and 2 submitters; ``LOAD_STOPS`` times a worker gets ``signum`` and is restarted.
+
+    Returns once every job succeeded, after checking what holds whatever the signal: nothing reached
+    a submitting caller, no worker met a busy file, each transactional row exists once, every
+    job's journal is legal, ``integrity_check`` is ok, every worker SIGTERMed exits 0.
+    """
     seed = int(os.environ.get("WALSTATE_LOAD_SEED", random.randrange(1 << 32)))
     where = f"seed {seed} (replay with WALSTATE_LOAD_SEED={seed})"
     rng = random.Random(seed)
@@ -188,29 +201,33 @@ def test_four_worker_processes_sigkilled_at_random_finish_every_job_repeating_on
     every_worker = list(workers)
     submitters = [procs.script("submit", db_path, str(slot), str(LOAD_JOBS_PER_SUBMITTER), WALSTATE_ERRORS=errors)
                   for slot in range(LOAD_SUBMITTERS)]
-    # Each kill comes once the outside calls reach a random share of all of them.
-    targets = sorted(rng.uniform(0.05, 0.7) * expected_calls for _ in range(LOAD_KILLS))
-    kills = 0
+    # Each signal comes once the outside calls reach a random share of all of them.
+    targets = sorted(rng.uniform(0.05, 0.7) * expected_calls for _ in range(LOAD_STOPS))
+    stops = 0
     for target in targets:
         poll(lambda: len(lines(effects)) >= target, f"{target:.0f} outside calls ({where})", timeout=120)
-        # Preferably a worker with a step in flight, so that the kill interrupts an attempt.
+        # Preferably a worker with a step in flight, so that the signal lands mid-step.
         busy = [i for i, w in enumerate(workers) if w.pid in running_step_pids(db_path)]
         i = rng.choice(busy or list(range(LOAD_WORKERS)))
-        procs.kill(workers[i])
-        kills += 1
+        if signum == signal.SIGKILL:
+            procs.kill(workers[i])
+        else:
+            procs.ready(workers[i])  # a worker still starting up would die of SIGTERM before its handler exists
+            assert procs.stop(workers[i]) == 0, f"{where}: {procs.err(workers[i])}"
+        stops += 1
         workers[i] = procs.worker(LOAD_CONCURRENCY, ready=False)
         every_worker.append(workers[i])
     for s in submitters:
         assert s.wait(timeout=120) == 0, procs.err(s)
-    # After the last kill, the living and restarted workers finish everything by themselves.
+    # After the last signal, the living and restarted workers finish everything by themselves.
     poll(lambda: job_states(db_path) == Counter({"succeeded": n_jobs}),
          f"every job to succeed ({where}); now {job_states(db_path)}", timeout=120)
     elapsed = time.monotonic() - began
     for w in workers:
-        procs.ready(w)  # a restarted worker still starting up would die of SIGTERM before its handler exists
+        procs.ready(w)
         assert procs.stop(w) == 0, procs.err(w)
 
-    assert kills == LOAD_KILLS, where
+    assert stops == LOAD_STOPS, where
     # Nothing reached a submitting caller; no worker ever met a busy file.
     assert lines(errors) == [], f"{where}: {lines(errors)}"
     busy_logs = {w.pid: procs.err(w) for w in every_worker if "DatabaseBusy" in procs.err(w)}
@@ -225,20 +242,37 @@ def test_four_worker_processes_sigkilled_at_random_finish_every_job_repeating_on
     interrupted = {(j, s): n for j, s, n in query(
         db_path, "SELECT job_id, step, count(*) FROM walstate_journal WHERE note='interrupted' GROUP BY job_id, step")}
     assert set(calls) == {(j, s) for j in jobs for s in proc_runtime.LOAD_CALLS}, where
-    # An outside call repeats only for a step whose attempt a kill interrupted, once per interruption at most.
-    beyond = {k: (n, interrupted.get(k, 0)) for k, n in calls.items() if n > 1 + interrupted.get(k, 0)}
-    assert beyond == {}, f"{where}: outside calls repeated without an interruption: {beyond}"
     for job in jobs:
         check_invariants(db_path, proc_runtime.load, job)
-    takeovers = sum(1 for (n,) in query(db_path, "SELECT note FROM walstate_journal WHERE step IS NULL")
-                    if n and n.startswith("claimed from"))
+    job_notes = [n or "" for (n,) in query(db_path, "SELECT note FROM walstate_journal WHERE step IS NULL")]
     pids = Counter(int(e[1]) for e in lines(effects))
     loop_errors = sum(procs.err(w).count("trying again") for w in every_worker)
-    print(f"runtime load ({where}): {n_jobs} jobs on {LOAD_WORKERS} workers x {LOAD_CONCURRENCY} "
-          f"({len(every_worker)} worker processes in all, {len(pids)} ran calls), {kills} SIGKILLs, {takeovers} "
-          f"takeovers, {sum(interrupted.values())} interrupted attempts, "
-          f"{sum(n - 1 for n in calls.values())} repeated outside calls, {loop_errors} worker-loop errors retried, "
-          f"{elapsed:.1f}s")
+    summary = (f"{n_jobs} jobs on {LOAD_WORKERS} workers x {LOAD_CONCURRENCY} ({len(every_worker)} worker processes "
+               f"in all, {len(pids)} ran calls), {stops} {signum.name}s, "
+               f"{sum(n.startswith('claimed from') for n in job_notes)} takeovers, "
+               f"{sum(n.startswith('released') for n in job_notes)} releases, {sum(interrupted.values())} "
+               f"interrupted attempts, {sum(n - 1 for n in calls.values())} repeated outside calls, {loop_errors} "
+               f"worker-loop errors retried, {elapsed:.1f}s")
+    return LoadRun(jobs, calls, interrupted, where, summary)
+
+
+def test_four_worker_processes_sigkilled_at_random_finish_every_job_repeating_only_interrupted_calls(
+        db_path: str, effects: str, procs: Procs, tmp_path: Path) -> None:
+    run = run_load(db_path, effects, procs, tmp_path, signal.SIGKILL)
+    # An outside call repeats only for a step whose attempt a kill interrupted, once per interruption at most.
+    beyond = {k: (n, run.interrupted.get(k, 0)) for k, n in run.calls.items() if n > 1 + run.interrupted.get(k, 0)}
+    assert beyond == {}, f"{run.where}: outside calls repeated without an interruption: {beyond}"
+    print(f"runtime load ({run.where}): {run.summary}")
+
+
+def test_four_worker_processes_stopped_with_sigterm_at_random_interrupt_nothing_and_repeat_no_call(
+        db_path: str, effects: str, procs: Procs, tmp_path: Path) -> None:
+    run = run_load(db_path, effects, procs, tmp_path, signal.SIGTERM)
+    # A graceful stop lets steps in flight finish: nothing is interrupted, no call runs twice.
+    assert run.interrupted == {}, run.where
+    repeated = {k: n for k, n in run.calls.items() if n != 1}
+    assert repeated == {}, f"{run.where}: outside calls repeated after SIGTERMs: {repeated}"
+    print(f"runtime load ({run.where}): {run.summary}")
 
 
 # -- SIGTERM ----------------------------------------------------------------------------------
