@@ -45,18 +45,20 @@ from .workflow import Retry, Workflow
 if TYPE_CHECKING:
     from .engine import Engine, JobId, JobStatus, RecoveryReport, StepStatus, TransitionRecord
     from .runtime import JobHandle, Worker
+    from .views import JobPage, JobSummary
 
 _ENGINE_NAMES = ("Engine", "JobId", "JobStatus", "RecoveryReport", "StepStatus", "TransitionRecord")
 _RUNTIME_NAMES = ("JobHandle", "Worker")
+_VIEW_NAMES = ("JobPage", "JobSummary")
 
 
 def __getattr__(name: str) -> Any:
     # The engine (and with it peewee, transitions and SQLite) loads on first
     # use: defining workflows, or a `walstate --help`, does not pay for it.
-    if name in _ENGINE_NAMES or name in _RUNTIME_NAMES:
-        from . import engine, runtime
+    if name in _ENGINE_NAMES or name in _RUNTIME_NAMES or name in _VIEW_NAMES:
+        from . import engine, runtime, views
 
-        value = getattr(engine if name in _ENGINE_NAMES else runtime, name)
+        value = getattr(engine if name in _ENGINE_NAMES else runtime if name in _RUNTIME_NAMES else views, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'walstate' has no attribute {name!r}")
@@ -80,7 +82,9 @@ __all__ = [
     "JobHandle",
     "JobId",
     "JobOwned",
+    "JobPage",
     "JobStatus",
+    "JobSummary",
     "KeyConflict",
     "LeaseLost",
     "MigrationFailed",

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
-from .storage import SCHEMA_VERSION, Store
+from .storage import SCHEMA_VERSION, TERMINAL_JOB_STATES, Store
 from .storage.errors import ConfigurationError, WalstateError
 
 from . import operator, views
@@ -59,20 +59,29 @@ def _open(path: str, readonly: bool = True) -> Store:
     return Store(path, readonly=readonly)
 
 
+def _cut(text: str, width: int) -> str:
+    """``text`` in ``width`` columns, marked with ``~`` where cut (``--json`` has it whole)."""
+    return text if len(text) <= width else text[:width - 1] + "~"
+
+
 def cmd_jobs(args: argparse.Namespace, out: Out) -> int:
     store = _open(args.db)
-    rows = [views.job_line(store, r) for r in store.read.jobs(state=args.state, workflow=args.workflow, limit=args.limit)]
-    store.close()
+    try:
+        page = views.job_page(store, state=args.state, workflow=args.workflow, limit=args.limit, offset=args.offset)
+    finally:
+        store.close()
     if out.as_json:
-        out.json(rows)
+        out.json({"jobs": [j.as_dict() for j in page], "offset": page.offset, "limit": page.limit,
+                  "next_offset": page.next_offset})
         return 0
-    out.line(f"{'ID':>5}  {'WORKFLOW':<14} {'KEY':<10} {'STATE':<10} {'PHASE':<10} {'DONE':>7}  UPDATED")
-    for r in rows:
-        out.line(f"{r['id']:>5}  {r['workflow'][:14]:<14} {(r['key'] or '-')[:10]:<10} {out.state(r['state'], 10)} "
-                 f"{(r['phase'] or '-')[:10]:<10} {str(r['done']) + '/' + str(r['total']):>7}  "
-                 f"{_when(r['updated_at'])[5:]}")
-    if not rows:
-        out.line("(no jobs)")
+    out.line(f"{'ID':>5}  {'WORKFLOW':<10} {'KEY':<10} {'STATE':<9} {'PHASE':<8} {'UPDATED':<11}  STEPS")
+    for j in page:
+        out.line(f"{j.id:>5}  {_cut(j.workflow, 10):<10} {_cut(j.key or '-', 10):<10} {out.state(j.state, 9)} "
+                 f"{_cut(j.phase or '-', 8):<8} {_when(j.updated_at)[5:16]:<11}  {j.progress}")
+    if not page:
+        out.line("(no jobs)" if page.offset == 0 else f"(no jobs after the first {page.offset})")
+    if page.next_offset is not None:
+        out.line(f"more jobs: --offset {page.next_offset}")
     return 0
 
 
@@ -94,7 +103,7 @@ def cmd_show(args: argparse.Namespace, out: Out) -> int:
         out.json(job)
         return 0
     out.line(f"job {job['id']}  {job['workflow']}  key={job['key'] or '-'}  {out.state(job['state'])}  "
-             f"{job['done']}/{job['total']} done")
+             f"{job['progress']}")
     if job["error"]:
         out.line(f"  error: {job['error']}")
     for phase in job["phases"]:
@@ -155,6 +164,20 @@ def cmd_upgrade(args: argparse.Namespace, out: Out) -> int:
     else:
         out.line(f"{args.db}: already at schema {SCHEMA_VERSION}")
     return 0
+
+
+def _positive(text: str) -> int:
+    """An integer >= 1 (argparse type)."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
+
+
+def _non_negative(text: str) -> int:
+    """An integer >= 0 (argparse type)."""
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    return int(text)
 
 
 _UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
@@ -263,77 +286,120 @@ def cmd_recover(args: argparse.Namespace, out: Out) -> int:
     return 0
 
 
-def mermaid(flow: Any | None) -> str:
-    """The sub-step machine, and a workflow's phases and `after` edges, as Mermaid text."""
-    lines = ["%% the sub-step state machine", "stateDiagram-v2", "    [*] --> pending"]
+def _label(text: str) -> str:
+    # A quoted Mermaid label: any text, `end` included; a double quote is written as an entity.
+    return '"' + text.replace('"', "#quot;") + '"'
+
+
+def mermaid_machine() -> str:
+    """The sub-step state machine as one Mermaid ``stateDiagram-v2`` document."""
+    lines = ["stateDiagram-v2", "    %% the walstate sub-step state machine", "    [*] --> pending"]
     for trigger, moves in STEP.table.items():
         for source, dest in moves.items():
             lines.append(f"    {source} --> {dest}: {trigger}")
     for t in sorted(STEP.terminal):
         lines.append(f"    {t} --> [*]")
-    if flow is not None:
-        lines += ["", f"%% workflow {flow.name!r}: phases run in order, `after` edges inside a phase", "flowchart LR"]
-        for i, phase in enumerate(flow.phases):
-            lines.append(f"    subgraph phase{i}[{phase}]")
-            for s in flow.phase_steps(phase):
-                lines.append(f"        {s.name}")
-            lines.append("    end")
-            if i:
-                lines.append(f"    phase{i - 1} --> phase{i}")
-        for s in flow.steps.values():
-            for dep in s.after:
-                lines.append(f"    {dep} --> {s.name}")
+    return "\n".join(lines)
+
+
+def mermaid_workflow(flow: Any) -> str:
+    """A workflow as one Mermaid ``flowchart`` document: a subgraph per phase, in order, with the ``after`` edges.
+
+    Node ids are generated (``p0``, ``s0``, ...) and names are quoted labels,
+    so a step or phase named like a Mermaid keyword (``end``) cannot break it.
+    """
+    lines = ["flowchart LR", f"    %% workflow {flow.name}: phases run in order; `after` orders steps inside a phase"]
+    ids: dict[str, str] = {}
+    for i, phase in enumerate(flow.phases):
+        lines.append(f"    subgraph p{i}[{_label(phase)}]")
+        for s in flow.phase_steps(phase):
+            ids[s.name] = f"s{len(ids)}"
+            lines.append(f"        {ids[s.name]}[{_label(s.name)}]")
+        lines.append("    end")
+    for i in range(1, len(flow.phases)):
+        lines.append(f"    p{i - 1} --> p{i}")
+    for s in flow.steps.values():
+        for dep in s.after:
+            lines.append(f"    {ids[dep]} --> {ids[s.name]}")
     return "\n".join(lines)
 
 
 def cmd_diagram(args: argparse.Namespace, out: Out) -> int:
-    flow = None
-    if args.app:
-        from .engine import Engine
-        from .workflow import Workflow
+    kind = args.kind or ("workflow" if args.app else "machine")
+    if kind == "machine":
+        out.line(mermaid_machine())
+        return 0
+    if not args.app:
+        raise ConfigurationError("--kind workflow needs --app MODULE:ATTR naming a Workflow or an Engine")
+    from .engine import Engine
+    from .workflow import Workflow
 
-        app = _load_app(args.app)
-        if isinstance(app, Workflow):
-            flow = app
-        else:
-            flows = app._flows if isinstance(app, Engine) else {}
-            if not flows:
-                raise ConfigurationError(f"{args.app} is neither a Workflow nor an Engine with workflows")
-            name = args.workflow or next(iter(flows))
-            if name not in flows:
-                raise ConfigurationError(f"no workflow {name!r} in {args.app}; it has {', '.join(flows)}")
-            flow = flows[name]
-    out.line(mermaid(flow))
+    app = _load_app(args.app)
+    if isinstance(app, Workflow):
+        flow = app
+    else:
+        flows = app._flows if isinstance(app, Engine) else {}
+        if not flows:
+            raise ConfigurationError(f"{args.app} is neither a Workflow nor an Engine with workflows")
+        name = args.workflow or next(iter(flows))
+        if name not in flows:
+            raise ConfigurationError(f"no workflow {name!r} in {args.app}; it has {', '.join(flows)}")
+        flow = flows[name]
+    out.line(mermaid_workflow(flow))
     return 0
 
 
+def _progress(job: dict[str, Any]) -> dict[str, Any]:
+    """What ``watch --json`` reports of a job: everything that changes as it runs, nothing that does not."""
+    phases = []
+    for phase in job["phases"]:
+        counts: dict[str, int] = {}
+        for s in phase["steps"]:
+            counts[s["state"]] = counts.get(s["state"], 0) + 1
+        phases.append({"name": phase["name"], "steps": counts, "total": len(phase["steps"])})
+    return {"id": job["id"], "state": job["state"], "phase": job["phase"], "steps": job["steps"],
+            "total": job["total"], "progress": job["progress"], "error": job["error"], "phases": phases}
+
+
 def cmd_watch(args: argparse.Namespace, out: Out) -> int:
-    last = None
+    last: Any = None
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     while True:
         store = _open(args.db)
-        job = views.job_detail(store, args.job)
-        store.close()
-        bars = []
-        for phase in job["phases"]:
-            done = sum(s["state"] in STEP.terminal for s in phase["steps"])
-            total = len(phase["steps"])
-            bars.append((phase["name"], done, total))
-        if out.stream.isatty():
-            text = "  ".join(f"{n} [{'#' * d}{'.' * (t - d)}]" for n, d, t in bars)
-            out.stream.write(f"\r{out.state(job['state'], 10)} {text}")
-            out.stream.flush()
+        try:
+            job = views.job_detail(store, args.job)
+        finally:
+            store.close()
+        ended = job["state"] in TERMINAL_JOB_STATES
+        if out.as_json:
+            # JSON lines: one object per change, flushed at once so a pipe's reader sees it now.
+            now = _progress(job)
+            if now != last:
+                out.stream.write(json.dumps({"at": time.time(), **now}) + "\n")
+                out.stream.flush()
+            last = now
         else:
-            text = "  ".join(f"{n} {d}/{t}" for n, d, t in bars)
-            if text != last:
-                out.line(f"{_when(time.time())}  {job['state']:<10} {text}")
-        last = text
-        if job["state"] in ("succeeded", "failed", "cancelled"):
+            bars = [(p["name"], sum(s["state"] in STEP.terminal for s in p["steps"]), len(p["steps"]))
+                    for p in job["phases"]]
             if out.stream.isatty():
+                text = "  ".join(f"{n} [{'#' * d}{'.' * (t - d)}]" for n, d, t in bars)
+                out.stream.write(f"\r{out.state(job['state'], 10)} {text}")
+                out.stream.flush()
+            else:
+                text = "  ".join(f"{n} {d}/{t}" for n, d, t in bars)
+                if text != last:
+                    out.line(f"{_when(time.time())}  {job['state']:<10} {text}")
+                    out.stream.flush()
+            last = text
+            if ended and out.stream.isatty():
                 out.line()
+            if ended and job["state"] != "succeeded":
+                out.line(f"job {args.job} {job['state']}: {job['progress']}")
+        if ended:
             return 0 if job["state"] == "succeeded" else EXIT_ERROR
         if deadline is not None and time.monotonic() > deadline:
-            out.line(f"job {args.job} still {job['state']} after {args.timeout}s")
+            # On stderr, so that stdout stays pure JSON lines under --json.
+            print(f"walstate: job {args.job} still {job['state']} after {args.timeout:g}s", file=sys.stderr)
             return EXIT_ERROR
         time.sleep(args.interval)
 
@@ -346,24 +412,30 @@ def cmd_demo(args: argparse.Namespace, out: Out) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="walstate", description="Durable multi-phase jobs on SQLite WAL.")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do (COMMAND -h for its options)")
 
     def add(name: str, fn: Callable[[argparse.Namespace, Out], int], help: str, db: bool = True,
-            job: bool = False, as_json: bool = False) -> argparse.ArgumentParser:
+            job: bool = False, as_json: bool = False,
+            json_help: str = "print machine-readable JSON only") -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
         if db:
             sp.add_argument("db", metavar="DB", help="the walstate SQLite file")
         if job:
             sp.add_argument("job", metavar="JOB", type=int, help="job id")
         if as_json:
-            sp.add_argument("--json", action="store_true", help="print machine-readable JSON only")
+            sp.add_argument("--json", action="store_true", help=json_help)
         sp.set_defaults(fn=fn)
         return sp
 
-    jobs = add("jobs", cmd_jobs, "list jobs, newest first", as_json=True)
-    jobs.add_argument("--state", choices=["pending", "running", "succeeded", "failed", "cancelled"])
-    jobs.add_argument("--workflow")
-    jobs.add_argument("--limit", type=int, default=50)
+    jobs = add("jobs", cmd_jobs, "list jobs, newest first, a page at a time", as_json=True,
+               json_help='print one JSON object: {"jobs": [...], "offset", "limit", "next_offset"} '
+                         "(next_offset is null on the last page)")
+    jobs.add_argument("--state", choices=views.JOB_STATES, help="only jobs in this state")
+    jobs.add_argument("--workflow", metavar="NAME", help="only jobs of this workflow")
+    jobs.add_argument("--limit", type=_positive, default=50, metavar="N",
+                      help="jobs per page (default: %(default)s)")
+    jobs.add_argument("--offset", type=_non_negative, default=0, metavar="N",
+                      help="skip the N newest matching jobs: the next page starts where the last line says")
     add("show", cmd_show, "one job as a tree: phases, sub-steps, errors, context", job=True, as_json=True)
     hist = add("history", cmd_history, "the transition journal of a job, in commit order", job=True, as_json=True)
     hist.add_argument("--step", help="only this sub-step")
@@ -392,13 +464,20 @@ def parser() -> argparse.ArgumentParser:
     work.add_argument("--grace", type=float, default=30.0, metavar="S",
                       help="on SIGTERM/SIGINT, seconds steps in flight get to finish before the rest is released")
     rec = add("recover", cmd_recover, "resume what a dead process left, with your app's Engine", as_json=True)
-    rec.add_argument("--app", required=True, help="MODULE:ATTR naming an Engine, or a factory taking DB")
-    diag = add("diagram", cmd_diagram, "the sub-step machine and a workflow's phases as Mermaid text", db=False)
-    diag.add_argument("--app", help="MODULE:ATTR naming a Workflow or an Engine")
-    diag.add_argument("--workflow", help="which workflow of the Engine")
-    watch = add("watch", cmd_watch, "live progress per phase until the job ends", job=True)
-    watch.add_argument("--interval", type=float, default=0.5)
-    watch.add_argument("--timeout", type=float, default=None)
+    rec.add_argument("--app", required=True, metavar="MODULE:ATTR",
+                     help="your app's Engine, or a factory taking the database path")
+    diag = add("diagram", cmd_diagram, "one Mermaid document: the sub-step machine (stateDiagram-v2), or with "
+               "--app a workflow's phases and steps (flowchart)", db=False)
+    diag.add_argument("--app", metavar="MODULE:ATTR", help="a Workflow, or an Engine with workflows, to draw")
+    diag.add_argument("--workflow", metavar="NAME", help="which workflow of the Engine (default: the first registered)")
+    diag.add_argument("--kind", choices=["machine", "workflow"],
+                      help="what to draw (default: workflow with --app, else machine)")
+    watch = add("watch", cmd_watch, "live progress per phase until the job ends (exit 0 if it succeeded, else 1)",
+                job=True, as_json=True, json_help="stream JSON lines: one object per change, the last when the job ends")
+    watch.add_argument("--interval", type=float, default=0.5, metavar="S",
+                       help="seconds between reads of the file (default: %(default)s)")
+    watch.add_argument("--timeout", type=float, default=None, metavar="S",
+                       help="give up (exit 1) if the job has not ended after S seconds (default: wait forever)")
     demo = add("demo", cmd_demo, "run the crash-and-resume demo on a local SQLite file", db=False)
     demo.add_argument("--db", default="walstate-demo.db", help="database file (default: %(default)s)")
     return p

@@ -15,7 +15,7 @@ from typing import Any, Generic, cast, overload
 
 from pydantic import BaseModel, ValidationError
 
-from . import log, operator, ownership
+from . import log, operator, ownership, views
 from .context import dump_context, to_json, validate_submission
 from .ownership import Clock
 from .runner import JobRun
@@ -682,6 +682,19 @@ class Engine:
             for s in self.store.read.steps(row.id)
         }
         return JobStatus(row.id, row.workflow, row.key, row.state, context, steps, row.error, row.created_at, row.updated_at)
+
+    def jobs(self, state: str | None = None, workflow: str | None = None, limit: int = 50,
+             offset: int = 0) -> views.JobPage:
+        """A page of jobs, newest first: ``limit`` of them after the first ``offset``, optionally of one
+        ``state`` (pending, running, succeeded, failed, cancelled) and one ``workflow``.
+
+        Each is a :class:`JobSummary` (id, workflow, key, state, current
+        phase, sub-steps counted by state, times, error); the page is a list
+        whose ``next_offset`` is where the next page starts (``None`` on the
+        last). Two reads whatever the page size: the jobs, then one aggregate
+        of their sub-steps. Workflows need not be registered here.
+        """
+        return views.job_page(self.store, state=state, workflow=workflow, limit=limit, offset=offset)
 
     def history(self, job_id: int, step: str | None = None) -> list[TransitionRecord]:
         """The job's transition journal in commit order (optionally of one sub-step)."""

@@ -7,13 +7,126 @@ steps' stored rank, times from the journal.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
-from .storage import Store, TERMINAL_STEP_STATES
-from .storage.errors import UnknownJob
-from .storage.reads import JobRow, StepRow
+from .storage import Store, TERMINAL_JOB_STATES, TERMINAL_STEP_STATES, UNFINISHED_JOB_STATES
+from .storage.errors import UnknownJob, UsageError
+from .storage.reads import JobRow, StepCount, StepRow
 
 _TERMINAL = frozenset(TERMINAL_STEP_STATES)
+_DONE_WELL = frozenset(("succeeded", "skipped"))
+JOB_STATES = UNFINISHED_JOB_STATES + TERMINAL_JOB_STATES
+# The order a progress line names sub-step states in: outcomes first, then what is still to come.
+_STEP_STATE_ORDER = ("succeeded", "failed", "cancelled", "skipped", "running", "retrying", "pending")
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    """One job of a listing (:meth:`Engine.jobs`, ``walstate jobs``): its row and its sub-steps counted by state.
+
+    ``steps`` maps a sub-step state to how many of the job's sub-steps are in
+    it (states with none are left out), so a failed job reads as what
+    happened to each step, e.g. ``{"succeeded": 3, "failed": 1,
+    "cancelled": 4}``, never as "8/8 done". ``phase`` is where the job is
+    or stopped: the first phase with a sub-step unfinished, failed or
+    cancelled (the last phase when every sub-step succeeded or was skipped).
+    """
+
+    id: int
+    workflow: str
+    key: str | None
+    state: str
+    phase: str | None
+    steps: dict[str, int]
+    created_at: float
+    updated_at: float
+    error: str | None
+
+    @property
+    def total(self) -> int:
+        """How many sub-steps the job has."""
+        return sum(self.steps.values())
+
+    @property
+    def progress(self) -> str:
+        """The counts as words: ``"2/2 ok"``, ``"3/8 ok, 1 failed, 4 cancelled"``, ``"1/3 ok, 1 running"``."""
+        parts = [f"{self.steps.get('succeeded', 0)}/{self.total} ok"]
+        parts += [f"{self.steps[s]} {s}" for s in _STEP_STATE_ORDER[1:-1] if self.steps.get(s)]
+        return ", ".join(parts)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: the fields, plus ``total`` and ``progress``."""
+        return {"id": self.id, "workflow": self.workflow, "key": self.key, "state": self.state, "phase": self.phase,
+                "steps": dict(self.steps), "total": self.total, "progress": self.progress,
+                "created_at": self.created_at, "updated_at": self.updated_at, "error": self.error}
+
+
+class JobPage(list[JobSummary]):
+    """One page of :meth:`Engine.jobs` (a list, newest job first) and where the next page starts.
+
+    ``next_offset`` is the ``offset`` to pass for the next page, or ``None``
+    when this page holds the last matching job.
+    """
+
+    def __init__(self, jobs: Iterable[JobSummary], offset: int, limit: int, next_offset: int | None) -> None:
+        super().__init__(jobs)
+        self.offset = offset
+        self.limit = limit
+        self.next_offset = next_offset
+
+    @property
+    def more(self) -> bool:
+        """Whether more matching jobs follow this page."""
+        return self.next_offset is not None
+
+
+def _summary(row: JobRow, counts: Iterable[StepCount]) -> JobSummary:
+    steps: dict[str, int] = {}
+    phases: dict[str, int] = {}  # phase -> rank of its first step
+    stopped: set[str] = set()  # phases with a step not done well: unfinished, failed or cancelled
+    for c in counts:
+        steps[c.state] = steps.get(c.state, 0) + c.count
+        phases[c.phase] = min(phases.get(c.phase, c.rank), c.rank)
+        if c.state not in _DONE_WELL:
+            stopped.add(c.phase)
+    order = sorted(phases, key=phases.__getitem__)
+    phase = next((p for p in order if p in stopped), order[-1] if order else None)
+    ordered = {s: steps[s] for s in _STEP_STATE_ORDER if s in steps}
+    ordered.update((s, n) for s, n in steps.items() if s not in ordered)  # a state this version does not know
+    return JobSummary(row.id, row.workflow, row.key, row.state, phase, ordered, row.created_at, row.updated_at,
+                      row.error)
+
+
+def job_page(store: Store, *, state: str | None = None, workflow: str | None = None, limit: int = 50,
+             offset: int = 0) -> JobPage:
+    """A page of jobs, newest first, in two reads whatever its size: the jobs, then their steps counted."""
+    if state is not None and state not in JOB_STATES:
+        raise UsageError(f"no job state {state!r}: choose one of {', '.join(JOB_STATES)}")
+    if limit < 1:
+        raise UsageError(f"limit must be >= 1, not {limit}")
+    if offset < 0:
+        raise UsageError(f"offset must be >= 0, not {offset}")
+    # One row more than asked tells whether another page follows, in the same read.
+    rows = store.read.jobs(state=state, workflow=workflow, limit=limit + 1, offset=offset)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    by_job: dict[int, list[StepCount]] = {r.id: [] for r in rows}
+    if rows:
+        for c in store.read.step_counts(list(by_job)):
+            by_job[c.job_id].append(c)
+    return JobPage([_summary(r, by_job[r.id]) for r in rows], offset, limit, offset + limit if more else None)
+
+
+def summarize(row: JobRow, steps: list[StepRow]) -> JobSummary:
+    """The summary of a job whose steps are already read (the same counts :func:`job_page` computes in SQL)."""
+    counts: dict[tuple[str, str], StepCount] = {}
+    for s in steps:
+        c = counts.get((s.phase, s.state))
+        counts[(s.phase, s.state)] = StepCount(row.id, s.phase, s.state, 1, s.position) if c is None else \
+            StepCount(row.id, s.phase, s.state, c.count + 1, min(c.rank, s.position))
+    return _summary(row, counts.values())
 
 
 def _phases(steps: list[StepRow]) -> list[str]:
@@ -22,23 +135,6 @@ def _phases(steps: list[StepRow]) -> list[str]:
         if s.phase not in order:
             order.append(s.phase)
     return order
-
-
-def current_phase(steps: list[StepRow]) -> str | None:
-    """The first phase with an unfinished step (or the last phase when all are done)."""
-    for phase in _phases(steps):
-        if any(s.state not in _TERMINAL for s in steps if s.phase == phase):
-            return phase
-    return steps[-1].phase if steps else None
-
-
-def job_line(store: Store, row: JobRow) -> dict[str, Any]:
-    steps = store.read.steps(row.id)
-    return {
-        "id": row.id, "workflow": row.workflow, "key": row.key, "state": row.state,
-        "phase": current_phase(steps), "done": sum(s.state in _TERMINAL for s in steps), "total": len(steps),
-        "updated_at": row.updated_at,
-    }
 
 
 def waits_for(step: StepRow) -> dict[str, Any] | None:
@@ -71,8 +167,8 @@ def job_detail(store: Store, job_id: int) -> dict[str, Any]:
              "output": None if s.output is None else json.loads(s.output),
              "started_at": started.get(s.name), "finished_at": finished.get(s.name)}
             for s in steps if s.phase == phase]})
-    return {**job_line(store, row), "error": row.error, "owner": row.owner, "created_at": row.created_at,
-            "context": json.loads(row.context), "phases": phases}
+    return {**summarize(row, steps).as_dict(), "owner": row.owner, "context": json.loads(row.context),
+            "phases": phases}
 
 
 def history(store: Store, job_id: int, step: str | None = None) -> list[dict[str, Any]]:

@@ -56,6 +56,17 @@ class StepRow:
 
 
 @dataclass(frozen=True, slots=True)
+class StepCount:
+    """``count`` sub-steps of job ``job_id`` in ``phase`` are in ``state``; ``rank`` orders the phases."""
+
+    job_id: int
+    phase: str
+    state: str
+    count: int
+    rank: int
+
+
+@dataclass(frozen=True, slots=True)
 class JournalRow:
     id: int
     job_id: int
@@ -75,6 +86,9 @@ _JOURNAL_COLS = "id, job_id, step, from_state, to_state, attempt, at, note"
 STEPS_OF_JOB = f"SELECT {_STEP_COLS} FROM walstate_step WHERE job_id=? ORDER BY position"
 STEPS_OF_JOBS = (f"SELECT {_STEP_COLS} FROM walstate_step WHERE job_id IN (SELECT value FROM json_each(?)) "
                  "ORDER BY job_id, position")
+# min(position) per phase gives the phases' order without reading the steps themselves.
+STEP_COUNTS_OF_JOBS = ("SELECT job_id, phase, state, count(*), min(position) FROM walstate_step "
+                       "WHERE job_id IN (SELECT value FROM json_each(?)) GROUP BY job_id, phase, state")
 # The unfinished states are written into the SQL as literals, the same ones
 # the partial index names: they are module constants, never data.
 assert all(s.isalpha() for s in UNFINISHED_JOB_STATES)
@@ -102,10 +116,18 @@ class Reader:
         rows = self._rows(f"SELECT {_JOB_COLS} FROM walstate_job WHERE id=?", (job_id,))
         return JobRow(*rows[0]) if rows else None  # type: ignore[arg-type]
 
-    def jobs(self, *, state: str | None = None, workflow: str | None = None, limit: int | None = None) -> list[JobRow]:
-        sql = f"SELECT {_JOB_COLS} FROM walstate_job WHERE (? IS NULL OR state=?) AND (? IS NULL OR workflow=?) ORDER BY id DESC LIMIT ?"
-        rows = self._rows(sql, (state, state, workflow, workflow, -1 if limit is None else limit))
+    def jobs(self, *, state: str | None = None, workflow: str | None = None, limit: int | None = None,
+             offset: int = 0) -> list[JobRow]:
+        """Jobs newest first (by id), optionally of one state and one workflow, ``limit`` of them after ``offset``."""
+        sql = (f"SELECT {_JOB_COLS} FROM walstate_job WHERE (? IS NULL OR state=?) AND (? IS NULL OR workflow=?) "
+               "ORDER BY id DESC LIMIT ? OFFSET ?")
+        rows = self._rows(sql, (state, state, workflow, workflow, -1 if limit is None else limit, offset))
         return [JobRow(*r) for r in rows]  # type: ignore[arg-type]
+
+    def step_counts(self, job_ids: Sequence[int]) -> list[StepCount]:
+        """How many sub-steps of these jobs are in each state, per phase: one aggregate read for a whole page."""
+        rows: list[Any] = self._rows(STEP_COUNTS_OF_JOBS, (json.dumps(list(job_ids)),))
+        return [StepCount(int(r[0]), str(r[1]), str(r[2]), int(r[3]), int(r[4])) for r in rows]
 
     def steps(self, job_id: int) -> list[StepRow]:
         rows = self._rows(STEPS_OF_JOB, (job_id,))

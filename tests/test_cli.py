@@ -9,6 +9,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -48,10 +49,12 @@ def test_read_commands_print_key_lines_and_leave_the_file_unchanged(db: str) -> 
     assert jobs.returncode == 0
     lines = jobs.stdout.splitlines()
     assert lines[0].split()[:4] == ["ID", "WORKFLOW", "KEY", "STATE"]
-    assert any(" good " in l and "succeeded" in l and "2/2" in l for l in lines)
-    assert any(" broken " in l and "failed" in l for l in lines)
+    assert any(" good " in l and "succeeded" in l and l.endswith("2/2 ok") for l in lines)
+    # A failed job's steps are counted by outcome, not all as "done".
+    assert any(" broken " in l and "failed" in l and l.endswith("0/2 ok, 1 failed, 1 cancelled") for l in lines)
     assert any(" crashed " in l and "running" in l for l in lines)
-    assert all(len(l) <= 80 for l in lines)
+    assert all(len(l) <= 100 for l in lines)
+    assert not any(l.startswith("more jobs") for l in lines)
 
     show = walstate("show", db, "2")
     assert show.returncode == 0
@@ -66,14 +69,19 @@ def test_read_commands_print_key_lines_and_leave_the_file_unchanged(db: str) -> 
 
 def test_every_json_output_parses_and_has_no_colour(db: str) -> None:
     before = digest(db)
-    jobs = json.loads(walstate("jobs", db, "--json").stdout)
+    page = json.loads(walstate("jobs", db, "--json").stdout)
+    assert (page["offset"], page["limit"], page["next_offset"]) == (0, 50, None)
+    jobs = page["jobs"]
     assert {j["key"]: j["state"] for j in jobs} == {"good": "succeeded", "broken": "failed", "crashed": "running"}
+    broken = next(j for j in jobs if j["key"] == "broken")
+    assert broken["steps"] == {"failed": 1, "cancelled": 1} and broken["total"] == 2 and broken["phase"] == "pay"
+    assert "card declined" in broken["error"]
     show = json.loads(walstate("show", db, "1", "--json").stdout)
     assert show["context"] == {"name": "good", "paid": True, "shipped": True}
     assert [p["name"] for p in show["phases"]] == ["pay", "ship"]
     hist = json.loads(walstate("history", db, "1", "--json").stdout)
     assert [(h["step"], h["to"]) for h in hist][:2] == [(None, "running"), ("charge", "running")]
-    assert json.loads(walstate("jobs", db, "--json", "--state", "failed").stdout)[0]["key"] == "broken"
+    assert json.loads(walstate("jobs", db, "--json", "--state", "failed").stdout)["jobs"][0]["key"] == "broken"
     assert "\033[" not in walstate("jobs", db).stdout  # not a TTY: no colour
     assert digest(db) == before
 
@@ -103,7 +111,7 @@ def test_recover_resumes_the_crashed_job_and_retry_reruns_the_failed_one(db: str
     rec = walstate("recover", db, "--app", "tests.cli_app:make_engine")
     assert rec.returncode == 0, rec.stderr
     assert "resumed 1 job(s): 3" in rec.stdout
-    states = {j["key"]: j["state"] for j in json.loads(walstate("jobs", db, "--json").stdout)}
+    states = {j["key"]: j["state"] for j in json.loads(walstate("jobs", db, "--json").stdout)["jobs"]}
     assert states["crashed"] == "succeeded"
 
     illegal = walstate("retry", db, "1")  # succeeded jobs cannot be retried
@@ -135,15 +143,117 @@ def test_cancel_is_journalled_and_refuses_nothing_twice(tmp_path: Path) -> None:
     assert sum(h["note"] == "cancelled by an operator" for h in hist) >= 2
 
 
-def test_diagram_prints_the_machine_and_the_workflow_as_mermaid() -> None:
+def _diagram_types(text: str) -> list[str]:
+    """The Mermaid diagram declarations in ``text``: a document that renders as is has exactly one, first."""
+    kinds = ("stateDiagram", "flowchart", "graph", "sequenceDiagram", "classDiagram")
+    return [l.split()[0] for l in text.splitlines() if l.strip() and l.split()[0].startswith(kinds)]
+
+
+def test_diagram_prints_one_mermaid_document_the_machine_or_the_workflow() -> None:
     plain = walstate("diagram")
     assert plain.returncode == 0
-    assert "stateDiagram-v2" in plain.stdout and "running --> succeeded: succeed" in plain.stdout
+    assert plain.stdout.splitlines()[0] == "stateDiagram-v2" and _diagram_types(plain.stdout) == ["stateDiagram-v2"]
+    assert "running --> succeeded: succeed" in plain.stdout and "[*] --> pending" in plain.stdout
     app = walstate("diagram", "--app", "tests.cli_app:flow")
-    assert "flowchart LR" in app.stdout and "subgraph phase0[pay]" in app.stdout and "phase0 --> phase1" in app.stdout
+    assert app.returncode == 0
+    assert app.stdout.splitlines()[0] == "flowchart LR" and _diagram_types(app.stdout) == ["flowchart"]
+    # Generated ids, quoted labels: a step named like a Mermaid keyword cannot break the document.
+    assert 'subgraph p0["pay"]' in app.stdout and 's0["charge"]' in app.stdout and "p0 --> p1" in app.stdout
+    assert app.stdout.count("subgraph") == app.stdout.count("    end") == 2
+    machine = walstate("diagram", "--app", "tests.cli_app:flow", "--kind", "machine")
+    assert machine.stdout == plain.stdout
+    lonely = walstate("diagram", "--kind", "workflow")
+    assert lonely.returncode == 1 and "needs --app" in lonely.stderr
 
 
-def test_watch_follows_a_job_to_its_end_and_exits_with_its_outcome(db: str) -> None:
+def test_watch_follows_a_job_to_its_end_and_exits_with_its_outcome(db: str, tmp_path: Path) -> None:
     done = walstate("watch", db, "1", "--interval", "0.05", "--timeout", "10")
     assert done.returncode == 0
     assert "succeeded" in done.stdout and "pay 1/1" in done.stdout and "\r" not in done.stdout
+    broken = str(tmp_path / "b.db")
+    assert run_job(broken, "broken") == 0
+    failed = walstate("watch", broken, "1", "--interval", "0.05", "--timeout", "10")
+    assert failed.returncode == 1 and "job 1 failed: 0/2 ok, 1 failed, 1 cancelled" in failed.stdout
+
+
+def test_watch_json_streams_one_flushed_json_line_per_change_until_the_job_ends(tmp_path: Path) -> None:
+    db = str(tmp_path / "w.db")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WALSTATE_CLI_SHIP_SECONDS": "1.5"}
+    job = subprocess.Popen([sys.executable, "-m", "tests.cli_app", db, "slow"], cwd=ROOT, env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while walstate("show", db, "1").returncode != 0:  # the job is stored once the file shows it
+            assert time.monotonic() < deadline, "the job never appeared"
+            time.sleep(0.02)
+        with subprocess.Popen([str(WALSTATE), "watch", db, "1", "--json", "--interval", "0.02"],
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env) as watch:
+            assert watch.stdout is not None
+            first = json.loads(watch.stdout.readline())
+            # Read while the job still runs: the line was flushed, not held in a pipe buffer until exit.
+            assert job.poll() is None and first["state"] in ("pending", "running")
+            rest = [json.loads(line) for line in watch.stdout]
+            assert watch.wait(timeout=30) == 0
+    finally:
+        job.kill() if job.poll() is None else None
+        job.wait(timeout=30)
+    lines = [first, *rest]
+    assert lines[-1]["state"] == "succeeded" and lines[-1]["steps"] == {"succeeded": 2}
+    assert lines[-1]["phases"] == [{"name": "pay", "steps": {"succeeded": 1}, "total": 1},
+                                   {"name": "ship", "steps": {"succeeded": 1}, "total": 1}]
+    assert all({"at", "id", "state", "phase", "steps", "progress"} <= set(l) for l in lines)
+    changes = [{k: v for k, v in l.items() if k != "at"} for l in lines]
+    assert all(a != b for a, b in zip(changes, changes[1:]))  # one line per change, no repeats
+    assert any(l["steps"].get("running") for l in lines)  # it saw the slow step in flight
+
+
+def _job_db(path: Path, keys: list[str]) -> str:
+    """A file holding real jobs of the CLI's app, run in this process, one per key, oldest first."""
+    from tests.cli_app import Shop, make_engine
+
+    e = make_engine(str(path))
+    for key in keys:
+        e.run(e.submit("shop", Shop(name=key), key=key))
+    e.close()
+    return str(path)
+
+
+def test_jobs_pages_with_limit_and_offset_and_says_where_the_next_page_starts(tmp_path: Path) -> None:
+    db = _job_db(tmp_path / "p.db", [f"k{i}" for i in range(1, 8)])
+    first = walstate("jobs", db, "--limit", "3")
+    lines = first.stdout.splitlines()
+    assert [l.split()[2] for l in lines[1:4]] == ["k7", "k6", "k5"] and lines[-1] == "more jobs: --offset 3"
+    last = walstate("jobs", db, "--limit", "3", "--offset", "6").stdout.splitlines()
+    assert [l.split()[2] for l in last[1:]] == ["k1"]  # the last page: no "more jobs" line
+    page = json.loads(walstate("jobs", db, "--limit", "3", "--offset", "3", "--json").stdout)
+    assert [j["key"] for j in page["jobs"]] == ["k4", "k3", "k2"] and page["next_offset"] == 6
+    assert json.loads(walstate("jobs", db, "--offset", "6", "--json").stdout)["next_offset"] is None
+    bad = walstate("jobs", db, "--limit", "0")
+    assert bad.returncode == 2 and "--limit" in bad.stderr
+
+
+def test_jobs_json_gives_keys_whole_where_the_table_cuts_them(tmp_path: Path) -> None:
+    key = "customer-4711/order-2024-000123/attempt-1"
+    db = _job_db(tmp_path / "k.db", [key])
+    table = walstate("jobs", db).stdout.splitlines()[1]
+    assert key not in table and " customer-~ " in table
+    assert json.loads(walstate("jobs", db, "--json").stdout)["jobs"][0]["key"] == key
+
+
+def test_every_option_of_every_command_has_help_text() -> None:
+    import argparse
+
+    from walstate.cli import parser
+
+    seen = 0
+
+    def walk(p: argparse.ArgumentParser, where: str) -> None:
+        nonlocal seen
+        for action in p._actions:
+            seen += 1
+            assert action.help and action.help.strip(), f"{where}: {action.option_strings or action.dest} has no help"
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, f"{where} {name}")
+
+    walk(parser(), "walstate")
+    assert seen > 40

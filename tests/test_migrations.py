@@ -237,4 +237,4 @@ def test_walstate_upgrade_upgrades_an_old_file_that_read_commands_then_open(old_
     again = walstate("upgrade", old_db, "--json")
     assert json.loads(again.stdout) == {"applied": [], "schema_version": SCHEMA_VERSION}
     listed = walstate("jobs", old_db, "--json")
-    assert listed.returncode == 0 and len(json.loads(listed.stdout)) == 6
+    assert listed.returncode == 0 and len(json.loads(listed.stdout)["jobs"]) == 6
