@@ -470,7 +470,9 @@ def _settle(e: Engine, engine: Callable[[], Engine], job_id: int, racers: _Racer
     retried = False
     for _ in range(5):
         state = e.status(job_id).state
-        if state == "cancelled" and racers.cancelled and not retried:
+        # A cancel cut short by a crash leaves the job failed (its steps cancelled) rather than
+        # cancelled: the operator retries it all the same.
+        if state in ("cancelled", "failed") and racers.cancelled and not retried:
             retried = True
             e.retry(job_id)
         elif state in ("succeeded", "failed", "cancelled"):
@@ -616,20 +618,17 @@ def _check(conn: sqlite3.Connection, flow: Workflow[Any], job_id: int, reference
             _fail(f"step {name!r}: attempts go down or disagree with the row: {attempts} vs {attempt}")
         if path.count("succeeded") > 1:
             _fail(f"step {name!r} succeeded more than once")
-    # No step of a phase started before every step of the previous phases was terminal
-    # (since its last requeue: an operator's retry starts the phases over).
+    # No step of a phase started while a step of an earlier phase was not terminal
+    # (its state at that moment: an operator's retry requeues steps and starts the phases over).
     order = {p: i for i, p in enumerate(flow.phases)}
-    requeued = max([rid for rid, _, _, to, _ in journal if to == "pending"], default=0)
-    terminal_at: dict[str, int] = {}
+    current: dict[str, str] = {name: "pending" for name in steps}
     for rid, name, _, to_state, _ in journal:
-        if to_state in STEP.terminal:
-            terminal_at[name] = rid
-    for rid, name, _, to_state, _ in journal:
-        if to_state != "running" or rid < requeued:
-            continue
-        for other, (phase, _, _) in steps.items():
-            if order[phase] < order[steps[name][0]] and terminal_at.get(other, 1 << 62) > rid:
-                _fail(f"step {name!r} started before step {other!r} of an earlier phase was terminal")
+        if to_state == "running":
+            for other, (phase, _, _) in steps.items():
+                if order[phase] < order[steps[name][0]] and current[other] not in STEP.terminal:
+                    _fail(f"step {name!r} started (journal row {rid}) while step {other!r} of an earlier phase was "
+                          f"{current[other]!r}")
+        current[name] = to_state
     if reference is not None:
         if job_state != reference.state:
             _fail(f"job ended {job_state!r}, crash-free run ended {reference.state!r}")

@@ -150,9 +150,14 @@ def test_the_pytest_plugin_prints_the_seed_and_the_minimal_plan_and_honours_wals
             step.execute("CREATE TABLE IF NOT EXISTS t (x INT)")
             step.execute("INSERT INTO t VALUES (1)")
 
+        quiet = Workflow("quiet", context=Ctx, phases=["one"])
+
+        @quiet.step(phase="one")
+        def count(ctx: Ctx, step: StepContext) -> dict[str, int]:
+            return {"n": 1}
+
         def test_counts_examples(walstate_crash):
-            report = walstate_crash(flow, Ctx(), races=(), points=["before_begin"], max_hit=1)
-            assert report.examples == 7
+            assert walstate_crash(quiet, Ctx()).examples == 7
 
         def test_doubles_rows(walstate_crash):
             walstate_crash(flow, Ctx())
@@ -164,3 +169,13 @@ def test_the_pytest_plugin_prints_the_seed_and_the_minimal_plan_and_honours_wals
     assert "1 failed, 1 passed" in out, out
     assert "table 't' differs" in out and "--walstate-seed 1234" in out, out
     assert "plans=[[" in out, out
+
+
+@pytest.mark.xfail(strict=False, reason="found by the harness: a resumed run goes on with later phases after an "
+                   "operator's cancel was cut short by a crash (runner.py; for the ownership/runtime work); the race "
+                   "is timing-dependent, hence not strict")
+def test_a_cancel_cut_short_by_a_crash_then_retried_ends_as_a_crash_free_run(tmp_path: Path) -> None:
+    from benchmarks.harness_bench import Onboarding, registration
+
+    crash_test(registration(), Onboarding(tenant="t1"), tmp_path, plans=[[
+        Race("run", "before_begin", 1), Race("cancel", "before_begin", 1), Crash("before_begin", 4)]])
