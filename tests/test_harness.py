@@ -43,10 +43,12 @@ def test_the_harness_reports_an_outside_call_without_once_that_a_crash_repeats(t
     report = crash_test(flow, Order(), tmp_path / "report", plans=[[Crash("handler_after_effect", 1)]])
     assert report.repeated_effects == {"charge": 2}
     assert report.repeat_plans["charge"] == (Crash("handler_after_effect", 1),)
-    # Hypothesis finds it too, and strict=True fails on it, naming the step and the plan.
-    assert crash_test(flow, Order(), tmp_path / "found", max_examples=60).repeated_effects.get("charge", 0) >= 2
+    # Hypothesis finds it too (a fixed seed: a test must not depend on luck), and strict=True fails on it,
+    # naming the step and the plan.
+    found = crash_test(flow, Order(), tmp_path / "found", max_examples=100, races=(), seed=18)
+    assert found.repeated_effects.get("charge", 0) >= 2
     with pytest.raises(InvariantViolation, match=r"(?s)'charge'.*plan: \["):
-        crash_test(flow, Order(), tmp_path / "strict", max_examples=60, strict=True)
+        crash_test(flow, Order(), tmp_path / "strict", max_examples=100, races=(), seed=18, strict=True)
 
 
 def test_the_harness_fails_on_rows_doubled_by_a_non_transactional_insert(tmp_path: Path) -> None:
@@ -99,7 +101,7 @@ def test_ids_from_an_idempotent_outside_service_stored_in_the_context_are_not_fl
     def user(ctx: Order, step: StepContext) -> dict[str, Any]:
         return {"charged": create_user(step.idempotency_key)}
 
-    assert crash_test(flow, Order(), tmp_path / "any", max_examples=40).repeated_effects == {}
+    assert crash_test(flow, Order(), tmp_path / "any", max_examples=40, seed=18).repeated_effects == {}
     # The crash that repeats the call: the service returns the reference run's id, the same key.
     report = crash_test(flow, Order(), tmp_path / "repeat", plans=[[Crash("handler_after_effect", 1)]])
     assert report.repeated_effects == {}
@@ -120,7 +122,7 @@ def test_transactional_and_once_protected_steps_are_not_flagged(tmp_path: Path) 
         step.once("send", lambda: sent.append(ctx.customer))
         return {"emailed": True}
 
-    report = crash_test(flow, Order(), tmp_path, max_examples=80)
+    report = crash_test(flow, Order(), tmp_path, max_examples=80, seed=18)
     assert report.crashes > 0 and report.races > 0
     assert report.repeated_effects == {}
     assert report.steps["menu_import"].most_completions >= 2
