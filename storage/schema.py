@@ -190,6 +190,7 @@ def ensure_schema(
     *,
     create: bool,
     migrations: Mapping[int, Migration] = MIGRATIONS,
+    database_id: str | None = None,
 ) -> SchemaState:
     """Create, upgrade or check walstate's tables.
 
@@ -205,6 +206,9 @@ def ensure_schema(
     :class:`MigrationFailed` when an upgrade fails (rolled back), and
     :class:`NotADatabase` for a SQLite file without walstate's tables when
     ``create`` is false.
+
+    ``database_id`` (for tests only: see ``Store``) is the id a *new* file
+    gets instead of a random one; it changes nothing in an existing file.
     """
     target = latest(migrations)
     applied: list[int] = []
@@ -231,7 +235,7 @@ def ensure_schema(
                     conn.execute(
                         "INSERT OR IGNORE INTO walstate_meta (key, value) VALUES ('schema_version', ?), "
                         "('database_id', ?)",
-                        (str(target), uuid.uuid4().hex),
+                        (str(target), database_id or uuid.uuid4().hex),
                     )
                 else:
                     applied = apply(conn, path, _version(rows, path, target), migrations)

@@ -6,6 +6,7 @@ import os
 import weakref
 
 from .connection import Durability, open_database
+from .errors import ConfigurationError
 from .reads import Reader
 from .schema import bind_models, ensure_schema
 from .syncer import DEFAULT_SYNC_INTERVAL, WalSyncer
@@ -25,6 +26,12 @@ class Store:
     cut loses at most about the last ``sync_interval`` of commits; ``None``
     turns it off (a power cut may then lose everything since the last
     checkpoint). ``"full"`` fsyncs every commit and needs no syncer.
+
+    ``database_id`` is for tests (``walstate.testing``) only: a *new* file
+    gets this id instead of a random one, so two files made for the same test
+    give their steps the same idempotency keys. Raises ConfigurationError if
+    the file already exists with another id. Production files must keep their
+    random ids: the id is what tells two databases' idempotency keys apart.
     """
 
     def __init__(
@@ -36,6 +43,7 @@ class Store:
         readonly: bool = False,
         group_commit: bool = True,
         sync_interval: float | None = DEFAULT_SYNC_INTERVAL,
+        database_id: str | None = None,
     ) -> None:
         self.path = os.fspath(path)
         self.durability = durability
@@ -43,7 +51,10 @@ class Store:
         self.db = open_database(self.path, durability=durability, busy_timeout=busy_timeout, readonly=readonly)
         try:
             self.models = bind_models(self.db)
-            schema = ensure_schema(self.db, self.models, self.path, create=not readonly)
+            schema = ensure_schema(self.db, self.models, self.path, create=not readonly, database_id=database_id)
+            if database_id is not None and schema.database_id != database_id:
+                raise ConfigurationError(f"{self.path}: this file's database id is {schema.database_id!r}, not "
+                                         f"{database_id!r}; an existing file keeps its id (use a new file)")
             self.database_id = schema.database_id
             #: Schema versions this open upgraded the file through (empty when it was current).
             self.migrated = schema.applied

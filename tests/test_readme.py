@@ -31,6 +31,13 @@ def test_the_readme_backfill_example_writes_once(tmp_path: Path) -> None:
     assert len(updates) == 1
 
 
+def test_the_readme_worked_example_finds_a_doubled_row_and_the_fix_passes() -> None:
+    scope: dict[str, object] = {"__name__": "readme"}
+    exec(compile(BLOCKS[0], "README.md", "exec"), scope)
+    for block in BLOCKS[2:5]:  # the crash_test example, the duplicate it finds, then the fix
+        exec(compile(block, "README.md", "exec"), scope)
+
+
 def test_importing_walstate_defers_sqlite_peewee_and_transitions_until_the_engine_is_used() -> None:
     import subprocess
     import sys
