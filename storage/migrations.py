@@ -71,6 +71,15 @@ MIGRATIONS: dict[int, Migration] = {
         "WHERE j.job_id=walstate_step.job_id AND j.step=walstate_step.name AND j.note='interrupted')",
         "UPDATE walstate_step SET failures=max(0, attempt - interruptions - (state='running'))",
     ],
+    # Workflow versions: a job records the version of its workflow and a
+    # fingerprint of that definition's shape when it is submitted, so it runs
+    # on the definition it was made for. Jobs of older files were made by
+    # version 1 (the default); their fingerprint is unknown (NULL), and they
+    # are checked by their step names, as before.
+    4: [
+        "ALTER TABLE walstate_job ADD COLUMN version INTEGER NOT NULL DEFAULT 1",
+        "ALTER TABLE walstate_job ADD COLUMN fingerprint TEXT",
+    ],
 }
 
 

@@ -31,6 +31,9 @@ class JobRow:
     updated_at: float
     epoch: int = 0
     cancel_requested: bool = False
+    #: The workflow version the job runs on, and its definition's fingerprint (None: made before schema 4).
+    version: int = 1
+    fingerprint: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +64,8 @@ class JournalRow:
     note: str | None
 
 
-_JOB_COLS = "id, workflow, key, state, context, error, owner, lease_expires, created_at, updated_at, epoch, cancel_requested"
+_JOB_COLS = ("id, workflow, key, state, context, error, owner, lease_expires, created_at, updated_at, epoch, "
+             "cancel_requested, version, fingerprint")
 _STEP_COLS = "id, job_id, name, phase, position, state, attempt, output, error, updated_at, failures, interruptions"
 _JOURNAL_COLS = "id, job_id, step, from_state, to_state, attempt, at, note"
 STEPS_OF_JOB = f"SELECT {_STEP_COLS} FROM walstate_step WHERE job_id=? ORDER BY position"

@@ -85,6 +85,10 @@ def bind_models(db: peewee.Database) -> Models:
         # set by an operator's cancel while a live run holds the job; the run
         # sees it at its next heartbeat poll and cancels the job itself.
         cancel_requested = peewee.IntegerField(default=0, constraints=[peewee.SQL("DEFAULT 0")])
+        # Schema 4: the workflow version the job was submitted with, and the
+        # fingerprint of that definition (NULL for jobs older than schema 4).
+        version = peewee.IntegerField(default=1, constraints=[peewee.SQL("DEFAULT 1")])
+        fingerprint = peewee.TextField(null=True)
 
         class Meta:
             table_name = "walstate_job"
