@@ -16,8 +16,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
-from .storage import SCHEMA_VERSION, Store
-from .storage.errors import ConfigurationError, WalstateError
+from .storage import SCHEMA_VERSION, UNFINISHED_JOB_STATES, Store
+from .storage.errors import ConfigurationError, ContextInvalid, DefinitionError, VersionNotRegistered, WalstateError
+from .storage.reads import JobRow
 
 from . import operator, views
 from .fsm import STEP
@@ -57,32 +58,88 @@ def _open(path: str, readonly: bool = True) -> Store:
     return Store(path, readonly=readonly)
 
 
+def _blocker(spec: str | None, db: str) -> Callable[[Store, JobRow], tuple[str, str] | None]:
+    """With ``--app``: for an unfinished job that app could not run, (a short note, the full reason)."""
+    if spec is None:
+        return lambda store, row: None
+    from .engine import Engine
+    from .versions import Registry, waiting_for
+    from .workflow import Workflow
+
+    app = _load_app(spec)
+    if isinstance(app, Workflow):
+        registry = Registry()
+        registry.register(app, spec)
+    elif isinstance(app, Engine):
+        registry = app._registry
+    elif callable(app):
+        engine = app(db)
+        if not isinstance(engine, Engine):
+            raise ConfigurationError(f"{spec} is neither an Engine, a Workflow nor a factory taking the database path")
+        registry = engine._registry
+        engine.close()
+    else:
+        raise ConfigurationError(f"{spec} is neither an Engine, a Workflow nor a factory taking the database path")
+
+    def blocked(store: Store, row: JobRow) -> tuple[str, str] | None:
+        if row.state not in UNFINISHED_JOB_STATES:
+            return None
+        try:
+            registry.resolve(row, lambda: store.read.steps(row.id), store.path)
+        except VersionNotRegistered as exc:
+            return waiting_for(row), str(exc)
+        except DefinitionError as exc:
+            return "definition changed", str(exc)
+        except ContextInvalid as exc:
+            return "context no longer validates", str(exc)
+        return None
+
+    return blocked
+
+
 def cmd_jobs(args: argparse.Namespace, out: Out) -> int:
+    blocked = _blocker(args.app, args.db)
     store = _open(args.db)
-    rows = [views.job_line(store, r) for r in store.read.jobs(state=args.state, workflow=args.workflow, limit=args.limit)]
+    rows = []
+    for job in store.read.jobs(state=args.state, workflow=args.workflow, limit=args.limit):
+        line = views.job_line(store, job)
+        if args.app:
+            why = blocked(store, job)
+            line["blocked"] = None if why is None else why[1]
+            line["note"] = None if why is None else why[0]
+        rows.append(line)
     store.close()
     if out.as_json:
         out.json(rows)
         return 0
-    out.line(f"{'ID':>5}  {'WORKFLOW':<14} {'KEY':<10} {'STATE':<10} {'PHASE':<10} {'DONE':>7}  UPDATED")
+    out.line(f"{'ID':>5}  {'WORKFLOW':<12} {'KEY':<10} {'STATE':<10} {'VER':>3} {'PHASE':<10} {'DONE':>7}  UPDATED")
     for r in rows:
-        out.line(f"{r['id']:>5}  {r['workflow'][:14]:<14} {(r['key'] or '-')[:10]:<10} {out.state(r['state'], 10)} "
-                 f"{(r['phase'] or '-')[:10]:<10} {str(r['done']) + '/' + str(r['total']):>7}  "
-                 f"{_when(r['updated_at'])[5:]}")
+        note = f"  {r['note']}" if r.get("note") else ""
+        out.line(f"{r['id']:>5}  {r['workflow'][:12]:<12} {(r['key'] or '-')[:10]:<10} {out.state(r['state'], 10)} "
+                 f"{r['version']:>3} {(r['phase'] or '-')[:10]:<10} "
+                 f"{str(r['done']) + '/' + str(r['total']):>7}  {_when(r['updated_at'])[5:]}{note}")
     if not rows:
         out.line("(no jobs)")
     return 0
 
 
 def cmd_show(args: argparse.Namespace, out: Out) -> int:
+    blocked = _blocker(args.app, args.db)
     store = _open(args.db)
     job = views.job_detail(store, args.job)
+    if args.app:
+        row = store.read.job(args.job)
+        why = None if row is None else blocked(store, row)
+        job["blocked"] = None if why is None else why[1]
+        job["note"] = None if why is None else why[0]
     store.close()
     if out.as_json:
         out.json(job)
         return 0
-    out.line(f"job {job['id']}  {job['workflow']}  key={job['key'] or '-'}  {out.state(job['state'])}  "
-             f"{job['done']}/{job['total']} done")
+    out.line(f"job {job['id']}  {job['workflow']} version {job['version']}  key={job['key'] or '-'}  "
+             f"{out.state(job['state'])}  {job['done']}/{job['total']} done")
+    if job.get("note"):
+        out.line(f"  {job['note']}: {job['blocked']}")
     if job["error"]:
         out.line(f"  error: {job['error']}")
     for phase in job["phases"]:
@@ -304,7 +361,11 @@ def parser() -> argparse.ArgumentParser:
     jobs.add_argument("--state", choices=["pending", "running", "succeeded", "failed", "cancelled"])
     jobs.add_argument("--workflow")
     jobs.add_argument("--limit", type=int, default=50)
-    add("show", cmd_show, "one job as a tree: phases, sub-steps, errors, context", job=True, as_json=True)
+    app_help = ("MODULE:ATTR naming your Engine, a Workflow, or a factory taking DB: say which unfinished jobs it "
+                "cannot run (\"waiting for code version N\", a changed definition)")
+    jobs.add_argument("--app", help=app_help)
+    show = add("show", cmd_show, "one job as a tree: phases, sub-steps, errors, context", job=True, as_json=True)
+    show.add_argument("--app", help=app_help)
     hist = add("history", cmd_history, "the transition journal of a job, in commit order", job=True, as_json=True)
     hist.add_argument("--step", help="only this sub-step")
     retry = add("retry", cmd_retry, "put a failed job (or one failed sub-step) back to run", job=True)

@@ -35,7 +35,7 @@ def current_phase(steps: list[StepRow]) -> str | None:
 def job_line(store: Store, row: JobRow) -> dict[str, Any]:
     steps = store.read.steps(row.id)
     return {
-        "id": row.id, "workflow": row.workflow, "key": row.key, "state": row.state,
+        "id": row.id, "workflow": row.workflow, "version": row.version, "key": row.key, "state": row.state,
         "phase": current_phase(steps), "done": sum(s.state in _TERMINAL for s in steps), "total": len(steps),
         "updated_at": row.updated_at,
     }
@@ -62,7 +62,8 @@ def job_detail(store: Store, job_id: int) -> dict[str, Any]:
              "output": None if s.output is None else json.loads(s.output),
              "started_at": started.get(s.name), "finished_at": finished.get(s.name)}
             for s in steps if s.phase == phase]})
-    return {**job_line(store, row), "error": row.error, "owner": row.owner, "created_at": row.created_at,
+    return {**job_line(store, row), "fingerprint": row.fingerprint, "error": row.error, "owner": row.owner,
+            "created_at": row.created_at,
             "context": json.loads(row.context), "phases": phases}
 
 
