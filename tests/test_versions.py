@@ -294,3 +294,10 @@ def test_walstate_jobs_and_show_say_which_jobs_wait_for_which_code_version(db_pa
     shown = walstate("show", db_path, str(job), "--app", "v1app:flow")
     assert "version 2" in shown.splitlines()[0] and "waiting for code version 2" in shown
     assert json.loads(walstate("show", db_path, str(job), "--json"))["version"] == 2
+
+
+def test_the_readme_versions_example_runs() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Workflow versions"):]
+    block = section[section.index("```python\n") + 10:section.index("```", section.index("```python\n") + 10)]
+    exec(compile(block, "README.md", "exec"), {"__name__": "readme"})
