@@ -43,9 +43,9 @@ from .context import StepContext, StepResult
 from .workflow import Retry, Workflow
 
 if TYPE_CHECKING:
-    from .engine import Engine, JobId, JobStatus, RecoveryReport, StepStatus, TransitionRecord
+    from .engine import Engine, JobId, JobStatus, MigrationReport, RecoveryReport, StepStatus, TransitionRecord
 
-_ENGINE_NAMES = ("Engine", "JobId", "JobStatus", "RecoveryReport", "StepStatus", "TransitionRecord")
+_ENGINE_NAMES = ("Engine", "JobId", "JobStatus", "MigrationReport", "RecoveryReport", "StepStatus", "TransitionRecord")
 
 
 def __getattr__(name: str) -> Any:
@@ -81,6 +81,7 @@ __all__ = [
     "LeaseLost",
     "MigrationFailed",
     "MigrationRefused",
+    "MigrationReport",
     "NotADatabase",
     "OutputNotJSON",
     "RecoveryReport",

@@ -98,8 +98,8 @@ class RecoveryReport(list[int]):
     """The ids of the jobs :meth:`Engine.recover` resumed (a list), plus what it skipped and why.
 
     ``skipped`` maps a job id to the reason it was left alone and unclaimed
-    (its workflow is not registered here, its definition changed, its stored
-    context no longer validates, ...). Jobs a live run holds are not listed.
+    (its workflow version is not registered here, its definition changed,
+    its stored context no longer validates, its migration was refused, ...). Jobs a live run holds are not listed.
     """
 
     def __init__(self) -> None:
@@ -473,10 +473,14 @@ class Engine:
     def recover(self) -> RecoveryReport:
         """Resume every unfinished job that no live run holds; return their ids.
 
-        Each job is tried on its own: a job this engine cannot run (workflow
-        not registered, changed definition, a context that no longer
-        validates, an error in user code) is left unclaimed, logged and listed
-        in the report's ``skipped``, and the next job is tried. Jobs that end
+        Each job is tried on its own: a job this engine cannot run (its
+        workflow version not registered here, "waiting for code version N";
+        a definition changed without a new version; a context that no longer
+        validates; a refused migration; an error in user code) is left
+        unclaimed and unchanged, logged and listed in the report's
+        ``skipped``, and the next job is tried. A job of an unregistered
+        version that a registered version declares a migration from is
+        migrated, then run. Jobs that end
         ``failed`` or ``cancelled`` are resumed too (their ids are returned);
         use :meth:`status` to see how each ended.
         """
