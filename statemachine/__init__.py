@@ -23,6 +23,7 @@ from .storage.errors import (
     KeyConflict,
     LeaseLost,
     MigrationFailed,
+    MigrationRefused,
     NotADatabase,
     OutputNotJSON,
     SchemaTooNew,
@@ -30,6 +31,7 @@ from .storage.errors import (
     StaleState,
     UnknownJob,
     UsageError,
+    VersionNotRegistered,
     WaitTimeout,
     WalstateError,
     WriteFailed,
@@ -43,11 +45,11 @@ from .context import StepContext, StepResult
 from .workflow import Retry, Workflow
 
 if TYPE_CHECKING:
-    from .engine import Engine, JobId, JobStatus, RecoveryReport, StepStatus, TransitionRecord
+    from .engine import Engine, JobId, JobStatus, MigrationReport, RecoveryReport, StepStatus, TransitionRecord
     from .runtime import JobHandle, Worker
     from .views import JobPage, JobSummary
 
-_ENGINE_NAMES = ("Engine", "JobId", "JobStatus", "RecoveryReport", "StepStatus", "TransitionRecord")
+_ENGINE_NAMES = ("Engine", "JobId", "JobStatus", "MigrationReport", "RecoveryReport", "StepStatus", "TransitionRecord")
 _RUNTIME_NAMES = ("JobHandle", "Worker")
 _VIEW_NAMES = ("JobPage", "JobSummary")
 
@@ -88,6 +90,8 @@ __all__ = [
     "KeyConflict",
     "LeaseLost",
     "MigrationFailed",
+    "MigrationRefused",
+    "MigrationReport",
     "NotADatabase",
     "OutputNotJSON",
     "RecoveryReport",
@@ -101,6 +105,7 @@ __all__ = [
     "TransitionRecord",
     "UnknownJob",
     "UsageError",
+    "VersionNotRegistered",
     "WaitTimeout",
     "WalstateError",
     "Worker",

@@ -18,8 +18,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
-from .storage import SCHEMA_VERSION, TERMINAL_JOB_STATES, Store
-from .storage.errors import ConfigurationError, WalstateError
+from .storage import SCHEMA_VERSION, TERMINAL_JOB_STATES, UNFINISHED_JOB_STATES, Store
+from .storage.errors import ConfigurationError, ContextInvalid, DefinitionError, VersionNotRegistered, WalstateError
+from .storage.reads import JobRow
 
 from . import operator, views
 from .fsm import STEP
@@ -64,20 +65,70 @@ def _cut(text: str, width: int) -> str:
     return text if len(text) <= width else text[:width - 1] + "~"
 
 
+def _blocker(spec: str | None, db: str) -> Callable[[Store, JobRow], tuple[str, str] | None]:
+    """With ``--app``: for an unfinished job that app could not run, (a short note, the full reason)."""
+    if spec is None:
+        return lambda store, row: None
+    from .engine import Engine
+    from .versions import Registry, waiting_for
+    from .workflow import Workflow
+
+    app = _load_app(spec)
+    if isinstance(app, Workflow):
+        registry = Registry()
+        registry.register(app, spec)
+    elif isinstance(app, Engine):
+        registry = app._registry
+    elif callable(app):
+        engine = app(db)
+        if not isinstance(engine, Engine):
+            raise ConfigurationError(f"{spec} is neither an Engine, a Workflow nor a factory taking the database path")
+        registry = engine._registry
+        engine.close()
+    else:
+        raise ConfigurationError(f"{spec} is neither an Engine, a Workflow nor a factory taking the database path")
+
+    def blocked(store: Store, row: JobRow) -> tuple[str, str] | None:
+        if row.state not in UNFINISHED_JOB_STATES:
+            return None
+        try:
+            registry.resolve(row, lambda: store.read.steps(row.id), store.path)
+        except VersionNotRegistered as exc:
+            return waiting_for(row), str(exc)
+        except DefinitionError as exc:
+            return "definition changed", str(exc)
+        except ContextInvalid as exc:
+            return "context no longer validates", str(exc)
+        return None
+
+    return blocked
+
+
 def cmd_jobs(args: argparse.Namespace, out: Out) -> int:
+    blocked = _blocker(args.app, args.db)
     store = _open(args.db)
     try:
         page = views.job_page(store, state=args.state, workflow=args.workflow, limit=args.limit, offset=args.offset)
+        # With --app: which unfinished jobs that app cannot run, and why (one read per such job).
+        notes: dict[int, tuple[str, str]] = {}
+        if args.app:
+            for j in page:
+                row = store.read.job(j.id)
+                why = None if row is None else blocked(store, row)
+                if why is not None:
+                    notes[j.id] = why
     finally:
         store.close()
     if out.as_json:
-        out.json({"jobs": [j.as_dict() for j in page], "offset": page.offset, "limit": page.limit,
-                  "next_offset": page.next_offset})
+        listed = [{**j.as_dict(), **({"note": notes[j.id][0], "blocked": notes[j.id][1]} if j.id in notes else {})}
+                  for j in page]
+        out.json({"jobs": listed, "offset": page.offset, "limit": page.limit, "next_offset": page.next_offset})
         return 0
-    out.line(f"{'ID':>5}  {'WORKFLOW':<10} {'KEY':<10} {'STATE':<9} {'PHASE':<8} {'UPDATED':<11}  STEPS")
+    out.line(f"{'ID':>5}  {'WORKFLOW':<10} {'KEY':<10} {'STATE':<9} {'VER':>3} {'PHASE':<8} {'UPDATED':<11}  STEPS")
     for j in page:
+        note = f"  {notes[j.id][0]}" if j.id in notes else ""
         out.line(f"{j.id:>5}  {_cut(j.workflow, 10):<10} {_cut(j.key or '-', 10):<10} {out.state(j.state, 9)} "
-                 f"{_cut(j.phase or '-', 8):<8} {_when(j.updated_at)[5:16]:<11}  {j.progress}")
+                 f"{j.version:>3} {_cut(j.phase or '-', 8):<8} {_when(j.updated_at)[5:16]:<11}  {j.progress}{note}")
     if not page:
         out.line("(no jobs)" if page.offset == 0 else f"(no jobs after the first {page.offset})")
     if page.next_offset is not None:
@@ -96,14 +147,22 @@ def describe_wait(wait: dict[str, Any]) -> str:
 
 
 def cmd_show(args: argparse.Namespace, out: Out) -> int:
+    blocked = _blocker(args.app, args.db)
     store = _open(args.db)
     job = views.job_detail(store, args.job)
+    if args.app:
+        row = store.read.job(args.job)
+        why = None if row is None else blocked(store, row)
+        job["blocked"] = None if why is None else why[1]
+        job["note"] = None if why is None else why[0]
     store.close()
     if out.as_json:
         out.json(job)
         return 0
-    out.line(f"job {job['id']}  {job['workflow']}  key={job['key'] or '-'}  {out.state(job['state'])}  "
-             f"{job['progress']}")
+    out.line(f"job {job['id']}  {job['workflow']} version {job['version']}  key={job['key'] or '-'}  "
+             f"{out.state(job['state'])}  {job['progress']}")
+    if job.get("note"):
+        out.line(f"  {job['note']}: {job['blocked']}")
     if job["error"]:
         out.line(f"  error: {job['error']}")
     for phase in job["phases"]:
@@ -436,7 +495,11 @@ def parser() -> argparse.ArgumentParser:
                       help="jobs per page (default: %(default)s)")
     jobs.add_argument("--offset", type=_non_negative, default=0, metavar="N",
                       help="skip the N newest matching jobs: the next page starts where the last line says")
-    add("show", cmd_show, "one job as a tree: phases, sub-steps, errors, context", job=True, as_json=True)
+    app_help = ("MODULE:ATTR naming your Engine, a Workflow, or a factory taking DB: say which unfinished jobs it "
+                "cannot run (\"waiting for code version N\", a changed definition)")
+    jobs.add_argument("--app", metavar="MODULE:ATTR", help=app_help)
+    show = add("show", cmd_show, "one job as a tree: phases, sub-steps, errors, context", job=True, as_json=True)
+    show.add_argument("--app", metavar="MODULE:ATTR", help=app_help)
     hist = add("history", cmd_history, "the transition journal of a job, in commit order", job=True, as_json=True)
     hist.add_argument("--step", help="only this sub-step")
     retry = add("retry", cmd_retry, "put a failed job (or one failed sub-step) back to run", job=True)

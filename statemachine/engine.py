@@ -32,13 +32,17 @@ from .storage.errors import (
     JobOwned,
     KeyConflict,
     LeaseLost,
+    MigrationRefused,
     UnknownJob,
     UsageError,
+    VersionNotRegistered,
 )
-from .substep import LiveJob, SubStep
 from .runtime import JobHandle, Worker
 from .schedules import Missed, Schedule
+from .storage.versions import MigratedJob, migrate_job
+from .substep import LiveJob, SubStep
 from .threads import ThreadCache
+from .versions import Plan, Registry
 from .workflow import C, Workflow
 
 
@@ -79,6 +83,8 @@ class JobStatus(Generic[C]):
     error: str | None
     created_at: float
     updated_at: float
+    #: The version of the workflow the job runs on (see :class:`Workflow`).
+    version: int = 1
 
 
 @dataclass(frozen=True)
@@ -97,12 +103,26 @@ class RecoveryReport(list[int]):
     """The ids of the jobs :meth:`Engine.recover` resumed (a list), plus what it skipped and why.
 
     ``skipped`` maps a job id to the reason it was left alone and unclaimed
-    (its workflow is not registered here, its definition changed, its stored
-    context no longer validates, ...). Jobs a live run holds are not listed.
+    (its workflow version is not registered here, its definition changed,
+    its stored context no longer validates, its migration was refused, ...). Jobs a live run holds are not listed.
     """
 
     def __init__(self) -> None:
         super().__init__()
+        self.skipped: dict[int, str] = {}
+
+
+class MigrationReport(list[int]):
+    """The ids of the jobs :meth:`Engine.migrate_jobs` moved onto a newer version (a list).
+
+    ``notes`` maps each to what its migration did (the note it journalled);
+    ``skipped`` maps a job id to why it was not migrated (a live run holds
+    it, or its migration was refused: nothing of it changed).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.notes: dict[int, str] = {}
         self.skipped: dict[int, str] = {}
 
 
@@ -165,7 +185,9 @@ class Engine:
         self.lease = lease
         self.clock = clock
         self._nonce = ownership.new_nonce()
-        self._flows: dict[str, Workflow[Any]] = {}
+        # Every registered version of every workflow; _flows is its name -> newest version view.
+        self._registry = Registry()
+        self._flows: dict[str, Workflow[Any]] = self._registry.newest
         self._threads = ThreadCache()
         self._heartbeat = ownership.Heartbeat(lease, self.store.write.renew, clock, self.store.read.cancel_requested)
         self._active: dict[int, _Active] = {}
@@ -196,36 +218,39 @@ class Engine:
     # -- definitions ------------------------------------------------------------
 
     def register(self, flow: Workflow[C]) -> Workflow[C]:
-        """Make ``flow`` runnable here; validates its step order (raises DefinitionError)."""
-        flow.validate()
-        known = self._flows.get(flow.name)
-        if known is not None and known is not flow:
-            raise DefinitionError(f"a different workflow named {flow.name!r} is already registered on {self.path}")
-        self._flows[flow.name] = flow
+        """Make ``flow`` runnable here; validates its step order (raises DefinitionError).
+
+        Several versions of one workflow may be registered side by side: jobs
+        run on the version they were submitted with. Registering the same
+        object again is a no-op; another object with the same name and
+        version raises DefinitionError.
+        """
+        self._registry.register(flow, self.path)
         return flow
 
-    def _flow(self, name: str) -> Workflow[Any]:
-        try:
-            return self._flows[name]
-        except KeyError:
-            raise UnknownJob(
-                f"workflow {name!r} is not registered on this engine ({self.path}); call engine.register(flow) first"
-            ) from None
+    def _flow(self, name: str, version: int | None = None) -> Workflow[Any]:
+        """The registered ``version`` of workflow ``name`` (its newest by default), or UnknownJob."""
+        return self._registry.pick(name, version, self.path)
 
     # -- jobs -------------------------------------------------------------------
 
     @overload
-    def submit(self, workflow: Workflow[C], context: C | dict[str, Any], *, key: str | None = None) -> JobId[C]: ...
+    def submit(self, workflow: Workflow[C], context: C | dict[str, Any], *, key: str | None = None,
+               version: int | None = None) -> JobId[C]: ...
 
     @overload
-    def submit(self, workflow: str, context: BaseModel | dict[str, Any], *, key: str | None = None) -> JobId[Any]: ...
+    def submit(self, workflow: str, context: BaseModel | dict[str, Any], *, key: str | None = None,
+               version: int | None = None) -> JobId[Any]: ...
 
     def submit(self, workflow: Workflow[Any] | str, context: BaseModel | dict[str, Any], *,
-               key: str | None = None) -> JobId[Any]:
+               key: str | None = None, version: int | None = None) -> JobId[Any]:
         """Create a job (all sub-steps ``pending``) and return its id.
 
         ``workflow`` is a registered :class:`Workflow` (then the id is typed
-        ``JobId[C]``) or its name. ``context`` is an instance of the
+        ``JobId[C]``, and the job is made for that object's version) or its
+        name (then for ``version``, by default the newest registered one).
+        The job records its version and definition fingerprint, and always
+        runs on that definition. ``context`` is an instance of the
         workflow's context model or a dict of its fields; anything else (an
         instance of another model class, a dict naming unknown or misspelled
         fields, values that do not validate) raises ContextInvalid and creates
@@ -234,16 +259,19 @@ class Engine:
         KeyConflict.
         """
         if isinstance(workflow, Workflow):
-            self.register(workflow)  # a no-op when registered; a different flow of that name raises
+            if version is not None and version != workflow.version:
+                raise UsageError(f"submit(): the Workflow passed is version {workflow.version}, not version={version}; "
+                                 "pass its name with version=, or the Workflow object alone")
+            self.register(workflow)  # a no-op when registered; another object of that name and version raises
+            version = workflow.version
             workflow = workflow.name
-        flow = self._flow(workflow)
+        flow = self._flow(workflow, version)
         model = validate_submission(flow.context, context, f"submit({workflow!r})")
         text = dump_context(flow.context, model, f"submit({workflow!r})")  # also refuses NaN and infinities
         # position ranks steps by phase order, then declaration order, so readers
         # (the CLI) recover the phase order from the rows alone.
-        ranked = sorted(flow.steps.values(), key=lambda s: (flow.phases.index(s.phase), s.position))
-        steps = [(s.name, s.phase, rank) for rank, s in enumerate(ranked)]
-        job_id, existing = self.store.write.create_job(workflow, key, text, steps)
+        steps = flow.ranked_steps()
+        job_id, existing = self.store.write.create_job(workflow, key, text, steps, flow.version, flow.fingerprint)
         if existing is not None and json.loads(existing) != json.loads(text):
             raise KeyConflict(
                 f"{self.path}: key {key!r} of workflow {workflow!r} already names job {job_id}, submitted with "
@@ -324,25 +352,110 @@ class Engine:
         with self._ends:
             self._ends.wait(timeout)
 
-    def _check_runnable(self, row: JobRow, flow: Workflow[Any], steps: list[StepRow]) -> None:
-        """Refuse, before claiming, a job this engine's definition cannot run."""
-        if {r.name for r in steps} != set(flow.steps):
-            raise DefinitionError(
-                f"{self.path}: job {row.id} was created with steps {sorted(r.name for r in steps)} but workflow "
-                f"{flow.name!r} now declares {sorted(flow.steps)}; run it with the definition it was created with"
-            )
+    # -- versions: which definition a stored job runs on (see versions.py) ---------
+
+    def _plan(self, row: JobRow) -> Plan:
+        """The job's own registered definition (or a declared migration onto a newer one); raises why not.
+
+        Raises VersionNotRegistered, DefinitionError (fingerprint mismatch) or
+        ContextInvalid; reads nothing but, for jobs stored before versions
+        existed, their step names.
+        """
+        return self._registry.resolve(row, lambda: self.store.read.steps(row.id), self.path)
+
+    def _runnable(self, row: JobRow) -> str | None:
+        """Why this engine must leave job ``row`` alone (``"TypeName: message"``), or None if it can run it.
+
+        Writes nothing and never raises for the job's sake: recovery and
+        workers call it before claiming. None includes a job of an
+        unregistered version that a registered version declares a migration
+        from: running it migrates it first.
+        """
         try:
-            flow.context.model_validate_json(row.context)
-        except ValidationError as exc:
-            raise ContextInvalid(f"{self.path}: job {row.id} ({flow.name}): its stored context no longer validates "
-                                 f"against {flow.context.__name__}: {exc}") from exc
+            self._plan(row)
+        except (DefinitionError, ContextInvalid) as exc:  # VersionNotRegistered is a DefinitionError
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    def _prepare(self, row: JobRow) -> tuple[JobRow, Workflow[Any]]:
+        """Before any claim: the job's definition, the job migrated onto it first when that is the plan.
+
+        Returns the job as stored now (a migration bumps its epoch) and the
+        definition to run it on; raises what :meth:`_plan` raises, JobOwned
+        when a migration is due but a live run holds the job, or
+        MigrationRefused (nothing changed).
+        """
+        while True:
+            plan = self._plan(row)
+            if plan.migration is None:
+                return row, plan.flow
+            self._migrate(row, plan)
+            # Migrated here, or moved on meanwhile (claimed, migrated elsewhere): judge it again as stored now.
+            row = self._row(row.id)
+
+    def _migrate(self, row: JobRow, plan: Plan) -> MigratedJob | None:
+        """Apply ``plan``'s migration to the unowned (or dead-owned) job ``row``; None if it moved on first."""
+        migration, target = plan.migration, plan.flow
+        assert migration is not None
+        if row.owner is not None and ownership.owner_alive(row.owner, row.id, row.lease_expires, self.clock()):
+            raise JobOwned(f"{self.path}: job {row.id} is being run by {row.owner}; it is migrated once that run "
+                           "has stopped")
+        where = f"{self.path}: job {row.id} ({row.workflow}), migrating from version {row.version} to {target.version}"
+
+        def context(text: str) -> str:
+            try:
+                mapped = migration.fn(json.loads(text))
+            except Exception as exc:
+                raise MigrationRefused(f"{where}: its migrate({migration.from_version}) function raised "
+                                       f"{type(exc).__name__}: {exc}; nothing changed") from exc
+            try:
+                if isinstance(mapped, BaseModel):
+                    return dump_context(target.context, validate_submission(target.context, mapped, where), where)
+                return dump_context(target.context, mapped, where)
+            except ContextInvalid as exc:
+                raise MigrationRefused(f"{exc}; the migration was refused and nothing changed") from exc
+
+        done = migrate_job(self.store.db, self.path, row.id, row.workflow, epoch=row.epoch, from_version=row.version,
+                           to_version=target.version, fingerprint=target.fingerprint, steps=target.ranked_steps(),
+                           drop=migration.drop, context=context)
+        if done is not None:
+            log.job_migrated(row.id, row.workflow, done.note(row.version, target.version))  # log
+        return done
+
+    def migrate_jobs(self, workflow: str | None = None) -> MigrationReport:
+        """Migrate now every unfinished job that a registered version declares a migration for.
+
+        A job whose own version is registered is migrated too (its run would
+        not migrate it: a job runs on its own version while this process has
+        it). Jobs a live run holds, and refused migrations, are listed in the
+        report's ``skipped`` (with the reason) and left unchanged. Each job is
+        migrated in its own transaction, fenced by its claim epoch.
+        """
+        report = MigrationReport()
+        for row in self.store.read.unfinished_jobs():
+            if workflow is not None and row.workflow != workflow:
+                continue
+            found = self._registry.migration_to(row.workflow, row.version)
+            if found is None:
+                continue
+            try:
+                done = self._migrate(row, Plan(found[0], found[1]))
+            except (JobOwned, MigrationRefused) as exc:
+                report.skipped[row.id] = f"{type(exc).__name__}: {exc}"
+                log.job_left_alone(row.id, row.workflow, report.skipped[row.id])  # log
+                continue
+            if done is None:
+                report.skipped[row.id] = "it changed while being migrated (claimed or migrated elsewhere); try again"
+                continue
+            report.append(row.id)
+            report.notes[row.id] = done.note(row.version, found[0].version)
+        return report
 
     def _run_claimed(self, job_id: int, active: _Active) -> JobStatus[Any]:
         row = self._row(job_id)
         if row.state in TERMINAL_JOB_STATES:
             return self._finished(row)
-        flow = self._flow(row.workflow)
-        self._check_runnable(row, flow, self.store.read.steps(job_id))
+        row, flow = self._prepare(row)  # versions: the job's own definition, migrated onto first if declared
         owner = self.owner
         # Marked live *before* the claim commits, so that another engine of
         # this process never sees our claim with no live run behind it.
@@ -423,9 +536,11 @@ class Engine:
         job_id = claimed.job_id
         active.thread = threading.get_ident()
         try:
-            flow = self._flows[workflow]
             try:
-                self._check_claimed(job_id, flow, claimed)
+                # The job's own version (a worker claims by workflow name only).
+                plan = self._plan(self._row(job_id))
+                if plan.migration is None:
+                    plan.flow.context.model_validate_json(claimed.context)
             except Exception as exc:
                 # Nothing ran: give the job back at once and never claim it here again.
                 worker.unrunnable[job_id] = f"{type(exc).__name__}: {exc}"
@@ -433,6 +548,15 @@ class Engine:
                                          undo_start=prior_state == "pending")
                 log.job_unrunnable(job_id, workflow, worker.unrunnable[job_id])  # log
                 return
+            if plan.migration is not None:
+                # A declared migration moves it onto a newer version first: only an
+                # unowned job can be migrated, so give it back, migrate it, and let
+                # the next claim (here or elsewhere) run it.
+                self.store.write.release(job_id, owner, claimed.epoch, "released: to be migrated",
+                                         undo_start=prior_state == "pending")
+                self._migrate(self._row(job_id), plan)
+                return
+            flow = plan.flow
             self._execute(flow, job_id, prior_state, claimed, active, owner)
         except (JobFailed, JobCancelled, EngineClosed):
             pass  # the job's outcome is in the database
@@ -443,17 +567,6 @@ class Engine:
         finally:
             live.__exit__()
             self._ended(job_id, active)
-
-    def _check_claimed(self, job_id: int, flow: Workflow[Any], claimed: Claimed) -> None:
-        if {r.name for r in claimed.steps} != set(flow.steps):
-            raise DefinitionError(
-                f"{self.path}: job {job_id} was created with steps {sorted(r.name for r in claimed.steps)} but "
-                f"workflow {flow.name!r} now declares {sorted(flow.steps)}")
-        try:
-            flow.context.model_validate_json(claimed.context)
-        except ValidationError as exc:
-            raise ContextInvalid(f"{self.path}: job {job_id} ({flow.name}): its stored context no longer validates "
-                                 f"against {flow.context.__name__}: {exc}") from exc
 
     def schedule(self, workflow: Workflow[C], *, cron: str, context: C | dict[str, Any], name: str | None = None,
                  missed: Missed = "latest") -> Schedule:
@@ -564,10 +677,14 @@ class Engine:
     def recover(self) -> RecoveryReport:
         """Resume every unfinished job that no live run holds; return their ids.
 
-        Each job is tried on its own: a job this engine cannot run (workflow
-        not registered, changed definition, a context that no longer
-        validates, an error in user code) is left unclaimed, logged and listed
-        in the report's ``skipped``, and the next job is tried. Jobs that end
+        Each job is tried on its own: a job this engine cannot run (its
+        workflow version not registered here, "waiting for code version N";
+        a definition changed without a new version; a context that no longer
+        validates; a refused migration; an error in user code) is left
+        unclaimed and unchanged, logged and listed in the report's
+        ``skipped``, and the next job is tried. A job of an unregistered
+        version that a registered version declares a migration from is
+        migrated, then run. Jobs that end
         ``failed`` or ``cancelled`` are resumed too (their ids are returned);
         use :meth:`status` to see how each ended.
         """
@@ -576,14 +693,16 @@ class Engine:
             with self._active_lock:
                 if row.id in self._active:
                     continue  # this engine is running it right now
-            if row.workflow not in self._flows:
-                report.skipped[row.id] = f"workflow {row.workflow!r} is not registered on this engine"
-                log.job_left_alone(row.id, row.workflow, "its workflow is not registered on this engine")  # log
-                continue
             if row.owner is not None and ownership.owner_alive(row.owner, row.id, row.lease_expires, self.clock()):
                 continue
             if row.owner is None and row.wake_at is not None and row.wake_at > self.clock():
                 continue  # parked: its steps wait for a time or a message that has not come
+            reason = self._runnable(row)
+            if reason is not None:
+                # Another version, a changed definition or context: left exactly as it is for a process that can run it.
+                report.skipped[row.id] = reason
+                log.job_left_alone(row.id, row.workflow, reason)  # log
+                continue
             try:
                 self.run(row.id)
             except (JobFailed, JobCancelled):
@@ -668,7 +787,7 @@ class Engine:
         return self._status(self._row(job_id))
 
     def _status(self, row: JobRow) -> JobStatus[Any]:
-        flow = self._flows.get(row.workflow)
+        flow = self._registry.get(row.workflow, row.version)  # the job's own version's model
         if flow is None:
             context: Any = json.loads(row.context)
         else:
@@ -681,7 +800,8 @@ class Engine:
             s.name: StepStatus(s.name, s.state, s.phase, s.attempt, None if s.output is None else json.loads(s.output), s.error)
             for s in self.store.read.steps(row.id)
         }
-        return JobStatus(row.id, row.workflow, row.key, row.state, context, steps, row.error, row.created_at, row.updated_at)
+        return JobStatus(row.id, row.workflow, row.key, row.state, context, steps, row.error, row.created_at,
+                         row.updated_at, row.version)
 
     def jobs(self, state: str | None = None, workflow: str | None = None, limit: int = 50,
              offset: int = 0) -> views.JobPage:

@@ -8,9 +8,11 @@ lifecycle).
 Loggers and levels:
 
 * ``walstate.engine``: INFO for the job lifecycle (claimed, started, resumed,
-  finished, failed); WARNING for takeovers (a dead owner's job claimed) and
-  refusals (a live owner's job left alone, a job of an unregistered workflow
-  left for another process).
+  migrated onto a newer workflow version, finished, failed); WARNING for
+  takeovers (a dead owner's job claimed) and refusals (a live owner's job left
+  alone; a job whose workflow version is not registered here, "waiting for
+  code version N", or whose definition or context changed, left for another
+  process; a refused migration).
 * ``walstate.runner``: WARNING for step retries, interrupted attempts and a
   step that failed for good.
 * ``walstate.fsm``: DEBUG for every committed transition; WARNING for a write
@@ -105,6 +107,11 @@ def job_parked(job: int, workflow: str, wake_at: float, topics: list[str]) -> No
 def job_left_alone(job: int, workflow: str, why: str) -> None:
     """Recovery or run() decided not to take a job (its owner lives, or its workflow is not registered)."""
     ENGINE.warning("job %s (%s) left alone: %s", job, workflow, why, extra=fields(job, workflow))
+
+
+def job_migrated(job: int, workflow: str, note: str) -> None:
+    """A declared migration moved an in-flight job onto a newer version of its workflow."""
+    ENGINE.info("job %s (%s) %s", job, workflow, note, extra=fields(job, workflow))
 
 
 # -- the runtime (walstate.runtime) ----------------------------------------------------

@@ -19,7 +19,7 @@ _TERMINAL = frozenset(TERMINAL_STEP_STATES)
 _DONE_WELL = frozenset(("succeeded", "skipped"))
 JOB_STATES = UNFINISHED_JOB_STATES + TERMINAL_JOB_STATES
 # The order a progress line names sub-step states in: outcomes first, then what is still to come.
-_STEP_STATE_ORDER = ("succeeded", "failed", "cancelled", "skipped", "running", "retrying", "pending")
+_STEP_STATE_ORDER = ("succeeded", "failed", "cancelled", "skipped", "running", "retrying", "waiting", "pending")
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,8 @@ class JobSummary:
     created_at: float
     updated_at: float
     error: str | None
+    #: The workflow version the job runs on.
+    version: int = 1
 
     @property
     def total(self) -> int:
@@ -58,7 +60,8 @@ class JobSummary:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready: the fields, plus ``total`` and ``progress``."""
-        return {"id": self.id, "workflow": self.workflow, "key": self.key, "state": self.state, "phase": self.phase,
+        return {"id": self.id, "workflow": self.workflow, "version": self.version, "key": self.key,
+                "state": self.state, "phase": self.phase,
                 "steps": dict(self.steps), "total": self.total, "progress": self.progress,
                 "created_at": self.created_at, "updated_at": self.updated_at, "error": self.error}
 
@@ -96,7 +99,7 @@ def _summary(row: JobRow, counts: Iterable[StepCount]) -> JobSummary:
     ordered = {s: steps[s] for s in _STEP_STATE_ORDER if s in steps}
     ordered.update((s, n) for s, n in steps.items() if s not in ordered)  # a state this version does not know
     return JobSummary(row.id, row.workflow, row.key, row.state, phase, ordered, row.created_at, row.updated_at,
-                      row.error)
+                      row.error, row.version)
 
 
 def job_page(store: Store, *, state: str | None = None, workflow: str | None = None, limit: int = 50,
@@ -167,8 +170,8 @@ def job_detail(store: Store, job_id: int) -> dict[str, Any]:
              "output": None if s.output is None else json.loads(s.output),
              "started_at": started.get(s.name), "finished_at": finished.get(s.name)}
             for s in steps if s.phase == phase]})
-    return {**summarize(row, steps).as_dict(), "owner": row.owner, "context": json.loads(row.context),
-            "phases": phases}
+    return {**summarize(row, steps).as_dict(), "fingerprint": row.fingerprint, "owner": row.owner,
+            "context": json.loads(row.context), "phases": phases}
 
 
 def history(store: Store, job_id: int, step: str | None = None) -> list[dict[str, Any]]:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import inspect
+import json
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 from pydantic import BaseModel
 
@@ -74,6 +76,19 @@ class StepDef:
     timeout: float | None = None
 
 
+#: A migration's context mapping: the old context as a dict -> the new one (a dict or the new model).
+ContextMap = Callable[[dict[str, Any]], Any]
+
+
+@dataclass(frozen=True)
+class MigrationDef:
+    """A declared migration of in-flight jobs from ``from_version`` to the workflow declaring it (internal)."""
+
+    from_version: int
+    fn: ContextMap
+    drop: tuple[str, ...]
+
+
 @dataclass
 class Workflow(Generic[C]):
     """A named job definition: ordered ``phases`` of sub-steps sharing a typed ``context``.
@@ -84,6 +99,13 @@ class Workflow(Generic[C]):
     as the step's output), a :class:`StepResult`, or any other JSON value as
     its output.
 
+    ``version`` (an int >= 1, default 1) numbers the definition: a job records
+    the version it was submitted with and the definition's :attr:`fingerprint`,
+    and always runs on that definition. Give a changed definition a higher
+    version; the highest registered version is the newest, used by
+    ``submit`` unless another is named. Declare :meth:`migrate` to move
+    in-flight jobs of an older version onto this one.
+
     ``concurrency`` caps how many jobs of this workflow workers run at once,
     across every process on the file (``None``: no cap).
     """
@@ -91,10 +113,14 @@ class Workflow(Generic[C]):
     name: str
     context: type[C]
     phases: Sequence[str]
+    version: int = 1
     concurrency: int | None = field(default=None, kw_only=True)
     steps: dict[str, StepDef] = field(default_factory=dict, init=False)
+    migrations: dict[int, MigrationDef] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
+        if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < 1:
+            raise DefinitionError(f"workflow {self.name!r}: version must be an int >= 1, not {self.version!r}")
         self.phases = tuple(self.phases)
         if not self.phases:
             raise DefinitionError(f"workflow {self.name!r} needs at least one phase")
@@ -188,6 +214,74 @@ class Workflow(Generic[C]):
         for n in self.steps:
             if n not in state:
                 visit(n, [n])
+        for m in self.migrations.values():
+            kept = sorted(set(m.drop) & set(self.steps))
+            if kept:
+                raise DefinitionError(
+                    f"workflow {self.name!r} version {self.version}: the migration from version {m.from_version} "
+                    f"drops {kept}, which this version still declares; drop only steps it removes"
+                )
+
+    @overload
+    def migrate(self, from_version: int, fn: ContextMap, *, drop: Sequence[str] = ()) -> ContextMap: ...
+
+    @overload
+    def migrate(self, from_version: int, fn: None = None, *,
+                drop: Sequence[str] = ()) -> Callable[[ContextMap], ContextMap]: ...
+
+    def migrate(self, from_version: int, fn: ContextMap | None = None, *,
+                drop: Sequence[str] = ()) -> ContextMap | Callable[[ContextMap], ContextMap]:
+        """Declare how an in-flight job of version ``from_version`` moves onto this definition.
+
+        ``fn(old_context: dict) -> dict | model`` maps the job's stored context
+        to this workflow's model (it must be a pure function: it may run again
+        if the migration's transaction does not commit). Steps this version
+        adds become ``pending``; steps it removes must have finished
+        (``succeeded`` or ``skipped``), unless named in ``drop`` (their rows
+        are deleted whatever their state), else the migration of that job is
+        refused with :class:`MigrationRefused` and nothing changes. Use as a
+        call (``flow.migrate(1, fn)``) or a decorator (``@flow.migrate(1)``);
+        either returns ``fn``.
+        """
+        if isinstance(from_version, bool) or not isinstance(from_version, int) or not 1 <= from_version < self.version:
+            raise DefinitionError(
+                f"workflow {self.name!r} version {self.version}: migrate() goes forward, from a version between 1 "
+                f"and {self.version - 1}, not {from_version!r}"
+            )
+        if from_version in self.migrations:
+            raise DefinitionError(f"workflow {self.name!r} version {self.version}: a migration from version "
+                                  f"{from_version} is already declared")
+
+        def declare(f: ContextMap) -> ContextMap:
+            self.migrations[from_version] = MigrationDef(from_version, f, tuple(drop))
+            return f
+
+        return declare if fn is None else declare(fn)
+
+    @property
+    def fingerprint(self) -> str:
+        """A digest of the definition's shape: what a stored job's progress means under it.
+
+        It covers the phases in order, each step's name, phase and rank, its
+        ``after`` set, whether it is transactional, and the retry settings that
+        decide whether a stored failure count is final (``max_attempts``,
+        ``max_interruptions``). It leaves out what a running job can take in
+        its stride: handler code, ``when`` conditions, backoff timings and the
+        context model (a stored context is validated on its own).
+        """
+        ranked = sorted(self.steps.values(), key=lambda s: (self.phases.index(s.phase), s.position))
+        shape = {
+            "phases": list(self.phases),
+            "steps": [[s.name, s.phase, sorted(s.after), s.transactional, s.retry.max_attempts,
+                       s.retry.max_interruptions] for s in ranked],
+        }
+        text = json.dumps(shape, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def ranked_steps(self) -> list[tuple[str, str, int]]:
+        """``(name, phase, rank)`` of every step: phases in order, then declaration order."""
+        ranked = sorted(self.steps.values(), key=lambda s: (self.phases.index(s.phase), s.position))
+        return [(s.name, s.phase, rank) for rank, s in enumerate(ranked)]
 
     def phase_steps(self, phase: str) -> list[StepDef]:
         return [s for s in self.steps.values() if s.phase == phase]

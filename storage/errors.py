@@ -90,6 +90,23 @@ class DefinitionError(WalstateError):
     """A workflow definition is inconsistent (unknown phase or step, a cycle, a duplicate)."""
 
 
+class VersionNotRegistered(DefinitionError):
+    """A job was made by a workflow version that is not registered in this process (and no registered
+    version declares a migration from it). The job is left alone for a process that has that version."""
+
+    def __init__(self, message: str, *, workflow: str, version: int) -> None:
+        super().__init__(message)
+        self.workflow = workflow
+        self.version = version
+
+
+class MigrationRefused(WalstateError):
+    """A declared migration of an in-flight job (``Workflow.migrate``) cannot be applied to it (a step it
+    removes is unfinished and not dropped, or the mapped context does not validate); nothing changed.
+
+    Not to be confused with :class:`MigrationFailed`, about walstate's own tables."""
+
+
 class ContextInvalid(WalstateError):
     """A context update did not validate against the job's context model; nothing was written."""
 

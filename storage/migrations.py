@@ -84,6 +84,15 @@ MIGRATIONS: dict[int, Migration] = {
         'CREATE UNIQUE INDEX IF NOT EXISTS "message_job_id_key" ON "walstate_message" ("job_id", "key")',
         'CREATE INDEX IF NOT EXISTS "message_job_id_topic_id" ON "walstate_message" ("job_id", "topic", "id")',
     ],
+    # Workflow versions: a job records the version of its workflow and a
+    # fingerprint of that definition's shape when it is submitted, so it runs
+    # on the definition it was made for. Jobs of older files were made by
+    # version 1 (the default); their fingerprint is unknown (NULL), and they
+    # are checked by their step names, as before.
+    5: [
+        "ALTER TABLE walstate_job ADD COLUMN version INTEGER NOT NULL DEFAULT 1",
+        "ALTER TABLE walstate_job ADD COLUMN fingerprint TEXT",
+    ],
 }
 
 

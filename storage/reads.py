@@ -34,6 +34,9 @@ class JobRow:
     cancel_requested: bool = False
     #: A parked job (a step waits): not claimed before this time (None: runnable now).
     wake_at: float | None = None
+    #: The workflow version the job runs on, and its definition's fingerprint (None: made before schema 5).
+    version: int = 1
+    fingerprint: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +82,7 @@ class JournalRow:
 
 
 _JOB_COLS = ("id, workflow, key, state, context, error, owner, lease_expires, created_at, updated_at, epoch, "
-             "cancel_requested, wake_at")
+             "cancel_requested, wake_at, version, fingerprint")
 _STEP_COLS = ("id, job_id, name, phase, position, state, attempt, output, error, updated_at, failures, interruptions, "
               "wake_at, wait_topic")
 _JOURNAL_COLS = "id, job_id, step, from_state, to_state, attempt, at, note"

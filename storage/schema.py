@@ -89,6 +89,10 @@ def bind_models(db: peewee.Database) -> Models:
         # Schema 4: a parked job (a step waits, nothing else to do) is not
         # claimed before this time (NULL: runnable now).
         wake_at = peewee.FloatField(null=True)
+        # Schema 5: the workflow version the job was submitted with, and the
+        # fingerprint of that definition (NULL for jobs older than schema 5).
+        version = peewee.IntegerField(default=1, constraints=[peewee.SQL("DEFAULT 1")])
+        fingerprint = peewee.TextField(null=True)
 
         class Meta:
             table_name = "walstate_job"

@@ -389,11 +389,14 @@ class WritePath:
         key: str | None,
         context: str,
         steps: Sequence[tuple[str, str, int]],
+        version: int = 1,
+        fingerprint: str | None = None,
     ) -> tuple[int, str | None]:
         """Insert a job and its sub-steps; with a known ``key`` insert nothing.
 
-        Returns ``(job_id, None)`` for a new job, or ``(job_id, initial_context)``
-        of the job that already has this key.
+        ``version`` and ``fingerprint`` name the workflow definition the job is
+        made for. Returns ``(job_id, None)`` for a new job, or
+        ``(job_id, initial_context)`` of the job that already has this key.
         """
         with self._lock:
             try:
@@ -407,9 +410,9 @@ class WritePath:
                             return int(row[0]), str(row[1])
                     now = time.time()
                     cur = conn.execute(
-                        "INSERT INTO walstate_job (workflow, key, state, context, initial_context, created_at, updated_at) "
-                        "VALUES (?, ?, 'pending', ?, ?, ?, ?)",
-                        (workflow, key, context, context, now, now),
+                        "INSERT INTO walstate_job (workflow, key, state, context, initial_context, created_at, updated_at, "
+                        "version, fingerprint) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?)",
+                        (workflow, key, context, context, now, now, version, fingerprint),
                     )
                     job_id = int(cur.lastrowid or 0)
                     conn.executemany(

@@ -254,3 +254,36 @@ def test_a_step_timeout_with_a_transactional_step_and_async_handlers_are_refused
 
     with pytest.raises(DefinitionError, match="async def"):
         flow.step(phase="p")(handler)  # type: ignore[arg-type]
+
+
+def test_a_worker_runs_each_job_on_its_own_version_and_migrates_one_a_newer_version_declares(db_path: str) -> None:
+    ran: list[str] = []
+    v1 = Workflow("w", context=Ctx, phases=["p"], version=1)
+    v1.step(phase="p", name="one")(lambda ctx, step: ran.append("v1") and None)
+    with Engine(db_path) as e:
+        e.register(v1)
+        old = e.submit(v1, Ctx())
+        stale = e.submit(v1, Ctx())
+    v2 = Workflow("w", context=Ctx, phases=["p"], version=2)
+    v2.step(phase="p", name="one")(lambda ctx, step: ran.append("v2-one") and None)
+    v2.step(phase="p", name="two")(lambda ctx, step: ran.append("v2-two") and None)
+    with Engine(db_path) as e:
+        e.register(v1)
+        e.register(v2)
+        with e.start_worker(2):
+            assert e.handle(old).result(timeout=10).state == "succeeded"
+            assert e.handle(stale).result(timeout=10).state == "succeeded"
+    assert ran.count("v1") == 2 and "v2-two" not in ran  # both ran on the version they were made with
+    v3 = Workflow("w", context=Ctx, phases=["p"], version=3)
+    v3.step(phase="p", name="one")(lambda ctx, step: ran.append("v3-one") and None)
+    v3.step(phase="p", name="three")(lambda ctx, step: ran.append("v3-three") and None)
+    v3.migrate(1, lambda old_ctx: old_ctx)
+    with Engine(db_path) as e:
+        e.register(v1)
+        pending = e.submit(v1, Ctx(n=5))
+    with Engine(db_path) as e:
+        e.register(v3)  # v1 is not registered here, but v3 declares a migration from it
+        with e.start_worker(1):
+            status = e.handle(pending).result(timeout=10)
+        assert status.state == "succeeded" and set(status.steps) == {"one", "three"}
+    assert "v3-three" in ran
