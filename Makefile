@@ -47,8 +47,8 @@ mutmut: $(VENV)/.installed-test $(VENV)/.installed-mutation
 	for f in statemachine/*.py statemachine/py.typed; do ln -s $(CURDIR)/$$f .mutmut/walstate/; done
 	for f in storage/*.py storage/py.typed; do ln -s $(CURDIR)/$$f .mutmut/walstate/storage/; done
 	ln -sfn $(CURDIR)/tests .mutmut/tests
-	ln -sf $(CURDIR)/pyproject.toml $(CURDIR)/README.md .mutmut/
-	cd .mutmut && $(CURDIR)/$(VENV)/bin/mutmut run --max-children 2 $(MUTMUT_ARGS)
+	ln -sf $(CURDIR)/pyproject.toml .mutmut/
+	cd .mutmut && WALSTATE_HYPOTHESIS_PROFILE=mutation $(CURDIR)/$(VENV)/bin/mutmut run --max-children 2 $(MUTMUT_ARGS)
 	cd .mutmut && $(CURDIR)/$(VENV)/bin/mutmut results > results.txt; \
 	  echo "survivors and timeouts: .mutmut/results.txt; inspect one with: cd .mutmut && ../$(VENV)/bin/mutmut show NAME"
 
