@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test test-deep typecheck bench clean
+.PHONY: demo test test-deep typecheck bench mutmut clean
 
 # The package is installed editable in "strict" mode: a tree of links that
 # maps statemachine/ -> walstate/ and storage/ -> walstate/storage/, which is
@@ -36,5 +36,21 @@ bench: $(VENV)/.installed-test
 	  echo "bench extra (dbos, matplotlib) not installed: peer figures and the chart are skipped"
 	$(PY) -m benchmarks
 
+# Mutation testing of the write path, ownership, engine, runner and operator
+# (see [tool.mutmut] in pyproject.toml for why it runs in .mutmut/). The
+# staging tree is rebuilt every time so new or removed source files follow;
+# mutmut itself keeps its results in .mutmut/mutants/ and retests only what
+# changed. MUTMUT_ARGS passes more options, e.g. MUTMUT_ARGS='walstate.ownership*'.
+MUTMUT_ARGS ?=
+mutmut: $(VENV)/.installed-test $(VENV)/.installed-mutation
+	rm -rf .mutmut/walstate && mkdir -p .mutmut/walstate/storage
+	for f in statemachine/*.py statemachine/py.typed; do ln -s $(CURDIR)/$$f .mutmut/walstate/; done
+	for f in storage/*.py storage/py.typed; do ln -s $(CURDIR)/$$f .mutmut/walstate/storage/; done
+	ln -sfn $(CURDIR)/tests .mutmut/tests
+	ln -sf $(CURDIR)/pyproject.toml .mutmut/
+	cd .mutmut && WALSTATE_HYPOTHESIS_PROFILE=mutation $(CURDIR)/$(VENV)/bin/mutmut run --max-children 2 $(MUTMUT_ARGS)
+	cd .mutmut && $(CURDIR)/$(VENV)/bin/mutmut results > results.txt; \
+	  echo "survivors and timeouts: .mutmut/results.txt; inspect one with: cd .mutmut && ../$(VENV)/bin/mutmut show NAME"
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info
+	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info .mutmut

@@ -16,12 +16,15 @@ from walstate.storage import Store
 # long local runs: WALSTATE_HYPOTHESIS_PROFILE=deep make test (or make test-deep).
 settings.register_profile("ci", max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("deep", max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# `mutation` is for `make mutmut`, which reruns the covering tests once per
+# mutant: fewer generated examples, the same fixed sweeps and named cases.
+settings.register_profile("mutation", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 PROFILE = os.environ.get("WALSTATE_HYPOTHESIS_PROFILE", "ci")
 settings.load_profile(PROFILE)
 #: SIGKILL examples start real processes (~1 s each): few in CI, many in the deep profile.
 #: In-process crash examples with 3 worker threads (threads make each example slower).
-PARALLEL_EXAMPLES = 500 if PROFILE == "deep" else 40
-SIGKILL_EXAMPLES = int(os.environ.get("WALSTATE_SIGKILL_EXAMPLES", "150" if PROFILE == "deep" else "6"))
+PARALLEL_EXAMPLES = {"deep": 500, "mutation": 10}.get(PROFILE, 40)
+SIGKILL_EXAMPLES = int(os.environ.get("WALSTATE_SIGKILL_EXAMPLES", {"deep": "150", "mutation": "2"}.get(PROFILE, "6")))
 
 
 class StatementLog:

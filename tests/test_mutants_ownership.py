@@ -1,0 +1,204 @@
+"""Tests written for the mutants of the ownership layer that survived the rest of the suite.
+
+``make mutmut`` mutates the write path, ownership, engine, runner and operator;
+each test here kills one or more mutants that no other test noticed, and says
+in its name the behaviour those mutants broke.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pydantic import BaseModel
+
+from walstate import Engine, StepContext, Workflow
+from walstate.ownership import Claim, Heartbeat, Identity, LiveRun, owner_alive
+from walstate.storage import Store
+from walstate.storage.reads import JobRow
+
+
+class Ctx(BaseModel):
+    n: int = 0
+
+
+def one_step_flow() -> Workflow[Ctx]:
+    flow = Workflow("w", context=Ctx, phases=["p"])
+
+    @flow.step(phase="p")
+    def only(ctx: Ctx, step: StepContext) -> None:
+        pass
+
+    return flow
+
+
+def pending_job(db_path: str) -> int:
+    with Engine(db_path) as e:
+        e.register(one_step_flow())
+        return int(e.submit("w", Ctx()))
+
+
+def row_of(store: Store, job: int) -> JobRow:
+    row = store.read.job(job)
+    assert row is not None
+    return row
+
+
+def claim(store: Store, job: int, owner: str, lease_expires: float) -> int:
+    row = row_of(store, job)
+    claimed = store.write.claim(job, state=row.state, epoch=row.epoch, owner=owner, lease_expires=lease_expires,
+                                note="claimed by the test")
+    assert claimed is not None
+    return claimed.epoch
+
+
+def test_a_heartbeat_renews_to_its_clock_plus_the_lease_and_tells_the_run_of_cancellation_and_loss(
+        db_path: str) -> None:
+    job = pending_job(db_path)
+    store = Store(db_path)
+    now = [1000.0]
+    signals: list[str] = []
+    # A lease of an hour: the heartbeat's own thread never beats during the test; it beats when told.
+    hb = Heartbeat(3600.0, store.write.renew, clock=lambda: now[0], poll=store.read.cancel_requested)
+    try:
+        assert hb.period == 1200.0
+        epoch = claim(store, job, "me", lease_expires=hb.lease_expires())
+        hb.add(Claim(job, "me", epoch, signals.append))
+        now[0] = 2000.0
+        hb.beat()
+        assert row_of(store, job).lease_expires == 5600.0  # clock + lease, never in the past
+        assert signals == []
+        hb.check_cancels()
+        assert signals == []  # no cancellation asked for: polling says nothing
+
+        assert store.write.request_cancel(job)
+        hb.check_cancels()
+        assert signals == ["cancel"]
+        hb.beat()
+        assert signals == ["cancel", "cancel"]
+
+        # Another run takes the job over: the next renewal finds the claim lost, stops renewing it.
+        claim(store, job, "someone else", lease_expires=9999.0)
+        signals.clear()
+        hb.beat()
+        assert signals == ["lost"]
+        assert row_of(store, job).lease_expires == 9999.0  # the lost claim renewed nothing
+        hb.beat()
+        hb.check_cancels()
+        assert signals == ["lost"]  # forgotten: neither renewed nor polled again
+    finally:
+        hb.close()
+        store.close()
+
+
+def test_a_heartbeat_beats_by_itself_every_third_of_its_lease(db_path: str) -> None:
+    job = pending_job(db_path)
+    store = Store(db_path)
+    now = [1000.0]
+    hb = Heartbeat(0.3, store.write.renew, clock=lambda: now[0], poll=store.read.cancel_requested)
+    try:
+        epoch = claim(store, job, "me", lease_expires=hb.lease_expires())
+        hb.add(Claim(job, "me", epoch, lambda reason: None))
+        now[0] = 2000.0
+        deadline = time.monotonic() + 5.0
+        while row_of(store, job).lease_expires != 2000.3:
+            assert time.monotonic() < deadline, "the heartbeat thread never renewed the lease"
+            time.sleep(0.01)
+    finally:
+        hb.close()
+        store.close()
+    assert hb._thread is not None and not hb._thread.is_alive()  # close() stops its thread
+
+
+def test_a_heartbeat_that_was_closed_before_its_first_claim_starts_no_thread(db_path: str) -> None:
+    hb = Heartbeat(0.3, lambda *a: True)  # never called: it never beats
+    hb.close()
+    hb.add(Claim(1, "me", 1, lambda reason: None))
+    assert hb._thread is None
+
+
+def test_an_owner_in_this_process_is_alive_exactly_while_it_runs_that_job() -> None:
+    from walstate import ownership
+
+    token = ownership.identity().token("mine")
+    assert not owner_alive(token, 7, lease_expires=1e12, now=0.0)
+    with LiveRun(token, 7):
+        assert owner_alive(token, 7, lease_expires=None, now=0.0)  # alive whatever its lease says
+        assert not owner_alive(token, 8, lease_expires=1e12, now=0.0)  # another job of the same owner
+        assert not owner_alive(ownership.identity().token("other"), 7, lease_expires=1e12, now=0.0)
+    assert not owner_alive(token, 7, lease_expires=1e12, now=0.0)
+
+
+def test_a_token_this_host_cannot_read_is_judged_by_its_lease_only() -> None:
+    me = Identity.current()
+    unreadable = [
+        f"{me.boot_id}|{me.pid_ns}|{me.host}|{me.pid}|{me.start}",  # an older walstate's five parts
+        f"{me.boot_id}|{me.pid_ns}|{me.host}|{me.pid}|{me.start}|nonce|extra",
+        f"{me.boot_id}|{me.pid_ns}|{me.host}|not-a-pid|{me.start}|nonce",
+        f"|{me.pid_ns}|{me.host}|1|{me.start}|nonce",  # no boot id
+    ]
+    for token in unreadable:
+        assert owner_alive(token, 1, lease_expires=100.5, now=100.0), token
+        assert not owner_alive(token, 1, lease_expires=99.5, now=100.0), token
+        assert not owner_alive(token, 1, lease_expires=None, now=100.0), token
+    assert not owner_alive(None, 1, lease_expires=1e12, now=0.0)
+
+
+def test_an_owner_process_on_this_host_is_alive_until_killed_even_before_it_is_reaped() -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from walstate.ownership import _proc_stat
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        me = Identity.current()
+        stat = _proc_stat(child.pid)
+        assert stat is not None
+        token = Identity(me.boot_id, me.pid_ns, "any-host-name", child.pid, stat[1]).token("n")
+        assert owner_alive(token, 1, lease_expires=0.0, now=1e12)  # alive: the expired lease does not matter
+        # A token with no start time cannot tell a reused pid: the pid alone decides.
+        assert owner_alive(Identity(me.boot_id, me.pid_ns, "h", child.pid, "").token("n"), 1, 0.0, 1e12)
+        os.kill(child.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while (_proc_stat(child.pid) or ("Z",))[0] != "Z":
+            assert time.monotonic() < deadline, "the child never became a zombie"
+            time.sleep(0.005)
+        assert not owner_alive(token, 1, lease_expires=1e12, now=0.0)  # a zombie runs nothing
+    finally:
+        child.kill()
+        child.wait()
+    assert not owner_alive(token, 1, lease_expires=1e12, now=0.0)  # reaped: gone
+
+
+def test_releasing_a_claim_clears_it_bumps_the_epoch_and_journals_it_once(db_path: str) -> None:
+    job = pending_job(db_path)
+    store = Store(db_path)
+    try:
+        epoch = claim(store, job, "me", lease_expires=5000.0)
+        before = len(store.read.journal(job))
+        assert store.write.release(job, "me", epoch, "released: shutting down") is True
+        row = row_of(store, job)
+        assert (row.owner, row.lease_expires, row.epoch, row.state) == (None, None, epoch + 1, "running")
+        entry = store.read.journal(job)[-1]
+        assert len(store.read.journal(job)) == before + 1
+        assert (entry.step, entry.from_state, entry.to_state, entry.attempt, entry.note) == (
+            None, "running", "running", 0, "released: shutting down")
+        # The same claim again (a stale run): nothing changes, nothing is journalled.
+        assert store.write.release(job, "me", epoch, "again") is False
+        assert row_of(store, job).epoch == epoch + 1
+        assert len(store.read.journal(job)) == before + 1
+    finally:
+        store.close()
+
+
+def test_a_cancellation_request_is_accepted_only_for_an_unfinished_job(db_path: str) -> None:
+    job = pending_job(db_path)
+    with Engine(db_path) as e:
+        e.register(one_step_flow())
+        assert e.store.write.request_cancel(job) is True
+        assert e.store.read.cancel_requested([job]) == {job}
+        other = int(e.submit("w", Ctx()))
+        e.run(other)
+        assert e.store.write.request_cancel(other) is False
+        assert e.store.read.cancel_requested([other]) == set()
