@@ -416,8 +416,10 @@ def _progress(job: dict[str, Any]) -> dict[str, Any]:
         for s in phase["steps"]:
             counts[s["state"]] = counts.get(s["state"], 0) + 1
         phases.append({"name": phase["name"], "steps": counts, "total": len(phase["steps"])})
+    waiting = {s["name"]: s["waits_for"] for p in job["phases"] for s in p["steps"] if s.get("waits_for")}
     return {"id": job["id"], "state": job["state"], "phase": job["phase"], "steps": job["steps"],
-            "total": job["total"], "progress": job["progress"], "error": job["error"], "phases": phases}
+            "total": job["total"], "progress": job["progress"], "error": job["error"], "phases": phases,
+            "waiting": waiting}
 
 
 def cmd_watch(args: argparse.Namespace, out: Out) -> int:
@@ -446,6 +448,8 @@ def cmd_watch(args: argparse.Namespace, out: Out) -> int:
                 out.stream.flush()
             else:
                 text = "  ".join(f"{n} {d}/{t}" for n, d, t in bars)
+                text += "".join(f"  ({s['name']} {describe_wait(s['waits_for'])})" for p in job["phases"]
+                                for s in p["steps"] if s.get("waits_for"))
                 if text != last:
                     out.line(f"{_when(time.time())}  {job['state']:<10} {text}")
                     out.stream.flush()

@@ -234,6 +234,9 @@ def test_show_says_what_a_waiting_step_waits_for(db_path: str) -> None:
     assert step["state"] == "waiting" and step["waits_for"]["topic"] == "paid" and step["waits_for"]["wake_at"]
     text = subprocess.run([walstate, "show", db_path, str(job)], capture_output=True, text=True, check=True).stdout
     assert "waits for a message on 'paid' or until" in text
+    watched = subprocess.run([walstate, "watch", db_path, str(job), "--json", "--timeout", "0.2"],
+                             capture_output=True, text=True)
+    assert json.loads(watched.stdout.splitlines()[0])["waiting"]["hook"]["topic"] == "paid"
     sent = subprocess.run([walstate, "send", db_path, str(job), "paid", '{"id": 7}'], capture_output=True, text=True)
     assert sent.returncode == 0, sent.stderr
     with Engine(db_path) as e:
