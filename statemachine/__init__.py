@@ -39,6 +39,7 @@ from .storage.errors import (
 
 from .storage.dedup import Deduper, guarded_update
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
 from .context import StepContext, StepResult
@@ -46,26 +47,29 @@ from .workflow import Retry, Workflow
 
 if TYPE_CHECKING:
     from .engine import Engine, JobId, JobStatus, MigrationReport, RecoveryReport, StepStatus, TransitionRecord
+    from .aio import AsyncStepContext
     from .runtime import JobHandle, Worker
     from .views import JobPage, JobSummary
 
 _ENGINE_NAMES = ("Engine", "JobId", "JobStatus", "MigrationReport", "RecoveryReport", "StepStatus", "TransitionRecord")
 _RUNTIME_NAMES = ("JobHandle", "Worker")
+_AIO_NAMES = ("AsyncStepContext",)
 _VIEW_NAMES = ("JobPage", "JobSummary")
 
 
 def __getattr__(name: str) -> Any:
     # The engine (and with it peewee, transitions and SQLite) loads on first
     # use: defining workflows, or a `walstate --help`, does not pay for it.
-    if name in _ENGINE_NAMES or name in _RUNTIME_NAMES or name in _VIEW_NAMES:
-        from . import engine, runtime, views
-
-        value = getattr(engine if name in _ENGINE_NAMES else runtime if name in _RUNTIME_NAMES else views, name)
+    homes = {**dict.fromkeys(_ENGINE_NAMES, "engine"), **dict.fromkeys(_RUNTIME_NAMES, "runtime"),
+             **dict.fromkeys(_VIEW_NAMES, "views"), **dict.fromkeys(_AIO_NAMES, "aio")}
+    if name in homes:
+        value = getattr(importlib.import_module(f".{homes[name]}", __name__), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'walstate' has no attribute {name!r}")
 
 __all__ = [
+    "AsyncStepContext",
     "ConfigurationError",
     "ContextInvalid",
     "DatabaseBusy",

@@ -340,7 +340,8 @@ class Engine:
 
     def _ended(self, job_id: int, active: _Active) -> None:
         with self._active_lock:
-            del self._active[job_id]
+            if self._active.get(job_id) is active:
+                del self._active[job_id]
         active.done.set()
         with self._ends:
             self._ends.notify_all()
@@ -514,17 +515,19 @@ class Engine:
         """Claim up to ``limit`` runnable jobs for ``worker`` and start each on a thread; return how many."""
         owner = self.owner
         limits = {name: f.concurrency for name, f in self._flows.items() if f.concurrency is not None}
-        with ownership.Claiming(owner):
+        # Under the engine's run registry lock: a run() of this engine either
+        # registered its job before (so it is skipped here) or finds the worker's
+        # run registered after, and waits for it; never two runs of one job here.
+        with ownership.Claiming(owner), self._active_lock:
             claims = self.store.write.claim_runnable(
                 owner=owner, lease_expires=self._heartbeat.lease_expires(), limit=limit, workflows=list(self._flows),
-                now=self.clock(), dead=dead, skip=list(worker.unrunnable), limits=limits or None)
+                now=self.clock(), dead=dead, skip=[*worker.unrunnable, *self._active], limits=limits or None)
             for workflow, prior_state, prior_owner, claimed in claims:
                 # Marked live before the batch's Claiming mark goes away.
                 live = ownership.LiveRun(owner, claimed.job_id)
                 live.__enter__()
                 active = _Active()
-                with self._active_lock:
-                    self._active[claimed.job_id] = active
+                self._active[claimed.job_id] = active
                 worker._adopt(claimed.job_id, active)
                 log.job_claimed(claimed.job_id, workflow, prior_owner)  # log
                 self._threads.submit(functools.partial(self._run_for_worker, workflow, prior_state, claimed, active,
@@ -659,6 +662,19 @@ class Engine:
             worker = self.start_worker()
         worker.wake()
         return JobHandle(self, job_id)
+
+    async def run_async(self, job_id: int) -> JobStatus[Any]:
+        """:meth:`run` for asyncio apps: the run happens in a thread; the event loop only awaits it."""
+        from .aio import run_async
+
+        return await run_async(self, job_id)
+
+    async def start_async(self, workflow: Workflow[C] | str, context: C | BaseModel | dict[str, Any], *,
+                          key: str | None = None) -> JobHandle[C]:
+        """:meth:`start` for asyncio apps (the submit's commit happens in a thread)."""
+        from .aio import start_async
+
+        return await start_async(self, workflow, context, key=key)
 
     def handle(self, job_id: int) -> JobHandle[Any]:
         """A :class:`JobHandle` for any existing job (raises UnknownJob)."""

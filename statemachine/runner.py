@@ -6,6 +6,7 @@ the job's machine, which commits through ``storage``'s write path first.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import queue
@@ -22,6 +23,7 @@ from .storage.errors import ContextInvalid, LeaseLost, OutputNotJSON
 from .storage.writepath import Change
 
 from . import log
+from .aio import AsyncAttempt, AsyncStepContext
 from .context import StepContext, StepResult, Suspend, check_update_keys, context_merger, to_json
 from .substep import LiveJob, SubStep
 from .threads import ThreadCache
@@ -72,6 +74,7 @@ class JobRun:
         #: Set by a cancel or a lost claim; each attempt's ``step.cancelled`` follows it.
         self.cancelled = threading.Event()
         self._attempts: set[threading.Event] = set()
+        self._async_attempts: set[AsyncAttempt] = set()
         self._attempts_lock = threading.Lock()
         self.reasons: set[str] = set()
         job.aborted = self.aborted
@@ -95,6 +98,8 @@ class JobRun:
                 self.cancelled.set()
                 for event in self._attempts:
                     event.set()
+                for attempt in self._async_attempts:
+                    attempt.cancel()
         self.stop.set()
 
     def _attempt_event(self) -> threading.Event:
@@ -223,7 +228,7 @@ class JobRun:
                 if unmet[dep] == 0 and self.steps[dep].state not in _TERMINAL:
                     ready.append(dep)
 
-        if self.threads is None or self.workers < 2:
+        if self.threads is None or min(len(todo), self.workers + sum(d.is_async for d in todo.values())) < 2:
             while ready and not self.stop.is_set():
                 name = ready.pop(0)
                 self._run_step(todo[name])
@@ -241,7 +246,9 @@ class JobRun:
         """
         lock = threading.Lock()
         work: queue.SimpleQueue[str | None] = queue.SimpleQueue()
-        loops = min(self.workers, len(todo))
+        # Async steps each hold a thread only to drive their own event loop:
+        # they do not count against `workers`, so all of them run at once.
+        loops = min(len(todo), self.workers + sum(d.is_async for d in todo.values()))
         errors: list[BaseException] = []
         in_flight = 0
 
@@ -373,13 +380,49 @@ class JobRun:
         """Run the handler between its two fault points; return its output and context update."""
         faults.point("handler_before_effect")
         try:
-            result = d.fn(ctx, sc) if d.timeout is None else self._call_with_timeout(d, ctx, sc)
+            if d.is_async:
+                result = self._call_async(d, ctx, sc)
+            else:
+                result = d.fn(ctx, sc) if d.timeout is None else self._call_with_timeout(d, ctx, sc)
         except Exception as exc:
             raise _HandlerRaised(exc) from exc
+        except asyncio.CancelledError as exc:  # a BaseException: the cancelled async attempt fails as such
+            raise _HandlerRaised(RuntimeError(f"the async handler was cancelled ({exc or 'job cancelled'})")) from exc
         faults.point("handler_after_effect")
         # A completion after this run lost its claim is refused by the fenced
         # write itself (LeaseLost), so no check is needed here.
         return self._result(d, result, box)
+
+    def _call_async(self, d: StepDef, ctx: BaseModel, sc: StepContext) -> Any:
+        """Run an ``async def`` handler to its end on an event loop of its own, in this thread.
+
+        This thread is the one that holds a transactional step's transaction,
+        so the handler's database writes belong to it. A cancel or a lost claim
+        (and its ``timeout``) cancel the handler's task.
+        """
+        attempt = AsyncAttempt()
+        with self._attempts_lock:
+            self._async_attempts.add(attempt)
+            if self.cancelled.is_set():
+                attempt.cancel()
+        try:
+            coro = d.fn(ctx, AsyncStepContext(sc))
+            if d.timeout is not None:
+                timeout = d.timeout
+
+                async def bounded() -> Any:
+                    try:
+                        return await asyncio.wait_for(coro, timeout)
+                    except asyncio.TimeoutError:
+                        sc.cancelled.set()
+                        log.step_timed_out(self.job.id, self.flow.name, d.name, sc.attempt, timeout)  # log
+                        raise TimeoutError(f"step {d.name!r} attempt {sc.attempt} timed out after {timeout:g}s") from None
+
+                return attempt.run(bounded())
+            return attempt.run(coro)
+        finally:
+            with self._attempts_lock:
+                self._async_attempts.discard(attempt)
 
     def _call_with_timeout(self, d: StepDef, ctx: BaseModel, sc: StepContext) -> Any:
         """Run the handler on a thread of its own and wait at most ``d.timeout`` seconds for it.

@@ -233,5 +233,12 @@ class JobHandle(Generic[C]):
             wait = 0.05 if deadline is None else max(0.0, min(0.05, deadline - time.monotonic()))
             engine._wait_for_an_end(wait)
 
+    async def result_async(self, timeout: float | None = None) -> JobStatus[C]:
+        """:meth:`result` for asyncio apps: never blocks the loop; cancelling the awaiting task leaves the job be."""
+        from .aio import result_async
+
+        status: JobStatus[C] = await result_async(self, timeout)
+        return status
+
 
 __all__ = ["JobHandle", "Worker"]

@@ -72,6 +72,7 @@ from .storage.errors import (
 from .storage.faults import POINTS, Crash, Injector, install
 
 from .context import StepContext
+from .aio import AsyncStepContext
 from .engine import Engine
 from .fsm import STEP
 from .substep import RunAborted
@@ -264,7 +265,18 @@ def _observing(flow: Workflow[Any], ledger: _Ledger) -> Iterator[_Ledger]:
                 raise
             ledger.exit(rec, completed=True)
             return result
-        flow.steps[name] = type(d)(**{**d.__dict__, "fn": wrapped})
+        async def awrapped(ctx: Any, step: AsyncStepContext, _fn: Callable[..., Any] = d.fn,
+                           _name: str = name) -> Any:
+            rec = ledger.enter(_name, step.attempt)
+            try:
+                result = await _fn(ctx, AsyncStepContext(_observe(step._sc, rec)))
+            except BaseException:
+                ledger.exit(rec, completed=False)
+                raise
+            ledger.exit(rec, completed=True)
+            return result
+
+        flow.steps[name] = type(d)(**{**d.__dict__, "fn": awrapped if d.is_async else wrapped})
     try:
         yield ledger
     finally:

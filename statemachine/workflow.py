@@ -6,9 +6,9 @@ import hashlib
 import inspect
 import json
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, overload
 
 from pydantic import BaseModel
 
@@ -16,11 +16,31 @@ from .storage.errors import DefinitionError
 
 if TYPE_CHECKING:
     from .context import StepContext
+    from .aio import AsyncStepContext
 
 C = TypeVar("C", bound=BaseModel)
 R = TypeVar("R")
 #: A sub-step handler as stored (its context type erased).
 Handler = Callable[..., Any]
+
+
+def is_async(fn: Any) -> bool:
+    """Whether ``fn`` is an ``async def`` handler (or an object whose ``__call__`` is one)."""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
+
+
+C_in = TypeVar("C_in", bound=BaseModel)
+
+
+class StepDecorator(Protocol[C_in]):
+    """What :meth:`Workflow.step` returns: it takes a sync or an ``async def`` handler of the right signature."""
+
+    @overload
+    def __call__(self, fn: Callable[[C_in, AsyncStepContext], Coroutine[Any, Any, R]]
+                 ) -> Callable[[C_in, AsyncStepContext], Coroutine[Any, Any, R]]: ...
+
+    @overload
+    def __call__(self, fn: Callable[[C_in, StepContext], R]) -> Callable[[C_in, StepContext], R]: ...
 
 
 @dataclass(frozen=True)
@@ -74,6 +94,8 @@ class StepDef:
     position: int
     #: Seconds an attempt may run before it fails as timed out (None: no limit).
     timeout: float | None = None
+    #: An ``async def`` handler (run on an event loop of its own per attempt; see walstate.aio).
+    is_async: bool = False
 
 
 #: A migration's context mapping: the old context as a dict -> the new one (a dict or the new model).
@@ -141,7 +163,7 @@ class Workflow(Generic[C]):
         transactional: bool = False,
         when: Callable[[C], bool] | None = None,
         timeout: float | None = None,
-    ) -> Callable[[Callable[[C, StepContext], R]], Callable[[C, StepContext], R]]:
+    ) -> StepDecorator[C]:
         """Decorator declaring a sub-step of ``phase``.
 
         The handler's signature is ``(ctx: C, step: StepContext) -> result``,
@@ -160,25 +182,27 @@ class Workflow(Generic[C]):
         recorded. Not allowed with ``transactional=True`` (the handler would
         hold the write transaction past its timeout).
 
-        ``async def`` handlers are refused until walstate supports them.
+        An ``async def`` handler receives an :class:`~walstate.aio.AsyncStepContext`
+        (``await step.once(...)``, ``await step.sleep(...)``, ``await
+        step.wait_for(...)``); see :mod:`walstate.aio`.
         """
         if phase not in self.phases:
             raise DefinitionError(f"workflow {self.name!r}: unknown phase {phase!r}; phases are {list(self.phases)}")
         if timeout is not None and not timeout > 0:
             raise DefinitionError(f"workflow {self.name!r}: step timeout must be > 0 seconds, not {timeout}")
         if timeout is not None and transactional:
+            # An async transactional step could be cancelled, but its writes would still
+            # hold the transaction until the cancellation reaches an await: keep one rule.
             raise DefinitionError(f"workflow {self.name!r}: a transactional step cannot have a timeout (its handler "
                                   "runs inside the write transaction, which a timeout cannot interrupt)")
 
-        def register(fn: Callable[[C, StepContext], R]) -> Callable[[C, StepContext], R]:
+        def register(fn: Any) -> Any:
             step_name: str = name or str(getattr(fn, "__name__", ""))
-            if inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None)):
-                raise DefinitionError(f"workflow {self.name!r}: step {step_name!r} is an async def handler; "
-                                      "walstate runs plain (sync) handlers only for now: make it a def")
             if step_name in self.steps:
                 raise DefinitionError(f"workflow {self.name!r}: step {step_name!r} is declared twice")
             self.steps[step_name] = StepDef(
-                step_name, phase, fn, retry or Retry(), tuple(after), transactional, when, len(self.steps), timeout
+                step_name, phase, fn, retry or Retry(), tuple(after), transactional, when, len(self.steps), timeout,
+                is_async(fn),
             )
             return fn
 

@@ -13,7 +13,7 @@ from .shapes import Effects, Shape, build
 
 def main(path: str) -> int:
     shape = Shape.from_json(os.environ["WALSTATE_SHAPE"])
-    flow = build(shape, Effects(os.environ["WALSTATE_EFFECTS"]))
+    flow = build(shape, Effects(os.environ["WALSTATE_EFFECTS"]), asynchronous=bool(os.environ.get("WALSTATE_ASYNC")))
     kill_at = os.environ.get("WALSTATE_KILL_AT")
     if kill_at:
         point, nth = kill_at.split(":")

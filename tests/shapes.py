@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import threading
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 from pydantic import BaseModel, create_model
 
 from walstate import Retry, StepContext, Workflow
+from walstate.aio import AsyncStepContext
 
 
 @dataclass(frozen=True)
@@ -107,8 +109,11 @@ class Effects:
             return Counter(line.split()[0] for line in f if line.strip())
 
 
-def build(shape: Shape, effects: Effects) -> Workflow[Any]:
-    """A workflow whose final context depends on every step's inputs, so a lost or stale context shows."""
+def build(shape: Shape, effects: Effects, asynchronous: bool = False) -> Workflow[Any]:
+    """A workflow whose final context depends on every step's inputs, so a lost or stale context shows.
+
+    ``asynchronous=True`` declares every handler ``async def`` (the same behaviour, awaited).
+    """
     fields: Any = {s.name: (int, 0) for s in shape.steps}
     model: type[BaseModel] = create_model("ShapeContext", **fields)
     flow = Workflow("shape", context=model, phases=[f"phase{p}" for p in range(shape.phases)])
@@ -129,6 +134,22 @@ def build(shape: Shape, effects: Effects) -> Workflow[Any]:
                 effects.record(step)
             return {spec.name: value}
 
+        async def ahandler(ctx: Any, step: AsyncStepContext, spec: StepShape = spec,
+                           inputs: list[str] = inputs) -> Any:
+            if spec.fail_forever or effects.failed_before(step.idempotency_key) < spec.fail_times:
+                effects.note_failure(step.idempotency_key)
+                raise RuntimeError(f"{spec.name} fails on purpose")
+            await asyncio.sleep(0)
+            value = 1 + sum(getattr(ctx, n) for n in inputs)
+            if spec.transactional:
+                step.execute("CREATE TABLE IF NOT EXISTS shape_effects (step TEXT)")
+                step.execute("INSERT INTO shape_effects VALUES (?)", (spec.name,))
+            elif spec.uses_once:
+                await step.once("external", lambda: effects.record(step._sc))
+            else:
+                effects.record(step._sc)
+            return {spec.name: value}
+
         flow.step(phase=f"phase{spec.phase}", name=spec.name, after=spec.after, transactional=spec.transactional,
-                  retry=Retry(max_attempts=3))(handler)
+                  retry=Retry(max_attempts=3))(ahandler if asynchronous else handler)
     return flow

@@ -88,9 +88,10 @@ def reference_run(tmp: Path, shape: Shape) -> Outcome:
     return run_shape(shape, Effects(), str(tmp / "reference.db"))
 
 
-def run_shape(shape: Shape, effects: Effects, path: str, plan: Sequence[Crash] = (), workers: int = 1) -> Outcome:
+def run_shape(shape: Shape, effects: Effects, path: str, plan: Sequence[Crash] = (), workers: int = 1,
+              asynchronous: bool = False) -> Outcome:
     # The context is an instance of this flow's own model: submit refuses another class's instance.
-    flow = build(shape, effects)
+    flow = build(shape, effects, asynchronous)
     return run_with_crashes(flow, flow.context(), path, plan, workers=workers)
 
 
@@ -110,12 +111,13 @@ def test_parallel_workers_resume_exactly_once_under_any_crash_plan(tmp_path_fact
     crash_and_check(tmp_path_factory, shape, plan, workers=3)
 
 
-def crash_and_check(tmp_path_factory: pytest.TempPathFactory, shape: Shape, plan: list[Crash], workers: int) -> None:
+def crash_and_check(tmp_path_factory: pytest.TempPathFactory, shape: Shape, plan: list[Crash], workers: int,
+                    asynchronous: bool = False) -> None:
     tmp = tmp_path_factory.mktemp("crash")
     reference = reference_run(tmp, shape)
     effects = Effects()
     path = str(tmp / "crashed.db")
-    outcome = run_shape(shape, effects, path, plan, workers=workers)
+    outcome = run_shape(shape, effects, path, plan, workers=workers, asynchronous=asynchronous)
     check_invariants(path, build(shape, Effects()), outcome.job_id, reference)
     check_effects(path, shape, outcome.job_id, effects.counts)
     TOTALS["in_process_examples"] += 1
@@ -130,16 +132,16 @@ SWEEP_SHAPE = Shape(2, (
 SWEEP_POSITIONS = 95
 
 
-def sweep(tmp_path: Path, shape: Shape = SWEEP_SHAPE) -> int:
+def sweep(tmp_path: Path, shape: Shape = SWEEP_SHAPE, asynchronous: bool = False) -> int:
     """Crash at every reachable (fault point, hit) of ``shape``, resume, check; return positions covered."""
     counter = Injector()
     with counter:
-        reference = run_shape(shape, Effects(), str(tmp_path / "ref.db"))
+        reference = run_shape(shape, Effects(), str(tmp_path / "ref.db"), asynchronous=asynchronous)
     positions = [(point, n) for point in POINTS for n in range(1, counter.hits[point] + 1)]
     for point, n in positions:
         effects = Effects()
         path = str(tmp_path / f"{point}-{n}.db")
-        outcome = run_shape(shape, effects, path, [Crash(point, n)])
+        outcome = run_shape(shape, effects, path, [Crash(point, n)], asynchronous=asynchronous)
         assert outcome.crashes == 1, f"crash at {point}#{n} was not reached"
         check_invariants(path, build(shape, Effects()), outcome.job_id, reference)
         # once() may repeat its call only when the crash fell between the call and its record.
@@ -155,8 +157,32 @@ def test_a_crash_at_every_reachable_position_of_a_fixed_workflow_resumes_exactly
     assert sweep(tmp_path) == SWEEP_POSITIONS
 
 
-def spawn(shape: Shape, db: str, effects: str, crash: Crash | None) -> subprocess.Popen[bytes]:
+#: SWEEP_SHAPE with each phase's steps chained by `after`: async steps of a phase all run at
+#: once (they do not count against `workers`), so only a chain keeps the hit counts of a
+#: crash-free run the same from one run to the next.
+ASYNC_SWEEP_SHAPE = Shape(2, (
+    StepShape("p0s0", 0), StepShape("p0s1", 0, ("p0s0",), uses_once=True), StepShape("p0s2", 0, ("p0s1",), fail_times=1),
+    StepShape("p1s0", 1, transactional=True), StepShape("p1s1", 1, ("p1s0",)), StepShape("p1s2", 1, ("p1s1",)),
+))
+
+
+def test_the_sweep_holds_with_async_handlers_too(tmp_path: Path) -> None:
+    assert sweep(tmp_path, ASYNC_SWEEP_SHAPE, asynchronous=True) == SWEEP_POSITIONS
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow], database=None,
+          max_examples=PARALLEL_EXAMPLES)
+@given(shape=shapes(), plan=crash_plans(max_hit=12))
+def test_async_handlers_of_any_shape_resume_exactly_once_under_any_crash_plan(
+        tmp_path_factory: pytest.TempPathFactory, shape: Shape, plan: list[Crash]) -> None:
+    crash_and_check(tmp_path_factory, shape, plan, workers=3, asynchronous=True)
+
+
+def spawn(shape: Shape, db: str, effects: str, crash: Crash | None,
+          asynchronous: bool = False) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WALSTATE_SHAPE": shape.to_json(), "WALSTATE_EFFECTS": effects}
+    if asynchronous:
+        env["WALSTATE_ASYNC"] = "1"
     if crash is not None:
         env["WALSTATE_KILL_AT"] = f"{crash.point}:{crash.nth}"
     return subprocess.Popen([sys.executable, "-m", "tests.proc_shape", db], cwd=ROOT, env=env,
@@ -169,12 +195,26 @@ def spawn(shape: Shape, db: str, effects: str, crash: Crash | None) -> subproces
 @given(shape=shapes(max_phases=3, max_steps=4), plan=crash_plans(max_hit=10, max_crashes=2))
 def test_a_child_killed_by_sigkill_at_any_point_is_resumed_exactly_once(tmp_path_factory: pytest.TempPathFactory,
                                                                         shape: Shape, plan: list[Crash]) -> None:
+    sigkill_and_check(tmp_path_factory, shape, plan)
+
+
+@pytest.mark.slow
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow], database=None,
+          max_examples=max(2, SIGKILL_EXAMPLES // 2))
+@given(shape=shapes(max_phases=3, max_steps=4), plan=crash_plans(max_hit=10, max_crashes=2))
+def test_a_child_with_async_handlers_killed_by_sigkill_is_resumed_exactly_once(
+        tmp_path_factory: pytest.TempPathFactory, shape: Shape, plan: list[Crash]) -> None:
+    sigkill_and_check(tmp_path_factory, shape, plan, asynchronous=True)
+
+
+def sigkill_and_check(tmp_path_factory: pytest.TempPathFactory, shape: Shape, plan: list[Crash],
+                      asynchronous: bool = False) -> None:
     tmp = tmp_path_factory.mktemp("kill")
     reference = reference_run(tmp, shape)
     db, effects_file = str(tmp / "jobs.db"), str(tmp / "effects.log")
     kills = 0
     for crash in [*plan, None]:
-        child = spawn(shape, db, effects_file, crash)
+        child = spawn(shape, db, effects_file, crash, asynchronous)
         _, err = child.communicate(timeout=120)
         if child.returncode == -signal.SIGKILL:
             kills += 1

@@ -22,6 +22,10 @@ def test_the_readme_waits_example_runs() -> None:
     exec(compile(next(b for b in BLOCKS if "wait_for" in b), "README.md", "exec"), {"__name__": "readme"})
 
 
+def test_the_readme_async_example_runs() -> None:
+    exec(compile(next(b for b in BLOCKS if "start_async" in b), "README.md", "exec"), {"__name__": "readme"})
+
+
 def test_the_readme_backfill_example_writes_once(tmp_path: Path) -> None:
     scope: dict[str, object] = {"__name__": "readme"}
     exec(compile(next(b for b in BLOCKS if "guarded_update" in b), "README.md", "exec"), scope)
