@@ -297,6 +297,11 @@ class Engine:
     def run(self, job_id: int) -> JobStatus[Any]:
         """Run (or resume) job ``job_id`` to its end and return its status.
 
+        If its steps wait (``step.sleep``, ``step.wait_for``) before the end,
+        it returns when the job *parks* (state ``running``, those sub-steps
+        ``waiting``): a worker, or a later ``run``/``recover`` once it is due,
+        resumes it. ``JobHandle.result`` waits for the end instead.
+
         Every run starts with one claim of the job that bumps its claim epoch;
         all its writes are fenced by it. If this engine is already running the
         job (another thread called ``run``), this call starts no second
@@ -307,8 +312,9 @@ class Engine:
         :class:`LeaseLost` if this run lost its claim to another,
         :class:`EngineClosed` if the engine was closed during the run (the
         job is released for another run), and, before claiming anything,
-        :class:`DefinitionError` or :class:`ContextInvalid` when the job
-        cannot run on this engine's definition.
+        :class:`DefinitionError` (:class:`VersionNotRegistered` among them),
+        :class:`ContextInvalid` or :class:`MigrationRefused` when the job
+        cannot run on this engine's definitions.
         """
         if self.store.db.transaction_depth() > 0:
             raise UsageError(
