@@ -133,8 +133,8 @@ class JobRun:
             if self.stop.is_set():
                 break
             self._run_phase(phase)
-            if any(s.state == "waiting" for s in self.steps.values()):
-                break  # the phase is not over: the job parks until a wait is due
+            if any(self.steps[d.name].state == "waiting" for d in self.flow.phase_steps(phase)):
+                break  # this phase is not over: the job parks until a wait of it is due
         if "lost" in self.reasons:
             raise LeaseLost(f"{self.store.path}: {self._where}: this run lost its claim on the job (another run "
                             "took it over after its lease expired); it stopped and wrote nothing more")

@@ -310,3 +310,22 @@ def test_two_worker_processes_with_one_schedule_make_exactly_one_job_per_slot(db
             p.wait(30)
     assert len(keys) == len(set(keys))  # one job per slot, though both processes ran the schedule
     assert os.path.exists(db_path)
+
+
+def test_a_wait_in_a_later_phase_gets_a_message_sent_after_the_job_parked(db_path: str) -> None:
+    # Found by a new user: a run woken for a wait of phase 2 stopped after phase 1 (a step
+    # of phase 2 was waiting) and parked again at once, thousands of times a second.
+    flow = Workflow("w", context=Ctx, phases=["first", "second"])
+    flow.step(phase="first", name="prepare")(lambda ctx, step: {"n": 1})
+    flow.step(phase="second", name="charge")(lambda ctx, step: {"paid": step.wait_for("paid")})
+    with Engine(db_path) as e:
+        e.register(flow)
+        handle = e.start(flow, Ctx())
+        deadline = time.monotonic() + 10
+        while e.store.read.job(handle.id).wake_at is None:  # parked, waiting for "paid"
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        e.send(handle.id, "paid", "ch_9")
+        assert handle.result(timeout=10).context.paid == "ch_9"
+        claims = [r for r in e.history(handle.id) if r.step is None and r.note == "claimed"]
+        assert len(claims) <= 3  # claimed, parked, claimed again: no claim-park loop
