@@ -80,7 +80,7 @@ def _blocker(spec: str | None, db: str) -> Callable[[Store, JobRow], tuple[str, 
     elif isinstance(app, Engine):
         registry = app._registry
     elif callable(app):
-        engine = app(db)
+        engine = _call_factory(app, spec, db)
         if not isinstance(engine, Engine):
             raise ConfigurationError(f"{spec} is neither an Engine, a Workflow nor a factory taking the database path")
         registry = engine._registry
@@ -284,11 +284,23 @@ def _load_app(spec: str) -> Any:
         raise ConfigurationError(f"module {module_name!r} has no attribute {attr!r}") from None
 
 
+def _call_factory(factory: Callable[[str], Any], spec: str, db: str) -> Any:
+    """Call an app's engine factory with the database path; its failure is one clear error, not a traceback."""
+    try:
+        return factory(db)
+    except WalstateError:
+        raise
+    except Exception as exc:
+        raise ConfigurationError(f"{spec}: calling it with the database path ({db}) failed: "
+                                 f"{type(exc).__name__}: {exc}; --app takes an Engine, a Workflow, or a factory "
+                                 "taking the database path") from exc
+
+
 def _app_engine(args: argparse.Namespace) -> Any:
     from .engine import Engine
 
     app = _load_app(args.app)
-    engine = app if isinstance(app, Engine) else app(args.db) if callable(app) else None
+    engine = app if isinstance(app, Engine) else _call_factory(app, args.app, args.db) if callable(app) else None
     if not isinstance(engine, Engine):
         raise ConfigurationError(f"{args.app} is neither an Engine nor a factory taking the database path")
     if os.path.realpath(engine.path) != os.path.realpath(args.db):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -36,6 +37,7 @@ from .storage.errors import (
     UnknownJob,
     UsageError,
     VersionNotRegistered,
+    WalstateError,
 )
 from .runtime import JobHandle, Worker
 from .schedules import Missed, Schedule
@@ -498,6 +500,10 @@ class Engine:
             if self._closing or active.stop:
                 run.signal("close")
             outcome = run.execute()
+        except LeaseLost:
+            if "shutdown" not in run.reasons:
+                raise
+            outcome = "released"  # the engine released it when its grace ran out
         finally:
             self._heartbeat.remove(claim)
         if outcome == "parked":
@@ -687,6 +693,22 @@ class Engine:
         self._row(job_id)
         return JobHandle(self, job_id)
 
+    def _force_release(self, job_id: int, active: _Active) -> None:
+        """Shutdown's grace is over and the run still has steps in flight: release its claim now.
+
+        Its handlers see ``step.cancelled``; whatever they do later is fenced
+        off (the claim is gone), and the steps cut short are retried, journalled
+        as interrupted, by the run that takes the job next.
+        """
+        run = active.run
+        if run is None:
+            return
+        run.signal("shutdown")
+        owner, epoch = run.job.owner, run.job.epoch
+        if owner is not None and self.store.write.release(
+                job_id, owner, epoch, "released: shut down before its steps in flight finished"):
+            log.job_left_alone(job_id, run.flow.name, "released at shutdown with steps in flight")  # log
+
     def _finished(self, row: JobRow) -> JobStatus[Any]:
         status = self._status(row)
         if row.state == "failed":
@@ -873,13 +895,17 @@ class Engine:
         if worker is not None:
             worker.stop(drain=False, grace=grace)
         with self._active_lock:
-            actives = list(self._active.values())
+            actives = list(self._active.items())
         me = threading.get_ident()
-        for active in actives:
+        for _, active in actives:
             active.halt()
-        for active in actives:
+        for _, active in actives:
             if active.thread != me:
                 active.done.wait(max(0.0, deadline - time.monotonic()))
+        for job_id, active in actives:
+            if not active.done.is_set() and active.thread != me:
+                with contextlib.suppress(WalstateError):  # the file may be failing: its lease expires anyway
+                    self._force_release(job_id, active)
         self._heartbeat.close()
         self._threads.close()
         self.store.close()

@@ -91,9 +91,10 @@ class JobRun:
         self._merger = context_merger(flow.context, self._where)
 
     def signal(self, reason: str) -> None:
-        """Tell the run to stop: ``"cancel"``, ``"lost"`` (its claim) or ``"close"`` (the engine)."""
+        """Tell the run to stop: ``"cancel"``, ``"lost"`` (its claim), ``"close"`` (the engine: after the
+        steps in flight) or ``"shutdown"`` (the engine's grace is over: its claim is being released)."""
         self.reasons.add(reason)
-        if reason in ("cancel", "lost"):
+        if reason in ("cancel", "lost", "shutdown"):
             with self._attempts_lock:
                 self.cancelled.set()
                 for event in self._attempts:

@@ -117,6 +117,15 @@ class Worker:
         for active in actives:
             active.halt()
         self._wait_idle(deadline)
+        # Grace is over: what still runs is released now (its handlers are told;
+        # its steps in flight are retried by the next run, journalled as interrupted).
+        with self._cv:
+            left = list(self._inflight.items())
+        for job_id, active in left:
+            try:
+                self.engine._force_release(job_id, active)
+            except Exception as exc:  # a failing file: the lease expires anyway
+                log.worker_error(exc)  # log
 
     def _wait_idle(self, deadline: float) -> None:
         with self._cv:

@@ -257,3 +257,12 @@ def test_every_option_of_every_command_has_help_text() -> None:
 
     walk(parser(), "walstate")
     assert seen > 40
+
+
+def test_an_app_factory_that_fails_is_one_line_error_not_a_traceback(tmp_path: Path) -> None:
+    (tmp_path / "badapp.py").write_text("def make(a, b):\n    return None\n")
+    db = str(tmp_path / "x.db")
+    done = subprocess.run([str(Path(sys.executable).parent / "walstate"), "jobs", db, "--app", "badapp:make"],
+                          capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "badapp:make" in done.stderr

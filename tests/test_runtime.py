@@ -293,3 +293,36 @@ def test_run_of_a_job_this_engines_worker_is_claiming_waits_for_it_instead_of_ra
             for i in range(40):
                 job = e.submit(flow, Ctx(n=i))  # wakes the worker: it and run() race for the job
                 assert e.run(job).state == "succeeded"
+
+
+def test_a_step_still_running_when_the_grace_runs_out_is_released_and_retried_elsewhere(db_path: str) -> None:
+    # Found by a new user: `walstate worker --grace 1` exited with the job still owned by the
+    # dead worker (another host would have waited for the lease to expire).
+    entered, told = threading.Event(), threading.Event()
+    flow = Workflow("w", context=Ctx, phases=["p"])
+
+    @flow.step(phase="p")
+    def long(ctx: Ctx, step: StepContext) -> dict[str, int]:
+        entered.set()
+        if step.attempt == 1:
+            if step.cancelled.wait(10):
+                told.set()
+            time.sleep(0.2)  # returns after the release: its completion must be refused
+        return {"n": step.attempt}
+
+    with Engine(db_path) as e:
+        e.register(flow)
+        handle = e.start(flow, Ctx())
+        assert entered.wait(10)
+        e.stop_worker(drain=False, grace=0.2)
+        assert told.wait(5)
+        row = e.store.read.job(handle.id)
+        assert row.owner is None and row.state == "running"
+        assert "shut down before its steps in flight finished" in (e.history(handle.id)[-1].note or "")
+        time.sleep(0.4)  # the cut-short handler has returned by now
+        assert e.store.read.steps(handle.id)[0].state == "running"  # its late completion was refused
+    with Engine(db_path) as other:
+        other.register(flow)
+        with other.start_worker(1):
+            assert other.handle(handle.id).result(timeout=10).context.n == 2
+        assert [r.note for r in other.history(handle.id, "long") if r.to_state == "retrying"] == ["interrupted"]
