@@ -102,9 +102,9 @@ T = TypeVar("T")
 DATABASE_ID = "crash-test"
 
 #: What a :class:`Race` can start at a fault point.
-RACES: tuple[str, ...] = ("run", "recover", "recover_process", "cancel", "retry")
+RACES: tuple[str, ...] = ("run", "recover", "recover_process", "cancel", "retry", "worker")
 
-RaceAction = Literal["run", "recover", "recover_process", "cancel", "retry"]
+RaceAction = Literal["run", "recover", "recover_process", "cancel", "retry", "worker"]
 
 
 class InvariantViolation(AssertionError):
@@ -122,8 +122,9 @@ class Race:
     ``Engine.cancel``; once the job has ended cancelled, the harness retries
     it (``Engine.retry``) and runs it to its end, as an operator would.
     ``"retry"``: an operator's ``Engine.retry`` while the job runs (refused;
-    it must disturb nothing). The run does not wait for the racer, except for
-    it to start.
+    it must disturb nothing). ``"worker"``: a worker of another engine of this
+    process (the job runtime) that claims whatever it may, until the job
+    ends. The run does not wait for the racer, except for it to start.
     """
 
     action: RaceAction
@@ -405,6 +406,17 @@ class _Racers:
             engine.cancel(self.job_id)
         elif race.action == "retry":
             engine.retry(self.job_id)
+        elif race.action == "worker":
+            other = self.make_engine()
+            try:
+                with other.start_worker(1, poll=0.005):
+                    deadline = time.monotonic() + 10
+                    while other.status(self.job_id).state not in ("succeeded", "failed", "cancelled"):
+                        if time.monotonic() > deadline:
+                            break
+                        time.sleep(0.005)
+            finally:
+                other.close()
 
     def join(self, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
@@ -414,10 +426,46 @@ class _Racers:
                 self.errors.append(f"{thread.name} did not finish within {timeout:g}s")
 
 
+class _Clock:
+    """The wall clock of a crash-test run's engines, which the harness moves forward past timers.
+
+    It follows real time plus an offset; a durable sleep is made due by
+    advancing the offset, so a crash test never sleeps.
+    """
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+    def advance_to(self, when: float) -> None:
+        self.offset += max(0.0, when - self())
+
+
+def _drive_waits(e: Engine, job_id: int, messages: Mapping[str, Any], clock: _Clock) -> bool:
+    """A parked job: send the message each waiting step waits for, or move the clock to its wake-up.
+
+    Returns whether anything was done (so the job can go on). Messages are
+    sent with a fixed key per topic, so sending again after a crash stores nothing.
+    """
+    moved = False
+    for step in e.store.read.steps(job_id):
+        if step.state != "waiting":
+            continue
+        if step.wait_topic is not None and step.wait_topic in messages:
+            e.send(job_id, step.wait_topic, messages[step.wait_topic], key=f"crash-test:{step.wait_topic}")
+            moved = True
+        elif step.wake_at is not None and step.wake_at != float("inf"):
+            clock.advance_to(step.wake_at)
+            moved = True
+    return moved
+
+
 def run_with_crashes(flow: Workflow[Any], context: BaseModel, path: str, plan: Sequence[Fault] = (),
                      *, workers: int = 1, make_engine: Callable[[str], Engine] | None = None,
                      database_id: str | None = DATABASE_ID, template: str | None = None,
-                     flow_spec: str | None = None) -> Outcome:
+                     flow_spec: str | None = None, messages: Mapping[str, Any] | None = None) -> Outcome:
     """Submit one job and run it under ``plan``: each crash kills the run, a fresh engine recovers.
 
     Faults that the run never reaches are skipped (the plan only says where a
@@ -425,11 +473,17 @@ def run_with_crashes(flow: Workflow[Any], context: BaseModel, path: str, plan: S
     :data:`DATABASE_ID`). Returns the final outcome; raises nothing for a job
     that ends failed. ``flow_spec`` (``"module:attr"``) is needed for
     ``recover_process`` races only.
+
+    Durable waits: when the job parks, a step waiting for a topic of
+    ``messages`` is sent that message (once per topic), and a sleeping step's
+    wake-up time is reached by moving the run's clock forward (no real sleep).
     """
     _new_file(path, database_id, template)
+    clock = _Clock()
+    messages = dict(messages or {})
 
     def engine() -> Engine:
-        e = make_engine(path) if make_engine else Engine(path, workers=workers, sync_interval=None)
+        e = make_engine(path) if make_engine else Engine(path, workers=workers, sync_interval=None, clock=clock)
         e.register(flow)
         return e
 
@@ -464,12 +518,16 @@ def run_with_crashes(flow: Workflow[Any], context: BaseModel, path: str, plan: S
                 except (JobFailed, JobCancelled, JobOwned, EngineClosed, LeaseLost):
                     # JobOwned/EngineClosed/LeaseLost: a racer holds or took the job; settled below.
                     pass
+                if (e.status(job_id).state not in ("succeeded", "failed", "cancelled")
+                        and _drive_waits(e, job_id, messages, clock)):
+                    first = False
+                    continue  # parked: its waits are now due; run it again (through recovery)
                 break
         finally:
             if plan:
                 install(None)
         racers.join()
-        e = _settle(e, engine, job_id, racers)
+        e = _settle(e, engine, job_id, racers, lambda e: _drive_waits(e, job_id, messages, clock))
         status = e.status(job_id)
         e.close()
     return Outcome(job_id, status.state, status.context, {n: s.state for n, s in status.steps.items()},
@@ -477,10 +535,11 @@ def run_with_crashes(flow: Workflow[Any], context: BaseModel, path: str, plan: S
                    len(racers.threads), racers.errors, tuple(plan))
 
 
-def _settle(e: Engine, engine: Callable[[], Engine], job_id: int, racers: _Racers) -> Engine:
+def _settle(e: Engine, engine: Callable[[], Engine], job_id: int, racers: _Racers,
+            drive: Callable[[Engine], bool] = lambda e: False) -> Engine:
     """With every racer done: the operator retries a job their cancel ended, and an unfinished job is recovered."""
     retried = False
-    for _ in range(5):
+    for _ in range(20):
         state = e.status(job_id).state
         # A cancel cut short by a crash leaves the job failed (its steps cancelled) rather than
         # cancelled: the operator retries it all the same.
@@ -490,9 +549,11 @@ def _settle(e: Engine, engine: Callable[[], Engine], job_id: int, racers: _Racer
         elif state in ("succeeded", "failed", "cancelled"):
             return e
         else:
-            # A racer crashed or closed its run: as after any crash, a fresh engine recovers.
+            # A racer crashed or closed its run, or the job parked: as after any crash, a
+            # fresh engine recovers it (its waits made due first).
             e.close()
             e = engine()
+            drive(e)
             e.recover()
         try:
             e.run(job_id)
@@ -785,8 +846,12 @@ def crash_test(flow: Workflow[Any] | str, context: BaseModel, directory: str | o
                compare: Sequence[str] | Callable[[Any, Any], bool] | None = None,
                tables: Sequence[str] | None = None, strict: bool = False,
                plans: Sequence[Sequence[Fault]] | None = None, seed: int | None = None,
-               database_id: str = DATABASE_ID) -> CrashReport:
+               database_id: str = DATABASE_ID, messages: Mapping[str, Any] | None = None) -> CrashReport:
     """Run ``flow`` under Hypothesis-chosen crash and race plans and check every invariant after each.
+
+    ``messages`` maps a topic to the payload sent when a step waits for it
+    (``step.wait_for``); durable sleeps are reached by moving the run's clock,
+    so waiting workflows are crash-tested without sleeping.
 
     ``flow`` is a :class:`Workflow` or its ``"module:attr"``. Each example
     checks :func:`check_invariants` against a crash-free reference run (same
@@ -847,7 +912,7 @@ def crash_test(flow: Workflow[Any] | str, context: BaseModel, directory: str | o
     # message points), so no example is spent on a crash that cannot happen.
     with Injector() as reach:
         reference = run_with_crashes(flow, context, ref_path, workers=workers, database_id=database_id,
-                                     template=template_arg)
+                                     template=template_arg, messages=messages)
     points = [p for p in points if reach.hits[p]] or list(points)
     ref_rows = app_rows(ref_path, tables)
     counter = iter(range(1 << 30))
@@ -862,7 +927,8 @@ def crash_test(flow: Workflow[Any] | str, context: BaseModel, directory: str | o
                                        workers=workers, database_id=database_id, template=template_arg)
         else:
             outcome = run_with_crashes(wf, context, path, plan, workers=workers, database_id=database_id,
-                                       template=template_arg, flow_spec=spec if "recover_process" in races else None)
+                                       template=template_arg, flow_spec=spec if "recover_process" in races else None,
+                                       messages=messages)
         report.examples += 1
         report.crashes += outcome.crashes
         report.races += outcome.races

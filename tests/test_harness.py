@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -185,3 +186,43 @@ def test_a_cancel_cut_short_by_a_crash_then_retried_ends_as_a_crash_free_run(tmp
 
     crash_test(registration(), Onboarding(tenant="t1"), tmp_path, plans=[[
         Race("run", "before_begin", 1), Race("cancel", "before_begin", 1), Crash("before_begin", 4)]])
+
+
+def test_the_harness_crash_tests_a_workflow_that_sleeps_and_waits_for_a_message_without_sleeping(
+        tmp_path: Path) -> None:
+    import time as _time
+
+    flow = Workflow("waits", context=Order, phases=["one", "two"])
+
+    @flow.step(phase="one")
+    def nap(ctx: Order, step: StepContext) -> None:
+        step.sleep(3600)  # an hour: reached by moving the run's clock, not by sleeping
+
+    @flow.step(phase="two")
+    def hook(ctx: Order, step: StepContext) -> dict[str, Any]:
+        step.wait_for("confirmed")
+        return {"emailed": True}
+
+    started = _time.monotonic()
+    report = crash_test(flow, Order(), tmp_path, max_examples=15, seed=3, races=(),
+                        messages={"confirmed": {"ok": True}})
+    assert report.crashes > 0
+    assert _time.monotonic() - started < 60
+
+
+def test_a_worker_racing_the_run_never_runs_a_step_twice(tmp_path: Path) -> None:
+    flow = Workflow("raced", context=Order, phases=["one", "two"])
+    calls = Counter[str]()
+
+    @flow.step(phase="one", transactional=True)
+    def book(ctx: Order, step: StepContext) -> None:
+        step.execute("CREATE TABLE IF NOT EXISTS booked (customer TEXT)")
+        step.execute("INSERT INTO booked VALUES (?)", (ctx.customer,))
+
+    @flow.step(phase="two")
+    def email(ctx: Order, step: StepContext) -> dict[str, Any]:
+        step.once("send", lambda: calls.update(["send"]) or True)
+        return {"emailed": True}
+
+    report = crash_test(flow, Order(), tmp_path, max_examples=25, seed=7, races=("worker",))
+    assert report.races > 0 and report.repeated_effects == {}
