@@ -84,6 +84,8 @@ class JobRun:
         self._ctx_text = context_text
         self._ctx_seq = 0
         self._merge_seq = 0
+        #: The sequential loop's ready steps (None outside it): see _chained.
+        self._chain: list[str] | None = None
         self._where = f"job {job.id} ({flow.name})"
         self._merger = context_merger(flow.context, self._where)
 
@@ -224,10 +226,16 @@ class JobRun:
                     ready.append(dep)
 
         if self.threads is None or self.workers < 2:
-            while ready and not self.stop.is_set():
-                name = ready.pop(0)
-                self._run_step(todo[name])
-                settle(name)
+            # A step's success may start the next ready one in the same commit
+            # (see _chained): that one is in flight and runs even if told to stop.
+            self._chain = ready
+            try:
+                while ready and (not self.stop.is_set() or self.steps[ready[0]].state == "running"):
+                    name = ready.pop(0)
+                    self._run_step(todo[name])
+                    settle(name)
+            finally:
+                self._chain = None
             return
         self._run_parallel(todo, ready, settle)
 
@@ -318,7 +326,8 @@ class JobRun:
         # when() decides once, before the first attempt; if it raises, that is
         # a failed attempt and it is asked again before the next one.
         decide = step.state == "pending" and d.when is not None
-        while not self.stop.is_set():
+        # A step started with its predecessor's success is in flight: its attempt runs.
+        while step.state == "running" or not self.stop.is_set():
             ctx = self.context()
             if decide and d.when is not None:
                 try:
@@ -349,7 +358,7 @@ class JobRun:
                     step.succeed(effect=effect)
                 else:
                     output, patch = self._call(d, ctx, sc, box)
-                    step.succeed(output=output, context=patch)
+                    step.succeed(output=output, context=patch, then=self._chained())
                 self._adopt(box)
                 return
             except _HandlerRaised as raised:
@@ -367,6 +376,22 @@ class JobRun:
             finally:
                 with self._attempts_lock:
                     self._attempts.discard(cancelled)
+
+    def _chained(self) -> SubStep | None:
+        """The step the sequential loop runs next, to start in the same commit as this success; None if none.
+
+        Only a ``pending`` step without a ``when()`` condition qualifies (its
+        start is all its attempt writes before the handler), and only while
+        the run goes on: crashing after that commit leaves it ``running``,
+        exactly as a crash right after its own start commit would.
+        """
+        chain = self._chain
+        if not chain or self.stop.is_set():
+            return None
+        step = self.steps[chain[0]]
+        if step.state != "pending" or self.flow.steps[step.name].when is not None:
+            return None
+        return step
 
     def _call(self, d: StepDef, ctx: BaseModel, sc: StepContext,
               box: list[tuple[int, str]]) -> tuple[str | None, ContextPatch | None]:
