@@ -437,3 +437,18 @@ def test_a_sequential_run_commits_each_success_together_with_the_start_of_the_ne
                                                      (f"s{i}", "running", "succeeded", 1))],
                      (None, "running", "succeeded", 0)]
     e.close()
+
+
+def test_a_success_in_an_after_chain_commits_together_with_the_start_of_the_step_it_unlocks(db_path: str) -> None:
+    flow = Workflow("chain", context=Ctx, phases=["p"])
+    for i in range(5):
+        flow.step(phase="p", name=f"s{i}", after=[f"s{i - 1}"] if i else [])(lambda ctx, step: None)
+    e = engine_for(db_path, flow, workers=1)
+    job = e.submit(flow, Ctx())
+    before = e.store.write.batches
+    e.run(job)
+    # As in a phase of independent steps: the first start, five successes, the job's end.
+    assert e.store.write.batches - before == 7
+    assert [(r.step, r.to_state) for r in e.history(job)][1:-1] == [
+        (f"s{i}", state) for i in range(5) for state in ("running", "succeeded")]
+    e.close()
