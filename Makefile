@@ -32,7 +32,7 @@ typecheck: $(VENV)/.installed-test
 	$(PY) -m mypy
 
 bench: $(VENV)/.installed-test
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]' || \
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,bench]' --config-settings editable_mode=strict || \
 	  echo "bench extra (dbos, matplotlib) not installed: peer figures and the chart are skipped"
 	$(PY) -m benchmarks
 

@@ -478,11 +478,17 @@ class Engine:
             if claimed is None:
                 raise JobOwned(f"{self.path}: job {job_id} was claimed by another run just now")
             log.job_claimed(job_id, row.workflow, row.owner)  # log: a takeover when row.owner is set
-            return self._execute(flow, job_id, row.state, claimed, active, owner)
+            status = self._execute(flow, job_id, row.state, claimed, active, owner)
+            assert status is not None
+            return status
 
     def _execute(self, flow: Workflow[Any], job_id: int, prior_state: str, claimed: Claimed, active: _Active,
-                 owner: str) -> JobStatus[Any]:
-        """Run a job this engine has just claimed (the caller holds its LiveRun mark) to its end."""
+                 owner: str, report: bool = True) -> JobStatus[Any] | None:
+        """Run a job this engine has just claimed (the caller holds its LiveRun mark) to its end.
+
+        Returns its status (raising JobFailed/JobCancelled as ``run`` does), or None without
+        reading it back when not ``report`` (a worker's run: nobody waits for that status).
+        """
         job = LiveJob(job_id, flow.name, "running", owner, self.store.write, claimed.epoch)
         steps = {r.name: SubStep(job, r) for r in claimed.steps}
         if prior_state == "pending":  # log
@@ -519,6 +525,8 @@ class Engine:
                                "unfinished steps are left for another run")
         log.job_ended(job_id, flow.name, job.state,  # log
                       None if job.state == "succeeded" else self._row(job_id).error)
+        if not report:
+            return None
         return self._finished(self._row(job_id))
 
     # -- the runtime -------------------------------------------------------------
@@ -572,7 +580,7 @@ class Engine:
                 self._migrate(self._row(job_id), plan)
                 return
             flow = plan.flow
-            self._execute(flow, job_id, prior_state, claimed, active, owner)
+            self._execute(flow, job_id, prior_state, claimed, active, owner, report=False)
         except (JobFailed, JobCancelled, EngineClosed):
             pass  # the job's outcome is in the database
         except LeaseLost as exc:

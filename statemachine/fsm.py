@@ -3,7 +3,8 @@
 Building a ``transitions.Machine`` costs about half a millisecond, and adding a
 model to one binds a dozen methods to it, so walstate builds **one** machine
 per definition (one for sub-steps, one for jobs) with no models attached and
-drives plain objects through ``machine.events[trigger].trigger(obj)``. Objects
+drives plain objects through the machine's ``Transition.execute`` (see
+``Definition._execute``). Objects
 restored from the database just get their ``state`` attribute set: no
 enter/exit callback runs on load.
 
@@ -120,7 +121,7 @@ class Definition:
                 trigger=trigger,
             )
         try:
-            moved = bool(self.machine.events[trigger].trigger(obj, **data))
+            moved = self._execute(obj, trigger, state, data)
         except MachineError as exc:  # pragma: no cover - the table above mirrors the machine
             raise InvalidTransition(f"{obj._describe()}: {exc.value}", state=state, trigger=trigger) from exc
         except WalstateError as exc:
@@ -128,6 +129,25 @@ class Definition:
             raise
         log.transition(obj, trigger, state, obj.state)  # log: each committed transition (DEBUG)
         return moved
+
+
+    def _execute(self, obj: Durable, trigger: str, state: str, data: Mapping[str, Any]) -> bool:
+        """Run the machine's transition of ``trigger`` from ``state`` on ``obj``; whether it moved.
+
+        What ``Event.trigger`` does, less its queueing and its machine-wide
+        prepare/finalize/exception callbacks (none are configured here) and
+        its source check (done by :meth:`fire`): ``Transition.execute`` still
+        runs the ``before_state_change`` hook (the write) and then changes
+        the state, so a failed write leaves the state as it was.
+        """
+        machine = self.machine
+        event = machine.events[trigger]
+        event_data = EventData(machine.get_state(state), event, machine, obj, (), dict(data))
+        for transition in event.transitions[state]:
+            event_data.transition = transition
+            if transition.execute(event_data):
+                return True
+        return False
 
 
 Persist = Callable[[str, str, str, Mapping[str, Any]], None]

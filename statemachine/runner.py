@@ -87,6 +87,8 @@ class JobRun:
         self._ctx_text = context_text
         self._ctx_seq = 0
         self._merge_seq = 0
+        #: The sequential loop's ready steps, dependents and unmet counts (None outside it): see _chained.
+        self._chain: tuple[list[str], dict[str, list[str]], dict[str, int]] | None = None
         self._where = f"job {job.id} ({flow.name})"
         self._merger = context_merger(flow.context, self._where)
 
@@ -230,10 +232,16 @@ class JobRun:
                     ready.append(dep)
 
         if self.threads is None or min(len(todo), self.workers + sum(d.is_async for d in todo.values())) < 2:
-            while ready and not self.stop.is_set():
-                name = ready.pop(0)
-                self._run_step(todo[name])
-                settle(name)
+            # A step's success may start the next ready one in the same commit
+            # (see _chained): that one is in flight and runs even if told to stop.
+            self._chain = (ready, dependents, unmet)
+            try:
+                while ready and (not self.stop.is_set() or self.steps[ready[0]].state == "running"):
+                    name = ready.pop(0)
+                    self._run_step(todo[name])
+                    settle(name)
+            finally:
+                self._chain = None
             return
         self._run_parallel(todo, ready, settle)
 
@@ -326,7 +334,8 @@ class JobRun:
         # when() decides once, before the first attempt; if it raises, that is
         # a failed attempt and it is asked again before the next one.
         decide = step.state == "pending" and d.when is not None
-        while not self.stop.is_set():
+        # A step started with its predecessor's success is in flight: its attempt runs.
+        while step.state == "running" or not self.stop.is_set():
             ctx = self.context()
             if decide and d.when is not None:
                 try:
@@ -357,7 +366,7 @@ class JobRun:
                     step.succeed(effect=effect)
                 else:
                     output, patch = self._call(d, ctx, sc, box)
-                    step.succeed(output=output, context=patch)
+                    step.succeed(output=output, context=patch, then=self._chained(d.name))
                 self._adopt(box)
                 return
             except _HandlerRaised as raised:
@@ -375,6 +384,27 @@ class JobRun:
             finally:
                 with self._attempts_lock:
                     self._attempts.discard(cancelled)
+
+    def _chained(self, name: str) -> SubStep | None:
+        """The step the sequential loop runs after ``name``, to start in the same commit as its success; None if none.
+
+        Only a ``pending`` step without a ``when()`` condition qualifies (its
+        start is all its attempt writes before the handler), and only while
+        the run goes on: crashing after that commit leaves it ``running``,
+        exactly as a crash right after its own start commit would.
+        """
+        if self._chain is None or self.stop.is_set():
+            return None
+        ready, dependents, unmet = self._chain
+        # The next ready step, or else the first step this success unlocks (settle appends them in this order).
+        unlocked = (d for d in dependents.get(name, ()) if unmet[d] == 1 and self.steps[d].state not in _TERMINAL)
+        after = ready[0] if ready else next(unlocked, None)
+        if after is None:
+            return None
+        step = self.steps[after]
+        if step.state != "pending" or self.flow.steps[step.name].when is not None:
+            return None
+        return step
 
     def _call(self, d: StepDef, ctx: BaseModel, sc: StepContext,
               box: list[tuple[int, str]]) -> tuple[str | None, ContextPatch | None]:

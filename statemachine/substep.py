@@ -102,13 +102,18 @@ class SubStep:
     def start(self) -> bool:
         return self.fire("start")
 
-    def succeed(self, output: str | None = None, context: ContextPatch | None = None, effect: Effect | None = None) -> bool:
+    def succeed(self, output: str | None = None, context: ContextPatch | None = None, effect: Effect | None = None,
+                then: SubStep | None = None) -> bool:
         """Record success with ``output`` (JSON text) and a context update.
 
         ``effect(change)`` runs inside the committing transaction and may fill
-        ``change.output``/``change.context`` (transactional steps).
+        ``change.output``/``change.context`` (transactional steps). ``then``, a
+        ``pending`` sub-step of the same job, is started in the same commit
+        (its ``start`` fired through the machine, journalled after this
+        success): one commit per sub-step in a run of steps. Neither moves in
+        memory unless that commit succeeds.
         """
-        return self.fire("succeed", output=output, error=None, context=context, effect=effect)
+        return self.fire("succeed", output=output, error=None, context=context, effect=effect, then=then)
 
     def retry(self, error: str, note: str | None = None, *, interrupted: bool = False,
               once: tuple[tuple[str, str, str], ...] = ()) -> bool:
@@ -144,8 +149,12 @@ class SubStep:
             topic=data.get("topic") if dest == "waiting" else None,
         )
         effect: Effect | None = data.get("effect")
-        if effect is None:
-            job.write.commit((change,))
+        then: SubStep | None = data.get("then")
+        if effect is None and then is not None and then.fire("start", carry=(change,)):
+            pass  # committed together with the start of ``then`` (see succeed)
+        elif effect is None:
+            # ``carry``: the change of a sub-step whose move commits with this one (it comes first).
+            job.write.commit((*data.get("carry", ()), change))
         else:
             def run_effect() -> tuple[Change]:
                 effect(change)

@@ -418,3 +418,37 @@ def test_a_step_that_kills_its_process_every_time_fails_after_max_interruptions(
     with engine_for(db_path, flow) as e:
         notes = [r.note for r in e.history(outcome.job_id, "poison") if r.to_state in ("retrying", "failed")]
     assert notes == ["interrupted", "interrupted", "interrupted"]
+
+
+def test_a_sequential_run_commits_each_success_together_with_the_start_of_the_next_step(db_path: str) -> None:
+    flow = Workflow("chain", context=Ctx, phases=["p"])
+    for i in range(5):
+        flow.step(phase="p", name=f"s{i}")(lambda ctx, step: None)
+    e = engine_for(db_path, flow, workers=1)
+    job = e.submit(flow, Ctx())
+    before = e.store.write.batches
+    e.run(job)
+    # The first start, five successes (four carrying the next start), the job's end: 7 commits, not 11.
+    assert e.store.write.batches - before == 7
+    # The journal is what one commit per change writes, in the same order.
+    moves = [(r.step, r.from_state, r.to_state, r.attempt) for r in e.history(job)]
+    assert moves == [(None, "pending", "running", 0),
+                     *[m for i in range(5) for m in ((f"s{i}", "pending", "running", 1),
+                                                     (f"s{i}", "running", "succeeded", 1))],
+                     (None, "running", "succeeded", 0)]
+    e.close()
+
+
+def test_a_success_in_an_after_chain_commits_together_with_the_start_of_the_step_it_unlocks(db_path: str) -> None:
+    flow = Workflow("chain", context=Ctx, phases=["p"])
+    for i in range(5):
+        flow.step(phase="p", name=f"s{i}", after=[f"s{i - 1}"] if i else [])(lambda ctx, step: None)
+    e = engine_for(db_path, flow, workers=1)
+    job = e.submit(flow, Ctx())
+    before = e.store.write.batches
+    e.run(job)
+    # As in a phase of independent steps: the first start, five successes, the job's end.
+    assert e.store.write.batches - before == 7
+    assert [(r.step, r.to_state) for r in e.history(job)][1:-1] == [
+        (f"s{i}", state) for i in range(5) for state in ("running", "succeeded")]
+    e.close()
