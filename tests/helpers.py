@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+import time
+from collections.abc import Callable
 
 from walstate.storage import Store
 from walstate.substep import LiveJob, SubStep
@@ -40,3 +42,12 @@ def journal_of(path: str, job_id: int) -> list[tuple[str | None, str, str, int]]
         return [tuple(r) for r in rows]
     finally:
         conn.close()
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 10.0) -> None:
+    """Poll ``predicate`` until it is true; fail after ``timeout`` seconds (no blind sleeps in tests)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.005)

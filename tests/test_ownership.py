@@ -36,6 +36,8 @@ from walstate import (
 from walstate.ownership import Identity, _proc_stat, owner_alive
 from walstate.testing import check_invariants
 
+from .helpers import wait_until
+
 
 class Ctx(BaseModel):
     name: str = ""
@@ -48,14 +50,6 @@ def engine_for(path: str, *flows: Workflow[Any], **kwargs: Any) -> Engine:
     for flow in flows:
         e.register(flow)
     return e
-
-
-def wait_until(predicate: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.005)
 
 
 class Gate:

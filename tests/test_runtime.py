@@ -23,17 +23,28 @@ from walstate import (
     Workflow,
 )
 
+from .helpers import wait_until
+
 
 class Ctx(BaseModel):
     n: int = 0
 
 
-def wait_until(predicate: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.005)
+class Overlap:
+    """A 50 ms handler that records how many of its calls ran at once, at most."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.now = 0
+        self.most = 0
+
+    def __call__(self, ctx: Ctx, step: StepContext) -> None:
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        time.sleep(0.05)
+        with self.lock:
+            self.now -= 1
 
 
 def simple_flow(name: str = "w", **kwargs: Any) -> Workflow[Ctx]:
@@ -96,17 +107,7 @@ def test_an_idle_worker_starts_a_job_submitted_in_its_process_at_once(db_path: s
 
 
 def test_a_worker_runs_jobs_submitted_elsewhere_and_never_more_than_its_concurrency(db_path: str) -> None:
-    lock = threading.Lock()
-    running = [0, 0]  # now, max
-
-    def step(ctx: Ctx, s: StepContext) -> None:
-        with lock:
-            running[0] += 1
-            running[1] = max(running[1], running[0])
-        time.sleep(0.05)
-        with lock:
-            running[0] -= 1
-
+    step = Overlap()
     flow = Workflow("w", context=Ctx, phases=["p"])
     flow.step(phase="p", name="s")(step)
     with Engine(db_path) as submitter:
@@ -117,21 +118,11 @@ def test_a_worker_runs_jobs_submitted_elsewhere_and_never_more_than_its_concurre
         with e.start_worker(concurrency=3):
             for job in jobs:
                 assert e.handle(job).result(timeout=20).state == "succeeded"
-    assert running[1] == 3
+    assert step.most == 3
 
 
 def test_a_workflow_concurrency_caps_its_jobs_running_at_once(db_path: str) -> None:
-    lock = threading.Lock()
-    running = [0, 0]
-
-    def step(ctx: Ctx, s: StepContext) -> None:
-        with lock:
-            running[0] += 1
-            running[1] = max(running[1], running[0])
-        time.sleep(0.05)
-        with lock:
-            running[0] -= 1
-
+    step = Overlap()
     flow = Workflow("capped", context=Ctx, phases=["p"], concurrency=2)
     flow.step(phase="p", name="s")(step)
     with Engine(db_path) as e:
@@ -140,7 +131,7 @@ def test_a_workflow_concurrency_caps_its_jobs_running_at_once(db_path: str) -> N
         with e.start_worker(concurrency=6):
             for job in jobs:
                 e.handle(job).result(timeout=20)
-    assert running[1] == 2
+    assert step.most == 2
 
 
 def test_a_running_worker_takes_over_a_job_whose_owner_died_by_itself(db_path: str) -> None:
