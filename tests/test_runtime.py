@@ -317,3 +317,31 @@ def test_a_step_still_running_when_the_grace_runs_out_is_released_and_retried_el
         with other.start_worker(1):
             assert other.handle(handle.id).result(timeout=10).context.n == 2
         assert [r.note for r in other.history(handle.id, "long") if r.to_state == "retrying"] == ["interrupted"]
+
+
+@pytest.mark.parametrize("point", ["before_begin", "after_update", "after_journal", "before_commit", "after_commit"])
+def test_a_crash_at_any_point_of_a_worker_claim_leaves_the_job_claimed_wholly_or_not_at_all(
+        db_path: str, point: str) -> None:
+    from walstate import InjectedCrash
+    from walstate.runtime import Worker
+    from walstate.storage import faults
+    from walstate.testing import check_invariants
+
+    flow = simple_flow()
+    e = Engine(db_path)
+    e.register(flow)
+    job = e.submit(flow, Ctx(n=1))
+    with faults.Injector(faults.Crash(point, 1)), pytest.raises(InjectedCrash):
+        e._claim_batch(2, [], Worker(e, 2))  # the worker's one atomic claim
+    row = e.store.read.job(job)
+    claims = [r for r in e.history(job) if r.step is None]
+    if point == "after_commit":
+        assert (row.state, row.owner, row.epoch) == ("running", e.owner, 1) and len(claims) == 1
+    else:
+        assert (row.state, row.owner, row.epoch) == ("pending", None, 0) and claims == []
+    e.close()
+    with Engine(db_path) as again:  # "after the crash": the claimer's process is gone
+        again.register(flow)
+        assert list(again.recover()) == [job]
+        assert again.status(job).context.n == 20
+    check_invariants(db_path, flow, job)
