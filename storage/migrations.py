@@ -93,6 +93,13 @@ MIGRATIONS: dict[int, Migration] = {
         "ALTER TABLE walstate_job ADD COLUMN version INTEGER NOT NULL DEFAULT 1",
         "ALTER TABLE walstate_job ADD COLUMN fingerprint TEXT",
     ],
+    # Workers look for dead owners among claimed unfinished jobs every 0.5 s: a
+    # partial index keeps that read small however many jobs are parked or pending.
+    # The WHERE must match Reader.owned_unfinished's (SQLite needs it to imply this one).
+    6: [
+        'CREATE INDEX IF NOT EXISTS "job_owned_unfinished" ON "walstate_job" ("owner") '
+        "WHERE ((\"state\" IN ('pending', 'running')) AND (\"owner\" IS NOT NULL))",
+    ],
 }
 
 

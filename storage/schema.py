@@ -155,6 +155,10 @@ def bind_models(db: peewee.Database) -> Models:
     Job.add_index(Job.index(Job.state, Job.id).where(Job.state.in_(UNFINISHED_JOB_STATES)))
     # Schema 2: retention finds finished jobs by when they finished (migrations.py).
     Job.add_index(Job.index(Job.updated_at, name="job_finished_at").where(Job.state.in_(TERMINAL_JOB_STATES)))
+    # Schema 6: the workers' dead-owner scan reads only claimed unfinished jobs,
+    # not every parked or pending one (migrations.py).
+    Job.add_index(Job.index(Job.owner, name="job_owned_unfinished").where(
+        Job.state.in_(UNFINISHED_JOB_STATES) & Job.owner.is_null(False)))
     class Message(Base):
         id = peewee.AutoField()
         job = peewee.ForeignKeyField(Job, column_name="job_id", on_delete="CASCADE")

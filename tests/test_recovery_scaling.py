@@ -20,3 +20,15 @@ def test_unfinished_jobs_lists_only_jobs_that_are_not_terminal(store: Store) -> 
     conn.execute("UPDATE walstate_job SET state='running' WHERE id=?", (ids[1],))
     conn.execute("UPDATE walstate_job SET state='failed' WHERE id=?", (ids[2],))
     assert [j.id for j in store.read.unfinished_jobs()] == [ids[1], ids[3]]
+
+
+def test_the_dead_owner_scan_reads_only_claimed_unfinished_jobs_through_their_own_index(store: Store) -> None:
+    ids = [store.write.create_job("w", None, "{}", [("s", "p", 0)])[0] for _ in range(5)]
+    conn = store.db.connection()
+    conn.execute("UPDATE walstate_job SET state='running', owner='someone' WHERE id IN (?, ?)", (ids[1], ids[3]))
+    conn.execute("UPDATE walstate_job SET state='succeeded', owner='someone' WHERE id=?", (ids[4],))
+    assert [row[0] for row in store.read.owned_unfinished()] == [ids[1], ids[3]]
+    sql = ("EXPLAIN QUERY PLAN SELECT id FROM walstate_job INDEXED BY job_owned_unfinished "
+           "WHERE state IN ('pending', 'running') AND owner IS NOT NULL")
+    detail = " | ".join(str(row[-1]) for row in conn.execute(sql).fetchall())
+    assert "USING INDEX job_owned_unfinished" in detail and "SCAN walstate_job" not in detail, detail
