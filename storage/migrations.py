@@ -99,6 +99,9 @@ MIGRATIONS: dict[int, Migration] = {
     6: [
         'CREATE INDEX IF NOT EXISTS "job_owned_unfinished" ON "walstate_job" ("owner") '
         "WHERE ((\"state\" IN ('pending', 'running')) AND (\"owner\" IS NOT NULL))",
+        # ... and the next wake-up of a parked job, found by walking parked jobs in wake-up order.
+        'CREATE INDEX IF NOT EXISTS "job_parked_wake_at" ON "walstate_job" ("wake_at") '
+        "WHERE (((\"state\" IN ('pending', 'running')) AND (\"owner\" IS NULL)) AND (\"wake_at\" IS NOT NULL))",
     ],
 }
 

@@ -159,6 +159,9 @@ def bind_models(db: peewee.Database) -> Models:
     # not every parked or pending one (migrations.py).
     Job.add_index(Job.index(Job.owner, name="job_owned_unfinished").where(
         Job.state.in_(UNFINISHED_JOB_STATES) & Job.owner.is_null(False)))
+    # ... and their look for the next wake-up of a parked job walks parked jobs in wake-up order.
+    Job.add_index(Job.index(Job.wake_at, name="job_parked_wake_at").where(
+        Job.state.in_(UNFINISHED_JOB_STATES) & Job.owner.is_null() & Job.wake_at.is_null(False)))
     class Message(Base):
         id = peewee.AutoField()
         job = peewee.ForeignKeyField(Job, column_name="job_id", on_delete="CASCADE")

@@ -32,3 +32,16 @@ def test_the_dead_owner_scan_reads_only_claimed_unfinished_jobs_through_their_ow
            "WHERE state IN ('pending', 'running') AND owner IS NOT NULL")
     detail = " | ".join(str(row[-1]) for row in conn.execute(sql).fetchall())
     assert "USING INDEX job_owned_unfinished" in detail and "SCAN walstate_job" not in detail, detail
+
+
+def test_the_next_wake_up_is_read_from_the_parked_jobs_index_in_wake_up_order(store: Store) -> None:
+    ids = [store.write.create_job(wf, None, "{}", [("s", "p", 0)])[0] for wf in ("w", "w", "other", "w")]
+    conn = store.db.connection()
+    for job_id, wake in zip(ids, (50.0, 30.0, 10.0, None)):
+        conn.execute("UPDATE walstate_job SET state='running', wake_at=? WHERE id=?", (wake, job_id))
+    assert store.read.next_wake(["w"]) == 30.0  # the other workflow's earlier job is not ours
+    assert store.read.next_wake(["nothing"]) is None
+    sql = ("EXPLAIN QUERY PLAN SELECT wake_at FROM walstate_job INDEXED BY job_parked_wake_at "
+           "WHERE state IN ('pending', 'running') AND owner IS NULL AND wake_at IS NOT NULL ORDER BY wake_at LIMIT 1")
+    detail = " | ".join(str(row[-1]) for row in conn.execute(sql).fetchall())
+    assert "job_parked_wake_at" in detail and "TEMP B-TREE" not in detail, detail
