@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
-from .storage import SCHEMA_VERSION, TERMINAL_JOB_STATES, UNFINISHED_JOB_STATES, Store
+from .storage import SCHEMA_VERSION, TERMINAL_JOB_STATES, UNFINISHED_JOB_STATES, Storage, open_store
 from .storage.errors import ConfigurationError, ContextInvalid, DefinitionError, VersionNotRegistered, WalstateError
 from .storage.reads import JobRow
 
@@ -56,8 +56,8 @@ def _when(ts: float | None) -> str:
     return "-" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
-def _open(path: str, readonly: bool = True) -> Store:
-    return Store(path, readonly=readonly)
+def _open(path: str, readonly: bool = True) -> Storage:
+    return open_store(path, readonly=readonly)
 
 
 def _cut(text: str, width: int) -> str:
@@ -65,7 +65,7 @@ def _cut(text: str, width: int) -> str:
     return text if len(text) <= width else text[:width - 1] + "~"
 
 
-def _blocker(spec: str | None, db: str) -> Callable[[Store, JobRow], tuple[str, str] | None]:
+def _blocker(spec: str | None, db: str) -> Callable[[Storage, JobRow], tuple[str, str] | None]:
     """With ``--app``: for an unfinished job that app could not run, (a short note, the full reason)."""
     if spec is None:
         return lambda store, row: None
@@ -88,7 +88,7 @@ def _blocker(spec: str | None, db: str) -> Callable[[Store, JobRow], tuple[str, 
     else:
         raise ConfigurationError(f"{spec} is neither an Engine, a Workflow nor a factory taking the database path")
 
-    def blocked(store: Store, row: JobRow) -> tuple[str, str] | None:
+    def blocked(store: Storage, row: JobRow) -> tuple[str, str] | None:
         if row.state not in UNFINISHED_JOB_STATES:
             return None
         try:
@@ -340,7 +340,7 @@ def cmd_send(args: argparse.Namespace, out: Out) -> int:
         payload = json.loads(args.payload)
     except json.JSONDecodeError as exc:
         raise ConfigurationError(f"the payload is not JSON ({exc}); quote it for the shell, e.g. '{{\"id\": 1}}'") from exc
-    store = Store(args.db)
+    store = open_store(args.db)
     try:
         _, new = store.write.send(args.job, args.topic, to_json(payload, "the payload"), args.key)
     finally:

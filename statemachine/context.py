@@ -178,9 +178,12 @@ class StepContext:
 
         In a transactional step this is part of the transaction that records
         the step's completion. The same as ``self.db.execute_sql(sql, params)``,
-        typed (peewee's own hints leave ``execute_sql`` untyped).
+        typed (peewee's own hints leave ``execute_sql`` untyped), except that
+        ``?`` placeholders work on both backends: on PostgreSQL they become
+        psycopg's ``%s`` (``?`` inside quotes stays as it is).
         """
-        cursor: Cursor = self.db.execute_sql(sql, tuple(params))
+        portable = getattr(self.db, "portable", None)
+        cursor: Cursor = self.db.execute_sql(sql if portable is None else portable(sql), tuple(params))
         return cursor
 
     def once(self, name: str, fn: Callable[[], T]) -> T:

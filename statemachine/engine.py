@@ -20,7 +20,8 @@ from . import log, operator, ownership, views
 from .context import dump_context, to_json, validate_submission
 from .ownership import Clock
 from .runner import JobRun
-from .storage import TERMINAL_JOB_STATES, TERMINAL_STEP_STATES, Durability, JobRow, StepRow, Store, retention
+from .storage import TERMINAL_JOB_STATES, TERMINAL_STEP_STATES, Durability, JobRow, StepRow, retention
+from .storage.contract import Storage, open_store
 from .storage.writepath import Claimed
 from .storage.retention import DEFAULT_BATCH
 from .storage.errors import (
@@ -147,7 +148,12 @@ class _Active:
 
 
 class Engine:
-    """Runs registered workflows durably on the SQLite file at ``path``.
+    """Runs registered workflows durably in the database at ``path``.
+
+    ``path`` is a SQLite file (WAL mode), or a ``postgresql://user@host/db``
+    URL for a PostgreSQL database that workers on several hosts share (needs
+    ``pip install 'walstate[postgres]'``). The API and the guarantees are the
+    same; see the README's "PostgreSQL" section for what differs.
 
     ``durability="normal"`` survives process crashes; ``"full"`` also power
     loss (an fsync per commit). ``workers`` threads run a phase's sub-steps in
@@ -155,7 +161,9 @@ class Engine:
     processes that cannot check this one's liveness directly (another host,
     container or pid namespace); a heartbeat renews it every ``lease / 3``
     while a run lives, however long its handlers take. ``clock`` (wall-clock
-    seconds) is what leases are measured with; tests inject one.
+    seconds) is what leases are measured with; tests inject one. On
+    PostgreSQL it is corrected to the server's clock, so hosts whose clocks
+    disagree still agree on when a lease expires.
     ``group_commit`` lets parallel sub-steps' changes share one commit (one
     fsync under ``"full"``); each trigger still returns only after its own
     change is durable. ``sync_interval`` (seconds, ``None`` for off) bounds
@@ -180,12 +188,12 @@ class Engine:
         if not lease > 0:
             raise ConfigurationError(f"lease must be > 0 seconds, not {lease}")
         # sync_interval: see Store (bounds what a power cut can take from durability="normal").
-        self.store = Store(path, durability=durability, busy_timeout=busy_timeout, group_commit=group_commit,
-                           sync_interval=sync_interval)
+        self.store: Storage = open_store(path, durability=durability, busy_timeout=busy_timeout,
+                                         group_commit=group_commit, sync_interval=sync_interval)
         self.path = self.store.path
         self.workers = workers
         self.lease = lease
-        self.clock = clock
+        self.clock = clock = self.store.synced(clock)
         self._nonce = ownership.new_nonce()
         # Every registered version of every workflow; _flows is its name -> newest version view.
         self._registry = Registry()

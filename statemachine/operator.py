@@ -18,20 +18,20 @@ from collections.abc import Callable
 
 from .fsm import JOB, STEP
 from .ownership import owner_alive
-from .storage import Change, JobRow, StepRow, Store
+from .storage import Change, JobRow, StepRow, Storage
 from .storage.errors import InvalidTransition, JobOwned, UnknownJob
 
 Clock = Callable[[], float]
 
 
-def _load(store: Store, job_id: int) -> tuple[JobRow, list[StepRow]]:
+def _load(store: Storage, job_id: int) -> tuple[JobRow, list[StepRow]]:
     row = store.read.job(job_id)
     if row is None:
         raise UnknownJob(f"{store.path}: no job {job_id}")
     return row, store.read.steps(job_id)
 
 
-def cancel(store: Store, job_id: int, *, wait: float = 30.0, clock: Clock = time.time,
+def cancel(store: Storage, job_id: int, *, wait: float = 30.0, clock: Clock = time.time,
            note: str = "cancelled by an operator") -> list[str]:
     """Cancel the job and its unfinished steps; return the names of the steps cancelled.
 
@@ -64,7 +64,7 @@ def cancel(store: Store, job_id: int, *, wait: float = 30.0, clock: Clock = time
     return _cancel_unheld(store, job_id, note)
 
 
-def _cancel_unheld(store: Store, job_id: int, note: str) -> list[str]:
+def _cancel_unheld(store: Storage, job_id: int, note: str) -> list[str]:
     row, steps = _load(store, job_id)
     changes: list[Change] = []
     names = []
@@ -86,7 +86,7 @@ def _cancel_unheld(store: Store, job_id: int, note: str) -> list[str]:
     return names
 
 
-def retry(store: Store, job_id: int, step: str | None = None) -> list[str]:
+def retry(store: Storage, job_id: int, step: str | None = None) -> list[str]:
     """Put a failed (or cancelled) job back to ``pending`` with its failed steps (or just ``step``) requeued.
 
     Requeued steps get a fresh ``max_attempts`` budget. Cancelled steps are

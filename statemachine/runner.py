@@ -17,7 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .storage import ContextPatch, Store, TERMINAL_STEP_STATES
+from .storage import ContextPatch, Storage, TERMINAL_STEP_STATES
 from .storage import faults
 from .storage.errors import ContextInvalid, LeaseLost, OutputNotJSON
 from .storage.writepath import Change
@@ -55,7 +55,7 @@ class JobRun:
     Handlers in flight see ``step.cancelled`` for the first two.
     """
 
-    def __init__(self, store: Store, flow: Workflow[Any], job: LiveJob, steps: dict[str, SubStep],
+    def __init__(self, store: Storage, flow: Workflow[Any], job: LiveJob, steps: dict[str, SubStep],
                  context_text: str, threads: ThreadCache | None, workers: int = 1,
                  clock: Callable[[], float] = time.time) -> None:
         self.store = store

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .storage import Store, TERMINAL_JOB_STATES, TERMINAL_STEP_STATES, UNFINISHED_JOB_STATES
+from .storage import Storage, TERMINAL_JOB_STATES, TERMINAL_STEP_STATES, UNFINISHED_JOB_STATES
 from .storage.errors import UnknownJob, UsageError
 from .storage.reads import JobRow, StepCount, StepRow
 
@@ -102,7 +102,7 @@ def _summary(row: JobRow, counts: Iterable[StepCount]) -> JobSummary:
                       row.error, row.version)
 
 
-def job_page(store: Store, *, state: str | None = None, workflow: str | None = None, limit: int = 50,
+def job_page(store: Storage, *, state: str | None = None, workflow: str | None = None, limit: int = 50,
              offset: int = 0) -> JobPage:
     """A page of jobs, newest first, in two reads whatever its size: the jobs, then their steps counted."""
     if state is not None and state not in JOB_STATES:
@@ -148,7 +148,7 @@ def waits_for(step: StepRow) -> dict[str, Any] | None:
     return {"topic": step.wait_topic, "wake_at": wake}
 
 
-def job_detail(store: Store, job_id: int) -> dict[str, Any]:
+def job_detail(store: Storage, job_id: int) -> dict[str, Any]:
     row = store.read.job(job_id)
     if row is None:
         raise UnknownJob(f"{store.path}: no job {job_id}")
@@ -174,7 +174,7 @@ def job_detail(store: Store, job_id: int) -> dict[str, Any]:
             "context": json.loads(row.context), "phases": phases}
 
 
-def history(store: Store, job_id: int, step: str | None = None) -> list[dict[str, Any]]:
+def history(store: Storage, job_id: int, step: str | None = None) -> list[dict[str, Any]]:
     if store.read.job(job_id) is None:
         raise UnknownJob(f"{store.path}: no job {job_id}")
     if step is not None and step not in {s.name for s in store.read.steps(job_id)}:

@@ -1,4 +1,4 @@
-"""walstate's storage layer: everything that touches SQLite.
+"""walstate's storage layer: everything that touches the database (SQLite, or PostgreSQL).
 
 Internal to walstate (installed as ``walstate.storage``): ``walstate`` builds on it and re-exports what users
 need. Nothing here imports the rest of ``walstate``.
@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .connection import Durability, open_database
+    from .contract import Storage, open_store
     from .reads import JobRow, JournalRow, Reader, StepRow
     from .schema import SCHEMA_VERSION, TERMINAL_JOB_STATES, TERMINAL_STEP_STATES, UNFINISHED_JOB_STATES
     from .store import Store
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
 
 _HOME = {
     "Durability": "connection",
+    "Storage": "contract",
+    "open_store": "contract",
     "open_database": "connection",
     "JobRow": "reads",
     "JournalRow": "reads",
@@ -58,8 +61,10 @@ __all__ = [
     "JournalRow",
     "Reader",
     "StepRow",
+    "Storage",
     "Store",
     "WritePath",
     "open_database",
+    "open_store",
 ]
 assert sorted(__all__) == sorted(_HOME)

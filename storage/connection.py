@@ -32,27 +32,53 @@ Durability = Literal["normal", "full"]
 _SYNCHRONOUS = {"normal": 1, "full": 2}
 
 
-class WalstateDatabase(peewee.SqliteDatabase):
-    """peewee's SQLite database, with one in-process write lock shared by every writer.
+class WriteLocked(peewee.Database):
+    """One in-process write lock shared by every writer of a walstate database (either backend).
 
-    walstate's write path takes :attr:`write_lock` before ``BEGIN IMMEDIATE``;
-    so does a transaction that user code opens with ``db.atomic()`` (through
-    :meth:`begin`). Threads of one process therefore queue on a Python lock
-    instead of one holding SQLite's lock while another holds ours, which is
-    how a handler's own ``step.db.atomic()`` around ``once()`` used to wait
-    for the busy timeout. The lock is re-entrant: inside such a transaction,
-    walstate's own writes on the same thread become savepoints of it.
+    walstate's write path takes :attr:`write_lock` before it begins a write
+    transaction; so does a transaction that user code opens with
+    ``db.atomic()`` (through :meth:`begin`). Threads of one process therefore
+    queue on a Python lock instead of one holding the database's lock while
+    another holds ours, which is how a handler's own ``step.db.atomic()``
+    around ``once()`` used to wait for the busy timeout. The lock is
+    re-entrant: inside such a transaction, walstate's own writes on the same
+    thread become savepoints of it.
+
+    Mixed in before the peewee database class. Besides the lock it gives the
+    write path and the readers what differs between backends: :meth:`raw` (a
+    connection with sqlite3's small API), :attr:`driver_errors` and
+    :meth:`translate`.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    write_lock: threading.RLock
+    _held: threading.local
+    #: The driver's exception classes: what :meth:`translate` maps to walstate's hierarchy.
+    driver_errors: tuple[type[BaseException], ...] = (sqlite3.Error, peewee.PeeweeException)
+    #: Statement that opens a write transaction.
+    begin_write = "BEGIN IMMEDIATE"
+    #: "sqlite" or "postgresql": for the few statements that cannot be spelled the same in both.
+    dialect = "sqlite"
+
+    def _init_lock(self) -> None:
         self.write_lock = threading.RLock()
         self._held = threading.local()
 
-    def begin(self, lock_type: str | None = None) -> None:
+    def raw(self) -> Any:
+        """This thread's connection, with ``execute``/``executemany``/``in_transaction`` as sqlite3 has them."""
+        return self.connection()
+
+    def translate(self, exc: BaseException, where: str, doing: str) -> DatabaseError:
+        """Map a driver error to walstate's hierarchy, with an actionable message."""
+        return translate(exc, where, doing)
+
+    def portable(self, sql: str) -> str:
+        """An application's statement with ``?`` placeholders, spelled for this database (see ``StepContext.execute``)."""
+        return sql
+
+    def begin(self, *args: Any, **kwargs: Any) -> None:
         self.write_lock.acquire()
         try:
-            super().begin(lock_type)
+            super().begin(*args, **kwargs)
         except BaseException:
             self.write_lock.release()
             raise
@@ -78,8 +104,9 @@ class WalstateDatabase(peewee.SqliteDatabase):
     def after_fork_in_child(self) -> None:
         """Forget the parent's connections and locks without touching them.
 
-        SQLite forbids using a connection opened before ``fork()`` in the child;
-        closing it could even release the parent's locks or remove its WAL. The
+        A connection opened before ``fork()`` must not be used in the child;
+        closing it could even release the parent's locks, remove its WAL (SQLite)
+        or end the parent's session (PostgreSQL shares the socket). The
         inherited connection object is parked forever (never closed, never
         collected) and the child opens its own on first use.
         """
@@ -87,8 +114,15 @@ class WalstateDatabase(peewee.SqliteDatabase):
         if state.conn is not None:
             _ABANDONED.append(state.conn)
         self._state = type(state)()
-        self.write_lock = threading.RLock()
-        self._held = threading.local()
+        self._init_lock()
+
+
+class WalstateDatabase(WriteLocked, peewee.SqliteDatabase):
+    """peewee's SQLite database, with one in-process write lock shared by every writer (see :class:`WriteLocked`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_lock()
 
 
 #: Connections inherited across fork(): kept referenced so that their

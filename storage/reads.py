@@ -7,14 +7,11 @@ SQL. Nothing here writes.
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import peewee
-
-from .connection import translate
+from .connection import WriteLocked
 from .schema import UNFINISHED_JOB_STATES
 
 
@@ -87,11 +84,11 @@ _STEP_COLS = ("id, job_id, name, phase, position, state, attempt, output, error,
               "wake_at, wait_topic")
 _JOURNAL_COLS = "id, job_id, step, from_state, to_state, attempt, at, note"
 STEPS_OF_JOB = f"SELECT {_STEP_COLS} FROM walstate_step WHERE job_id=? ORDER BY position"
-STEPS_OF_JOBS = (f"SELECT {_STEP_COLS} FROM walstate_step WHERE job_id IN (SELECT value FROM json_each(?)) "
+STEPS_OF_JOBS = (f"SELECT {_STEP_COLS} FROM walstate_step WHERE job_id IN (SELECT CAST(value AS INTEGER) FROM json_each(?)) "
                  "ORDER BY job_id, position")
 # min(position) per phase gives the phases' order without reading the steps themselves.
 STEP_COUNTS_OF_JOBS = ("SELECT job_id, phase, state, count(*), min(position) FROM walstate_step "
-                       "WHERE job_id IN (SELECT value FROM json_each(?)) GROUP BY job_id, phase, state")
+                       "WHERE job_id IN (SELECT CAST(value AS INTEGER) FROM json_each(?)) GROUP BY job_id, phase, state")
 # The unfinished states are written into the SQL as literals, the same ones
 # the partial index names: they are module constants, never data.
 assert all(s.isalpha() for s in UNFINISHED_JOB_STATES)
@@ -105,15 +102,15 @@ _UNFINISHED_SQL = (
 class Reader:
     """Typed reads against one database."""
 
-    def __init__(self, db: peewee.SqliteDatabase, path: str) -> None:
+    def __init__(self, db: WriteLocked, path: str) -> None:
         self.db = db
         self.path = path
 
     def _rows(self, sql: str, params: Sequence[object] = ()) -> list[tuple[object, ...]]:
         try:
-            return list(self.db.connection().execute(sql, tuple(params)).fetchall())
-        except (sqlite3.Error, peewee.PeeweeException) as exc:
-            raise translate(exc, self.path, "reading") from exc
+            return list(self.db.raw().execute(sql, tuple(params)).fetchall())
+        except self.db.driver_errors as exc:
+            raise self.db.translate(exc, self.path, "reading") from exc
 
     def job(self, job_id: int) -> JobRow | None:
         rows = self._rows(f"SELECT {_JOB_COLS} FROM walstate_job WHERE id=?", (job_id,))
@@ -122,9 +119,24 @@ class Reader:
     def jobs(self, *, state: str | None = None, workflow: str | None = None, limit: int | None = None,
              offset: int = 0) -> list[JobRow]:
         """Jobs newest first (by id), optionally of one state and one workflow, ``limit`` of them after ``offset``."""
-        sql = (f"SELECT {_JOB_COLS} FROM walstate_job WHERE (? IS NULL OR state=?) AND (? IS NULL OR workflow=?) "
-               "ORDER BY id DESC LIMIT ? OFFSET ?")
-        rows = self._rows(sql, (state, state, workflow, workflow, -1 if limit is None else limit, offset))
+        where: list[str] = []
+        params: list[object] = []
+        for column, value in (("state", state), ("workflow", workflow)):
+            if value is not None:
+                where.append(f"{column}=?")
+                params.append(value)
+        sql = f"SELECT {_JOB_COLS} FROM walstate_job"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id DESC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        if offset:
+            # SQLite has no OFFSET without LIMIT: LIMIT -1 is its "no limit".
+            sql += (" LIMIT -1" if limit is None and self.db.dialect == "sqlite" else "") + " OFFSET ?"
+            params.append(offset)
+        rows = self._rows(sql, params)
         return [JobRow(*r) for r in rows]  # type: ignore[arg-type]
 
     def step_counts(self, job_ids: Sequence[int]) -> list[StepCount]:
@@ -156,7 +168,7 @@ class Reader:
     def cancel_requested(self, job_ids: Sequence[int]) -> set[int]:
         """Which of these jobs an operator asked to cancel (one read, for a heartbeat's poll)."""
         rows = self._rows("SELECT id FROM walstate_job WHERE cancel_requested=1 AND id IN "
-                          "(SELECT value FROM json_each(?))", (json.dumps(list(job_ids)),))
+                          "(SELECT CAST(value AS INTEGER) FROM json_each(?))", (json.dumps(list(job_ids)),))
         return {int(r[0]) for r in rows}  # type: ignore[call-overload]
 
     def owned_unfinished(self) -> list[tuple[int, int, str, str, float | None]]:
@@ -171,7 +183,7 @@ class Reader:
         """Whether an unowned unfinished job is due: a cheap read before a claim takes the write lock."""
         rows = self._rows("SELECT 1 FROM walstate_job WHERE state IN ('pending', 'running') AND owner IS NULL AND "
                           "(wake_at IS NULL OR wake_at <= ?) AND workflow IN (SELECT value FROM json_each(?)) "
-                          "AND id NOT IN (SELECT value FROM json_each(?)) LIMIT 1",
+                          "AND id NOT IN (SELECT CAST(value AS INTEGER) FROM json_each(?)) LIMIT 1",
                           (now, json.dumps(list(workflows)), json.dumps(list(skip))))
         return bool(rows)
 

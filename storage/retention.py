@@ -15,14 +15,13 @@ A job's time is ``updated_at``, which for a finished job is when it finished.
 from __future__ import annotations
 
 import math
-import sqlite3
 import time
 from collections.abc import Iterable
 from datetime import timedelta
+from typing import Any
 
-import peewee
 
-from .connection import translate
+from .connection import WriteLocked
 from .errors import ConfigurationError
 from .schema import TERMINAL_JOB_STATES
 
@@ -77,7 +76,7 @@ def cutoff(older_than: float | timedelta, now: float | None = None) -> float:
 
 
 def prune(
-    db: peewee.SqliteDatabase,
+    db: WriteLocked,
     path: str,
     older_than: float | timedelta,
     states: Iterable[str] = ("succeeded", "cancelled"),
@@ -98,7 +97,7 @@ def prune(
         raise ConfigurationError(f"batch must be >= 1, not {batch}")
     before = cutoff(older_than)
     wanted = "[" + ", ".join(f'"{s}"' for s in chosen) + "]"  # JSON of checked names
-    conn = db.connection()
+    conn = db.raw()
     try:
         if dry_run:
             return int(conn.execute(_COUNT, (before, wanted)).fetchone()[0])
@@ -106,7 +105,7 @@ def prune(
         since = -math.inf
         while True:
             started = time.monotonic()
-            picked, since = _batch(conn, before, since, wanted, batch)
+            picked, since = _batch(db, conn, before, since, wanted, batch)
             total += picked
             if picked < batch:
                 return total
@@ -114,13 +113,13 @@ def prune(
             # writers get at least half of the time and never wait for two
             # batches in a row.
             time.sleep(time.monotonic() - started)
-    except (sqlite3.Error, peewee.PeeweeException) as exc:
-        raise translate(exc, path, "pruning finished jobs") from exc
+    except db.driver_errors as exc:
+        raise db.translate(exc, path, "pruning finished jobs") from exc
 
 
-def _batch(conn: sqlite3.Connection, before: float, since: float, wanted: str, limit: int) -> tuple[int, float]:
+def _batch(db: WriteLocked, conn: Any, before: float, since: float, wanted: str, limit: int) -> tuple[int, float]:
     """Delete one batch in its own transaction: (jobs deleted, the newest finish time among them)."""
-    conn.execute("BEGIN IMMEDIATE")
+    conn.execute(db.begin_write)
     try:
         rows = conn.execute(_PICK, (before, since, wanted, limit)).fetchall()
         ids = [(row[0],) for row in rows]

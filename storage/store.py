@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import weakref
+from collections.abc import Callable
+from typing import Any
 
 from .connection import Durability, open_database
 from .errors import ConfigurationError
@@ -72,6 +74,10 @@ class Store:
                 self.db.close()
                 raise
 
+    def synced(self, local: Callable[[], float]) -> Callable[[], float]:
+        """``local`` unchanged: every process on one file reads the same machine's clock."""
+        return local
+
     def close(self) -> None:
         """Stop the syncer (after a last sync) and close this thread's connection (other threads' close when they end)."""
         if self.syncer is not None:
@@ -87,8 +93,9 @@ class Store:
         self.write.after_fork_in_child()
 
 
-_stores: weakref.WeakSet[Store] = weakref.WeakSet()
-_forking: list[Store] = []
+# Every open store of this process, SQLite or PostgreSQL (both fork the same way).
+_stores: weakref.WeakSet[Any] = weakref.WeakSet()
+_forking: list[Any] = []
 
 
 def _before_fork() -> None:

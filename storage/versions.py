@@ -12,14 +12,12 @@ job after the migration is fenced off by the new epoch, like after any claim.
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-import peewee
-
-from .connection import WalstateDatabase, translate
+from .connection import WriteLocked
 from .errors import MigrationRefused
 
 #: Step states a step may be in when a migration removes it without ``drop``.
@@ -66,7 +64,7 @@ class MigratedJob:
 
 
 def migrate_job(
-    db: WalstateDatabase,
+    db: WriteLocked,
     path: str,
     job_id: int,
     workflow: str,
@@ -89,9 +87,9 @@ def migrate_job(
     removes is unfinished and not in ``drop``.
     """
     with db.write_lock:
-        conn = db.connection()
+        conn = db.raw()
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(db.begin_write)
             try:
                 done = _migrate(conn, path, job_id, workflow, epoch, from_version, to_version, fingerprint, steps,
                                 drop, context)
@@ -100,12 +98,12 @@ def migrate_job(
                     conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
-        except (sqlite3.Error, peewee.PeeweeException) as exc:
-            raise translate(exc, path, f"migrating job {job_id} to version {to_version}") from exc
+        except db.driver_errors as exc:
+            raise db.translate(exc, path, f"migrating job {job_id} to version {to_version}") from exc
     return done
 
 
-def _migrate(conn: sqlite3.Connection, path: str, job_id: int, workflow: str, epoch: int, from_version: int,
+def _migrate(conn: Any, path: str, job_id: int, workflow: str, epoch: int, from_version: int,
              to_version: int, fingerprint: str, steps: Sequence[tuple[str, str, int]], drop: Collection[str],
              context: Callable[[str], str]) -> MigratedJob | None:
     job = conn.execute(_JOB, (job_id,)).fetchone()

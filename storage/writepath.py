@@ -17,7 +17,6 @@ statement per change on this hot path.
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -25,14 +24,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import peewee
-
 from . import faults
-from .connection import WalstateDatabase, translate
+from .connection import WriteLocked
 from .errors import JobFinished, LeaseLost, StaleState, UnknownJob
 from .reads import STEPS_OF_JOB, STEPS_OF_JOBS, StepRow
 
 JSONMerge = Callable[[dict[str, Any]], str]
+#: A connection with sqlite3's small API (``execute``, ``executemany``, ``in_transaction``):
+#: sqlite3's own, or :class:`walstate.storage.postgres.PgConn` over psycopg.
+Conn = Any
 
 
 @dataclass(slots=True)
@@ -127,7 +127,7 @@ class WritePath:
         "cancel_requested=0 "
         "WHERE id=? AND state=? AND owner IS ? AND epoch=?"
     )
-    _ONCE = "INSERT OR IGNORE INTO walstate_once (job_id, step, name, result, at) VALUES (?, ?, ?, ?, ?)"
+    _ONCE = "INSERT INTO walstate_once (job_id, step, name, result, at) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
     _JOURNAL = (
         "INSERT INTO walstate_journal (job_id, step, from_state, to_state, attempt, at, note) "
         "VALUES (?, ?, ?, ?, ?, ?, ?)"
@@ -135,10 +135,18 @@ class WritePath:
     _READ_CONTEXT = "SELECT context FROM walstate_job WHERE id=?"
     _WRITE_CONTEXT = "UPDATE walstate_job SET context=?, updated_at=? WHERE id=?"
 
-    def __init__(self, db: WalstateDatabase, path: str, *, group_commit: bool = True) -> None:
+    # Statements that read a job row before writing it. PostgreSQL's subclass
+    # adds row locks here (SQLite's BEGIN IMMEDIATE already serialises writers).
+    _LOCK_JOB = "SELECT state FROM walstate_job WHERE id=?"
+    _OWNED = "SELECT 1 FROM walstate_job WHERE id=? AND owner IS ? AND epoch=?"
+
+    def __init__(self, db: WriteLocked, path: str, *, group_commit: bool = True,
+                 clock: Callable[[], float] = time.time) -> None:
         self.db = db
         self.path = path
         self.group_commit = group_commit
+        #: Where journal times and ``updated_at`` come from (PostgreSQL: the server's clock).
+        self.clock = clock
         self._reset_locks()
         #: Batch sizes written by group commit (for benchmarks): count of batches, of changes.
         self.batches = 0
@@ -165,7 +173,7 @@ class WritePath:
         # a once() result inside its commit.
         return self.db.write_lock
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self) -> Iterator[Conn]:
         """``BEGIN IMMEDIATE`` … ``COMMIT``, rolled back on any ``BaseException``.
 
         Registered on peewee's transaction stack, so a handler's own
@@ -177,10 +185,10 @@ class WritePath:
         db = self.db
         if db.transaction_depth() > 0:
             with db.atomic():
-                yield db.connection()
+                yield db.raw()
             return
-        conn = db.connection()
-        conn.execute("BEGIN IMMEDIATE")
+        conn = db.raw()
+        conn.execute(db.begin_write)
         db.push_transaction(self)
         try:
             yield conn
@@ -221,12 +229,12 @@ class WritePath:
                     with self._transaction() as conn:
                         if effect is not None:
                             changes = [*changes, *effect()]
-                        now = time.time()
+                        now = self.clock()
                         for change in changes:
                             self._apply(conn, change, now)
                         faults.point("before_commit")
-                except (sqlite3.Error, peewee.PeeweeException) as exc:
-                    raise translate(exc, self.path, "writing a state change") from exc
+                except self.db.driver_errors as exc:
+                    raise self.db.translate(exc, self.path, "writing a state change") from exc
         faults.point("after_commit")
 
     def _commit_grouped(self, request: _Request) -> None:
@@ -264,8 +272,8 @@ class WritePath:
         try:
             with self._lock:
                 self._write_batch(batch)
-        except (sqlite3.Error, peewee.PeeweeException) as exc:
-            error = translate(exc, self.path, "writing a state change")
+        except self.db.driver_errors as exc:
+            error = self.db.translate(exc, self.path, "writing a state change")
             for r in batch:
                 r.error = r.error or error
         except Exception as exc:  # a one-request batch: it failed alone
@@ -290,7 +298,7 @@ class WritePath:
         self.batches += 1
         self.batched_requests += len(batch)
         with self._transaction() as conn:
-            now = time.time()
+            now = self.clock()
             if len(batch) == 1:
                 for change in batch[0].changes:
                     self._apply(conn, change, now)
@@ -299,7 +307,7 @@ class WritePath:
                     self._apply_alone(conn, r, now)
             faults.point("before_commit")
 
-    def _apply_alone(self, conn: sqlite3.Connection, r: _Request, now: float) -> None:
+    def _apply_alone(self, conn: Conn, r: _Request, now: float) -> None:
         """Apply one request of a shared batch so that its failure is its own.
 
         Any ``Exception`` (a missed compare-and-set, or user code such as a
@@ -312,7 +320,7 @@ class WritePath:
             # journal row: no savepoint needed to undo it.
             try:
                 self._apply(conn, r.changes[0], now)
-            except (sqlite3.Error, peewee.PeeweeException):
+            except self.db.driver_errors:
                 raise
             except Exception as exc:
                 r.error = exc
@@ -321,14 +329,14 @@ class WritePath:
         try:
             for change in r.changes:
                 self._apply(conn, change, now)
-        except (sqlite3.Error, peewee.PeeweeException):
+        except self.db.driver_errors:
             raise
         except Exception as exc:
             conn.execute("ROLLBACK TO walstate_change")
             r.error = exc
         conn.execute("RELEASE walstate_change")
 
-    def _apply(self, conn: sqlite3.Connection, c: Change, now: float) -> None:
+    def _apply(self, conn: Conn, c: Change, now: float) -> None:
         if c.context is not None:
             self._merge_context(conn, c.job_id, c.context, now)
         if c.kind == "step":
@@ -345,19 +353,33 @@ class WritePath:
         faults.point("after_update")
         if cur.rowcount != 1:
             self._explain_miss(conn, c)
+        if c.release:
+            self._wake(conn)
         conn.execute(self._JOURNAL, (c.job_id, c.step, c.expected, c.new, c.attempt, now, c.note))
         for step, name, result in c.once:
             conn.execute(self._ONCE, (c.job_id, step, name, result, now))
         faults.point("after_journal")
 
-    def _merge_context(self, conn: sqlite3.Connection, job_id: int, patch: ContextPatch, now: float) -> None:
+    def _wake(self, conn: Conn) -> None:
+        """Tell idle workers of other processes that work may be claimable (PostgreSQL: NOTIFY on commit).
+
+        SQLite needs nothing: workers poll ``PRAGMA data_version``, which every commit changes.
+        """
+
+    def _lock_claims(self, conn: Conn) -> None:
+        """Serialise claims that count running jobs against a per-workflow limit (PostgreSQL only).
+
+        SQLite's ``BEGIN IMMEDIATE`` already does.
+        """
+
+    def _merge_context(self, conn: Conn, job_id: int, patch: ContextPatch, now: float) -> None:
         row = conn.execute(self._READ_CONTEXT, (job_id,)).fetchone()
         if row is None:
             raise StaleState(f"{self.path}: job {job_id} does not exist", kind="job", row_id=job_id, expected="", actual=None)
         merged = {**json.loads(row[0]), **patch.patch}
         conn.execute(self._WRITE_CONTEXT, (patch.merge(merged), now, job_id))
 
-    def _explain_miss(self, conn: sqlite3.Connection, c: Change) -> None:
+    def _explain_miss(self, conn: Conn, c: Change) -> None:
         job = conn.execute("SELECT state, owner, epoch FROM walstate_job WHERE id=?", (c.job_id,)).fetchone()
         if c.kind == "step":
             row = conn.execute("SELECT state FROM walstate_step WHERE id=?", (c.row_id,)).fetchone()
@@ -408,21 +430,21 @@ class WritePath:
                         ).fetchone()
                         if row is not None:
                             return int(row[0]), str(row[1])
-                    now = time.time()
-                    cur = conn.execute(
+                    now = self.clock()
+                    job_id = int(conn.execute(
                         "INSERT INTO walstate_job (workflow, key, state, context, initial_context, created_at, updated_at, "
-                        "version, fingerprint) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?)",
+                        "version, fingerprint) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?) RETURNING id",
                         (workflow, key, context, context, now, now, version, fingerprint),
-                    )
-                    job_id = int(cur.lastrowid or 0)
+                    ).fetchone()[0])
                     conn.executemany(
                         "INSERT INTO walstate_step (job_id, name, phase, position, state, attempt, updated_at) "
                         "VALUES (?, ?, ?, ?, 'pending', 0, ?)",
                         [(job_id, name, phase, pos, now) for name, phase, pos in steps],
                     )
+                    self._wake(conn)
                     return job_id, None
-            except (sqlite3.Error, peewee.PeeweeException) as exc:
-                raise translate(exc, self.path, f"creating a {workflow!r} job") from exc
+            except self.db.driver_errors as exc:
+                raise self.db.translate(exc, self.path, f"creating a {workflow!r} job") from exc
 
     _CLAIM = (
         "UPDATE walstate_job SET owner=?, lease_expires=?, epoch=epoch+1, updated_at=?, wake_at=NULL, "
@@ -447,7 +469,7 @@ class WritePath:
         with self._lock:
             try:
                 with self._transaction() as conn:
-                    now = time.time()
+                    now = self.clock()
                     row = conn.execute(self._CLAIM, (owner, lease_expires, now, job_id, epoch, state)).fetchone()
                     faults.point("after_update")
                     if row is None:
@@ -457,8 +479,8 @@ class WritePath:
                     steps = [StepRow(*r) for r in conn.execute(STEPS_OF_JOB, (job_id,))]
                     claimed = Claimed(int(row[0]), str(row[1]), bool(row[2]), steps)
                     faults.point("before_commit")
-            except (sqlite3.Error, peewee.PeeweeException) as exc:
-                raise translate(exc, self.path, f"claiming job {job_id}") from exc
+            except self.db.driver_errors as exc:
+                raise self.db.translate(exc, self.path, f"claiming job {job_id}") from exc
         faults.point("after_commit")
         return claimed
 
@@ -469,7 +491,7 @@ class WritePath:
     _RUNNABLE = (
         "SELECT id, state, epoch, workflow, owner FROM walstate_job "
         "WHERE state IN ('pending', 'running') AND workflow IN (SELECT value FROM json_each(?)) "
-        "AND id NOT IN (SELECT value FROM json_each(?)) AND ((owner IS NULL AND (wake_at IS NULL OR wake_at <= ?)) "
+        "AND id NOT IN (SELECT CAST(value AS INTEGER) FROM json_each(?)) AND ((owner IS NULL AND (wake_at IS NULL OR wake_at <= ?)) "
         "OR (id, epoch) IN (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))) "
         "ORDER BY id LIMIT ?"
     )
@@ -479,7 +501,7 @@ class WritePath:
     )
     _CLAIM_MANY = (
         "UPDATE walstate_job SET owner=?, lease_expires=?, epoch=epoch+1, updated_at=?, state='running', wake_at=NULL "
-        "WHERE id IN (SELECT value FROM json_each(?)) RETURNING id, epoch, context, cancel_requested"
+        "WHERE id IN (SELECT CAST(value AS INTEGER) FROM json_each(?)) RETURNING id, epoch, context, cancel_requested"
     )
 
     def claim_runnable(
@@ -516,6 +538,7 @@ class WritePath:
                     rows = conn.execute(self._RUNNABLE, (names, json.dumps(list(skip)), now,
                                                          json.dumps([list(d) for d in dead]), limit + extra)).fetchall()
                     if limits:
+                        self._lock_claims(conn)
                         running = dict(conn.execute(self._RUNNING_PER_WORKFLOW, (json.dumps(list(limits)),)).fetchall())
                         chosen = []
                         for row in rows:
@@ -532,7 +555,7 @@ class WritePath:
                     if not rows:
                         return []
                     before = {int(r[0]): (str(r[1]), str(r[3]), r[4]) for r in rows}
-                    stamp = time.time()
+                    stamp = self.clock()
                     claimed = conn.execute(self._CLAIM_MANY, (owner, lease_expires, stamp, json.dumps(list(before)))).fetchall()
                     faults.point("after_update")
                     conn.executemany(self._JOURNAL, [
@@ -550,8 +573,8 @@ class WritePath:
                         out.append((workflow, state, prior_owner, Claimed(
                             int(epoch), str(context), bool(cancel), steps.get(int(job_id), []), int(job_id))))
                     faults.point("before_commit")
-            except (sqlite3.Error, peewee.PeeweeException) as exc:
-                raise translate(exc, self.path, "claiming runnable jobs") from exc
+            except self.db.driver_errors as exc:
+                raise self.db.translate(exc, self.path, "claiming runnable jobs") from exc
         faults.point("after_commit")
         return out
 
@@ -570,8 +593,8 @@ class WritePath:
                         "RETURNING cancel_requested",
                         (lease_expires, job_id, owner, epoch),
                     ).fetchone()
-            except (sqlite3.Error, peewee.PeeweeException) as exc:
-                raise translate(exc, self.path, f"renewing the lease on job {job_id}") from exc
+            except self.db.driver_errors as exc:
+                raise self.db.translate(exc, self.path, f"renewing the lease on job {job_id}") from exc
         return None if row is None else bool(row[0])
 
     def release(self, job_id: int, owner: str, epoch: int, note: str, *, undo_start: bool = False) -> bool:
@@ -583,7 +606,7 @@ class WritePath:
         with self._lock:
             try:
                 with self._transaction() as conn:
-                    now = time.time()
+                    now = self.clock()
                     row = conn.execute(
                         "UPDATE walstate_job SET owner=NULL, lease_expires=NULL, epoch=epoch+1, updated_at=?, "
                         "state=CASE WHEN ? THEN 'pending' ELSE state END "
@@ -593,9 +616,10 @@ class WritePath:
                     if row is None:
                         return False
                     conn.execute(self._JOURNAL, (job_id, None, "running", row[0], 0, now, note))
+                    self._wake(conn)
                     return True
-            except (sqlite3.Error, peewee.PeeweeException) as exc:
-                raise translate(exc, self.path, f"releasing job {job_id}") from exc
+            except self.db.driver_errors as exc:
+                raise self.db.translate(exc, self.path, f"releasing job {job_id}") from exc
 
     def park(self, job_id: int, owner: str, epoch: int, wake_at: float, topics: Sequence[str], note: str) -> bool:
         """Release a job whose steps wait, to be claimed again at ``wake_at`` or when a message arrives.
@@ -607,7 +631,8 @@ class WritePath:
         with self._lock:
             try:
                 with self._transaction() as conn:
-                    now = time.time()
+                    now = self.clock()
+                    conn.execute(self._LOCK_JOB, (job_id,))  # before reading messages: a send waits for this park
                     ready = conn.execute(
                         "SELECT 1 FROM walstate_message WHERE job_id=? AND consumed_by IS NULL AND topic IN "
                         "(SELECT value FROM json_each(?)) LIMIT 1", (job_id, json.dumps(list(topics)))).fetchone()
@@ -619,9 +644,10 @@ class WritePath:
                     if row is None:
                         return False
                     conn.execute(self._JOURNAL, (job_id, None, row[0], row[0], 0, now, note))
+                    self._wake(conn)
                     return True
-            except (sqlite3.Error, peewee.PeeweeException) as exc:
-                raise translate(exc, self.path, f"parking job {job_id}") from exc
+            except self.db.driver_errors as exc:
+                raise self.db.translate(exc, self.path, f"parking job {job_id}") from exc
 
     def send(self, job_id: int, topic: str, payload: str, key: str | None) -> tuple[int, bool]:
         """Store a message for job ``job_id``; return ``(message id, whether it is new)``.
@@ -633,7 +659,7 @@ class WritePath:
         with self._lock:
             try:
                 with self._transaction() as conn:
-                    job = conn.execute("SELECT state FROM walstate_job WHERE id=?", (job_id,)).fetchone()
+                    job = conn.execute(self._LOCK_JOB, (job_id,)).fetchone()
                     if job is None:
                         raise UnknownJob(f"{self.path}: no job {job_id} to send {topic!r} to")
                     if job[0] not in ("pending", "running"):
@@ -643,16 +669,17 @@ class WritePath:
                                              (job_id, key)).fetchone()
                         if known is not None:
                             return int(known[0]), False
-                    cur = conn.execute(
-                        "INSERT INTO walstate_message (job_id, topic, payload, key, sent_at) VALUES (?, ?, ?, ?, ?)",
-                        (job_id, topic, payload, key, time.time()))
+                    message_id = int(conn.execute(
+                        "INSERT INTO walstate_message (job_id, topic, payload, key, sent_at) VALUES (?, ?, ?, ?, ?) "
+                        "RETURNING id", (job_id, topic, payload, key, self.clock())).fetchone()[0])
                     conn.execute(
                         "UPDATE walstate_job SET wake_at=NULL WHERE id=? AND owner IS NULL AND wake_at IS NOT NULL "
                         "AND EXISTS (SELECT 1 FROM walstate_step WHERE job_id=? AND state='waiting' AND wait_topic=?)",
                         (job_id, job_id, topic))
-                    return int(cur.lastrowid or 0), True
-            except (sqlite3.Error, peewee.PeeweeException) as exc:
-                raise translate(exc, self.path, f"sending {topic!r} to job {job_id}") from exc
+                    self._wake(conn)
+                    return message_id, True
+            except self.db.driver_errors as exc:
+                raise self.db.translate(exc, self.path, f"sending {topic!r} to job {job_id}") from exc
 
     def consume(self, job_id: int, step: str, name: str, topic: str, owner: str | None, epoch: int) -> str | None:
         """The payload this wait consumed: recorded before, or the oldest unconsumed message of ``topic`` now.
@@ -669,8 +696,7 @@ class WritePath:
                                          (job_id, step, name)).fetchone()
                     if known is not None:
                         return str(known[0])
-                    if conn.execute("SELECT 1 FROM walstate_job WHERE id=? AND owner IS ? AND epoch=?",
-                                    (job_id, owner, epoch)).fetchone() is None:
+                    if conn.execute(self._OWNED, (job_id, owner, epoch)).fetchone() is None:
                         raise LeaseLost(f"{self.path}: job {job_id}: this run lost its claim; it may not consume "
                                         f"messages of {topic!r}")
                     message = conn.execute(
@@ -679,10 +705,10 @@ class WritePath:
                     if message is None:
                         return None
                     conn.execute("UPDATE walstate_message SET consumed_by=? WHERE id=?", (f"{step}:{name}", message[0]))
-                    conn.execute(self._ONCE, (job_id, step, name, message[1], time.time()))
+                    conn.execute(self._ONCE, (job_id, step, name, message[1], self.clock()))
                     payload = str(message[1])
-            except (sqlite3.Error, peewee.PeeweeException) as exc:
-                raise translate(exc, self.path, f"consuming {topic!r} for step {step!r} of job {job_id}") from exc
+            except self.db.driver_errors as exc:
+                raise self.db.translate(exc, self.path, f"consuming {topic!r} for step {step!r} of job {job_id}") from exc
         faults.point("after_consume")
         return payload
 
@@ -700,13 +726,13 @@ class WritePath:
         with self._lock:
             try:
                 with self._transaction() as conn:
-                    conn.execute(self._ONCE, (job_id, step, name, result, time.time()))
+                    conn.execute(self._ONCE, (job_id, step, name, result, self.clock()))
                     stored = conn.execute(
                         "SELECT result FROM walstate_once WHERE job_id=? AND step=? AND name=?",
                         (job_id, step, name),
                     ).fetchone()[0]
-            except (sqlite3.Error, peewee.PeeweeException) as exc:
-                raise translate(exc, self.path, f"recording once({name!r}) of step {step!r}") from exc
+            except self.db.driver_errors as exc:
+                raise self.db.translate(exc, self.path, f"recording once({name!r}) of step {step!r}") from exc
         faults.point("after_once_record")
         return str(stored)
 
@@ -715,8 +741,8 @@ class WritePath:
             try:
                 with self._transaction() as conn:
                     return int(conn.execute(sql, params).rowcount)
-            except (sqlite3.Error, peewee.PeeweeException) as exc:
-                raise translate(exc, self.path, doing) from exc
+            except self.db.driver_errors as exc:
+                raise self.db.translate(exc, self.path, doing) from exc
 
 
 __all__ = ["Change", "Claimed", "ContextPatch", "WritePath"]

@@ -1,0 +1,463 @@
+"""walstate on PostgreSQL: the same storage contract as the SQLite store, on a server several hosts share.
+
+``Engine("postgresql://user@host:5432/db")`` selects this backend. What
+differs from SQLite stays here:
+
+- **SQL.** The write path and the readers keep one set of statements, written
+  in the dialect both databases share; :func:`pg_sql` rewrites the few
+  spellings that differ (``?`` placeholders, ``IS ?``, ``json_each``,
+  ``INDEXED BY``), once per statement. Where PostgreSQL needs more than a
+  spelling, :class:`PgWritePath` overrides the statement.
+- **Transactions.** ``BEGIN`` (READ COMMITTED) instead of ``BEGIN IMMEDIATE``:
+  writers no longer queue on one file lock, so every statement that reads a
+  job row before writing it takes a row lock (``FOR UPDATE``/``FOR SHARE``),
+  and a step's compare-and-set locks its job row, so a run and a claim of the
+  same job are ordered as SQLite's single writer orders them. Batch claims
+  use ``FOR UPDATE SKIP LOCKED``; claims counted against a per-workflow limit
+  take a transaction-scoped advisory lock.
+- **Time.** Leases and wake-ups are compared across hosts, so every process
+  reads the server's clock: :class:`ServerClock` corrects the local clock by
+  the offset it measures against ``clock_timestamp()`` (at open and every 30 s).
+- **Wake-ups.** Workers of other processes learn of new work by ``LISTEN``;
+  a transaction that creates, releases, parks or messages a job sends one
+  ``NOTIFY`` (PostgreSQL coalesces them per transaction; step changes send
+  none, so the hot commit path stays as it was). Polling stays the fallback:
+  :meth:`PgReader.data_version` also changes once a second.
+- **Errors.** :func:`translate` maps SQLSTATEs to walstate's hierarchy:
+  serialization failures, deadlocks and lock timeouts are
+  :class:`DatabaseBusy` (retry), a lost connection is
+  :class:`DatabaseUnavailable`.
+
+The driver is psycopg 3 (``pip install walstate[postgres]``): it is the
+maintained line of psycopg, ships binary wheels (no compiler, no libpq
+needed), and peewee 4 drives it natively, so a transactional step's
+``step.db`` is the same peewee API on both backends.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import peewee
+
+from .connection import _ABANDONED, Durability, WriteLocked
+from .errors import (
+    ConfigurationError,
+    DatabaseBusy,
+    DatabaseError,
+    DatabaseFull,
+    DatabaseUnavailable,
+    WriteFailed,
+)
+from .reads import Reader
+from .writepath import Conn, WritePath
+
+try:
+    import psycopg
+    from psycopg.pq import TransactionStatus
+except ImportError:  # pragma: no cover - the extra is not installed
+    psycopg = None  # type: ignore[assignment]
+
+#: URL schemes that select PostgreSQL.
+SCHEMES = ("postgresql://", "postgres://")
+
+
+def is_postgres_url(target: object) -> bool:
+    """Whether ``target`` names a PostgreSQL database (``postgresql://…``) rather than a SQLite file."""
+    return isinstance(target, str) and target.startswith(SCHEMES)
+
+
+def redact(url: str) -> str:
+    """``url`` without its password, for messages and logs."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    user = netloc[0].split(":", 1)[0]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[1]}"))
+
+
+class Native(str):
+    """A statement already in PostgreSQL's dialect: :class:`PgConn` runs it as it is."""
+
+    __slots__ = ()
+
+
+_JSON_EACH = re.compile(r"json_each\(\?\)")
+_IS_PARAM = re.compile(r"\bIS \?")
+_INDEXED_BY = re.compile(r"\bINDEXED BY \w+ ")
+
+
+@functools.lru_cache(maxsize=1024)
+def pg_sql(sql: str) -> str:
+    """``sql`` (in the dialect walstate's statements share) spelled for PostgreSQL.
+
+    The statements are walstate's own constants, never data: a small, closed
+    set of rewrites suffices, and each statement is rewritten once (cached).
+    """
+    sql = _JSON_EACH.sub("json_array_elements_text(?::json) AS je(value)", sql)
+    sql = _IS_PARAM.sub("IS NOT DISTINCT FROM ?", sql)
+    sql = _INDEXED_BY.sub("", sql)
+    return sql.replace("?", "%s")
+
+
+def qmark_to_format(sql: str) -> str:
+    """An application's statement with ``?`` placeholders in psycopg's ``%s`` style.
+
+    ``?`` inside quotes ('…', "…") is left alone; every ``%`` is doubled, since
+    psycopg reads ``%`` as a placeholder anywhere in a statement with parameters.
+    """
+    out: list[str] = []
+    quote = ""
+    for ch in sql:
+        if quote:
+            if ch == quote:
+                quote = ""
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "?":
+            out.append("%s")
+            continue
+        out.append("%%" if ch == "%" else ch)
+    return "".join(out)
+
+
+class PgConn:
+    """A psycopg connection seen through the part of sqlite3's API walstate's storage uses."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        return self.conn.execute(sql if isinstance(sql, Native) else pg_sql(sql), tuple(params))
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> Any:
+        cur = self.conn.cursor()
+        cur.executemany(sql if isinstance(sql, Native) else pg_sql(sql), rows)
+        return cur
+
+    @property
+    def in_transaction(self) -> bool:
+        return bool(self.conn.info.transaction_status != TransactionStatus.IDLE)
+
+
+def _driver_errors() -> tuple[type[BaseException], ...]:
+    return (peewee.PeeweeException,) if psycopg is None else (psycopg.Error, peewee.PeeweeException)
+
+
+class WalstatePgDatabase(WriteLocked, peewee.PostgresqlDatabase):
+    """peewee's PostgreSQL database (psycopg 3, autocommit between transactions) with walstate's write lock."""
+
+    dialect = "postgresql"
+    begin_write = "BEGIN"
+    driver_errors = _driver_errors()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_lock()
+        self._wrapped = threading.local()
+
+    def raw(self) -> PgConn:
+        conn = self.connection()
+        wrapped: PgConn | None = getattr(self._wrapped, "conn", None)
+        if wrapped is None or wrapped.conn is not conn:
+            wrapped = self._wrapped.conn = PgConn(conn)
+        return wrapped
+
+    def translate(self, exc: BaseException, where: str, doing: str) -> DatabaseError:
+        return translate(exc, where, doing)
+
+    def after_fork_in_child(self) -> None:
+        super().after_fork_in_child()
+        self._wrapped = threading.local()
+
+    def portable(self, sql: str) -> str:
+        return qmark_to_format(sql)
+
+
+# SQLSTATE classes and codes (PostgreSQL's Appendix A).
+_RETRY = {"40001": "serialization failure", "40P01": "deadlock", "55P03": "lock not available",
+          "57014": "statement timeout"}
+
+
+def translate(exc: BaseException, where: str, doing: str) -> DatabaseError:
+    """Map a psycopg (or peewee-wrapped) error to walstate's hierarchy, with an actionable message."""
+    cause = exc.__cause__ if isinstance(exc, peewee.PeeweeException) and exc.__cause__ is not None else exc
+    code = str(getattr(cause, "sqlstate", "") or "")
+    text = str(cause).strip()
+    if code in _RETRY:
+        return DatabaseBusy(f"{where}: {_RETRY[code]} ({text}) while {doing}; retry", where)
+    if code == "53100":
+        return DatabaseFull(f"{where}: the server's disk is full ({text}) while {doing}; free space and retry", where)
+    if code.startswith(("08", "57P", "53")) or (psycopg is not None and isinstance(cause, psycopg.OperationalError)
+                                                 and not code):
+        return DatabaseUnavailable(
+            f"{where}: cannot reach the PostgreSQL server ({text}) while {doing}; check that it runs and "
+            "accepts connections from this host", where)
+    if code.startswith("28") or code in ("42501", "25006", "3D000"):
+        return DatabaseUnavailable(f"{where}: the server refused access ({text}) while {doing}; check the URL's "
+                                   "user, password, database and privileges", where)
+    return WriteFailed(f"{where}: PostgreSQL error while {doing}: {text}", where)
+
+
+def open_pg_database(url: str, *, busy_timeout: float = 5.0, readonly: bool = False) -> WalstatePgDatabase:
+    """Connect to the PostgreSQL database at ``url``; raise a typed error naming it (password redacted)."""
+    where = redact(url)
+    if psycopg is None:
+        raise ConfigurationError(f"{where}: PostgreSQL needs the psycopg driver: pip install 'walstate[postgres]'")
+    if busy_timeout < 0:
+        raise ConfigurationError("busy_timeout must be >= 0 seconds")
+    if url.startswith("postgres://"):
+        url = "postgresql://" + url[len("postgres://"):]
+    # lock_timeout is SQLite's busy_timeout: how long a write waits for a row
+    # another transaction holds before it gives up with DatabaseBusy.
+    options = f"-c lock_timeout={int(busy_timeout * 1000)}"
+    if readonly:
+        options += " -c default_transaction_read_only=on"
+    db = WalstatePgDatabase(url, prefer_psycopg3=True, options=options, application_name="walstate",
+                            connect_timeout=max(1, int(busy_timeout) or 1))
+    try:
+        db.connect(reuse_if_open=True)
+    except BaseException as exc:
+        db.close()
+        if isinstance(exc, db.driver_errors):
+            raise translate(exc, where, "connecting") from exc
+        raise
+    return db
+
+
+_CHANNEL = "walstate"
+#: pg_advisory_xact_lock key serialising claims counted against per-workflow limits ("walc").
+_CLAIM_LOCK = 0x77616C63
+
+
+class _Side:
+    """One extra connection per process: it listens for wake-ups and reads the server's clock.
+
+    Kept apart from the connections of writers and handlers, so a listener is
+    never inside someone's transaction. Reconnects on the next use after a
+    failure; never used across fork (the child makes its own).
+    """
+
+    def __init__(self, url: str, where: str) -> None:
+        self.url = url
+        self.where = where
+        self.lock = threading.Lock()
+        self.conn: Any = None
+        self.pid = os.getpid()
+
+    def _connection(self) -> Any:
+        if self.pid != os.getpid():
+            if self.conn is not None:
+                _ABANDONED.append(self.conn)  # the parent's session: never close it from here
+            self.conn, self.pid = None, os.getpid()
+        if self.conn is None or self.conn.closed:
+            conn = psycopg.connect(self.url, autocommit=True, application_name="walstate-listen", connect_timeout=5)
+            conn.execute(f"LISTEN {_CHANNEL}")
+            self.conn = conn
+        return self.conn
+
+    def drain(self) -> int:
+        """How many notifications arrived since the last call (they coalesce; any count > 0 means 'look')."""
+        with self.lock:
+            try:
+                return sum(1 for _ in self._connection().notifies(timeout=0))
+            except psycopg.Error:
+                self._drop()
+                return 1  # unknown: assume something happened
+
+    def server_time(self) -> tuple[float, float]:
+        """``(server Unix time, round trip in seconds)`` read now."""
+        with self.lock:
+            try:
+                conn = self._connection()
+                started = time.monotonic()
+                value = conn.execute("SELECT extract(epoch FROM clock_timestamp())::float8").fetchone()[0]
+                return float(value), time.monotonic() - started
+            except psycopg.Error as exc:
+                self._drop()
+                raise translate(exc, self.where, "reading the server's clock") from exc
+
+    def _drop(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except psycopg.Error:
+                pass
+        self.conn = None
+
+    def close(self) -> None:
+        with self.lock:
+            if self.pid == os.getpid():
+                self._drop()
+
+
+class ServerClock:
+    """The local clock ``local`` corrected to the PostgreSQL server's clock.
+
+    Hosts with skewed clocks must agree on when a lease expires and when a
+    parked job wakes: they all compare against the server's time. Reading it
+    on every call would add a round trip to every claim and heartbeat, so the
+    offset (server minus local, measured at mid-round-trip) is measured at
+    start and again every ``refresh`` seconds; the error is at most half a
+    round trip plus the local clock's drift over ``refresh``.
+    """
+
+    def __init__(self, local: Callable[[], float], read_server: Callable[[], tuple[float, float]],
+                 refresh: float = 30.0) -> None:
+        self.local = local
+        self._read = read_server
+        self.refresh = refresh
+        self._lock = threading.Lock()
+        self.offset = 0.0
+        self._next = 0.0
+        self.measure()
+
+    def measure(self) -> None:
+        """Measure the offset to the server again now."""
+        before = self.local()
+        server, rtt = self._read()
+        # The server read its clock about half a round trip after `before`.
+        self.offset = server - (before + rtt / 2)
+        self._next = time.monotonic() + self.refresh
+
+    def __call__(self) -> float:
+        if time.monotonic() >= self._next and self._lock.acquire(blocking=False):
+            try:
+                self.measure()
+            except DatabaseError:
+                self._next = time.monotonic() + 1.0  # keep the last offset; try again soon
+            finally:
+                self._lock.release()
+        return self.local() + self.offset
+
+
+class PgReader(Reader):
+    """The readers, with wake-ups from ``LISTEN`` in place of SQLite's ``PRAGMA data_version``."""
+
+    #: Polling fallback: data_version changes at least this often even if no notification came.
+    FALLBACK = 1.0
+
+    def __init__(self, db: WalstatePgDatabase, path: str, side: _Side) -> None:
+        super().__init__(db, path)
+        self._side = side
+        self._version = 0
+        self._next_fallback = time.monotonic() + self.FALLBACK
+
+    def data_version(self) -> int:
+        """A number that changes when another process may have made work claimable (or once a second)."""
+        if self._side.drain() or time.monotonic() >= self._next_fallback:
+            self._version += 1
+            self._next_fallback = time.monotonic() + self.FALLBACK
+        return self._version
+
+
+class PgWritePath(WritePath):
+    """The write path with PostgreSQL's row locks, claims that skip locked rows, and NOTIFY on wake-ups."""
+
+    # A step's compare-and-set locks its job row (FOR SHARE): a claim of the job
+    # (which updates that row) waits for this commit, or this change waits for
+    # the claim and then finds the epoch moved on. Without it, READ COMMITTED
+    # would let a superseded run's step change commit beside a new claim.
+    _UPDATE_STEP = (
+        "UPDATE walstate_step SET state=?, attempt=?, failures=?, interruptions=?, output=?, error=?, updated_at=?, "
+        "wake_at=?, wait_topic=? "
+        "WHERE id=? AND state=? AND EXISTS (SELECT 1 FROM walstate_job WHERE id=? AND owner IS ? AND epoch=? FOR SHARE)"
+    )
+    _READ_CONTEXT = "SELECT context FROM walstate_job WHERE id=? FOR UPDATE"
+    _LOCK_JOB = "SELECT state FROM walstate_job WHERE id=? FOR UPDATE"
+    _OWNED = "SELECT 1 FROM walstate_job WHERE id=? AND owner IS ? AND epoch=? FOR UPDATE"
+    _RUNNABLE = Native(
+        "SELECT id, state, epoch, workflow, owner FROM walstate_job "
+        "WHERE state IN ('pending', 'running') AND workflow IN (SELECT json_array_elements_text(%s::json)) "
+        "AND id NOT IN (SELECT json_array_elements_text(%s::json)::bigint) "
+        "AND ((owner IS NULL AND (wake_at IS NULL OR wake_at <= %s)) "
+        "OR (id, epoch) IN (SELECT (d->>0)::bigint, (d->>1)::bigint FROM json_array_elements(%s::json) AS d)) "
+        "ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED"
+    )
+
+    def _wake(self, conn: Conn) -> None:
+        conn.execute(Native(f"NOTIFY {_CHANNEL}"))
+
+    def _lock_claims(self, conn: Conn) -> None:
+        conn.execute(Native("SELECT pg_advisory_xact_lock(%s)"), (_CLAIM_LOCK,))
+
+
+class PgStore:
+    """Everything ``statemachine/`` needs from one PostgreSQL database (the storage contract).
+
+    ``durability`` is accepted for the same signature as the SQLite store;
+    on PostgreSQL, what a commit survives is the server's setting
+    (``synchronous_commit``, on by default: a commit is on disk, and on a
+    synchronous standby if one is configured, before it returns).
+    ``busy_timeout`` becomes ``lock_timeout``. ``sync_interval`` is SQLite's
+    only and ignored here. ``database_id`` is for tests, as for SQLite.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        durability: Durability = "normal",
+        busy_timeout: float = 5.0,
+        readonly: bool = False,
+        group_commit: bool = True,
+        sync_interval: float | None = None,
+        database_id: str | None = None,
+    ) -> None:
+        from .pg_schema import ensure_pg_schema
+
+        if durability not in ("normal", "full"):
+            raise ConfigurationError(f"durability must be 'normal' or 'full', not {durability!r}")
+        self.url = url
+        self.path = redact(url)
+        self.durability = durability
+        self.readonly = readonly
+        self.syncer = None
+        self.db = open_pg_database(url, busy_timeout=busy_timeout, readonly=readonly)
+        self._side = _Side(url if not url.startswith("postgres://") else "postgresql://" + url[11:], self.path)
+        try:
+            schema = ensure_pg_schema(self.db.connection(), self.path, create=not readonly, database_id=database_id)
+            if database_id is not None and schema.database_id != database_id:
+                raise ConfigurationError(f"{self.path}: this database's id is {schema.database_id!r}, not "
+                                         f"{database_id!r}; an existing database keeps its id (use a new one)")
+            self.database_id = schema.database_id
+            self.migrated = schema.applied
+            self.clock = ServerClock(time.time, self._side.server_time)
+        except BaseException:
+            self.db.close()
+            self._side.close()
+            raise
+        self.read = PgReader(self.db, self.path, self._side)
+        self.write = PgWritePath(self.db, self.path, group_commit=group_commit, clock=self.clock)
+        from .store import _stores
+
+        _stores.add(self)
+
+    def synced(self, local: Callable[[], float]) -> Callable[[], float]:
+        """``local`` corrected to the server's clock (what leases and wake-ups must be compared with)."""
+        if local is time.time:
+            return self.clock
+        return ServerClock(local, self._side.server_time)
+
+    def close(self) -> None:
+        """Close this thread's connection and the listener (other threads' connections close when they end)."""
+        self._side.close()
+        if not self.db.is_closed():
+            self.db.close()
+
+    def _after_fork_in_child(self) -> None:
+        self.db.after_fork_in_child()
+        self.write.after_fork_in_child()
+
+
+__all__ = ["PgStore", "ServerClock", "WalstatePgDatabase", "is_postgres_url", "pg_sql", "redact", "translate"]
