@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test test-deep typecheck bench mutmut clean
+.PHONY: demo test test-postgres test-deep typecheck bench mutmut clean
 
 # The package is installed editable in "strict" mode: a tree of links that
 # maps statemachine/ -> walstate/ and storage/ -> walstate/storage/, which is
@@ -22,6 +22,12 @@ demo: $(VENV)/.installed-test
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q
+
+# Only the tests against a real PostgreSQL: the session starts a throwaway server
+# (tests/pgserver.py) when Debian's postgresql is installed, or uses the one
+# named by WALSTATE_TEST_POSTGRES; WALSTATE_REQUIRE_POSTGRES=1 fails instead of skipping.
+test-postgres: $(VENV)/.installed-test
+	$(PY) -m pytest -q -m postgres
 
 test-deep: $(VENV)/.installed-test
 	WALSTATE_HYPOTHESIS_PROFILE=deep $(PY) -m pytest -q

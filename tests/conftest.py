@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import urllib.parse
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +13,8 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from walstate.storage import Store
+
+from . import pgserver
 
 # `ci` keeps the whole suite within a few minutes on two cores; `deep` is for
 # long local runs: WALSTATE_HYPOTHESIS_PROFILE=deep make test (or make test-deep).
@@ -63,3 +67,64 @@ def store(db_path: str) -> Iterator[Store]:
     s = Store(db_path)
     yield s
     s.close()
+
+
+# PostgreSQL: one real server per session, one fresh database per test.
+#: A base URL of a running server to use instead of starting one (.ci/run sets it).
+POSTGRES_URL_ENV = "WALSTATE_TEST_POSTGRES"
+#: "1": a missing server fails the PostgreSQL tests instead of skipping them (.ci/run sets it).
+REQUIRE_POSTGRES_ENV = "WALSTATE_REQUIRE_POSTGRES"
+
+
+def _no_postgres(reason: str) -> None:
+    if os.environ.get(REQUIRE_POSTGRES_ENV) == "1":
+        pytest.fail(f"{reason}, and {REQUIRE_POSTGRES_ENV}=1 requires one", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """Base URL (the ``postgres`` database, as a superuser) of a real PostgreSQL server.
+
+    ``WALSTATE_TEST_POSTGRES`` if set; else a throwaway cluster started for this session
+    (tests/pgserver.py) when the server binaries are installed; else the test is skipped
+    (failed when ``WALSTATE_REQUIRE_POSTGRES=1``).
+    """
+    try:
+        import psycopg  # noqa: F401  (the PostgreSQL tests need the driver)
+    except ImportError:
+        _no_postgres("psycopg is not installed: pip install -e '.[test]'")
+    given = os.environ.get(POSTGRES_URL_ENV)
+    if given:
+        yield given
+        return
+    if pgserver.find_bindir() is None:
+        _no_postgres(f"no PostgreSQL server: install Debian's postgresql or set {POSTGRES_URL_ENV}")
+    server = pgserver.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def database_url(base: str, name: str) -> str:
+    """``base`` (a server URL) with its database replaced by ``name``."""
+    return urllib.parse.urlsplit(base)._replace(path=f"/{name}").geturl()
+
+
+@pytest.fixture
+def pg_database(postgres_url: str) -> Iterator[str]:
+    """URL of a new, empty PostgreSQL database for this test alone, dropped after it."""
+    import psycopg
+    from psycopg import sql
+
+    name = f"walstate_t_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        # template0: never touched by anyone, so the copy is always empty and clean.
+        admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
+    try:
+        yield database_url(postgres_url, name)
+    finally:
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            # FORCE: a connection the test left open (or a killed child's) must not keep it alive.
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))

@@ -1,0 +1,36 @@
+"""The PostgreSQL test fixtures: a real server, and an empty database of its own for every test."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.postgres
+
+#: The database URLs the test below was given, to check that no two runs share one.
+seen: list[str] = []
+
+
+@pytest.mark.parametrize("turn", [1, 2])
+def test_the_postgres_fixture_gives_each_test_an_empty_database_on_a_real_server(
+    pg_database: str, postgres_url: str, turn: int
+) -> None:
+    import psycopg
+
+    assert pg_database not in seen
+    with psycopg.connect(pg_database) as conn:
+        version = conn.execute("SELECT version()").fetchone()
+        assert version is not None and str(version[0]).startswith("PostgreSQL ")
+        name = conn.execute("SELECT current_database()").fetchone()
+        assert name is not None and pg_database.endswith("/" + str(name[0]))
+        tables = conn.execute(
+            "SELECT table_schema, table_name FROM information_schema.tables "
+            "WHERE table_schema NOT IN ('pg_catalog', 'information_schema')"
+        ).fetchall()
+        assert tables == []
+        # Each test may change its database freely: the next one gets another.
+        conn.execute("CREATE TABLE left_behind (x int)")
+    with psycopg.connect(postgres_url) as admin:
+        # The databases of earlier tests were dropped after them.
+        names = {str(r[0]) for r in admin.execute("SELECT datname FROM pg_database").fetchall()}
+    assert {url.rsplit("/", 1)[1] for url in seen}.isdisjoint(names)
+    seen.append(pg_database)
