@@ -56,7 +56,8 @@ from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
-from .storage import Store
+from .storage.contract import open_store
+from .storage.postgres import is_postgres_url
 from .storage.errors import (
     ConfigurationError,
     EngineClosed,
@@ -91,6 +92,7 @@ __all__ = [
     "Outcome",
     "Race",
     "check_invariants",
+    "connect",
     "crash_plans",
     "crash_test",
     "run_with_crashes",
@@ -310,12 +312,45 @@ class Outcome:
 
 def _new_file(path: str, database_id: str | None, template: str | None = None) -> None:
     """Make the walstate file at ``path`` with ``database_id`` (a copy of ``template`` when given)."""
-    if database_id is None or os.path.exists(path):
+    if database_id is None or (not is_postgres_url(path) and os.path.exists(path)):
         return
-    if template is not None:
+    if template is not None and not is_postgres_url(path):
         shutil.copyfile(template, path)  # a closed file without a -wal: the copy is the whole database
         return
-    Store(path, database_id=database_id, sync_interval=None).close()
+    open_store(path, database_id=database_id, sync_interval=None).close()
+
+
+def connect(target: str, timeout: float = 5.0) -> Any:
+    """A plain connection to the walstate database at ``target`` (a SQLite path or a ``postgresql://`` URL).
+
+    It has sqlite3's ``execute(sql, params)`` (``?`` placeholders on both
+    backends), ``fetchone``/``fetchall`` on what that returns, and ``close()``:
+    for checks that look at the tables themselves, as :func:`check_invariants` does.
+    Autocommit on PostgreSQL; on SQLite, sqlite3's defaults.
+    """
+    if not is_postgres_url(target):
+        return sqlite3.connect(target, timeout=timeout)
+    import psycopg
+
+    from .storage.postgres import PgConn
+
+    class _Conn(PgConn):
+        __slots__ = ()
+
+        def close(self) -> None:
+            self.conn.close()
+
+        def commit(self) -> None:
+            """Nothing to do: autocommit."""
+
+        def __enter__(self) -> Any:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+    url = "postgresql://" + target.split("://", 1)[1]
+    return _Conn(psycopg.connect(url, autocommit=True, connect_timeout=max(1, int(timeout))))
 
 
 #: Errors a racer may meet in a correct run: refusals, and the ends of the job.
@@ -652,9 +687,9 @@ def check_invariants(path: str, flow: Workflow[Any], job_id: int, reference: Out
 
     Raises :class:`InvariantViolation` naming the broken invariant.
     """
-    conn = sqlite3.connect(path)
+    conn = connect(path)
     try:
-        _check(conn, flow, job_id, reference, compare)
+        _check(conn, flow, job_id, reference, compare, sqlite=not is_postgres_url(path))
     finally:
         conn.close()
 
@@ -663,9 +698,9 @@ def _fail(message: str) -> None:
     raise InvariantViolation(message)
 
 
-def _check(conn: sqlite3.Connection, flow: Workflow[Any], job_id: int, reference: Outcome | None,
-           compare: Sequence[str] | Callable[[Any, Any], bool] | None) -> None:
-    if conn.execute("PRAGMA integrity_check").fetchone()[0] != "ok":
+def _check(conn: Any, flow: Workflow[Any], job_id: int, reference: Outcome | None,
+           compare: Sequence[str] | Callable[[Any, Any], bool] | None, sqlite: bool = True) -> None:
+    if sqlite and conn.execute("PRAGMA integrity_check").fetchone()[0] != "ok":
         _fail("PRAGMA integrity_check is not ok")
     job_state, context = conn.execute("SELECT state, context FROM walstate_job WHERE id=?", (job_id,)).fetchone()
     if job_state not in ("succeeded", "failed", "cancelled"):
@@ -744,9 +779,13 @@ def check_overlaps(attempts: Sequence[Attempt]) -> None:
 
 def app_rows(path: str, tables: Sequence[str] | None = None) -> dict[str, Counter[tuple[Any, ...]]]:
     """Every row of the application's tables (all but walstate's and SQLite's own, or ``tables``), as multisets."""
-    conn = sqlite3.connect(path)
+    conn = connect(path)
     try:
-        names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table' ORDER BY name")]
+        if is_postgres_url(path):
+            names = [r[0] for r in conn.execute("SELECT table_name FROM information_schema.tables WHERE "
+                                                "table_schema = current_schema() ORDER BY table_name").fetchall()]
+        else:
+            names = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table' ORDER BY name")]
         if tables is None:
             names = [n for n in names if not n.startswith(("walstate_", "sqlite_"))]
         else:

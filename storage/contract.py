@@ -58,7 +58,7 @@ class Storage(Protocol):
         ...
 
     def synced(self, local: Callable[[], float]) -> Callable[[], float]:
-        """``local`` as the clock leases and wake-ups must use here (the server's time on PostgreSQL)."""
+        """The clock leases and wake-ups use: on PostgreSQL the server's, for the default ``time.time``."""
         ...
 
     def close(self) -> None:

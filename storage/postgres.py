@@ -42,6 +42,7 @@ import re
 import threading
 import time
 import urllib.parse
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -154,6 +155,12 @@ def _driver_errors() -> tuple[type[BaseException], ...]:
     return (peewee.PeeweeException,) if psycopg is None else (psycopg.Error, peewee.PeeweeException)
 
 
+class _ThreadToken:
+    """Dies with the thread-local state of the thread that opened a connection."""
+
+    __slots__ = ("__weakref__",)
+
+
 class WalstatePgDatabase(WriteLocked, peewee.PostgresqlDatabase):
     """peewee's PostgreSQL database (psycopg 3, autocommit between transactions) with walstate's write lock."""
 
@@ -165,6 +172,47 @@ class WalstatePgDatabase(WriteLocked, peewee.PostgresqlDatabase):
         super().__init__(*args, **kwargs)
         self._init_lock()
         self._wrapped = threading.local()
+        # Connections of threads that ended, for the next thread: every run has
+        # threads of its own, and a new PostgreSQL session per thread would cost
+        # a server process and a handshake each time.
+        self._idle: list[Any] = []
+        self._pool_lock = threading.Lock()
+        self._shut = False
+
+    def _connect(self) -> Any:
+        conn = None
+        with self._pool_lock:
+            while self._idle and conn is None:
+                candidate = self._idle.pop()
+                if not candidate.closed and candidate.info.transaction_status == TransactionStatus.IDLE:
+                    conn = candidate
+                else:
+                    candidate.close()
+        if conn is None:
+            conn = super()._connect()  # type: ignore[misc]
+        # The token lives as long as this thread's peewee state: when the thread
+        # ends, the finalizer hands its connection to the pool (or closes it).
+        token = self._wrapped.token = _ThreadToken()
+        weakref.finalize(token, self._give_back, conn, os.getpid())
+        return conn
+
+    def _give_back(self, conn: Any, pid: int) -> None:
+        if pid != os.getpid():
+            _ABANDONED.append(conn)  # inherited across fork: the parent's session
+            return
+        with self._pool_lock:
+            if self._shut or conn.closed:
+                conn.close()
+            else:
+                self._idle.append(conn)
+
+    def close_pool(self) -> None:
+        """Close the idle connections; connections of threads still alive close when they end."""
+        with self._pool_lock:
+            self._shut = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
 
     def raw(self) -> PgConn:
         conn = self.connection()
@@ -179,6 +227,10 @@ class WalstatePgDatabase(WriteLocked, peewee.PostgresqlDatabase):
     def after_fork_in_child(self) -> None:
         super().after_fork_in_child()
         self._wrapped = threading.local()
+        with self._pool_lock:
+            _ABANDONED.extend(self._idle)
+            self._idle = []
+        self._pool_lock = threading.Lock()
 
     def portable(self, sql: str) -> str:
         return qmark_to_format(sql)
@@ -275,17 +327,22 @@ class _Side:
                 self._drop()
                 return 1  # unknown: assume something happened
 
-    def server_time(self) -> tuple[float, float]:
-        """``(server Unix time, round trip in seconds)`` read now."""
+    def offset(self, local: Callable[[], float]) -> tuple[float, float]:
+        """``(server time minus local time, round trip)`` measured now, both in seconds.
+
+        ``local`` is read just before and just after the query, under the lock:
+        the server read its clock somewhere between the two.
+        """
         with self.lock:
             try:
                 conn = self._connection()
-                started = time.monotonic()
+                before = local()
                 value = conn.execute("SELECT extract(epoch FROM clock_timestamp())::float8").fetchone()[0]
-                return float(value), time.monotonic() - started
+                after = local()
             except psycopg.Error as exc:
                 self._drop()
                 raise translate(exc, self.where, "reading the server's clock") from exc
+        return float(value) - (before + after) / 2, after - before
 
     def _drop(self) -> None:
         if self.conn is not None:
@@ -312,10 +369,10 @@ class ServerClock:
     round trip plus the local clock's drift over ``refresh``.
     """
 
-    def __init__(self, local: Callable[[], float], read_server: Callable[[], tuple[float, float]],
-                 refresh: float = 30.0) -> None:
+    def __init__(self, local: Callable[[], float],
+                 measure: Callable[[Callable[[], float]], tuple[float, float]], refresh: float = 30.0) -> None:
         self.local = local
-        self._read = read_server
+        self._measure = measure
         self.refresh = refresh
         self._lock = threading.Lock()
         self.offset = 0.0
@@ -324,10 +381,10 @@ class ServerClock:
 
     def measure(self) -> None:
         """Measure the offset to the server again now."""
-        before = self.local()
-        server, rtt = self._read()
-        # The server read its clock about half a round trip after `before`.
-        self.offset = server - (before + rtt / 2)
+        offset, rtt = self._measure(self.local)
+        # An offset within the round trip is measurement noise, not skew (a
+        # server on this very host): the local clock is kept as it is then.
+        self.offset = 0.0 if abs(offset) <= max(rtt, 0.002) else offset
         self._next = time.monotonic() + self.refresh
 
     def __call__(self) -> float:
@@ -432,7 +489,7 @@ class PgStore:
                                          f"{database_id!r}; an existing database keeps its id (use a new one)")
             self.database_id = schema.database_id
             self.migrated = schema.applied
-            self.clock = ServerClock(time.time, self._side.server_time)
+            self.clock = ServerClock(time.time, self._side.offset)
         except BaseException:
             self.db.close()
             self._side.close()
@@ -444,16 +501,19 @@ class PgStore:
         _stores.add(self)
 
     def synced(self, local: Callable[[], float]) -> Callable[[], float]:
-        """``local`` corrected to the server's clock (what leases and wake-ups must be compared with)."""
-        if local is time.time:
-            return self.clock
-        return ServerClock(local, self._side.server_time)
+        """The clock leases and wake-ups use: the server's for the default ``time.time``.
+
+        A clock an application injects (a test's fake clock) is used as it is:
+        correcting it would undo the jumps it is there to make.
+        """
+        return self.clock if local is time.time else local
 
     def close(self) -> None:
         """Close this thread's connection and the listener (other threads' connections close when they end)."""
         self._side.close()
         if not self.db.is_closed():
             self.db.close()
+        self.db.close_pool()
 
     def _after_fork_in_child(self) -> None:
         self.db.after_fork_in_child()

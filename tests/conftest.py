@@ -6,13 +6,13 @@ import os
 import sqlite3
 import urllib.parse
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
 
-from walstate.storage import Store
+from walstate.storage import Storage, open_store
 
 from . import pgserver
 
@@ -57,14 +57,53 @@ def trace(conn: sqlite3.Connection) -> StatementLog:
     return log
 
 
+#: The two backends of the storage contract. A test module (or test) marked
+#: ``backends`` runs once per backend: its ``db_path`` is a SQLite file path for
+#: ``sqlite`` and a fresh database's URL for ``postgres``, and it must not care
+#: which (no file operations on it). Unmarked tests are about SQLite only.
+BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    marked = metafunc.definition.get_closest_marker("backends")
+    if "backend" in metafunc.fixturenames and marked and not metafunc.definition.get_closest_marker("sqlite_only"):
+        metafunc.parametrize("backend", BACKENDS)
+
+
 @pytest.fixture
-def db_path(tmp_path: Path) -> str:
+def backend() -> str:
+    """The backend a test runs on: "sqlite" unless the test is marked ``backends`` (then both, in turn)."""
+    return "sqlite"
+
+
+@pytest.fixture
+def db_path(request: pytest.FixtureRequest, backend: str, tmp_path: Path) -> str:
+    """Where the test's walstate database lives: a file in ``tmp_path``, or (backend postgres) a fresh database URL."""
+    if backend == "postgres":
+        return str(request.getfixturevalue("pg_database"))
     return str(tmp_path / "walstate.db")
 
 
 @pytest.fixture
-def store(db_path: str) -> Iterator[Store]:
-    s = Store(db_path)
+def new_db(request: pytest.FixtureRequest, backend: str, tmp_path: Path, db_path: str) -> Iterator[Callable[[str], str]]:
+    """Makes more databases on the test's backend: ``new_db("name")`` is a new file, or a new PostgreSQL database."""
+    made: list[str] = []
+
+    def make(name: str) -> str:
+        if backend != "postgres":
+            return str(tmp_path / f"{name}.db")
+        url = create_database(request.getfixturevalue("postgres_url"))
+        made.append(url)
+        return url
+
+    yield make
+    for url in made:
+        drop_database(request.getfixturevalue("postgres_url"), url)
+
+
+@pytest.fixture
+def store(db_path: str) -> Iterator[Storage]:
+    s = open_store(db_path)
     yield s
     s.close()
 
@@ -112,19 +151,34 @@ def database_url(base: str, name: str) -> str:
     return urllib.parse.urlsplit(base)._replace(path=f"/{name}").geturl()
 
 
-@pytest.fixture
-def pg_database(postgres_url: str) -> Iterator[str]:
-    """URL of a new, empty PostgreSQL database for this test alone, dropped after it."""
+def create_database(base: str) -> str:
+    """Create a new, empty database on the server at ``base``; return its URL."""
     import psycopg
     from psycopg import sql
 
     name = f"walstate_t_{uuid.uuid4().hex[:16]}"
-    with psycopg.connect(postgres_url, autocommit=True) as admin:
+    with psycopg.connect(base, autocommit=True) as admin:
         # template0: never touched by anyone, so the copy is always empty and clean.
         admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
+    return database_url(base, name)
+
+
+def drop_database(base: str, url: str) -> None:
+    """Drop the database ``url`` names, on the server at ``base``."""
+    import psycopg
+    from psycopg import sql
+
+    name = urllib.parse.urlsplit(url).path.lstrip("/")
+    with psycopg.connect(base, autocommit=True) as admin:
+        # FORCE: a connection the test left open (or a killed child's) must not keep it alive.
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def pg_database(postgres_url: str) -> Iterator[str]:
+    """URL of a new, empty PostgreSQL database for this test alone, dropped after it."""
+    url = create_database(postgres_url)
     try:
-        yield database_url(postgres_url, name)
+        yield url
     finally:
-        with psycopg.connect(postgres_url, autocommit=True) as admin:
-            # FORCE: a connection the test left open (or a killed child's) must not keep it alive.
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        drop_database(postgres_url, url)

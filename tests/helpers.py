@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from walstate.storage import Store
+from walstate.storage import Storage
 from walstate.substep import LiveJob, SubStep
+from walstate.testing import connect
 
 
-def new_step(store: Store, name: str = "s", owner: str | None = None) -> SubStep:
+def new_step(store: Storage, name: str = "s", owner: str | None = None) -> SubStep:
     """A fresh pending sub-step in a one-step job, loaded from the database."""
     job_id, _ = store.write.create_job("wf", None, "{}", [(name, "p", 0)])
     epoch = 0
@@ -23,9 +24,18 @@ def new_step(store: Store, name: str = "s", owner: str | None = None) -> SubStep
     return SubStep(job, store.read.steps(job_id)[0])
 
 
+def query(target: str, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+    """Rows of ``sql`` (``?`` placeholders) read by a connection of its own, on either backend."""
+    conn = connect(target)
+    try:
+        return [tuple(r) for r in conn.execute(sql, tuple(params)).fetchall()]
+    finally:
+        conn.close()
+
+
 def stored_state(path: str, step_id: int) -> tuple[str, int]:
     """The sub-step's (state, attempt) as another connection sees it."""
-    conn = sqlite3.connect(path)
+    conn = connect(path)
     try:
         row = conn.execute("SELECT state, attempt FROM walstate_step WHERE id=?", (step_id,)).fetchone()
         return str(row[0]), int(row[1])
@@ -34,7 +44,7 @@ def stored_state(path: str, step_id: int) -> tuple[str, int]:
 
 
 def journal_of(path: str, job_id: int) -> list[tuple[str | None, str, str, int]]:
-    conn = sqlite3.connect(path)
+    conn = connect(path)
     try:
         rows = conn.execute(
             "SELECT step, from_state, to_state, attempt FROM walstate_journal WHERE job_id=? ORDER BY id", (job_id,)

@@ -16,6 +16,10 @@ from walstate.aio import AsyncStepContext
 from walstate.storage import faults
 from walstate.testing import Crash, check_invariants, crash_plans, run_with_crashes
 
+from walstate.testing import connect
+
+pytestmark = pytest.mark.backends
+
 
 class Ctx(BaseModel):
     n: int = 0
@@ -80,7 +84,7 @@ def test_await_once_survives_a_crash_and_a_failed_transactional_async_attempt(db
         e.register(flow)
         job = e.submit(flow, Ctx())
         assert e.run(job).context.charge == "ch_1"
-        rows = e.store.db.connection().execute("SELECT count(*) FROM ledger").fetchone()[0]
+        rows = e.store.db.raw().execute("SELECT count(*) FROM ledger").fetchone()[0]
     assert calls["provider"] == 1 and rows == 1  # once kept across the rollback; the insert exactly once
 
 
@@ -233,9 +237,8 @@ def test_async_handlers_resume_exactly_once_under_any_crash_plan(tmp_path_factor
     outcome = run_with_crashes(flow, Ctx(), path, plan, workers=2)
     check_invariants(path, flow, outcome.job_id)
     assert outcome.state == "succeeded"
-    import sqlite3
 
-    conn = sqlite3.connect(path)
+    conn = connect(path)
     assert conn.execute("SELECT count(*) FROM booked").fetchone()[0] == 1
     conn.close()
     # once() repeats its call only when a crash fell between the call and its record.

@@ -12,6 +12,8 @@ from walstate import Engine, JobFailed, StepContext, UsageError, Workflow
 
 from .conftest import trace
 
+pytestmark = pytest.mark.backends
+
 
 class Order(BaseModel):
     name: str
@@ -107,6 +109,7 @@ def test_a_summary_counts_steps_by_state_so_failed_and_cancelled_jobs_read_truth
                    for s in status.steps.values())
 
 
+@pytest.mark.sqlite_only  # counts SQLite's statements
 def test_a_page_takes_two_selects_whatever_its_size(engine: Engine) -> None:
     log = trace(engine.store.db.connection())
     counts = {}

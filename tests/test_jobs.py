@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from collections import Counter
@@ -28,6 +27,10 @@ from walstate import (
 from walstate.storage import faults
 
 from .conftest import trace
+
+from .helpers import query
+
+pytestmark = pytest.mark.backends
 
 
 class Ctx(BaseModel):
@@ -215,6 +218,7 @@ def test_step_result_records_an_output_apart_from_the_context_update(db_path: st
     assert status.steps["s"].output == {"rows": 3} and status.context.a == 7
 
 
+@pytest.mark.sqlite_only  # counts SQLite's statements
 def test_a_step_completion_with_a_context_update_is_one_commit(db_path: str) -> None:
     flow = Workflow("w", context=Ctx, phases=["p"])
     flow.step(phase="p", name="s")(lambda ctx, step: {"a": 1})
@@ -236,6 +240,7 @@ def test_when_false_skips_the_step(db_path: str) -> None:
     assert status.steps["site"].state == "skipped" and status.state == "succeeded"
 
 
+@pytest.mark.sqlite_only  # counts SQLite's statements
 def test_submit_with_a_known_key_returns_the_same_job_and_creates_nothing(db_path: str) -> None:
     flow = Workflow("w", context=Ctx, phases=["p"])
     flow.step(phase="p", name="s")(lambda ctx, step: None)
@@ -269,8 +274,8 @@ def crashing_flow(calls: Counter[str]) -> Workflow[Ctx]:
     @flow.step(phase="two", transactional=True)
     def menu(ctx: Ctx, step: StepContext) -> dict[str, Any]:
         calls["menu"] += 1
-        step.db.execute_sql("CREATE TABLE IF NOT EXISTS menus (tenant TEXT)")
-        step.db.execute_sql("INSERT INTO menus VALUES (?)", (ctx.tenant,))
+        step.execute("CREATE TABLE IF NOT EXISTS menus (tenant TEXT)")
+        step.execute("INSERT INTO menus VALUES (?)", (ctx.tenant,))
         return {"a": len(ctx.paths)}
 
     @flow.step(phase="two")
@@ -306,7 +311,7 @@ def test_a_succeeded_step_is_never_run_again_after_a_crash_and_its_context_is_re
 def test_a_transactional_effect_interrupted_before_commit_exists_exactly_once(db_path: str) -> None:
     calls, status, e = crash_then_recover(db_path, faults.Crash("handler_after_effect", 2))
     assert calls["menu"] == 2  # ran again after the crash...
-    rows = sqlite3.connect(db_path).execute("SELECT count(*) FROM menus").fetchone()[0]
+    rows = query(db_path, "SELECT count(*) FROM menus")[0][0]
     assert rows == 1  # ...but its writes rolled back with the lost completion
     assert status.state == "succeeded"
     e.close()
@@ -317,14 +322,14 @@ def test_a_handler_that_raises_rolls_back_its_transactional_writes(db_path: str)
 
     @flow.step(phase="p", transactional=True, retry=Retry(max_attempts=2))
     def menu(ctx: Ctx, step: StepContext) -> None:
-        step.db.execute_sql("CREATE TABLE IF NOT EXISTS menus (attempt INT)")
-        step.db.execute_sql("INSERT INTO menus VALUES (?)", (step.attempt,))
+        step.execute("CREATE TABLE IF NOT EXISTS menus (attempt INT)")
+        step.execute("INSERT INTO menus VALUES (?)", (step.attempt,))
         if step.attempt == 1:
             raise RuntimeError("menu service down")
 
     with engine_for(db_path, flow) as e:
         e.run(e.submit("w", Ctx()))
-    assert sqlite3.connect(db_path).execute("SELECT attempt FROM menus").fetchall() == [(2,)]
+    assert query(db_path, "SELECT attempt FROM menus") == [(2,)]
 
 
 def test_once_returns_the_stored_result_without_calling_again_after_a_crash(db_path: str) -> None:

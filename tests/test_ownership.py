@@ -9,7 +9,6 @@ zombies, other pid namespaces, the multi-process load) are in
 from __future__ import annotations
 
 import math
-import sqlite3
 import threading
 import time
 from collections import Counter
@@ -37,6 +36,10 @@ from walstate.ownership import Identity, _proc_stat, owner_alive
 from walstate.testing import check_invariants
 
 from .helpers import wait_until
+
+from walstate.testing import connect
+
+pytestmark = pytest.mark.backends
 
 
 class Ctx(BaseModel):
@@ -326,7 +329,7 @@ def test_a_stored_context_that_no_longer_validates_is_reported_not_raised_raw(db
     with engine_for(db_path, flow) as e:
         bad = e.submit("w", Ctx())
         good = e.submit("w", Ctx())
-    conn = sqlite3.connect(db_path)
+    conn = connect(db_path)
     with conn:
         conn.execute("UPDATE walstate_job SET context=? WHERE id=?", ('{"n": "not a number"}', bad))
     conn.close()

@@ -25,6 +25,8 @@ from walstate import (
 
 from .helpers import wait_until
 
+pytestmark = pytest.mark.backends
+
 
 class Ctx(BaseModel):
     n: int = 0

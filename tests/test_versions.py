@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +24,10 @@ from walstate import (
     Workflow,
 )
 from walstate.storage.versions import migrate_job
+
+from walstate.testing import connect
+
+pytestmark = pytest.mark.backends
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,7 +63,7 @@ def engine_for(path: str, *flows: Workflow[Any]) -> Engine:
 
 def rows(path: str, job: int) -> tuple[Any, ...]:
     """Everything stored about a job, to prove that nothing of it changed."""
-    conn = sqlite3.connect(path)
+    conn = connect(path)
     try:
         return (conn.execute("SELECT * FROM walstate_job WHERE id=?", (job,)).fetchall(),
                 conn.execute("SELECT * FROM walstate_step WHERE job_id=? ORDER BY id", (job,)).fetchall(),
@@ -71,7 +74,7 @@ def rows(path: str, job: int) -> tuple[Any, ...]:
 
 def finish_step(path: str, job: int, step: str) -> None:
     """As if step ``step`` of the job had succeeded before the deploy (test setup)."""
-    conn = sqlite3.connect(path)
+    conn = connect(path)
     with conn:
         conn.execute("UPDATE walstate_step SET state='succeeded', attempt=1 WHERE job_id=? AND name=?", (job, step))
     conn.close()

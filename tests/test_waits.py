@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,11 @@ from walstate import (
 )
 from walstate.storage import faults
 from walstate.testing import check_invariants
+
+from walstate.testing import connect
+from walstate.storage.postgres import is_postgres_url
+
+pytestmark = pytest.mark.backends
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -114,12 +120,13 @@ def test_each_message_goes_to_exactly_one_wait_in_sending_order_and_a_repeated_k
         assert e.run(job).steps["collect"].state == "waiting"  # two consumed, a third awaited
         e.send(job, "item", "c")
         assert e.run(job).context.got == ["a", "b", "c"]
-        consumed = e.store.db.connection().execute(
+        consumed = e.store.db.raw().execute(
             "SELECT count(*), count(DISTINCT consumed_by) FROM walstate_message WHERE job_id=?", (job,)).fetchone()
         assert consumed == (3, 3)
 
 
-def test_a_message_is_delivered_exactly_once_across_crashes_around_its_consumption(db_path: str) -> None:
+def test_a_message_is_delivered_exactly_once_across_crashes_around_its_consumption(
+        new_db: Callable[[str], str]) -> None:
     deliveries = Counter[str]()
     flow = Workflow("w", context=Ctx, phases=["p"])
 
@@ -130,7 +137,7 @@ def test_a_message_is_delivered_exactly_once_across_crashes_around_its_consumpti
         return {"paid": paid}
 
     for point in ("before_consume", "after_consume"):
-        path = f"{db_path}.{point}"
+        path = new_db(point)
         with Engine(path) as e:
             e.register(flow)
             job = e.submit(flow, Ctx())
@@ -292,11 +299,10 @@ def test_two_worker_processes_with_one_schedule_make_exactly_one_job_per_slot(db
     code = SCHEDULED.format(root=str(ROOT), db=db_path)
     procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(2)]
     try:
-        import sqlite3
 
         deadline = time.monotonic() + 30
         while True:
-            conn = sqlite3.connect(db_path)
+            conn = connect(db_path)
             keys = [r[0] for r in conn.execute("SELECT key FROM walstate_job WHERE workflow='tick'")]
             conn.close()
             if len(keys) >= 4:
@@ -309,7 +315,7 @@ def test_two_worker_processes_with_one_schedule_make_exactly_one_job_per_slot(db
         for p in procs:
             p.wait(30)
     assert len(keys) == len(set(keys))  # one job per slot, though both processes ran the schedule
-    assert os.path.exists(db_path)
+    assert is_postgres_url(db_path) or os.path.exists(db_path)
 
 
 def test_a_wait_in_a_later_phase_gets_a_message_sent_after_the_job_parked(db_path: str) -> None:
