@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import sqlite3
 import urllib.parse
 import uuid
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -101,6 +103,9 @@ def postgres_url() -> Iterator[str]:
     if pgserver.find_bindir() is None:
         _no_postgres(f"no PostgreSQL server: install Debian's postgresql or set {POSTGRES_URL_ENV}")
     server = pgserver.start()
+    session = os.getpid()
+    # Also at exit, should the session end without its teardown; not in a forked child.
+    atexit.register(lambda: os.getpid() == session and server.stop())
     try:
         yield server.url
     finally:
@@ -112,19 +117,51 @@ def database_url(base: str, name: str) -> str:
     return urllib.parse.urlsplit(base)._replace(path=f"/{name}").geturl()
 
 
+class _Admin:
+    """One autocommit connection to the server's maintenance database, for the whole session.
+
+    Creating and dropping each test's database through it saves two connections per test;
+    it reconnects if a test broke it (for example by restarting or killing backends).
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.conn: Any = None
+
+    def execute(self, statement: Any) -> None:
+        import psycopg
+
+        if self.conn is None or self.conn.closed:
+            self.conn = psycopg.connect(self.url, autocommit=True)
+        try:
+            self.conn.execute(statement)
+        except psycopg.OperationalError:
+            self.conn.close()
+            self.conn = psycopg.connect(self.url, autocommit=True)
+            self.conn.execute(statement)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+
+
+@pytest.fixture(scope="session")
+def _pg_admin(postgres_url: str) -> Iterator[_Admin]:
+    admin = _Admin(postgres_url)
+    yield admin
+    admin.close()
+
+
 @pytest.fixture
-def pg_database(postgres_url: str) -> Iterator[str]:
+def pg_database(_pg_admin: _Admin) -> Iterator[str]:
     """URL of a new, empty PostgreSQL database for this test alone, dropped after it."""
-    import psycopg
     from psycopg import sql
 
     name = f"walstate_t_{uuid.uuid4().hex[:16]}"
-    with psycopg.connect(postgres_url, autocommit=True) as admin:
-        # template0: never touched by anyone, so the copy is always empty and clean.
-        admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
+    # template0: never touched by anyone, so the copy is always empty and clean.
+    _pg_admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
     try:
-        yield database_url(postgres_url, name)
+        yield database_url(_pg_admin.url, name)
     finally:
-        with psycopg.connect(postgres_url, autocommit=True) as admin:
-            # FORCE: a connection the test left open (or a killed child's) must not keep it alive.
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+        # FORCE: a connection the test left open (or a killed child's) must not keep it alive.
+        _pg_admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
