@@ -29,6 +29,9 @@ Adding a migration
    default; an index gets the same name, columns and ``WHERE``.
 3. Run tests/test_migrations.py: it fails if the upgraded fixture and a fresh
    file differ, or if the fixture's rows do not survive.
+4. Add its PostgreSQL spelling, with the same number, to ``PG_MIGRATIONS`` in
+   :mod:`.pg_schema`; tests/test_pg_schema.py fails until both backends have the
+   same tables, columns and indexes.
 
 :data:`LATEST` (re-exported as ``SCHEMA_VERSION``) follows from the table.
 Files newer than :data:`LATEST` are refused with :class:`SchemaTooNew`.

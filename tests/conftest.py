@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import sqlite3
 import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -92,13 +94,13 @@ def new_db(request: pytest.FixtureRequest, backend: str, tmp_path: Path, db_path
     def make(name: str) -> str:
         if backend != "postgres":
             return str(tmp_path / f"{name}.db")
-        url = create_database(request.getfixturevalue("postgres_url"))
+        url = create_database(request.getfixturevalue("_pg_admin"))
         made.append(url)
         return url
 
     yield make
     for url in made:
-        drop_database(request.getfixturevalue("postgres_url"), url)
+        drop_database(request.getfixturevalue("_pg_admin"), url)
 
 
 @pytest.fixture
@@ -140,6 +142,9 @@ def postgres_url() -> Iterator[str]:
     if pgserver.find_bindir() is None:
         _no_postgres(f"no PostgreSQL server: install Debian's postgresql or set {POSTGRES_URL_ENV}")
     server = pgserver.start()
+    session = os.getpid()
+    # Also at exit, should the session end without its teardown; not in a forked child.
+    atexit.register(lambda: os.getpid() == session and server.stop())
     try:
         yield server.url
     finally:
@@ -151,34 +156,65 @@ def database_url(base: str, name: str) -> str:
     return urllib.parse.urlsplit(base)._replace(path=f"/{name}").geturl()
 
 
-def create_database(base: str) -> str:
-    """Create a new, empty database on the server at ``base``; return its URL."""
-    import psycopg
+class _Admin:
+    """One autocommit connection to the server's maintenance database, for the whole session.
+
+    Creating and dropping each test's database through it saves two connections per test;
+    it reconnects if a test broke it (for example by restarting or killing backends).
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.conn: Any = None
+
+    def execute(self, statement: Any) -> None:
+        import psycopg
+
+        if self.conn is None or self.conn.closed:
+            self.conn = psycopg.connect(self.url, autocommit=True)
+        try:
+            self.conn.execute(statement)
+        except psycopg.OperationalError:
+            self.conn.close()
+            self.conn = psycopg.connect(self.url, autocommit=True)
+            self.conn.execute(statement)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+
+
+@pytest.fixture(scope="session")
+def _pg_admin(postgres_url: str) -> Iterator[_Admin]:
+    admin = _Admin(postgres_url)
+    yield admin
+    admin.close()
+
+
+def create_database(admin: _Admin) -> str:
+    """Create a new, empty database on the admin's server; return its URL."""
     from psycopg import sql
 
     name = f"walstate_t_{uuid.uuid4().hex[:16]}"
-    with psycopg.connect(base, autocommit=True) as admin:
-        # template0: never touched by anyone, so the copy is always empty and clean.
-        admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
-    return database_url(base, name)
+    # template0: never touched by anyone, so the copy is always empty and clean.
+    admin.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
+    return database_url(admin.url, name)
 
 
-def drop_database(base: str, url: str) -> None:
-    """Drop the database ``url`` names, on the server at ``base``."""
-    import psycopg
+def drop_database(admin: _Admin, url: str) -> None:
+    """Drop the database ``url`` names."""
     from psycopg import sql
 
     name = urllib.parse.urlsplit(url).path.lstrip("/")
-    with psycopg.connect(base, autocommit=True) as admin:
-        # FORCE: a connection the test left open (or a killed child's) must not keep it alive.
-        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    # FORCE: a connection the test left open (or a killed child's) must not keep it alive.
+    admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 @pytest.fixture
-def pg_database(postgres_url: str) -> Iterator[str]:
+def pg_database(_pg_admin: _Admin) -> Iterator[str]:
     """URL of a new, empty PostgreSQL database for this test alone, dropped after it."""
-    url = create_database(postgres_url)
+    url = create_database(_pg_admin)
     try:
         yield url
     finally:
-        drop_database(postgres_url, url)
+        drop_database(_pg_admin, url)

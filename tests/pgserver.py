@@ -78,6 +78,22 @@ def _major(name: str) -> int:
     return int(name) if name.isdigit() else -1
 
 
+def scratch_parent() -> str:
+    """Where new clusters go: /dev/shm (RAM) when it has room, else the usual temporary directory.
+
+    Creating a database writes a copy of its template (~8 MB): ~10 ms in RAM against ~200 ms on
+    this machine's busy disk, paid by every PostgreSQL test (each gets a new database). Nothing
+    of a throwaway cluster needs to survive a reboot.
+    """
+    try:
+        st = os.statvfs("/dev/shm")
+        if os.access("/dev/shm", os.W_OK | os.X_OK) and st.f_bavail * st.f_frsize >= 1 << 30:
+            return "/dev/shm"
+    except OSError:
+        pass
+    return tempfile.gettempdir()
+
+
 def _server_user() -> str | None:
     """Who runs the server: None (ourselves) unless we are root, which PostgreSQL refuses."""
     if os.geteuid() != 0:
@@ -133,7 +149,8 @@ def _run(user: str | None, bindir: Path, tool: str, *args: str, cwd: Path, timeo
 def start(root: str | Path | None = None, *, settings: dict[str, str] | None = None, timeout: float = 60) -> Server:
     """Create and start a new cluster in ``root`` (a new temporary directory if None); return it running.
 
-    ``root`` must not exist yet or be empty. ``settings`` replace :data:`TEST_SETTINGS` (the port, the
+    ``root`` must not exist yet or be empty, and the server's user must be able to reach it (its
+    parent directories searchable); None makes a new one in :func:`scratch_parent`. ``settings`` replace :data:`TEST_SETTINGS` (the port, the
     socket directory and listen_addresses are always set). Raises :class:`ServerError` with the server's
     log when something fails; nothing is left running then.
     """
@@ -141,7 +158,7 @@ def start(root: str | Path | None = None, *, settings: dict[str, str] | None = N
     if bindir is None:
         raise ServerError("no PostgreSQL server binaries (initdb, pg_ctl): install Debian's `postgresql` package")
     user = _server_user()
-    base = Path(tempfile.mkdtemp(prefix="walstate-pg-")) if root is None else Path(root)
+    base = Path(tempfile.mkdtemp(prefix="walstate-pg-", dir=scratch_parent())) if root is None else Path(root)
     base.mkdir(parents=True, exist_ok=True)
     if any(base.iterdir()):
         raise ServerError(f"{base}: not empty; give a new directory for the cluster")

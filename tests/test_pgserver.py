@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 pytestmark = pytest.mark.postgres
@@ -34,3 +36,13 @@ def test_the_postgres_fixture_gives_each_test_an_empty_database_on_a_real_server
         names = {str(r[0]) for r in admin.execute("SELECT datname FROM pg_database").fetchall()}
     assert {url.rsplit("/", 1)[1] for url in seen}.isdisjoint(names)
     seen.append(pg_database)
+
+
+def test_the_session_admin_connection_reconnects_after_a_test_terminates_it(_pg_admin: Any, postgres_url: str) -> None:
+    import psycopg
+
+    _pg_admin.execute("SELECT 1")
+    with psycopg.connect(postgres_url, autocommit=True) as other:
+        other.execute("SELECT pg_terminate_backend(%s)", (_pg_admin.conn.info.backend_pid,))
+    _pg_admin.execute("SELECT 1")  # on a new connection
+    assert not _pg_admin.conn.closed
