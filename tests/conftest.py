@@ -86,21 +86,27 @@ def db_path(request: pytest.FixtureRequest, backend: str, tmp_path: Path) -> str
     return str(tmp_path / "walstate.db")
 
 
+#: ``new_db("name")``: another database on the test's backend.
+NewDb = Callable[[str], str]
+
+
 @pytest.fixture
-def new_db(request: pytest.FixtureRequest, backend: str, tmp_path: Path, db_path: str) -> Iterator[Callable[[str], str]]:
+def new_db(request: pytest.FixtureRequest, backend: str, tmp_path: Path) -> Iterator[NewDb]:
     """Makes more databases on the test's backend: ``new_db("name")`` is a new file, or a new PostgreSQL database."""
     made: list[str] = []
 
     def make(name: str) -> str:
-        if backend != "postgres":
-            return str(tmp_path / f"{name}.db")
-        url = create_database(request.getfixturevalue("_pg_admin"))
-        made.append(url)
-        return url
+        if backend == "postgres":
+            made.append(create_database(request.getfixturevalue("_pg_admin")))
+        else:
+            # Unique per call: a Hypothesis test asks for "reference" once per example.
+            made.append(str(tmp_path / f"{name}-{len(made)}.db"))
+        return made[-1]
 
     yield make
-    for url in made:
-        drop_database(request.getfixturevalue("_pg_admin"), url)
+    if backend == "postgres":
+        for url in made:
+            drop_database(request.getfixturevalue("_pg_admin"), url)
 
 
 @pytest.fixture

@@ -126,8 +126,8 @@ def build(shape: Shape, effects: Effects, asynchronous: bool = False) -> Workflo
                 raise RuntimeError(f"{spec.name} fails on purpose")
             value = 1 + sum(getattr(ctx, n) for n in inputs)
             if spec.transactional:
-                step.db.execute_sql("CREATE TABLE IF NOT EXISTS shape_effects (step TEXT)")
-                step.db.execute_sql("INSERT INTO shape_effects VALUES (?)", (spec.name,))
+                step.execute("CREATE TABLE IF NOT EXISTS shape_effects (step TEXT)")
+                step.execute("INSERT INTO shape_effects VALUES (?)", (spec.name,))
             elif spec.uses_once:
                 step.once("external", lambda: effects.record(step))
             else:

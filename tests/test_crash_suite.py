@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 from collections import Counter
@@ -24,15 +23,20 @@ from walstate.testing import (
     Outcome,
     check_invariants,
     crash_plans,
+    connect,
     run_with_crashes,
 )
 from walstate.storage import faults
 from walstate import Workflow
 
-from .conftest import PARALLEL_EXAMPLES, SIGKILL_EXAMPLES
+from .conftest import PARALLEL_EXAMPLES, SIGKILL_EXAMPLES, NewDb
 from .shapes import Effects, Shape, StepShape, build, shapes
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# The whole proof runs on both backends: in-process crashes at fault points,
+# the exhaustive sweep, and real SIGKILLs.
+pytestmark = pytest.mark.backends
 
 #: Totals over the session, written to $WALSTATE_CRASH_STATS (JSON) for closing notes and deep runs.
 TOTALS: Counter[str] = Counter()
@@ -52,12 +56,14 @@ def check_effects(path: str, shape: Shape, job_id: int, external: Counter[str], 
 
     A step that never succeeded (failed, or cancelled because the job failed)
     ran its effect only in attempts a crash interrupted."""
-    conn = sqlite3.connect(path)
+    conn = connect(path)
     try:
         states = dict(conn.execute("SELECT name, state FROM walstate_step WHERE job_id=?", (job_id,)).fetchall())
         try:
             tx = Counter(dict(conn.execute("SELECT step, count(*) FROM shape_effects GROUP BY step").fetchall()))
-        except sqlite3.OperationalError:
+        except Exception as exc:  # sqlite3's or psycopg's "no such table"
+            if "shape_effects" not in str(exc):
+                raise
             tx = Counter()
         interrupted = Counter(dict(conn.execute(
             "SELECT step, count(*) FROM walstate_journal WHERE job_id=? AND note='interrupted' GROUP BY step",
@@ -84,8 +90,8 @@ def check_effects(path: str, shape: Shape, job_id: int, external: Counter[str], 
                                      f"{interrupted[spec.name]} crash(es) interrupted it")
 
 
-def reference_run(tmp: Path, shape: Shape) -> Outcome:
-    return run_shape(shape, Effects(), str(tmp / "reference.db"))
+def reference_run(new_db: NewDb, shape: Shape) -> Outcome:
+    return run_shape(shape, Effects(), new_db("reference"))
 
 
 def run_shape(shape: Shape, effects: Effects, path: str, plan: Sequence[Crash] = (), workers: int = 1,
@@ -97,26 +103,25 @@ def run_shape(shape: Shape, effects: Effects, path: str, plan: Sequence[Crash] =
 
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow], database=None)
 @given(shape=shapes(), plan=crash_plans(max_hit=12))
-def test_any_shape_resumes_exactly_once_under_any_crash_plan(tmp_path_factory: pytest.TempPathFactory,
+def test_any_shape_resumes_exactly_once_under_any_crash_plan(new_db: NewDb,
                                                              shape: Shape, plan: list[Crash]) -> None:
-    crash_and_check(tmp_path_factory, shape, plan, workers=1)
+    crash_and_check(new_db, shape, plan, workers=1)
 
 
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow], database=None,
           max_examples=PARALLEL_EXAMPLES)
 @given(shape=shapes(), plan=crash_plans(max_hit=12))
-def test_parallel_workers_resume_exactly_once_under_any_crash_plan(tmp_path_factory: pytest.TempPathFactory,
+def test_parallel_workers_resume_exactly_once_under_any_crash_plan(new_db: NewDb,
                                                                    shape: Shape, plan: list[Crash]) -> None:
     # Crashes now hit one worker while others are mid-step: the run must stop them all and resume cleanly.
-    crash_and_check(tmp_path_factory, shape, plan, workers=3)
+    crash_and_check(new_db, shape, plan, workers=3)
 
 
-def crash_and_check(tmp_path_factory: pytest.TempPathFactory, shape: Shape, plan: list[Crash], workers: int,
+def crash_and_check(new_db: NewDb, shape: Shape, plan: list[Crash], workers: int,
                     asynchronous: bool = False) -> None:
-    tmp = tmp_path_factory.mktemp("crash")
-    reference = reference_run(tmp, shape)
+    reference = reference_run(new_db, shape)
     effects = Effects()
-    path = str(tmp / "crashed.db")
+    path = new_db("crashed")
     outcome = run_shape(shape, effects, path, plan, workers=workers, asynchronous=asynchronous)
     check_invariants(path, build(shape, Effects()), outcome.job_id, reference)
     check_effects(path, shape, outcome.job_id, effects.counts)
@@ -135,15 +140,15 @@ SWEEP_SHAPE = Shape(2, (
 SWEEP_POSITIONS = 86
 
 
-def sweep(tmp_path: Path, shape: Shape = SWEEP_SHAPE, asynchronous: bool = False) -> int:
+def sweep(new_db: NewDb, shape: Shape = SWEEP_SHAPE, asynchronous: bool = False) -> int:
     """Crash at every reachable (fault point, hit) of ``shape``, resume, check; return positions covered."""
     counter = Injector()
     with counter:
-        reference = run_shape(shape, Effects(), str(tmp_path / "ref.db"), asynchronous=asynchronous)
+        reference = run_shape(shape, Effects(), new_db("ref"), asynchronous=asynchronous)
     positions = [(point, n) for point in POINTS for n in range(1, counter.hits[point] + 1)]
     for point, n in positions:
         effects = Effects()
-        path = str(tmp_path / f"{point}-{n}.db")
+        path = new_db(f"{point}-{n}")
         outcome = run_shape(shape, effects, path, [Crash(point, n)], asynchronous=asynchronous)
         assert outcome.crashes == 1, f"crash at {point}#{n} was not reached"
         check_invariants(path, build(shape, Effects()), outcome.job_id, reference)
@@ -156,8 +161,8 @@ def sweep(tmp_path: Path, shape: Shape = SWEEP_SHAPE, asynchronous: bool = False
     return len(positions)
 
 
-def test_a_crash_at_every_reachable_position_of_a_fixed_workflow_resumes_exactly_once(tmp_path: Path) -> None:
-    assert sweep(tmp_path) == SWEEP_POSITIONS
+def test_a_crash_at_every_reachable_position_of_a_fixed_workflow_resumes_exactly_once(new_db: NewDb) -> None:
+    assert sweep(new_db) == SWEEP_POSITIONS
 
 
 #: SWEEP_SHAPE with each phase's steps chained by `after`: async steps of a phase all run at
@@ -175,16 +180,16 @@ ASYNC_SWEEP_SHAPE = Shape(2, (
 ASYNC_SWEEP_POSITIONS = 95
 
 
-def test_the_sweep_holds_with_async_handlers_too(tmp_path: Path) -> None:
-    assert sweep(tmp_path, ASYNC_SWEEP_SHAPE, asynchronous=True) == ASYNC_SWEEP_POSITIONS
+def test_the_sweep_holds_with_async_handlers_too(new_db: NewDb) -> None:
+    assert sweep(new_db, ASYNC_SWEEP_SHAPE, asynchronous=True) == ASYNC_SWEEP_POSITIONS
 
 
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow], database=None,
           max_examples=PARALLEL_EXAMPLES)
 @given(shape=shapes(), plan=crash_plans(max_hit=12))
 def test_async_handlers_of_any_shape_resume_exactly_once_under_any_crash_plan(
-        tmp_path_factory: pytest.TempPathFactory, shape: Shape, plan: list[Crash]) -> None:
-    crash_and_check(tmp_path_factory, shape, plan, workers=3, asynchronous=True)
+        new_db: NewDb, shape: Shape, plan: list[Crash]) -> None:
+    crash_and_check(new_db, shape, plan, workers=3, asynchronous=True)
 
 
 def spawn(shape: Shape, db: str, effects: str, crash: Crash | None,
@@ -203,8 +208,9 @@ def spawn(shape: Shape, db: str, effects: str, crash: Crash | None,
           max_examples=SIGKILL_EXAMPLES)
 @given(shape=shapes(max_phases=3, max_steps=4), plan=crash_plans(max_hit=10, max_crashes=2))
 def test_a_child_killed_by_sigkill_at_any_point_is_resumed_exactly_once(tmp_path_factory: pytest.TempPathFactory,
+                                                                        new_db: NewDb,
                                                                         shape: Shape, plan: list[Crash]) -> None:
-    sigkill_and_check(tmp_path_factory, shape, plan)
+    sigkill_and_check(tmp_path_factory, new_db, shape, plan)
 
 
 @pytest.mark.slow
@@ -212,15 +218,15 @@ def test_a_child_killed_by_sigkill_at_any_point_is_resumed_exactly_once(tmp_path
           max_examples=max(2, SIGKILL_EXAMPLES // 2))
 @given(shape=shapes(max_phases=3, max_steps=4), plan=crash_plans(max_hit=10, max_crashes=2))
 def test_a_child_with_async_handlers_killed_by_sigkill_is_resumed_exactly_once(
-        tmp_path_factory: pytest.TempPathFactory, shape: Shape, plan: list[Crash]) -> None:
-    sigkill_and_check(tmp_path_factory, shape, plan, asynchronous=True)
+        tmp_path_factory: pytest.TempPathFactory, new_db: NewDb, shape: Shape, plan: list[Crash]) -> None:
+    sigkill_and_check(tmp_path_factory, new_db, shape, plan, asynchronous=True)
 
 
-def sigkill_and_check(tmp_path_factory: pytest.TempPathFactory, shape: Shape, plan: list[Crash],
+def sigkill_and_check(tmp_path_factory: pytest.TempPathFactory, new_db: NewDb, shape: Shape, plan: list[Crash],
                       asynchronous: bool = False) -> None:
     tmp = tmp_path_factory.mktemp("kill")
-    reference = reference_run(tmp, shape)
-    db, effects_file = str(tmp / "jobs.db"), str(tmp / "effects.log")
+    reference = reference_run(new_db, shape)
+    db, effects_file = new_db("jobs"), str(tmp / "effects.log")
     kills = 0
     for crash in [*plan, None]:
         child = spawn(shape, db, effects_file, crash, asynchronous)
