@@ -139,7 +139,8 @@ class PgConn:
         self.conn = conn
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
-        return self.conn.execute(sql if isinstance(sql, Native) else pg_sql(sql), tuple(params))
+        # None, not (), without parameters: psycopg then reads no % as a placeholder (LIKE 'a%').
+        return self.conn.execute(sql if isinstance(sql, Native) else pg_sql(sql), tuple(params) or None)
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> Any:
         cur = self.conn.cursor()

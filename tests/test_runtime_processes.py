@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import sqlite3
 import statistics
 import subprocess
 import sys
@@ -24,7 +23,8 @@ from typing import Any
 import pytest
 
 from walstate import Engine
-from walstate.testing import check_invariants
+from walstate.storage.postgres import is_postgres_url
+from walstate.testing import check_invariants, connect
 
 from . import proc_runtime
 from .conftest import PROFILE
@@ -48,8 +48,8 @@ def poll(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> Non
 
 
 def query(db: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    """Rows read through a connection of their own (what any other process sees)."""
-    conn = sqlite3.connect(db, timeout=10)
+    """Rows read through a connection of their own (what any other process sees), on either backend."""
+    conn = connect(db, timeout=10)
     try:
         return [tuple(r) for r in conn.execute(sql, params).fetchall()]
     finally:
@@ -83,19 +83,37 @@ class Procs:
         self.started: list[subprocess.Popen[bytes]] = []
         self.logs: dict[int, tuple[Path, Path]] = {}
 
-    def _popen(self, args: list[str], **extra: str) -> subprocess.Popen[bytes]:
+    def _popen(self, args: list[str], _WRAP: str | None = None, **extra: str) -> subprocess.Popen[bytes]:
         n = len(self.started)
         out, err = self.tmp / f"proc{n}.out", self.tmp / f"proc{n}.err"
+        command = [sys.executable, *args]
+        if _WRAP is not None:
+            # Another "host": new pid, mount (for /proc) and UTS namespaces; the child dies with unshare.
+            command = ["unshare", "--uts", "--pid", "--mount-proc", "--kill-child=SIGKILL",
+                       "sh", "-c", 'hostname "$0" && exec "$@"', _WRAP, *command]
         with out.open("wb") as o, err.open("wb") as e:
-            p = subprocess.Popen([sys.executable, *args], cwd=ROOT, env={**self.environ, **extra}, stdout=o, stderr=e)
+            p = subprocess.Popen(command, cwd=ROOT, env={**self.environ, **extra}, stdout=o, stderr=e)
         self.started.append(p)
         self.logs[p.pid] = (out, err)
         return p
 
-    def worker(self, concurrency: int, *, ready: bool = True, **extra: str) -> subprocess.Popen[bytes]:
-        """A ``walstate worker`` process; with ``ready``, returned once its worker loop runs."""
-        p = self._popen(["-m", "walstate", "worker", self.db, "--app", "tests.proc_runtime:make_engine",
-                         "--concurrency", str(concurrency), "--grace", "30"], **extra)
+    def worker(self, concurrency: int, *, ready: bool = True, host: tuple[str, float] | None = None,
+               **extra: str) -> subprocess.Popen[bytes]:
+        """A ``walstate worker`` process; with ``ready``, returned once its worker loop runs.
+
+        ``host=(name, skew)`` simulates another host: the worker runs in a pid and UTS namespace of
+        its own (``unshare``, host name ``name``; liveness across them is judged by lease alone),
+        with its wall clock ``skew`` seconds off (``time.time`` patched before walstate loads).
+        """
+        args = ["-m", "walstate", "worker", self.db, "--app", "tests.proc_runtime:make_engine",
+                "--concurrency", str(concurrency), "--grace", "30"]
+        if host is None:
+            p = self._popen(args, **extra)
+        else:
+            name, skew = host
+            code = (f"import runpy, sys, time; real = time.time; time.time = lambda: real() + {skew!r}; "
+                    f"sys.argv = ['walstate', *sys.argv[1:]]; runpy.run_module('walstate', run_name='__main__')")
+            p = self._popen(["-c", code, *args[2:]], _WRAP=name, **extra)
         if ready:
             self.ready(p)
         return p
@@ -117,8 +135,21 @@ class Procs:
 
     def stop(self, p: subprocess.Popen[bytes], timeout: float = 60) -> int:
         """SIGTERM a worker and return its exit code."""
-        p.send_signal(signal.SIGTERM)
+        if isinstance(p.args, list) and p.args[0] == "unshare":
+            # unshare does not pass SIGTERM on: signal the worker itself (its only child).
+            children = Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()
+            for child in children:
+                os.kill(int(child), signal.SIGTERM)
+        else:
+            p.send_signal(signal.SIGTERM)
         return p.wait(timeout=timeout)
+
+    def pid_namespaces(self, p: subprocess.Popen[bytes]) -> set[str]:
+        """The pid namespace of the worker ``p`` runs (of its child, for a simulated host)."""
+        pids = [p.pid]
+        if isinstance(p.args, list) and p.args[0] == "unshare":
+            pids = [int(c) for c in Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()]
+        return {str(os.stat(f"/proc/{pid}/ns/pid").st_ino) for pid in pids}
 
     def kill(self, p: subprocess.Popen[bytes]) -> None:
         p.send_signal(signal.SIGKILL)
@@ -175,9 +206,12 @@ class LoadRun:
     def __init__(self, jobs: list[int], calls: Counter[tuple[int, str]], interrupted: dict[tuple[int, str], int],
                  where: str, summary: str) -> None:
         self.jobs, self.calls, self.interrupted, self.where, self.summary = jobs, calls, interrupted, where, summary
+        #: The pid namespaces (inode numbers) of the workers SIGKILLed.
+        self.killed_ns: set[str] = set()
 
 
-def run_load(db_path: str, effects: str, procs: Procs, tmp_path: Path, signum: signal.Signals) -> LoadRun:
+def run_load(db_path: str, effects: str, procs: Procs, tmp_path: Path, signum: signal.Signals,
+             hosts: list[tuple[str, float]] | None = None) -> LoadRun:
     """4 workers x 8 and 2 submitters; ``LOAD_STOPS`` times a worker gets ``signum`` and is restarted.
 
     Returns once every job succeeded, after checking what holds whatever the signal: nothing reached
@@ -189,33 +223,38 @@ def run_load(db_path: str, effects: str, procs: Procs, tmp_path: Path, signum: s
     rng = random.Random(seed)
     errors = str(tmp_path / "errors.log")
     Engine(db_path).close()  # the schema, before the app's own table
-    conn = sqlite3.connect(db_path)
+    conn = connect(db_path)
     conn.execute("CREATE TABLE app_rows (job_id INTEGER, pid INTEGER)")
     conn.commit()
     conn.close()
+
+    def host(i: int) -> tuple[str, float] | None:
+        return None if hosts is None else hosts[i % len(hosts)]
     n_jobs = LOAD_SUBMITTERS * LOAD_JOBS_PER_SUBMITTER
     expected_calls = n_jobs * len(proc_runtime.LOAD_CALLS)
     began = time.monotonic()
 
-    workers = [procs.worker(LOAD_CONCURRENCY) for _ in range(LOAD_WORKERS)]
+    workers = [procs.worker(LOAD_CONCURRENCY, host=host(i)) for i in range(LOAD_WORKERS)]
     every_worker = list(workers)
     submitters = [procs.script("submit", db_path, str(slot), str(LOAD_JOBS_PER_SUBMITTER), WALSTATE_ERRORS=errors)
                   for slot in range(LOAD_SUBMITTERS)]
     # Each signal comes once the outside calls reach a random share of all of them.
     targets = sorted(rng.uniform(0.05, 0.7) * expected_calls for _ in range(LOAD_STOPS))
     stops = 0
+    killed_ns: set[str] = set()
     for target in targets:
         poll(lambda: len(lines(effects)) >= target, f"{target:.0f} outside calls ({where})", timeout=120)
         # Preferably a worker with a step in flight, so that the signal lands mid-step.
         busy = [i for i, w in enumerate(workers) if w.pid in running_step_pids(db_path)]
         i = rng.choice(busy or list(range(LOAD_WORKERS)))
         if signum == signal.SIGKILL:
+            killed_ns.update(procs.pid_namespaces(workers[i]))
             procs.kill(workers[i])
         else:
             procs.ready(workers[i])  # a worker still starting up would die of SIGTERM before its handler exists
             assert procs.stop(workers[i]) == 0, f"{where}: {procs.err(workers[i])}"
         stops += 1
-        workers[i] = procs.worker(LOAD_CONCURRENCY, ready=False)
+        workers[i] = procs.worker(LOAD_CONCURRENCY, ready=False, host=host(i))
         every_worker.append(workers[i])
     for s in submitters:
         assert s.wait(timeout=120) == 0, procs.err(s)
@@ -232,7 +271,8 @@ def run_load(db_path: str, effects: str, procs: Procs, tmp_path: Path, signum: s
     assert lines(errors) == [], f"{where}: {lines(errors)}"
     busy_logs = {w.pid: procs.err(w) for w in every_worker if "DatabaseBusy" in procs.err(w)}
     assert busy_logs == {}, f"{where}: {busy_logs}"
-    assert query(db_path, "PRAGMA integrity_check") == [("ok",)]
+    if not is_postgres_url(db_path):
+        assert query(db_path, "PRAGMA integrity_check") == [("ok",)]
     jobs = [j for (j,) in query(db_path, "SELECT id FROM walstate_job ORDER BY id")]
     assert len(jobs) == n_jobs
     # The transactional step's row exists exactly once per job.
@@ -253,9 +293,12 @@ def run_load(db_path: str, effects: str, procs: Procs, tmp_path: Path, signum: s
                f"{sum(n.startswith('released') for n in job_notes)} releases, {sum(interrupted.values())} "
                f"interrupted attempts, {sum(n - 1 for n in calls.values())} repeated outside calls, {loop_errors} "
                f"worker-loop errors retried, {elapsed:.1f}s")
-    return LoadRun(jobs, calls, interrupted, where, summary)
+    run = LoadRun(jobs, calls, interrupted, where, summary)
+    run.killed_ns = killed_ns
+    return run
 
 
+@pytest.mark.backends
 def test_four_worker_processes_sigkilled_at_random_finish_every_job_repeating_only_interrupted_calls(
         db_path: str, effects: str, procs: Procs, tmp_path: Path) -> None:
     run = run_load(db_path, effects, procs, tmp_path, signal.SIGKILL)
@@ -265,6 +308,7 @@ def test_four_worker_processes_sigkilled_at_random_finish_every_job_repeating_on
     print(f"runtime load ({run.where}): {run.summary}")
 
 
+@pytest.mark.backends
 def test_four_worker_processes_stopped_with_sigterm_at_random_interrupt_nothing_and_repeat_no_call(
         db_path: str, effects: str, procs: Procs, tmp_path: Path) -> None:
     run = run_load(db_path, effects, procs, tmp_path, signal.SIGTERM)
@@ -273,6 +317,34 @@ def test_four_worker_processes_stopped_with_sigterm_at_random_interrupt_nothing_
     repeated = {k: n for k, n in run.calls.items() if n != 1}
     assert repeated == {}, f"{run.where}: outside calls repeated after SIGTERMs: {repeated}"
     print(f"runtime load ({run.where}): {run.summary}")
+
+
+#: Four simulated hosts: their own pid and UTS namespaces, wall clocks up to 30 s apart.
+HOSTS = [("host-a", -30.0), ("host-b", 30.0), ("host-c", -12.5), ("host-d", 21.0)]
+
+
+@pytest.mark.postgres
+def test_workers_on_four_hosts_with_clocks_30s_apart_share_postgres_and_survive_kills_running_nothing_twice(
+        pg_database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A 5 s lease against clocks 60 s apart: judged by its own clock, a host would find every other
+    # host's lease long expired (or never expiring). Only the server's clock makes them agree.
+    monkeypatch.setenv("WALSTATE_LEASE", "5")
+    effects = str(tmp_path / "effects.log")
+    monkeypatch.setenv("WALSTATE_EFFECTS", effects)
+    procs = Procs(pg_database, tmp_path, effects)
+    try:
+        run = run_load(pg_database, effects, procs, tmp_path, signal.SIGKILL, hosts=HOSTS)
+    finally:
+        procs.close()
+    beyond = {k: (n, run.interrupted.get(k, 0)) for k, n in run.calls.items() if n > 1 + run.interrupted.get(k, 0)}
+    assert beyond == {}, f"{run.where}: outside calls repeated without an interruption: {beyond}"
+    # Every takeover was of a killed worker's job (judged by lease: each worker had a pid namespace
+    # of its own), never of a live host's whose lease a skewed clock misread.
+    taken = {n.split()[2].rstrip(",") for (n,) in query(
+        pg_database, "SELECT note FROM walstate_journal WHERE note LIKE 'claimed from %'")}
+    assert taken, f"{run.where}: no job of a killed worker was taken over"
+    assert {owner.split("|")[1] for owner in taken} <= run.killed_ns, (taken, run.killed_ns)
+    print(f"multi-host load ({run.where}): {run.summary}")
 
 
 # -- SIGTERM ----------------------------------------------------------------------------------
