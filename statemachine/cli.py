@@ -21,6 +21,7 @@ from typing import Any, TextIO
 from .storage import SCHEMA_VERSION, TERMINAL_JOB_STATES, UNFINISHED_JOB_STATES, Storage, open_store
 from .storage.errors import ConfigurationError, ContextInvalid, DefinitionError, VersionNotRegistered, WalstateError
 from .storage.reads import JobRow
+from .storage.postgres import is_postgres_url, redact
 
 from . import operator, views
 from .fsm import STEP
@@ -219,9 +220,9 @@ def cmd_upgrade(args: argparse.Namespace, out: Out) -> int:
     if out.as_json:
         out.json({"applied": list(applied), "schema_version": SCHEMA_VERSION})
     elif applied:
-        out.line(f"{args.db}: upgraded to schema {SCHEMA_VERSION} (applied {', '.join(map(str, applied))})")
+        out.line(f"{store.path}: upgraded to schema {SCHEMA_VERSION} (applied {', '.join(map(str, applied))})")
     else:
-        out.line(f"{args.db}: already at schema {SCHEMA_VERSION}")
+        out.line(f"{store.path}: already at schema {SCHEMA_VERSION}")
     return 0
 
 
@@ -303,8 +304,12 @@ def _app_engine(args: argparse.Namespace) -> Any:
     engine = app if isinstance(app, Engine) else _call_factory(app, args.app, args.db) if callable(app) else None
     if not isinstance(engine, Engine):
         raise ConfigurationError(f"{args.app} is neither an Engine nor a factory taking the database path")
-    if os.path.realpath(engine.path) != os.path.realpath(args.db):
-        raise ConfigurationError(f"{args.app} runs on {engine.path}, not {args.db}")
+    if is_postgres_url(args.db):
+        same = engine.path == redact(args.db)
+    else:
+        same = not is_postgres_url(engine.path) and os.path.realpath(engine.path) == os.path.realpath(args.db)
+    if not same:
+        raise ConfigurationError(f"{args.app} runs on {engine.path}, not {redact(args.db)}")
     return engine
 
 
@@ -494,7 +499,7 @@ def parser() -> argparse.ArgumentParser:
             json_help: str = "print machine-readable JSON only") -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help, description=help)
         if db:
-            sp.add_argument("db", metavar="DB", help="the walstate SQLite file")
+            sp.add_argument("db", metavar="DB", help="the walstate SQLite file, or a postgresql://user@host/db URL")
         if job:
             sp.add_argument("job", metavar="JOB", type=int, help="job id")
         if as_json:

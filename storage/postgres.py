@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import os
+import random
 import re
 import threading
 import time
@@ -149,6 +150,9 @@ class PgConn:
 
     @property
     def in_transaction(self) -> bool:
+        # A lost connection has no transaction left to roll back (the server ended it).
+        if self.conn.broken or self.conn.closed:
+            return False
         return bool(self.conn.info.transaction_status != TransactionStatus.IDLE)
 
 
@@ -217,6 +221,11 @@ class WalstatePgDatabase(WriteLocked, peewee.PostgresqlDatabase):
 
     def raw(self) -> PgConn:
         conn = self.connection()
+        if (conn.broken or conn.closed) and self.transaction_depth() == 0:
+            # The server restarted or dropped this session: start a new one (no
+            # transaction of ours was open, so nothing is lost by it).
+            self.close()
+            conn = self.connection()
         wrapped: PgConn | None = getattr(self._wrapped, "conn", None)
         if wrapped is None or wrapped.conn is not conn:
             wrapped = self._wrapped.conn = PgConn(conn)
@@ -244,15 +253,18 @@ _RETRY = {"40001": "serialization failure", "40P01": "deadlock", "55P03": "lock 
 
 def translate(exc: BaseException, where: str, doing: str) -> DatabaseError:
     """Map a psycopg (or peewee-wrapped) error to walstate's hierarchy, with an actionable message."""
-    cause = exc.__cause__ if isinstance(exc, peewee.PeeweeException) and exc.__cause__ is not None else exc
+    cause: BaseException = exc
+    if isinstance(exc, peewee.PeeweeException):
+        # peewee re-raises the driver's error as its own, with the original as its first argument.
+        inner = exc.args[0] if exc.args and isinstance(exc.args[0], BaseException) else None
+        cause = exc.__cause__ or inner or exc.__context__ or exc
     code = str(getattr(cause, "sqlstate", "") or "")
     text = str(cause).strip()
     if code in _RETRY:
         return DatabaseBusy(f"{where}: {_RETRY[code]} ({text}) while {doing}; retry", where)
     if code == "53100":
         return DatabaseFull(f"{where}: the server's disk is full ({text}) while {doing}; free space and retry", where)
-    if code.startswith(("08", "57P", "53")) or (psycopg is not None and isinstance(cause, psycopg.OperationalError)
-                                                 and not code):
+    if code.startswith(("08", "57P", "53", "3D")) or (psycopg is not None and isinstance(cause, psycopg.OperationalError)):
         return DatabaseUnavailable(
             f"{where}: cannot reach the PostgreSQL server ({text}) while {doing}; check that it runs and "
             "accepts connections from this host", where)
@@ -286,6 +298,12 @@ def open_pg_database(url: str, *, busy_timeout: float = 5.0, readonly: bool = Fa
             raise translate(exc, where, "connecting") from exc
         raise
     return db
+
+
+def _connection_lost(exc: BaseException, conn: Any) -> bool:
+    """Whether ``exc`` means the session is gone (the server ended it, or the network did)."""
+    code = str(getattr(exc, "sqlstate", "") or "")
+    return bool(conn.broken or conn.closed or code.startswith(("08", "57P")))
 
 
 _CHANNEL = "walstate"
@@ -442,6 +460,65 @@ class PgWritePath(WritePath):
         "OR (id, epoch) IN (SELECT (d->>0)::bigint, (d->>1)::bigint FROM json_array_elements(%s::json) AS d)) "
         "ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED"
     )
+
+    #: Attempts of a batch that PostgreSQL aborted as a serialization failure or a deadlock.
+    ATTEMPTS = 4
+
+    def _write_batch(self, batch: list[Any]) -> None:
+        """The batch in one transaction: retried when the server aborted it, settled when the connection dropped.
+
+        A deadlock or serialization failure rolled everything back: the batch is
+        written again (its changes are compare-and-sets, safe to repeat). A
+        connection lost during the transaction, COMMIT included, leaves the
+        outcome unknown: each request's rows are read again on a new
+        connection, and a request is done if its changes are there.
+        """
+        for attempt in range(self.ATTEMPTS):
+            for r in batch:
+                r.error = None
+            try:
+                super()._write_batch(batch)
+                return
+            except (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected):
+                if attempt + 1 == self.ATTEMPTS:
+                    raise
+                time.sleep(random.uniform(0, 0.002 * 2 ** attempt))  # apart, so the two do not meet again
+            except psycopg.OperationalError as exc:
+                if not _connection_lost(exc, self.db.connection()):
+                    raise
+                self.db.close()
+                self._settle(batch, exc)
+                return
+
+    def _settle(self, batch: list[Any], lost: BaseException) -> None:
+        conn = self.db.raw()
+        for r in batch:
+            if r.error is None and not all(self._landed(conn, c) for c in r.changes):
+                r.error = translate(lost, self.path, "committing a state change (the connection was lost; it "
+                                                     "was not written)")
+
+    def _landed(self, conn: Conn, c: Any) -> bool:
+        """Whether change ``c`` is in the database (read after a lost connection)."""
+        if c.expected == c.new:
+            return False  # not tellable from the row: report it as not written (the run retries it)
+        job = conn.execute("SELECT state, epoch FROM walstate_job WHERE id=?", (c.job_id,)).fetchone()
+        if job is None:
+            return False
+        if c.kind == "job":
+            return bool(job[0] == c.new and job[1] == (c.epoch + 1 if c.release else c.epoch))
+        step = conn.execute("SELECT state, attempt FROM walstate_step WHERE id=?", (c.row_id,)).fetchone()
+        return step is not None and job[1] == c.epoch and (step[0], step[1]) == (c.new, c.attempt)
+
+    def create_job(self, workflow: str, key: str | None, context: str, steps: Sequence[tuple[str, str, int]],
+                   version: int = 1, fingerprint: str | None = None) -> tuple[int, str | None]:
+        try:
+            return super().create_job(workflow, key, context, steps, version, fingerprint)
+        except WriteFailed as exc:
+            if not isinstance(exc.__cause__, psycopg.errors.UniqueViolation):
+                raise
+            # Another submit of the same key committed between our look and our
+            # insert (READ COMMITTED): now the look finds its job.
+            return super().create_job(workflow, key, context, steps, version, fingerprint)
 
     def _wake(self, conn: Conn) -> None:
         conn.execute(Native(f"NOTIFY {_CHANNEL}"))

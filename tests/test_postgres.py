@@ -1,0 +1,195 @@
+"""What is PostgreSQL's own: the URL that selects it, its errors, its races, NOTIFY wake-ups, lost connections.
+
+Everything else (jobs, crashes, the sweep, SIGKILLs, the runtime, waits) is the same contract and runs
+on both backends through the ``backends`` marker.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from walstate import DatabaseUnavailable, Engine, StepContext, Workflow
+from walstate.storage import faults, open_store
+from walstate.storage.postgres import PgReader, PgStore, is_postgres_url, qmark_to_format, redact
+from walstate.storage.store import Store
+from walstate.storage.writepath import Change
+
+from .helpers import new_step, query
+
+pytestmark = pytest.mark.postgres
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Ctx(BaseModel):
+    n: int = 0
+
+
+def noop_flow() -> Workflow[Ctx]:
+    flow = Workflow("w", context=Ctx, phases=["p"])
+    flow.step(phase="p", name="one")(lambda ctx, step: {"n": ctx.n + 1})
+    return flow
+
+
+def test_a_postgresql_url_selects_postgres_and_a_path_selects_sqlite(pg_database: str, tmp_path: Path) -> None:
+    pg = open_store(pg_database)
+    lite = open_store(str(tmp_path / "a.db"))
+    try:
+        assert isinstance(pg, PgStore) and isinstance(lite, Store)
+        assert is_postgres_url("postgres://u@h/db") and not is_postgres_url("postgresql.db")
+    finally:
+        pg.close()
+        lite.close()
+
+
+def test_a_wrong_password_is_a_typed_error_that_never_shows_the_password(pg_database: str) -> None:
+    parts = urllib.parse.urlsplit(pg_database)
+    # The test server trusts every local user: ask for a database that does not exist instead,
+    # with a password in the URL, and check what the error says.
+    url = parts._replace(netloc=f"walstate:s3cret-pw@{parts.hostname}:{parts.port}", path="/no_such_db").geturl()
+    with pytest.raises(DatabaseUnavailable) as caught:
+        Engine(url)
+    assert "s3cret-pw" not in str(caught.value) and "***" in str(caught.value)
+    assert redact(url).count("***") == 1 and "s3cret-pw" not in redact(url)
+
+
+def test_step_execute_takes_question_marks_on_postgres_and_leaves_quoted_ones_alone(pg_database: str) -> None:
+    assert qmark_to_format("SELECT '?', x FROM t WHERE a=? AND b LIKE 'a%'") == (
+        "SELECT '?', x FROM t WHERE a=%s AND b LIKE 'a%%'")
+    flow = Workflow("w", context=Ctx, phases=["p"])
+
+    @flow.step(phase="p", transactional=True)
+    def write(ctx: Ctx, step: StepContext) -> None:
+        step.execute("CREATE TABLE IF NOT EXISTS notes (body TEXT, mark TEXT)")
+        step.execute("INSERT INTO notes VALUES (?, '?%')", ("hello",))
+
+    with Engine(pg_database) as e:
+        e.register(flow)
+        assert e.run(e.submit(flow, Ctx())).state == "succeeded"
+    assert query(pg_database, "SELECT body, mark FROM notes") == [("hello", "?%")]
+
+
+def test_two_engines_submitting_one_key_at_the_same_moment_make_one_job(pg_database: str) -> None:
+    flow = noop_flow()
+    engines = [Engine(pg_database), Engine(pg_database)]
+    for e in engines:
+        e.register(flow)
+    try:
+        for round_ in range(20):
+            start = threading.Barrier(2)
+            got: list[Any] = []
+
+            def submit(e: Engine) -> None:
+                start.wait()
+                try:
+                    got.append(e.submit(flow, Ctx(n=round_), key=f"k{round_}"))
+                except BaseException as exc:  # what reached the caller, to report
+                    got.append(exc)
+
+            threads = [threading.Thread(target=submit, args=(e,)) for e in engines]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert len(got) == 2 and got[0] == got[1], got
+        assert query(pg_database, "SELECT count(*) FROM walstate_job") == [(20,)]
+    finally:
+        for e in engines:
+            e.close()
+
+
+def test_another_engines_submit_wakes_an_idle_reader_through_notify_not_the_polling_fallback(
+        pg_database: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(PgReader, "FALLBACK", 3600.0)  # only a notification can change data_version now
+    flow = noop_flow()
+    with Engine(pg_database) as idle, Engine(pg_database) as other:
+        for e in (idle, other):
+            e.register(flow)
+        before = idle.store.read.data_version()
+        other.submit(flow, Ctx())
+        deadline = time.monotonic() + 10
+        while idle.store.read.data_version() == before:
+            assert time.monotonic() < deadline, "no notification reached the idle reader"
+            time.sleep(0.005)
+
+
+def test_step_changes_send_no_notification_only_new_released_and_messaged_jobs_do(pg_database: str) -> None:
+    import psycopg
+
+    store = open_store(pg_database)
+    listener = psycopg.connect(pg_database.replace("postgres://", "postgresql://"), autocommit=True)
+    try:
+        listener.execute("LISTEN walstate")
+        step = new_step(store, owner="me")  # creates a job (one notification) and claims it (none)
+        assert len(list(listener.notifies(timeout=2, stop_after=1))) == 1
+        step.start()  # step changes: no notification
+        step.succeed()
+        store.write.create_job("wf", None, "{}", [("s", "p", 0)])  # a new job: one
+        time.sleep(0.2)  # every notification of the commits above has arrived by now
+        assert len(list(listener.notifies(timeout=0.5))) == 1
+    finally:
+        listener.close()
+        store.close()
+
+
+class _DropConnection(faults.Injector):
+    """At the n-th ``before_commit``, the server ends the writer's session (as a failover or restart would)."""
+
+    def __init__(self, store: Any, admin_url: str) -> None:
+        super().__init__()
+        self.store = store
+        self.admin_url = admin_url
+        self.armed = True
+
+    def hit(self, name: str) -> None:
+        if name == "before_commit" and self.armed:
+            import psycopg
+
+            self.armed = False
+            pid = self.store.db.raw().conn.info.backend_pid  # this thread is the writer
+            with psycopg.connect(self.admin_url, autocommit=True) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+
+def test_a_connection_lost_before_commit_writes_nothing_says_so_and_the_next_write_reconnects(
+        pg_database: str) -> None:
+    store = open_store(pg_database)
+    try:
+        step = new_step(store, owner="me")
+        change = Change("step", step.id, step.job.id, "s", "pending", "running", attempt=1, owner="me",
+                        epoch=step.job.epoch)
+        with _DropConnection(store, pg_database), pytest.raises(DatabaseUnavailable) as caught:
+            store.write.commit([change])
+        assert "was not written" in str(caught.value)
+        assert query(pg_database, "SELECT state FROM walstate_step WHERE id=?", (step.id,)) == [("pending",)]
+        store.write.commit([change])  # a new session, the same change: now it is written
+        assert query(pg_database, "SELECT state FROM walstate_step WHERE id=?", (step.id,)) == [("running",)]
+    finally:
+        store.close()
+
+
+def test_the_cli_lists_and_upgrades_a_postgres_database(pg_database: str) -> None:
+    flow = noop_flow()
+    with Engine(pg_database) as e:
+        e.register(flow)
+        e.run(e.submit(flow, Ctx(), key="one"))
+    env = {"PYTHONPATH": str(ROOT)}
+
+    def cli(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "walstate", *args], capture_output=True, text=True, timeout=60,
+                              env={**__import__("os").environ, **env})
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    rows = json.loads(cli("jobs", pg_database, "--json"))["jobs"]
+    assert [(r["key"], r["state"]) for r in rows] == [("one", "succeeded")]
+    assert "already at schema" in cli("upgrade", pg_database)
