@@ -56,7 +56,7 @@ for name in ("p0", "p1", "p2"):
 @flow.step(phase="two", name="tx", transactional=True)
 def tx(ctx: Ctx, step: StepContext) -> dict[str, Any]:
     time.sleep(random.uniform(0, 0.005))
-    step.db.execute_sql("INSERT INTO app_rows (job_id, step, pid) VALUES (?, ?, ?)",
+    step.execute("INSERT INTO app_rows (job_id, step, pid) VALUES (?, ?, ?)",
                         (step.job_id, step.step, os.getpid()))
     return {"tx": 1}
 

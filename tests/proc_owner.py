@@ -27,7 +27,7 @@ if __name__ == "__main__" and os.environ.get("WALSTATE_HOSTNAME"):
 
 import json  # noqa: E402
 import signal  # noqa: E402
-import sqlite3  # noqa: E402
+from walstate.testing import connect  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
@@ -130,7 +130,7 @@ def fork_kill(path: str, reap: bool) -> dict[str, Any]:
             os._exit(0)
     wait_for(lambda: any(e[:2] == ["start", str(child)] for e in effects(os.environ["WALSTATE_EFFECTS"])),
              "the child to start the held step")
-    conn = sqlite3.connect(path)
+    conn = connect(path)
     stored_owner = conn.execute("SELECT owner FROM walstate_job WHERE id=?", (job,)).fetchone()[0]
     conn.close()
     os.kill(child, signal.SIGKILL)
@@ -153,7 +153,8 @@ def fork_siblings(path: str, n: int, mode: str) -> dict[str, Any]:
     """Two children forked from one Engine's process run (``mode="run"``) or recover the same jobs at once."""
     global HOLD
     results = os.environ["WALSTATE_EFFECTS"] + ".siblings"
-    go = Path(path + ".go")
+    # A flag file beside the effects log (the database may be a URL, not a file).
+    go = Path(os.environ["WALSTATE_EFFECTS"] + ".go")
     engine = Engine(path, workers=2, lease=60)
     engine.register(flow)
     jobs = [engine.submit("owned", Ctx(), key=f"sibling-{i}") for i in range(n)]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +20,7 @@ from walstate.runner import JobRun
 from walstate.storage import faults
 from walstate.storage.writepath import WritePath
 
+from .conftest import NewDb
 from .test_crash_suite import sweep
 
 
@@ -95,8 +95,8 @@ MUTANTS = [journal_in_its_own_transaction, transactional_effect_outside_the_comp
 
 
 @pytest.mark.parametrize("mutant", MUTANTS, ids=[m.__name__ for m in MUTANTS])
-def test_the_crash_sweep_catches_the_mutant(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_the_crash_sweep_catches_the_mutant(new_db: NewDb, monkeypatch: pytest.MonkeyPatch,
                                             mutant: Callable[[pytest.MonkeyPatch], None]) -> None:
     mutant(monkeypatch)
     with pytest.raises((AssertionError, WalstateError)):
-        sweep(tmp_path)
+        sweep(new_db)

@@ -13,7 +13,6 @@ import json
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -31,8 +30,12 @@ from . import proc_load
 from .conftest import PROFILE
 from .proc_owner import Ctx, flow
 
+from walstate.storage.postgres import is_postgres_url
+from walstate.testing import connect
+
+pytestmark = [pytest.mark.slow, pytest.mark.backends]
+
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
@@ -71,7 +74,7 @@ def poll(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> Non
 
 def job_row(db: str, job: int) -> tuple[str, str | None, int, float | None]:
     """``(state, owner, epoch, lease_expires)`` of a job, read through a connection of its own."""
-    conn = sqlite3.connect(db, timeout=10)
+    conn = connect(db, timeout=10)
     try:
         row = conn.execute("SELECT state, owner, epoch, lease_expires FROM walstate_job WHERE id=?", (job,)).fetchone()
         return str(row[0]), row[1], int(row[2]), row[3]
@@ -80,7 +83,7 @@ def job_row(db: str, job: int) -> tuple[str, str | None, int, float | None]:
 
 
 def owner_of(db: str, job: int) -> str | None:
-    conn = sqlite3.connect(db, timeout=10)
+    conn = connect(db, timeout=10)
     try:
         owner: str | None = conn.execute("SELECT owner FROM walstate_job WHERE id=?", (job,)).fetchone()[0]
         return owner
@@ -89,7 +92,7 @@ def owner_of(db: str, job: int) -> str | None:
 
 
 def notes(db: str, job: int, step: str) -> list[str | None]:
-    conn = sqlite3.connect(db, timeout=10)
+    conn = connect(db, timeout=10)
     try:
         return [n for (n,) in conn.execute("SELECT note FROM walstate_journal WHERE job_id=? AND step=? ORDER BY id",
                                            (job, step))]
@@ -343,7 +346,7 @@ def test_a_handler_running_three_leases_in_another_pid_namespace_is_never_taken_
     assert json.loads(out.splitlines()[-1])["state"] == "succeeded", out + err
     ran = Counter((e[0], e[3]) for e in lines(effects))
     assert ran == Counter({("start", "held"): 1, ("end", "held"): 1, ("run", "after"): 1}), ran
-    conn = sqlite3.connect(db_path)
+    conn = connect(db_path)
     claims = conn.execute("SELECT count(*) FROM walstate_journal "
                           "WHERE job_id=? AND step IS NULL AND to_state='running'", (job,)).fetchone()[0]
     conn.close()
@@ -361,7 +364,7 @@ LOAD_STEPS = ("p0", "p1", "p2", "q0")  # the steps with an outside call; "tx" in
 
 def running_step_owners(db: str) -> set[int]:
     """The pids of the owners of jobs with a sub-step running right now."""
-    conn = sqlite3.connect(db, timeout=10)
+    conn = connect(db, timeout=10)
     try:
         owners = conn.execute("SELECT DISTINCT j.owner FROM walstate_step s JOIN walstate_job j ON j.id = s.job_id "
                               "WHERE s.state = 'running' AND j.owner IS NOT NULL").fetchall()
@@ -373,7 +376,7 @@ def running_step_owners(db: str) -> set[int]:
 def run_load(db: str, effects: str, errors: str, kills: int, seed: int) -> int:
     """Run the load processes to their end, SIGKILLing (and restarting) ``kills`` of them; return the kills."""
     rng = random.Random(seed)
-    conn = sqlite3.connect(db)
+    conn = connect(db)
     conn.execute("CREATE TABLE app_rows (job_id INTEGER, step TEXT, pid INTEGER)")
     conn.close()
     environ = env(WALSTATE_EFFECTS=effects, WALSTATE_ERRORS=errors)
@@ -408,7 +411,7 @@ def run_load(db: str, effects: str, errors: str, kills: int, seed: int) -> int:
 
 def load_figures(db: str, effects: str) -> tuple[list[int], Counter[tuple[int, str]], dict[tuple[int, str], int]]:
     """The jobs, how often each (job, step) made its outside call, and how often each was interrupted."""
-    conn = sqlite3.connect(db)
+    conn = connect(db)
     jobs = [j for (j,) in conn.execute("SELECT id FROM walstate_job ORDER BY id")]
     interrupted = {(j, s): n for j, s, n in conn.execute(
         "SELECT job_id, step, count(*) FROM walstate_journal WHERE note='interrupted' GROUP BY job_id, step")}
@@ -418,8 +421,9 @@ def load_figures(db: str, effects: str) -> tuple[list[int], Counter[tuple[int, s
 
 
 def check_load_database(db: str, jobs: list[int]) -> None:
-    conn = sqlite3.connect(db)
-    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    conn = connect(db)
+    if not is_postgres_url(db):
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     states = Counter(state for (state,) in conn.execute("SELECT state FROM walstate_job"))
     rows = Counter(j for (j,) in conn.execute("SELECT job_id FROM app_rows"))
     conn.close()
