@@ -19,6 +19,7 @@ from walstate.cli import duration
 from walstate.storage import Store, retention
 
 from .conftest import trace
+from walstate.testing import connect
 
 DAY = 86400.0
 
@@ -47,7 +48,7 @@ def engine_on(path: str, **kw: Any) -> Engine:
 
 def age(path: str, job_ids: list[int], seconds: float) -> None:
     """Make jobs look as if their last change was ``seconds`` ago (a real file, an older clock)."""
-    conn = sqlite3.connect(path)
+    conn = connect(path)
     with conn:
         conn.executemany("UPDATE walstate_job SET updated_at=? WHERE id=?",
                          [(time.time() - seconds, j) for j in job_ids])
@@ -55,7 +56,7 @@ def age(path: str, job_ids: list[int], seconds: float) -> None:
 
 
 def rows_of(path: str, job_id: int) -> dict[str, int]:
-    conn = sqlite3.connect(path)
+    conn = connect(path)
     counts = {t: conn.execute(f"SELECT count(*) FROM walstate_{t} WHERE {'id' if t == 'job' else 'job_id'}=?",
                               (job_id,)).fetchone()[0] for t in ("job", "step", "journal", "once")}
     conn.close()
@@ -83,6 +84,7 @@ def fill_finished(path: str, n: int, state: str = "succeeded", finished_ago: flo
     conn.close()
 
 
+@pytest.mark.backends
 def test_prune_deletes_old_finished_jobs_with_every_row_and_leaves_unfinished_failed_and_newer_ones(db_path: str) -> None:
     with engine_on(db_path) as engine:
         old_ok = engine.submit("keep", Ctx())
@@ -98,7 +100,7 @@ def test_prune_deletes_old_finished_jobs_with_every_row_and_leaves_unfinished_fa
         from walstate import operator
 
         operator.cancel(engine.store, old_cancelled)
-        conn = sqlite3.connect(db_path)
+        conn = connect(db_path)
         with conn:
             conn.execute("UPDATE walstate_job SET state='running' WHERE id=?", (running,))
         conn.close()
@@ -124,6 +126,7 @@ def test_prune_refuses_states_that_are_not_finished(db_path: str, states: tuple[
         engine.prune(0, states=states)
 
 
+@pytest.mark.backends
 def test_prune_refuses_a_negative_age_and_an_empty_batch(db_path: str) -> None:
     with engine_on(db_path) as engine:
         with pytest.raises(ConfigurationError, match=">= 0"):
