@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import re
 
-from . import (async_bench, dedup_bench, group_commit_bench, harness_bench, jobs_bench, peers_bench, power_loss_bench,
-               prune_bench, recovery_bench, runtime_bench, small_jobs_bench, transitions_bench, waits_bench)
+from . import (async_bench, dedup_bench, group_commit_bench, harness_bench, jobs_bench, peers_bench, postgres_bench,
+               power_loss_bench, prune_bench, recovery_bench, runtime_bench, small_jobs_bench, transitions_bench,
+               waits_bench)
 from .common import RESULTS, Figure
 
 
@@ -50,7 +51,7 @@ def main() -> None:
     figures: list[Figure] = []
     for bench in (transitions_bench, group_commit_bench, jobs_bench, recovery_bench, peers_bench, dedup_bench,
                   power_loss_bench, prune_bench, runtime_bench, small_jobs_bench, waits_bench, async_bench,
-                  harness_bench):
+                  harness_bench, postgres_bench):
         figures += bench.main()
     print("\n### Summary: every ratio, with its target\n")
     print("| figure | baseline | ratio | target | met |")

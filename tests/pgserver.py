@@ -47,6 +47,14 @@ TEST_SETTINGS = {
     "full_page_writes": "off",
 }
 
+#: Settings of a durable server (``start(durable=True)``, for the benchmarks): fsync and
+#: full_page_writes keep PostgreSQL's defaults (on), and every commit waits for its WAL flush.
+DURABLE_SETTINGS = {
+    "listen_addresses": "'127.0.0.1'",
+    "max_connections": "200",
+    "synchronous_commit": "on",
+}
+
 
 class ServerError(RuntimeError):
     """The PostgreSQL server binaries are missing, or the cluster could not be created or started."""
@@ -146,19 +154,24 @@ def _run(user: str | None, bindir: Path, tool: str, *args: str, cwd: Path, timeo
         raise ServerError(f"{tool} failed (exit {proc.returncode}): {proc.stdout}{proc.stderr}".strip())
 
 
-def start(root: str | Path | None = None, *, settings: dict[str, str] | None = None, timeout: float = 60) -> Server:
+def start(root: str | Path | None = None, *, settings: dict[str, str] | None = None, durable: bool = False,
+          timeout: float = 60) -> Server:
     """Create and start a new cluster in ``root`` (a new temporary directory if None); return it running.
 
     ``root`` must not exist yet or be empty, and the server's user must be able to reach it (its
-    parent directories searchable); None makes a new one in :func:`scratch_parent`. ``settings`` replace :data:`TEST_SETTINGS` (the port, the
-    socket directory and listen_addresses are always set). Raises :class:`ServerError` with the server's
+    parent directories searchable); None makes a new one in :func:`scratch_parent`, or on disk when
+    ``durable``. ``settings`` replace :data:`TEST_SETTINGS` (the port, the socket directory and
+    listen_addresses are always set); ``durable`` uses :data:`DURABLE_SETTINGS` instead (fsync on,
+    ``synchronous_commit=on``: what the benchmarks measure against). Raises :class:`ServerError` with the server's
     log when something fails; nothing is left running then.
     """
     bindir = find_bindir()
     if bindir is None:
         raise ServerError("no PostgreSQL server binaries (initdb, pg_ctl): install Debian's `postgresql` package")
     user = _server_user()
-    base = Path(tempfile.mkdtemp(prefix="walstate-pg-", dir=scratch_parent())) if root is None else Path(root)
+    # A durable server's WAL flushes must reach a disk: /dev/shm would make fsync free.
+    parent = tempfile.gettempdir() if durable else scratch_parent()
+    base = Path(tempfile.mkdtemp(prefix="walstate-pg-", dir=parent)) if root is None else Path(root)
     base.mkdir(parents=True, exist_ok=True)
     if any(base.iterdir()):
         raise ServerError(f"{base}: not empty; give a new directory for the cluster")
@@ -177,7 +190,8 @@ def start(root: str | Path | None = None, *, settings: dict[str, str] | None = N
         last: ServerError | None = None
         for _ in range(5):
             port = _free_port()
-            conf = dict(TEST_SETTINGS if settings is None else settings)
+            default = DURABLE_SETTINGS if durable else TEST_SETTINGS
+            conf = dict(default if settings is None else settings)
             conf.update(listen_addresses="'127.0.0.1'", port=str(port), unix_socket_directories=f"'{data}'")
             # Later lines win in postgresql.conf, so a restart keeps the same settings.
             with open(data / "postgresql.conf", "a", encoding="utf-8") as f:

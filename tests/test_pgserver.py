@@ -46,3 +46,21 @@ def test_the_session_admin_connection_reconnects_after_a_test_terminates_it(_pg_
         other.execute("SELECT pg_terminate_backend(%s)", (_pg_admin.conn.info.backend_pid,))
     _pg_admin.execute("SELECT 1")  # on a new connection
     assert not _pg_admin.conn.closed
+
+
+def test_a_durable_server_keeps_fsync_and_synchronous_commit_on_with_its_data_on_disk() -> None:
+    import psycopg
+
+    from . import pgserver
+
+    if pgserver.find_bindir() is None:
+        pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl) to start a durable server with")
+    settings = ("fsync", "full_page_writes", "synchronous_commit")
+    server = pgserver.start(durable=True)
+    try:
+        with psycopg.connect(server.url) as conn:
+            assert [conn.execute(f"SHOW {name}").fetchone() for name in settings] == [("on",)] * 3
+            datadir = conn.execute("SHOW data_directory").fetchone()
+        assert datadir is not None and not str(datadir[0]).startswith("/dev/shm")
+    finally:
+        server.stop()
