@@ -193,3 +193,23 @@ def test_the_cli_lists_and_upgrades_a_postgres_database(pg_database: str) -> Non
     rows = json.loads(cli("jobs", pg_database, "--json"))["jobs"]
     assert [(r["key"], r["state"]) for r in rows] == [("one", "succeeded")]
     assert "already at schema" in cli("upgrade", pg_database)
+
+
+def test_a_server_that_does_not_answer_is_database_unavailable_naming_the_url() -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"postgresql://walstate:pw@127.0.0.1:{port}/jobs"
+    with pytest.raises(DatabaseUnavailable) as caught:
+        Engine(url, busy_timeout=1.0)
+    assert f"127.0.0.1:{port}/jobs" in str(caught.value) and "pw@" not in str(caught.value)
+
+
+def test_without_the_driver_a_postgres_url_says_which_extra_to_install(pg_database: str) -> None:
+    code = ("import sys; sys.modules['psycopg'] = None\n"  # as if walstate[postgres] were not installed
+            "from walstate import Engine, ConfigurationError\n"
+            f"try:\n    Engine({pg_database!r})\nexcept ConfigurationError as exc:\n    print(exc)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "pip install 'walstate[postgres]'" in done.stdout, done.stderr
