@@ -163,7 +163,9 @@ class Engine:
     while a run lives, however long its handlers take. ``clock`` (wall-clock
     seconds) is what leases are measured with; tests inject one. On
     PostgreSQL it is corrected to the server's clock, so hosts whose clocks
-    disagree still agree on when a lease expires.
+    disagree still agree on when a lease expires (an injected clock once, at
+    start, unless it is over an hour off: then it is a test's simulated time
+    and is used as it is).
     ``group_commit`` lets parallel sub-steps' changes share one commit (one
     fsync under ``"full"``); each trigger still returns only after its own
     change is durable. ``sync_interval`` (seconds, ``None`` for off) bounds

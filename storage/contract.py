@@ -58,7 +58,7 @@ class Storage(Protocol):
         ...
 
     def synced(self, local: Callable[[], float]) -> Callable[[], float]:
-        """The clock leases and wake-ups use: on PostgreSQL the server's, for the default ``time.time``."""
+        """``local`` as leases and wake-ups must use it (on PostgreSQL: corrected to the server's clock)."""
         ...
 
     def close(self) -> None:

@@ -37,6 +37,7 @@ needed), and peewee 4 drives it natively, so a transactional step's
 from __future__ import annotations
 
 import functools
+import math
 import os
 import random
 import re
@@ -377,6 +378,10 @@ class _Side:
                 self._drop()
 
 
+#: An injected clock further than this (seconds) from the server's is a simulated time, not skew.
+SIMULATED = 3600.0
+
+
 class ServerClock:
     """The local clock ``local`` corrected to the PostgreSQL server's clock.
 
@@ -579,12 +584,19 @@ class PgStore:
         _stores.add(self)
 
     def synced(self, local: Callable[[], float]) -> Callable[[], float]:
-        """The clock leases and wake-ups use: the server's for the default ``time.time``.
+        """``local`` corrected to the server's clock: what leases and wake-ups are measured with.
 
-        A clock an application injects (a test's fake clock) is used as it is:
-        correcting it would undo the jumps it is there to make.
+        For the default ``time.time`` the offset is measured again every 30 s.
+        A clock an application injects is corrected once, when the engine
+        starts: its skew is taken out and the jumps it makes later are kept
+        (measuring again would undo them). An injected clock more than
+        :data:`SIMULATED` seconds off the server's is not a skewed clock but a
+        test's simulated time (a date to run schedules at): it is used as it is.
         """
-        return self.clock if local is time.time else local
+        if local is time.time:
+            return self.clock
+        corrected = ServerClock(local, self._side.offset, refresh=math.inf)
+        return local if abs(corrected.offset) > SIMULATED else corrected
 
     def close(self) -> None:
         """Close this thread's connection and the listener (other threads' connections close when they end)."""

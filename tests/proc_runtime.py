@@ -120,7 +120,10 @@ def make_engine(path: str) -> Engine:
     logging.basicConfig(level=logging.WARNING, format="%(name)s %(levelname)s %(message)s")
     # WALSTATE_LEASE: the multi-host load test's short lease, so that a killed "host"'s jobs
     # (judged by lease alone from another pid namespace) are taken over within seconds.
-    engine = Engine(path, workers=3, lease=float(os.environ.get("WALSTATE_LEASE", "60")))
+    # WALSTATE_CLOCK_SKEW: an app whose Engine is given a clock that many seconds off (a simulated host).
+    skew = float(os.environ.get("WALSTATE_CLOCK_SKEW", "0"))
+    clock = (lambda: time.time() + skew) if skew else time.time
+    engine = Engine(path, workers=3, lease=float(os.environ.get("WALSTATE_LEASE", "60")), clock=clock)
     for flow in (load, slow, capped, ping):
         engine.register(flow)
     return engine

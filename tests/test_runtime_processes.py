@@ -97,20 +97,23 @@ class Procs:
         self.logs[p.pid] = (out, err)
         return p
 
-    def worker(self, concurrency: int, *, ready: bool = True, host: tuple[str, float] | None = None,
+    def worker(self, concurrency: int, *, ready: bool = True, host: tuple[str, float, str] | None = None,
                **extra: str) -> subprocess.Popen[bytes]:
         """A ``walstate worker`` process; with ``ready``, returned once its worker loop runs.
 
-        ``host=(name, skew)`` simulates another host: the worker runs in a pid and UTS namespace of
-        its own (``unshare``, host name ``name``; liveness across them is judged by lease alone),
-        with its wall clock ``skew`` seconds off (``time.time`` patched before walstate loads).
+        ``host=(name, skew, how)`` simulates another host: the worker runs in a pid and UTS namespace
+        of its own (``unshare``, host name ``name``; liveness across them is judged by lease alone),
+        with its clock ``skew`` seconds off: ``how="patched"`` patches ``time.time`` before walstate
+        loads (the machine's clock is off), ``"injected"`` gives the app's Engine a skewed ``clock=``.
         """
         args = ["-m", "walstate", "worker", self.db, "--app", "tests.proc_runtime:make_engine",
                 "--concurrency", str(concurrency), "--grace", "30"]
         if host is None:
             p = self._popen(args, **extra)
+        elif host[2] == "injected":
+            p = self._popen(args, _WRAP=host[0], WALSTATE_CLOCK_SKEW=repr(host[1]), **extra)
         else:
-            name, skew = host
+            name, skew, _ = host
             code = (f"import runpy, sys, time; real = time.time; time.time = lambda: real() + {skew!r}; "
                     f"sys.argv = ['walstate', *sys.argv[1:]]; runpy.run_module('walstate', run_name='__main__')")
             p = self._popen(["-c", code, *args[2:]], _WRAP=name, **extra)
@@ -211,7 +214,7 @@ class LoadRun:
 
 
 def run_load(db_path: str, effects: str, procs: Procs, tmp_path: Path, signum: signal.Signals,
-             hosts: list[tuple[str, float]] | None = None) -> LoadRun:
+             hosts: list[tuple[str, float, str]] | None = None) -> LoadRun:
     """4 workers x 8 and 2 submitters; ``LOAD_STOPS`` times a worker gets ``signum`` and is restarted.
 
     Returns once every job succeeded, after checking what holds whatever the signal: nothing reached
@@ -228,7 +231,7 @@ def run_load(db_path: str, effects: str, procs: Procs, tmp_path: Path, signum: s
     conn.commit()
     conn.close()
 
-    def host(i: int) -> tuple[str, float] | None:
+    def host(i: int) -> tuple[str, float, str] | None:
         return None if hosts is None else hosts[i % len(hosts)]
     n_jobs = LOAD_SUBMITTERS * LOAD_JOBS_PER_SUBMITTER
     expected_calls = n_jobs * len(proc_runtime.LOAD_CALLS)
@@ -324,8 +327,9 @@ HOSTS = [("host-a", -30.0), ("host-b", 30.0), ("host-c", -12.5), ("host-d", 21.0
 
 
 @pytest.mark.postgres
+@pytest.mark.parametrize("how", ["patched", "injected"])
 def test_workers_on_four_hosts_with_clocks_30s_apart_share_postgres_and_survive_kills_running_nothing_twice(
-        pg_database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        pg_database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
     # A 5 s lease against clocks 60 s apart: judged by its own clock, a host would find every other
     # host's lease long expired (or never expiring). Only the server's clock makes them agree.
     monkeypatch.setenv("WALSTATE_LEASE", "5")
@@ -333,7 +337,7 @@ def test_workers_on_four_hosts_with_clocks_30s_apart_share_postgres_and_survive_
     monkeypatch.setenv("WALSTATE_EFFECTS", effects)
     procs = Procs(pg_database, tmp_path, effects)
     try:
-        run = run_load(pg_database, effects, procs, tmp_path, signal.SIGKILL, hosts=HOSTS)
+        run = run_load(pg_database, effects, procs, tmp_path, signal.SIGKILL, hosts=[(h, skew, how) for h, skew in HOSTS])
     finally:
         procs.close()
     beyond = {k: (n, run.interrupted.get(k, 0)) for k, n in run.calls.items() if n > 1 + run.interrupted.get(k, 0)}
