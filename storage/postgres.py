@@ -238,9 +238,10 @@ class WalstatePgDatabase(WriteLocked, peewee.PostgresqlDatabase):
     def after_fork_in_child(self) -> None:
         super().after_fork_in_child()
         self._wrapped = threading.local()
-        with self._pool_lock:
-            _ABANDONED.extend(self._idle)
-            self._idle = []
+        # No lock here: a parent's thread may have held it at fork(). The idle
+        # sessions are the parent's: parked, never closed from the child.
+        _ABANDONED.extend(self._idle)
+        self._idle = []
         self._pool_lock = threading.Lock()
 
     def portable(self, sql: str) -> str:
