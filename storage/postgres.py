@@ -378,6 +378,12 @@ class _Side:
             if self.pid == os.getpid():
                 self._drop()
 
+    def after_fork_in_child(self) -> None:
+        """Park the parent's session and lock (a parent's thread may have held it at fork)."""
+        if self.conn is not None:
+            _ABANDONED.append(self.conn)
+        self.conn, self.pid, self.lock = None, os.getpid(), threading.Lock()
+
 
 #: An injected clock further than this (seconds) from the server's is a simulated time, not skew.
 SIMULATED = 3600.0
@@ -411,6 +417,9 @@ class ServerClock:
         # server on this very host): the local clock is kept as it is then.
         self.offset = 0.0 if abs(offset) <= max(rtt, 0.002) else offset
         self._next = time.monotonic() + self.refresh
+
+    def after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()
 
     def __call__(self) -> float:
         if time.monotonic() >= self._next and self._lock.acquire(blocking=False):
@@ -609,6 +618,8 @@ class PgStore:
     def _after_fork_in_child(self) -> None:
         self.db.after_fork_in_child()
         self.write.after_fork_in_child()
+        self._side.after_fork_in_child()
+        self.clock.after_fork_in_child()
 
 
 __all__ = ["PgStore", "ServerClock", "WalstatePgDatabase", "is_postgres_url", "pg_sql", "redact", "translate"]
