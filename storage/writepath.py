@@ -11,7 +11,10 @@ all-or-nothing on its own.
 
 Statements are fixed class-level strings with ``?`` placeholders, executed on
 peewee's connection: peewee's query builder costs several times the raw
-statement per change on this hot path.
+statement per change on this hot path. They are written in the SQL SQLite and
+PostgreSQL share; :class:`walstate.storage.postgres.PgWritePath` runs the same
+code on PostgreSQL (``BEGIN`` instead of ``BEGIN IMMEDIATE``, row locks where
+SQLite's single writer made them unneeded, the few spellings that differ).
 """
 
 from __future__ import annotations
