@@ -140,7 +140,8 @@ def redact(url: str) -> str:
     netloc = parts.netloc
     if "@" in netloc:
         userinfo, _, hosts = netloc.rpartition("@")
-        netloc = f"{userinfo.split(':', 1)[0]}@{hosts}"
+        user, colon, _ = userinfo.partition(":")
+        netloc = f"{user}:***@{hosts}" if colon else f"{user}@{hosts}"
     query = urllib.parse.urlencode(
         [(k, "***" if k.lower() == "password" else v) for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)],
         safe="*",

@@ -43,7 +43,6 @@ import random
 import re
 import threading
 import time
-import urllib.parse
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -59,6 +58,7 @@ from .errors import (
     DatabaseUnavailable,
     WriteFailed,
 )
+from .pg_schema import ensure_pg_schema, redact
 from .reads import Reader
 from .writepath import Conn, WritePath
 
@@ -75,16 +75,6 @@ SCHEMES = ("postgresql://", "postgres://")
 def is_postgres_url(target: object) -> bool:
     """Whether ``target`` names a PostgreSQL database (``postgresql://…``) rather than a SQLite file."""
     return isinstance(target, str) and target.startswith(SCHEMES)
-
-
-def redact(url: str) -> str:
-    """``url`` without its password, for messages and logs."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)
-    user = netloc[0].split(":", 1)[0]
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[1]}"))
 
 
 class Native(str):
@@ -564,8 +554,6 @@ class PgStore:
         sync_interval: float | None = None,
         database_id: str | None = None,
     ) -> None:
-        from .pg_schema import ensure_pg_schema
-
         if durability not in ("normal", "full"):
             raise ConfigurationError(f"durability must be 'normal' or 'full', not {durability!r}")
         self.url = url

@@ -270,7 +270,7 @@ def test_a_schema_1_postgres_database_upgrades_to_the_same_rows_as_the_sqlite_fi
 
 def test_redact_removes_passwords_from_urls_and_connection_strings() -> None:
     assert redact("postgresql://app:s3cr:et@db.example:5432/jobs?sslmode=require") == (
-        "postgresql://app@db.example:5432/jobs?sslmode=require")
+        "postgresql://app:***@db.example:5432/jobs?sslmode=require")
     assert redact("postgresql://app@h/db?password=s3cret&application_name=w") == (
         "postgresql://app@h/db?password=***&application_name=w")
     assert redact("host=h user=app password='s3 cret' dbname=jobs") == "host=h user=app password=*** dbname=jobs"
