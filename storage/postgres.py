@@ -41,6 +41,7 @@ import math
 import os
 import random
 import re
+import select
 import threading
 import time
 import weakref
@@ -304,7 +305,7 @@ _CLAIM_LOCK = 0x77616C63
 
 
 class _Side:
-    """One extra connection per process: it listens for wake-ups and reads the server's clock.
+    """One extra session per process that listens for wake-ups; also reads the server's clock.
 
     Kept apart from the connections of writers and handlers, so a listener is
     never inside someone's transaction. Reconnects on the next use after a
@@ -333,7 +334,14 @@ class _Side:
         """How many notifications arrived since the last call (they coalesce; any count > 0 means 'look')."""
         with self.lock:
             try:
-                return sum(1 for _ in self._connection().notifies(timeout=0))
+                conn = self._connection()
+                # A poll of the socket first: idle workers ask 50 times a second, and
+                # psycopg's notifies() costs far more than select() when nothing came.
+                # (This session runs no other query, so no notification can have
+                # arrived with a query's result instead.)
+                if not select.select([conn.fileno()], [], [], 0)[0]:
+                    return 0
+                return sum(1 for _ in conn.notifies(timeout=0))
             except psycopg.Error:
                 self._drop()
                 return 1  # unknown: assume something happened
@@ -341,18 +349,19 @@ class _Side:
     def offset(self, local: Callable[[], float]) -> tuple[float, float]:
         """``(server time minus local time, round trip)`` measured now, both in seconds.
 
-        ``local`` is read just before and just after the query, under the lock:
-        the server read its clock somewhere between the two.
+        On a short session of its own (every 30 s at most), so the listening
+        session never runs a query. ``local`` is read just before and just after
+        the query: the server read its clock somewhere between the two.
         """
-        with self.lock:
-            try:
-                conn = self._connection()
+        try:
+            with psycopg.connect(self.url, autocommit=True, application_name="walstate-clock",
+                                 connect_timeout=5) as conn:
                 before = local()
-                value = conn.execute("SELECT extract(epoch FROM clock_timestamp())::float8").fetchone()[0]
+                row: Any = conn.execute("SELECT extract(epoch FROM clock_timestamp())::float8").fetchone()
                 after = local()
-            except psycopg.Error as exc:
-                self._drop()
-                raise translate(exc, self.where, "reading the server's clock") from exc
+                value = row[0]
+        except psycopg.Error as exc:
+            raise translate(exc, self.where, "reading the server's clock") from exc
         return float(value) - (before + after) / 2, after - before
 
     def _drop(self) -> None:
