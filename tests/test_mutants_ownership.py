@@ -202,3 +202,118 @@ def test_a_cancellation_request_is_accepted_only_for_an_unfinished_job(db_path: 
         e.run(other)
         assert e.store.write.request_cancel(other) is False
         assert e.store.read.cancel_requested([other]) == set()
+
+
+def refuse_writes(db_path: str, table: str, event: str) -> None:
+    """A real trigger in the file that makes SQLite abort every ``event`` on ``table``."""
+    import sqlite3
+
+    conn = sqlite3.connect(db_path)
+    try:
+        conn.execute(f"CREATE TRIGGER refuse_{table}_{event.lower()} BEFORE {event} ON {table} "
+                     "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END")
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def test_every_write_sqlite_refuses_fails_with_a_message_saying_what_it_was_doing(db_path: str) -> None:
+    import pytest
+
+    from walstate.storage.errors import WriteFailed
+
+    job = pending_job(db_path)
+    store = Store(db_path)
+    try:
+        epoch = claim(store, job, "me", lease_expires=5000.0)
+        refuse_writes(db_path, "walstate_once", "INSERT")
+        with pytest.raises(WriteFailed, match=r"while recording once\('call'\) of step 'only': refused by the test"):
+            store.write.record_once(job, "only", "call", "1")
+        refuse_writes(db_path, "walstate_job", "INSERT")
+        with pytest.raises(WriteFailed, match=r"while creating a 'w' job: refused by the test"):
+            store.write.create_job("w", None, "{}", [("only", "p", 0)])
+        refuse_writes(db_path, "walstate_job", "UPDATE")
+        calls = [
+            (lambda: store.write.renew(job, "me", epoch, 6000.0), f"renewing the lease on job {job}"),
+            (lambda: store.write.release(job, "me", epoch, "bye"), f"releasing job {job}"),
+            (lambda: store.write.request_cancel(job), f"requesting the cancellation of job {job}"),
+            (lambda: store.write.claim(job, state="running", epoch=epoch, owner="x", lease_expires=1.0, note="n"),
+             f"claiming job {job}"),
+            (lambda: store.write.claim_runnable(owner="x", lease_expires=1.0, limit=1, workflows=["w"], now=0.0,
+                                                dead=[(job, epoch)]), "claiming runnable jobs"),
+        ]
+        for call, doing in calls:
+            with pytest.raises(WriteFailed, match=f"while {doing}: refused by the test"):
+                call()
+        row = row_of(store, job)
+        assert (row.owner, row.epoch, row.lease_expires) == ("me", epoch, 5000.0)  # nothing was written
+    finally:
+        store.close()
+
+
+# -- the runtime: the worker's thread, handles, leaving a worker's with block --------------
+
+
+def test_a_worker_loops_on_a_daemon_thread_named_walstate_worker(db_path: str) -> None:
+    import threading
+
+    with Engine(db_path) as e:
+        e.register(one_step_flow())
+        with e.start_worker(concurrency=1):
+            loops = [t for t in threading.enumerate() if t.name == "walstate-worker"]
+            assert len(loops) == 1
+            assert loops[0].daemon  # an app that forgets stop_worker() still exits
+
+
+def test_a_handle_without_a_timeout_waits_for_the_end_and_one_with_a_timeout_says_what_goes_on(
+        db_path: str) -> None:
+    import re
+    import threading
+
+    import pytest
+
+    release = threading.Event()
+    flow = Workflow("w", context=Ctx, phases=["p"])
+
+    @flow.step(phase="p")
+    def only(ctx: Ctx, step: StepContext) -> None:
+        release.wait(10)
+
+    with Engine(db_path) as e:
+        e.register(flow)
+        handle = e.start(flow, Ctx())
+        with pytest.raises(TimeoutError, match=re.escape(
+                f"{db_path}: job {handle.id} has not ended within 0.05s (it is running); it goes on")):
+            handle.result(timeout=0.05)
+        release.set()
+        assert handle.result().state == "succeeded"  # no timeout: waits as long as it takes
+
+
+def test_leaving_a_workers_with_block_lets_its_jobs_in_flight_run_to_their_end(db_path: str) -> None:
+    import threading
+
+    entered, release = threading.Event(), threading.Event()
+    flow = Workflow("w", context=Ctx, phases=["p", "q"])
+
+    @flow.step(phase="p")
+    def first(ctx: Ctx, step: StepContext) -> None:
+        entered.set()
+        release.wait(10)
+
+    flow.step(phase="q", name="second")(lambda ctx, step: None)
+    with Engine(db_path) as e:
+        e.register(flow)
+        job = int(e.submit(flow, Ctx()))
+        with e.start_worker(concurrency=1) as worker:
+            assert entered.wait(10)
+
+            def release_once_stopping() -> None:
+                while worker.running:  # the with block is being left: the loop has stopped claiming
+                    time.sleep(0.005)
+                release.set()
+
+            releaser = threading.Thread(target=release_once_stopping)
+            releaser.start()
+        releaser.join(10)
+        # Drained: the job ran its second step too instead of being released after the first.
+        assert e.status(job).state == "succeeded"
