@@ -317,3 +317,15 @@ def test_leaving_a_workers_with_block_lets_its_jobs_in_flight_run_to_their_end(d
         releaser.join(10)
         # Drained: the job ran its second step too instead of being released after the first.
         assert e.status(job).state == "succeeded"
+
+
+def test_stopping_a_worker_waits_for_its_loop_to_end_and_a_never_started_one_stops_at_once(db_path: str) -> None:
+    from walstate.runtime import Worker
+
+    with Engine(db_path) as e:
+        e.register(one_step_flow())
+        worker = e.start_worker(concurrency=1)
+        assert worker.running
+        e.stop_worker(drain=True, grace=5)
+        assert not worker.running  # stop() joined the loop: it claims nothing after stop_worker returns
+        Worker(e, 1).stop(drain=True, grace=5)  # never started: no thread to join, nothing in flight
