@@ -329,3 +329,108 @@ def test_stopping_a_worker_waits_for_its_loop_to_end_and_a_never_started_one_sto
         e.stop_worker(drain=True, grace=5)
         assert not worker.running  # stop() joined the loop: it claims nothing after stop_worker returns
         Worker(e, 1).stop(drain=True, grace=5)  # never started: no thread to join, nothing in flight
+
+
+# -- the worker's loop: wake-ups, not busy loops (counted in statements, not in seconds) --------
+
+
+class WorkerStatements:
+    """Every SQL statement the worker's loop thread runs, traced on its own (real) SQLite connection.
+
+    The loop thread opens its connection on its first read; peewee opens it
+    with ``connect_params``, so a ``sqlite3.Connection`` subclass set there
+    traces that connection and no other.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        import sqlite3
+        import threading
+
+        statements = self.statements = []
+
+        class Traced(sqlite3.Connection):
+            def __init__(self, *args: object, **kwargs: object) -> None:
+                super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+                if threading.current_thread().name == "walstate-worker":
+                    self.set_trace_callback(statements.append)
+
+        engine.store.db.connect_params["factory"] = Traced
+
+    def polls(self) -> int:
+        return sum(1 for s in list(self.statements) if s.strip().upper() == "PRAGMA DATA_VERSION")
+
+    def others(self) -> int:
+        return len(list(self.statements)) - self.polls()
+
+
+def test_a_worker_polls_every_20_ms_and_scans_for_dead_owners_every_half_second_by_default(db_path: str) -> None:
+    from walstate.runtime import Worker
+
+    with Engine(db_path) as e:
+        e.register(one_step_flow())
+        assert (Worker(e, 1).poll, Worker(e, 1).scan) == (0.02, 0.5)  # the module docstring's figures
+        with e.start_worker(concurrency=1) as worker:
+            assert (worker.poll, worker.scan) == (0.02, 0.5)
+
+
+def test_an_idle_worker_only_reads_the_data_version_at_each_poll_once_it_has_looked(db_path: str) -> None:
+    from walstate.runtime import Worker
+
+    from .helpers import wait_until
+
+    with Engine(db_path) as e:
+        e.register(one_step_flow())
+        seen = WorkerStatements(e)
+        worker = Worker(e, 1, scan=3600.0).start()  # no scan during the test: only polls
+        try:
+            wait_until(lambda: seen.polls() >= 5)
+            looked = seen.others()  # the first round: next wake-up, dead owners, runnable jobs
+            assert looked > 0
+            wait_until(lambda: seen.polls() >= 30)
+            assert seen.others() == looked  # nothing changed in the file: no other read, no claim
+        finally:
+            worker.stop(drain=True, grace=5)
+
+
+def test_an_idle_worker_with_a_long_poll_reads_nothing_until_woken_or_stopped(db_path: str) -> None:
+    from walstate.runtime import Worker
+
+    from .helpers import wait_until
+
+    with Engine(db_path) as e:
+        e.register(one_step_flow())
+        seen = WorkerStatements(e)
+        worker = Worker(e, 1, poll=3600.0, scan=3600.0).start()
+        try:
+            wait_until(lambda: seen.polls() == 1 and seen.others() > 0)
+            worker.wake()
+            wait_until(lambda: seen.polls() == 2)
+        finally:
+            worker.stop(drain=True, grace=5)
+        assert seen.polls() == 2  # it slept between: no busy loop
+
+
+def test_an_idle_worker_claims_a_job_another_connection_commits_at_its_next_poll(db_path: str) -> None:
+    from walstate.runtime import Worker
+
+    from .helpers import wait_until
+
+    flow = one_step_flow()
+    with Engine(db_path) as e:
+        e.register(flow)
+        seen = WorkerStatements(e)
+        worker = Worker(e, 1, scan=3600.0).start()  # no scan: only the data version can tell
+        try:
+            wait_until(lambda: seen.polls() >= 3)
+            with Engine(db_path) as other:  # its own connection, as another process would have
+                other.register(flow)
+                job = int(other.submit("w", Ctx()))
+            mark = len(seen.statements)
+            wait_until(lambda: e.status(job).state == "succeeded", timeout=5.0)
+            after = seen.statements[mark:]
+            claim_at = next(i for i, s in enumerate(after) if s.upper().startswith("UPDATE WALSTATE_JOB SET OWNER"))
+            assert sum(1 for s in after[:claim_at] if s.strip().upper() == "PRAGMA DATA_VERSION") <= 2
+        finally:
+            # Built by hand, the worker is not the engine's: the engine's end-of-job call never reaches it,
+            # so it would wait out a drain for a job that has ended. Nothing runs: stop without one.
+            worker.stop(drain=False, grace=0)
