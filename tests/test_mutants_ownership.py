@@ -434,3 +434,126 @@ def test_an_idle_worker_claims_a_job_another_connection_commits_at_its_next_poll
             # Built by hand, the worker is not the engine's: the engine's end-of-job call never reaches it,
             # so it would wait out a drain for a job that has ended. Nothing runs: stop without one.
             worker.stop(drain=False, grace=0)
+
+
+def test_a_worker_refuses_a_concurrency_below_one_and_counts_the_jobs_it_claims(db_path: str) -> None:
+    import pytest
+
+    from walstate.runtime import Worker
+    from walstate.storage.errors import ConfigurationError
+
+    flow = one_step_flow()
+    with Engine(db_path) as e:
+        e.register(flow)
+        with pytest.raises(ConfigurationError, match="concurrency must be >= 1, not 0"):
+            Worker(e, 0)
+        with e.start_worker(concurrency=1) as worker:
+            for _ in range(2):  # one after the other: two claims of one job each
+                assert e.handle(e.submit(flow, Ctx())).result(timeout=10).state == "succeeded"
+            assert worker.claimed == 2
+
+
+def test_a_workers_scan_takes_no_job_whose_owner_is_alive_here_or_elsewhere(db_path: str) -> None:
+    import threading
+
+    from .helpers import wait_until
+
+    entered, release = threading.Event(), threading.Event()
+    flow = Workflow("w", context=Ctx, phases=["p"])
+
+    @flow.step(phase="p")
+    def only(ctx: Ctx, step: StepContext) -> None:
+        if ctx.n == 1:
+            entered.set()
+            release.wait(10)
+
+    elsewhere = pending_job(db_path)
+    store = Store(db_path)
+    try:
+        # Another host's run (another boot id: judged by its lease, which has a long time to go).
+        foreign = f"another-boot|1|another-host|1|1|nonce"
+        claim(store, elsewhere, foreign, lease_expires=time.time() + 3600)
+        with Engine(db_path) as here, Engine(db_path) as e:
+            here.register(flow)
+            e.register(flow)
+            running_here = here.start(flow, Ctx(n=1))  # a live run of this process, in another engine
+            assert entered.wait(10)
+            mine = row_of(store, running_here.id)
+            seen = WorkerStatements(e)
+            with e.start_worker(concurrency=2):
+                wait_until(lambda: any("job_owned_unfinished" in s for s in list(seen.statements))
+                           and seen.polls() >= 3)  # its first scan for dead owners is over
+                assert (row_of(store, elsewhere).owner, row_of(store, elsewhere).epoch) == (foreign, 1)
+                assert (row_of(store, running_here.id).owner, row_of(store, running_here.id).epoch) == (
+                    mine.owner, mine.epoch)
+                release.set()
+                assert running_here.result(timeout=10).state == "succeeded"
+    finally:
+        release.set()
+        store.close()
+
+
+def test_a_full_worker_looks_for_no_job_and_claims_one_as_soon_as_its_concurrency_is_raised(db_path: str) -> None:
+    import threading
+
+    from .helpers import wait_until
+
+    entered, release = threading.Event(), threading.Event()
+    flow = Workflow("w", context=Ctx, phases=["p"])
+
+    @flow.step(phase="p")
+    def only(ctx: Ctx, step: StepContext) -> None:
+        if ctx.n == 1:
+            entered.set()
+            release.wait(10)
+
+    def scans() -> int:
+        return sum(1 for s in list(seen.statements) if "job_owned_unfinished" in s)
+
+    def looks() -> int:
+        return sum(1 for s in list(seen.statements) if s.startswith("SELECT 1 FROM walstate_job WHERE state IN"))
+
+    with Engine(db_path) as e:
+        e.register(flow)
+        seen = WorkerStatements(e)
+        worker = e.start_worker(concurrency=1)
+        try:
+            wait_until(lambda: scans() >= 1)  # the first scan set the next one half a second away
+            worker.scan = 3600.0
+            wait_until(lambda: scans() >= 2)  # and that one an hour away: only wake-ups and commits count now
+            first = e.start(flow, Ctx(n=1))
+            assert entered.wait(10)
+            second = int(e.submit(flow, Ctx(n=2)))
+            mark_looks, mark_polls = looks(), seen.polls()
+            wait_until(lambda: seen.polls() >= mark_polls + 3)  # it has seen the submit's commit
+            assert looks() == mark_looks  # no free slot: it does not even look for a runnable job
+            assert e.status(second).state == "pending"
+            e.start_worker(concurrency=2)  # a wake-up with no commit: the freed slot alone must be filled
+            wait_until(lambda: e.status(second).state == "succeeded", timeout=5.0)
+            release.set()
+            assert first.result(timeout=10).state == "succeeded"
+        finally:
+            release.set()
+            e.stop_worker(drain=True, grace=5)
+
+
+def test_a_worker_does_not_try_to_claim_again_a_job_it_found_it_cannot_run(db_path: str) -> None:
+    from .helpers import wait_until
+
+    old = Workflow("w", context=Ctx, phases=["p"])
+    old.step(phase="p", name="one")(lambda ctx, step: None)
+    with Engine(db_path) as e:
+        e.register(old)
+        stale = int(e.submit(old, Ctx()))
+    new = Workflow("w", context=Ctx, phases=["p", "q"])
+    new.step(phase="p", name="one")(lambda ctx, step: None)
+    new.step(phase="q", name="two")(lambda ctx, step: None)
+    with Engine(db_path) as e:
+        e.register(new)
+        seen = WorkerStatements(e)
+        with e.start_worker(1) as worker:
+            wait_until(lambda: stale in worker.unrunnable)
+            polls = seen.polls()
+            wait_until(lambda: seen.polls() >= polls + 5)  # it has seen the release's commit
+            # One claim transaction, the one that took the job; none after it was given back.
+            assert sum(1 for s in list(seen.statements) if s.upper().startswith("BEGIN")) == 1
