@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import time
+
+import pytest
 from pydantic import BaseModel
 
 from walstate import Engine, StepContext, Workflow
@@ -557,3 +559,103 @@ def test_a_worker_does_not_try_to_claim_again_a_job_it_found_it_cannot_run(db_pa
             wait_until(lambda: seen.polls() >= polls + 5)  # it has seen the release's commit
             # One claim transaction, the one that took the job; none after it was given back.
             assert sum(1 for s in list(seen.statements) if s.upper().startswith("BEGIN")) == 1
+
+
+# -- ownership: identity, batch claims, heartbeat failures and pacing ------------------------
+
+
+def test_this_process_identity_names_its_host_pid_and_start_time() -> None:
+    import socket
+
+    from walstate.ownership import _proc_stat
+
+    me = Identity.current()
+    stat = _proc_stat(os.getpid())
+    assert stat is not None
+    assert (me.host, me.pid, me.start) == (socket.gethostname(), os.getpid(), stat[1])
+    assert me.token("n").split("|")[2:5] == [socket.gethostname(), str(os.getpid()), stat[1]]
+
+
+def test_while_a_batch_claim_of_this_process_is_in_flight_its_owner_counts_as_alive() -> None:
+    from walstate import ownership
+    from walstate.ownership import Claiming
+
+    token = ownership.identity().token("claiming")
+    assert not owner_alive(token, 5, lease_expires=None, now=0.0)
+    with Claiming(token):
+        assert owner_alive(token, 5, lease_expires=None, now=0.0)  # any job: the claim has not named them yet
+    assert not owner_alive(token, 5, lease_expires=None, now=0.0)
+
+
+def test_a_failed_renewal_is_logged_with_its_job_and_error_and_the_other_claims_are_still_renewed(
+        db_path: str, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    import sqlite3
+
+    failing, fine = pending_job(db_path), pending_job(db_path)
+    store = Store(db_path)
+    hb = Heartbeat(3600.0, store.write.renew, clock=lambda: 1000.0)
+    try:
+        epochs = {job: claim(store, job, "me", lease_expires=10.0) for job in (failing, fine)}
+        for job in (failing, fine):  # the failing one first: its error must not stop the round
+            hb.add(Claim(job, "me", epochs[job], lambda reason: None))
+        conn = sqlite3.connect(db_path)
+        conn.execute(f"CREATE TRIGGER refuse BEFORE UPDATE ON walstate_job WHEN OLD.id = {failing} "
+                     "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END")
+        conn.commit()
+        conn.close()
+        with caplog.at_level(logging.WARNING, logger="walstate"):
+            hb.beat()
+        assert row_of(store, fine).lease_expires == 4600.0
+        assert row_of(store, failing).lease_expires == 10.0
+        [record] = [r for r in caplog.records if "renewal failed" in r.getMessage()]
+        assert record.getMessage().startswith(f"job {failing}: lease renewal failed (")
+        assert "refused by the test" in record.getMessage()
+        assert record.getMessage().endswith("); retrying in 1200.0s")
+        assert getattr(record, "walstate_job") == failing
+
+        caplog.clear()
+        claim(store, fine, "someone else", lease_expires=9999.0)
+        with caplog.at_level(logging.WARNING, logger="walstate"):
+            hb.beat()
+        [lost] = [r for r in caplog.records if "claim lost" in r.getMessage()]
+        assert lost.getMessage() == f"job {fine}: claim lost (epoch {epochs[fine]}); stopping its run"
+        assert getattr(lost, "walstate_job") == fine
+    finally:
+        hb.close()
+        store.close()
+
+
+def test_a_heartbeat_renews_once_a_period_and_looks_for_cancellations_at_the_ticks_between() -> None:
+    import threading
+
+    from walstate.ownership import POLL_INTERVAL
+
+    events: list[str] = []
+    lock = threading.Lock()
+
+    def renew(job_id: int, owner: str, epoch: int, lease_expires: float) -> bool:
+        with lock:
+            events.append("renew")
+        return False
+
+    def poll(jobs: list[int]) -> set[int]:
+        with lock:
+            events.append("poll")
+        return set()
+
+    assert POLL_INTERVAL == 0.25
+    hb = Heartbeat(3 * 4 * POLL_INTERVAL, renew, poll=poll)  # a period of four ticks
+    try:
+        hb.add(Claim(1, "me", 1, lambda reason: None))
+        deadline = time.monotonic() + 10
+        while events.count("renew") < 2:
+            assert time.monotonic() < deadline, "the heartbeat never renewed twice"
+            time.sleep(0.01)
+    finally:
+        hb.close()
+    with lock:
+        first = events.index("renew")
+        second = events.index("renew", first + 1)
+        # Not at once, not at every tick: the ticks before each renewal only look for cancellations.
+        assert first >= 2 and second - first >= 3, events
