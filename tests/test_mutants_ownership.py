@@ -648,6 +648,8 @@ def test_a_heartbeat_renews_once_a_period_and_looks_for_cancellations_at_the_tic
     hb = Heartbeat(3 * 4 * POLL_INTERVAL, renew, poll=poll)  # a period of four ticks
     try:
         hb.add(Claim(1, "me", 1, lambda reason: None))
+        assert hb._thread is not None and hb._thread.name == "walstate-heartbeat"
+        assert hb._thread.daemon  # it never keeps the process alive
         deadline = time.monotonic() + 10
         while events.count("renew") < 2:
             assert time.monotonic() < deadline, "the heartbeat never renewed twice"
