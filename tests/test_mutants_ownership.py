@@ -661,3 +661,20 @@ def test_a_heartbeat_renews_once_a_period_and_looks_for_cancellations_at_the_tic
         second = events.index("renew", first + 1)
         # Not at once, not at every tick: the ticks before each renewal only look for cancellations.
         assert first >= 2 and second - first >= 3, events
+
+
+def test_closing_a_heartbeat_waits_for_a_renewal_in_progress_to_end() -> None:
+    import threading
+
+    inside = threading.Event()
+
+    def slow_renew(job_id: int, owner: str, epoch: int, lease_expires: float) -> bool:
+        inside.set()
+        time.sleep(0.2)  # a slow disk: the renewal is still running when close() is called
+        return False
+
+    hb = Heartbeat(0.03, slow_renew)  # a period of 10 ms: it renews at once
+    hb.add(Claim(1, "me", 1, lambda reason: None))
+    assert inside.wait(10)
+    hb.close()
+    assert hb._thread is not None and not hb._thread.is_alive()  # close() joined it: no write after close
