@@ -220,8 +220,6 @@ def refuse_writes(db_path: str, table: str, event: str) -> None:
 
 
 def test_every_write_sqlite_refuses_fails_with_a_message_saying_what_it_was_doing(db_path: str) -> None:
-    import pytest
-
     from walstate.storage.errors import WriteFailed
 
     job = pending_job(db_path)
@@ -245,8 +243,9 @@ def test_every_write_sqlite_refuses_fails_with_a_message_saying_what_it_was_doin
                                                 dead=[(job, epoch)]), "claiming runnable jobs"),
         ]
         for call, doing in calls:
-            with pytest.raises(WriteFailed, match=f"while {doing}: refused by the test"):
+            with pytest.raises(WriteFailed, match=f"while {doing}: refused by the test") as failed:
                 call()
+            assert str(failed.value).startswith(f"{db_path}: ") and failed.value.path == db_path
         row = row_of(store, job)
         assert (row.owner, row.epoch, row.lease_expires) == ("me", epoch, 5000.0)  # nothing was written
     finally:
@@ -678,3 +677,101 @@ def test_closing_a_heartbeat_waits_for_a_renewal_in_progress_to_end() -> None:
     assert inside.wait(10)
     hb.close()
     assert hb._thread is not None and not hb._thread.is_alive()  # close() joined it: no write after close
+
+
+# -- the write path: shared batches, explained misses, errors naming the file -------------
+
+
+def test_in_a_shared_batch_a_failing_request_loses_all_its_changes_and_only_it_fails(db_path: str) -> None:
+    import json
+    import threading
+
+    from walstate.storage.errors import StaleState, WalstateError
+    from walstate.storage.writepath import Change, ContextPatch
+
+    from .helpers import wait_until
+
+    store = Store(db_path)
+    try:
+        jobs = {}
+        for name in ("lead", "two", "fine", "patched"):
+            job, _ = store.write.create_job("wf", None, "{}", [("a", "p", 0), ("b", "p", 1)])
+            jobs[name] = (job, claim(store, job, "me", lease_expires=5000.0), store.read.steps(job))
+
+        def move(name: str, step: int, expected: str, **extra: object) -> Change:
+            job, epoch, steps = jobs[name]
+            s = steps[step]
+            return Change("step", s.id, job, s.name, expected, "running", 1, "me", epoch, **extra)  # type: ignore[arg-type]
+
+        requests = {
+            "lead": [move("lead", 0, "pending")],
+            # Two changes, the second misses: the first must be undone with it.
+            "two": [move("two", 0, "pending"), move("two", 1, "running")],
+            "fine": [move("fine", 0, "pending")],
+            # One change with a context patch that misses: the patch must be undone too.
+            "patched": [move("patched", 0, "running",
+                             context=ContextPatch({"x": 1}, lambda merged: json.dumps(merged)))],
+        }
+        results: dict[str, str] = {}
+
+        def call(name: str) -> None:
+            try:
+                store.write.commit(requests[name])
+                results[name] = "ok"
+            except WalstateError as exc:
+                results[name] = type(exc).__name__
+
+        with store.db.write_lock:  # the first leader waits here while the others queue behind it
+            lead = threading.Thread(target=call, args=("lead",))
+            lead.start()
+            wait_until(lambda: store.write._leader)
+            others = [threading.Thread(target=call, args=(n,)) for n in ("two", "fine", "patched")]
+            for t in others:
+                t.start()
+            wait_until(lambda: len(store.write._queue) == 3)
+        for t in [lead, *others]:
+            t.join(10)
+        assert store.write.batches == 2  # the lead alone, then the three together
+        assert results == {"lead": "ok", "two": StaleState.__name__, "fine": "ok", "patched": StaleState.__name__}
+        assert [s.state for s in store.read.steps(jobs["two"][0])] == ["pending", "pending"]
+        assert [s.state for s in store.read.steps(jobs["fine"][0])] == ["running", "pending"]
+        assert row_of(store, jobs["patched"][0]).context == "{}"
+    finally:
+        store.close()
+
+
+def test_a_change_that_misses_says_whether_the_claim_was_lost_or_the_row_moved_on(db_path: str) -> None:
+    from walstate.storage.errors import LeaseLost, StaleState
+    from walstate.storage.writepath import Change
+
+    job = pending_job(db_path)
+    store = Store(db_path)
+    try:
+        mine = claim(store, job, "me", lease_expires=5000.0)
+        step = store.read.steps(job)[0]
+        with pytest.raises(StaleState) as moved:
+            store.write.commit([Change("step", step.id, job, "only", "running", "succeeded", 1, "me", mine)])
+        assert str(moved.value) == (
+            f"{db_path}: sub-step 'only' of job {job} is 'pending', not 'running' as expected for the move to "
+            "'succeeded'; another writer changed it first; reload it and decide again")
+        assert (moved.value.kind, moved.value.row_id, moved.value.expected, moved.value.actual) == (
+            "step", step.id, "running", "pending")
+        with pytest.raises(StaleState) as missing:
+            store.write.commit([Change("step", 999_999, job, "gone", "pending", "running", 1, "me", mine)])
+        assert missing.value.actual is None
+
+        theirs = claim(store, job, "other", lease_expires=6000.0)
+        lost_tail = ("this run lost its claim (the job was recovered, cancelled or retried elsewhere) and must "
+                     "stop writing to it")
+        with pytest.raises(LeaseLost) as lost_step:
+            store.write.commit([Change("step", step.id, job, "only", "pending", "running", 1, "me", mine)])
+        assert str(lost_step.value) == (
+            f"{db_path}: sub-step 'only' of job {job} is now held by 'other' (claim epoch {theirs}), not by 'me' "
+            f"(epoch {mine}); {lost_tail}")
+        with pytest.raises(LeaseLost) as lost_job:
+            store.write.commit([Change("job", job, job, None, "running", "succeeded", 0, "me", mine)])
+        assert str(lost_job.value) == (
+            f"{db_path}: job {job} is now held by 'other' (claim epoch {theirs}), not by 'me' (epoch {mine}); "
+            f"{lost_tail}")
+    finally:
+        store.close()
