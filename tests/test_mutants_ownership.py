@@ -775,3 +775,53 @@ def test_a_change_that_misses_says_whether_the_claim_was_lost_or_the_row_moved_o
             f"{lost_tail}")
     finally:
         store.close()
+
+
+def test_a_batch_claim_keeps_each_workflow_within_its_budget_and_journals_whom_it_took_from(db_path: str) -> None:
+    store = Store(db_path)
+    try:
+        def job(workflow: str, steps: int = 1) -> int:
+            return store.write.create_job(workflow, None, "{}", [(f"s{i}", "p", i) for i in range(steps)])[0]
+
+        dead = job("w")  # running, its owner found dead: taken over, and it was already counted as running
+        dead_epoch = claim(store, dead, "dead-owner", lease_expires=0.0)
+        released = job("w")  # running with no owner (given back): a claim of it adds one running job
+        store.write.release(released, "x", claim(store, released, "x", lease_expires=0.0), "given back")
+        blocked = job("w")  # pending: over the budget
+        other = job("v", steps=0)  # no budget; cancellation asked for; no steps
+        store.write.request_cancel(other)
+        got = store.write.claim_runnable(owner="me", lease_expires=7000.0, limit=3, workflows=["w", "v"],
+                                         now=0.0, dead=[(dead, dead_epoch)], limits={"w": 1})
+        assert [(wf, state, prior, c.job_id) for wf, state, prior, c in got] == [
+            ("w", "running", "dead-owner", dead), ("v", "pending", None, other)]
+        assert [(c.cancel_requested, c.steps) for _, _, _, c in got] == [(False, got[0][3].steps), (True, [])]
+        assert len(got[0][3].steps) == 1
+        assert row_of(store, blocked).state == "pending" and row_of(store, released).owner is None
+        entries = {j: store.read.journal(j)[-1] for j in (dead, other)}
+        assert [(e.step, e.from_state, e.to_state, e.attempt, e.note) for e in entries.values()] == [
+            (None, "running", "running", 0, "claimed from dead-owner, found dead"),
+            (None, "pending", "running", 0, "claimed")]
+
+        fresh = [job("b2") for _ in range(3)] + [job("b1")]
+        got = store.write.claim_runnable(owner="me", lease_expires=7000.0, limit=5, workflows=["b2", "b1"],
+                                         now=0.0, limits={"b2": 2, "b1": 1})
+        assert [c.job_id for _, _, _, c in got] == [fresh[0], fresh[1], fresh[3]]
+    finally:
+        store.close()
+
+
+def test_a_context_change_for_a_job_that_does_not_exist_is_refused_as_stale(db_path: str) -> None:
+    import json
+
+    from walstate.storage.errors import StaleState
+    from walstate.storage.writepath import Change, ContextPatch
+
+    store = Store(db_path)
+    try:
+        patch = ContextPatch({"x": 1}, lambda merged: json.dumps(merged))
+        with pytest.raises(StaleState) as gone:
+            store.write.commit([Change("job", 4242, 4242, None, "running", "succeeded", context=patch)])
+        assert str(gone.value) == f"{db_path}: job 4242 does not exist"
+        assert (gone.value.kind, gone.value.row_id, gone.value.expected, gone.value.actual) == ("job", 4242, "", None)
+    finally:
+        store.close()
