@@ -227,11 +227,13 @@ def test_every_write_sqlite_refuses_fails_with_a_message_saying_what_it_was_doin
     try:
         epoch = claim(store, job, "me", lease_expires=5000.0)
         refuse_writes(db_path, "walstate_once", "INSERT")
-        with pytest.raises(WriteFailed, match=r"while recording once\('call'\) of step 'only': refused by the test"):
+        with pytest.raises(WriteFailed, match=r"while recording once\('call'\) of step 'only': refused by the test") as once:
             store.write.record_once(job, "only", "call", "1")
+        assert once.value.path == db_path
         refuse_writes(db_path, "walstate_job", "INSERT")
-        with pytest.raises(WriteFailed, match=r"while creating a 'w' job: refused by the test"):
+        with pytest.raises(WriteFailed, match=r"while creating a 'w' job: refused by the test") as create:
             store.write.create_job("w", None, "{}", [("only", "p", 0)])
+        assert create.value.path == db_path
         refuse_writes(db_path, "walstate_job", "UPDATE")
         calls = [
             (lambda: store.write.renew(job, "me", epoch, 6000.0), f"renewing the lease on job {job}"),
