@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import time
+
+import pytest
 from pydantic import BaseModel
 
 from walstate import Engine, StepContext, Workflow
@@ -202,3 +204,626 @@ def test_a_cancellation_request_is_accepted_only_for_an_unfinished_job(db_path: 
         e.run(other)
         assert e.store.write.request_cancel(other) is False
         assert e.store.read.cancel_requested([other]) == set()
+
+
+def refuse_writes(db_path: str, table: str, event: str) -> None:
+    """A real trigger in the file that makes SQLite abort every ``event`` on ``table``."""
+    import sqlite3
+
+    conn = sqlite3.connect(db_path)
+    try:
+        conn.execute(f"CREATE TRIGGER refuse_{table}_{event.lower()} BEFORE {event} ON {table} "
+                     "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END")
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def test_every_write_sqlite_refuses_fails_with_a_message_saying_what_it_was_doing(db_path: str) -> None:
+    from walstate.storage.errors import WriteFailed
+
+    job = pending_job(db_path)
+    store = Store(db_path)
+    try:
+        epoch = claim(store, job, "me", lease_expires=5000.0)
+        refuse_writes(db_path, "walstate_once", "INSERT")
+        with pytest.raises(WriteFailed, match=r"while recording once\('call'\) of step 'only': refused by the test") as once:
+            store.write.record_once(job, "only", "call", "1")
+        assert once.value.path == db_path
+        refuse_writes(db_path, "walstate_job", "INSERT")
+        with pytest.raises(WriteFailed, match=r"while creating a 'w' job: refused by the test") as create:
+            store.write.create_job("w", None, "{}", [("only", "p", 0)])
+        assert create.value.path == db_path
+        refuse_writes(db_path, "walstate_job", "UPDATE")
+        calls = [
+            (lambda: store.write.renew(job, "me", epoch, 6000.0), f"renewing the lease on job {job}"),
+            (lambda: store.write.release(job, "me", epoch, "bye"), f"releasing job {job}"),
+            (lambda: store.write.request_cancel(job), f"requesting the cancellation of job {job}"),
+            (lambda: store.write.claim(job, state="running", epoch=epoch, owner="x", lease_expires=1.0, note="n"),
+             f"claiming job {job}"),
+            (lambda: store.write.claim_runnable(owner="x", lease_expires=1.0, limit=1, workflows=["w"], now=0.0,
+                                                dead=[(job, epoch)]), "claiming runnable jobs"),
+        ]
+        for call, doing in calls:
+            with pytest.raises(WriteFailed, match=f"while {doing}: refused by the test") as failed:
+                call()
+            assert str(failed.value).startswith(f"{db_path}: ") and failed.value.path == db_path
+        row = row_of(store, job)
+        assert (row.owner, row.epoch, row.lease_expires) == ("me", epoch, 5000.0)  # nothing was written
+    finally:
+        store.close()
+
+
+# -- the runtime: the worker's thread, handles, leaving a worker's with block --------------
+
+
+def test_a_worker_loops_on_a_daemon_thread_named_walstate_worker(db_path: str) -> None:
+    import threading
+
+    with Engine(db_path) as e:
+        e.register(one_step_flow())
+        with e.start_worker(concurrency=1):
+            loops = [t for t in threading.enumerate() if t.name == "walstate-worker"]
+            assert len(loops) == 1
+            assert loops[0].daemon  # an app that forgets stop_worker() still exits
+
+
+def test_a_handle_without_a_timeout_waits_for_the_end_and_one_with_a_timeout_says_what_goes_on(
+        db_path: str) -> None:
+    import re
+    import threading
+
+    import pytest
+
+    release = threading.Event()
+    flow = Workflow("w", context=Ctx, phases=["p"])
+
+    @flow.step(phase="p")
+    def only(ctx: Ctx, step: StepContext) -> None:
+        release.wait(10)
+
+    with Engine(db_path) as e:
+        e.register(flow)
+        handle = e.start(flow, Ctx())
+        with pytest.raises(TimeoutError, match=re.escape(
+                f"{db_path}: job {handle.id} has not ended within 0.05s (it is running); it goes on")):
+            handle.result(timeout=0.05)
+        release.set()
+        assert handle.result().state == "succeeded"  # no timeout: waits as long as it takes
+
+
+def test_leaving_a_workers_with_block_lets_its_jobs_in_flight_run_to_their_end(db_path: str) -> None:
+    import threading
+
+    entered, release = threading.Event(), threading.Event()
+    flow = Workflow("w", context=Ctx, phases=["p", "q"])
+
+    @flow.step(phase="p")
+    def first(ctx: Ctx, step: StepContext) -> None:
+        entered.set()
+        release.wait(10)
+
+    flow.step(phase="q", name="second")(lambda ctx, step: None)
+    with Engine(db_path) as e:
+        e.register(flow)
+        job = int(e.submit(flow, Ctx()))
+        with e.start_worker(concurrency=1) as worker:
+            assert entered.wait(10)
+
+            def release_once_stopping() -> None:
+                while worker.running:  # the with block is being left: the loop has stopped claiming
+                    time.sleep(0.005)
+                release.set()
+
+            releaser = threading.Thread(target=release_once_stopping)
+            releaser.start()
+        releaser.join(10)
+        # Drained: the job ran its second step too instead of being released after the first.
+        assert e.status(job).state == "succeeded"
+
+
+def test_stopping_a_worker_waits_for_its_loop_to_end_and_a_never_started_one_stops_at_once(db_path: str) -> None:
+    from walstate.runtime import Worker
+
+    with Engine(db_path) as e:
+        e.register(one_step_flow())
+        worker = e.start_worker(concurrency=1)
+        assert worker.running
+        e.stop_worker(drain=True, grace=5)
+        assert not worker.running  # stop() joined the loop: it claims nothing after stop_worker returns
+        Worker(e, 1).stop(drain=True, grace=5)  # never started: no thread to join, nothing in flight
+
+
+# -- the worker's loop: wake-ups, not busy loops (counted in statements, not in seconds) --------
+
+
+class WorkerStatements:
+    """Every SQL statement the worker's loop thread runs, traced on its own (real) SQLite connection.
+
+    The loop thread opens its connection on its first read; peewee opens it
+    with ``connect_params``, so a ``sqlite3.Connection`` subclass set there
+    traces that connection and no other.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        import sqlite3
+        import threading
+
+        statements = self.statements = []
+
+        class Traced(sqlite3.Connection):
+            def __init__(self, *args: object, **kwargs: object) -> None:
+                super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+                if threading.current_thread().name == "walstate-worker":
+                    self.set_trace_callback(statements.append)
+
+        engine.store.db.connect_params["factory"] = Traced
+
+    def polls(self) -> int:
+        return sum(1 for s in list(self.statements) if s.strip().upper() == "PRAGMA DATA_VERSION")
+
+    def others(self) -> int:
+        return len(list(self.statements)) - self.polls()
+
+
+def test_a_worker_polls_every_20_ms_and_scans_for_dead_owners_every_half_second_by_default(db_path: str) -> None:
+    from walstate.runtime import Worker
+
+    with Engine(db_path) as e:
+        e.register(one_step_flow())
+        assert (Worker(e, 1).poll, Worker(e, 1).scan) == (0.02, 0.5)  # the module docstring's figures
+        with e.start_worker(concurrency=1) as worker:
+            assert (worker.poll, worker.scan) == (0.02, 0.5)
+
+
+def test_an_idle_worker_only_reads_the_data_version_at_each_poll_once_it_has_looked(db_path: str) -> None:
+    from walstate.runtime import Worker
+
+    from .helpers import wait_until
+
+    with Engine(db_path) as e:
+        e.register(one_step_flow())
+        seen = WorkerStatements(e)
+        worker = Worker(e, 1, scan=3600.0).start()  # no scan during the test: only polls
+        try:
+            wait_until(lambda: seen.polls() >= 5)
+            looked = seen.others()  # the first round: next wake-up, dead owners, runnable jobs
+            assert looked > 0
+            wait_until(lambda: seen.polls() >= 30)
+            assert seen.others() == looked  # nothing changed in the file: no other read, no claim
+        finally:
+            worker.stop(drain=True, grace=5)
+
+
+def test_an_idle_worker_with_a_long_poll_reads_nothing_until_woken_or_stopped(db_path: str) -> None:
+    from walstate.runtime import Worker
+
+    from .helpers import wait_until
+
+    with Engine(db_path) as e:
+        e.register(one_step_flow())
+        seen = WorkerStatements(e)
+        worker = Worker(e, 1, poll=3600.0, scan=3600.0).start()
+        try:
+            wait_until(lambda: seen.polls() == 1 and seen.others() > 0)
+            worker.wake()
+            wait_until(lambda: seen.polls() == 2)
+        finally:
+            worker.stop(drain=True, grace=5)
+        assert seen.polls() == 2  # it slept between: no busy loop
+
+
+def test_an_idle_worker_claims_a_job_another_connection_commits_at_its_next_poll(db_path: str) -> None:
+    from walstate.runtime import Worker
+
+    from .helpers import wait_until
+
+    flow = one_step_flow()
+    with Engine(db_path) as e:
+        e.register(flow)
+        seen = WorkerStatements(e)
+        worker = Worker(e, 1, scan=3600.0).start()  # no scan: only the data version can tell
+        try:
+            wait_until(lambda: seen.polls() >= 3)
+            with Engine(db_path) as other:  # its own connection, as another process would have
+                other.register(flow)
+                job = int(other.submit("w", Ctx()))
+            mark = len(seen.statements)
+            wait_until(lambda: e.status(job).state == "succeeded", timeout=5.0)
+            after = seen.statements[mark:]
+            claim_at = next(i for i, s in enumerate(after) if s.upper().startswith("UPDATE WALSTATE_JOB SET OWNER"))
+            assert sum(1 for s in after[:claim_at] if s.strip().upper() == "PRAGMA DATA_VERSION") <= 2
+        finally:
+            # Built by hand, the worker is not the engine's: the engine's end-of-job call never reaches it,
+            # so it would wait out a drain for a job that has ended. Nothing runs: stop without one.
+            worker.stop(drain=False, grace=0)
+
+
+def test_a_worker_refuses_a_concurrency_below_one_and_counts_the_jobs_it_claims(db_path: str) -> None:
+    import pytest
+
+    from walstate.runtime import Worker
+    from walstate.storage.errors import ConfigurationError
+
+    flow = one_step_flow()
+    with Engine(db_path) as e:
+        e.register(flow)
+        with pytest.raises(ConfigurationError, match="concurrency must be >= 1, not 0"):
+            Worker(e, 0)
+        with e.start_worker(concurrency=1) as worker:
+            for _ in range(2):  # one after the other: two claims of one job each
+                assert e.handle(e.submit(flow, Ctx())).result(timeout=10).state == "succeeded"
+            assert worker.claimed == 2
+
+
+def test_a_workers_scan_takes_no_job_whose_owner_is_alive_here_or_elsewhere(db_path: str) -> None:
+    import threading
+
+    from .helpers import wait_until
+
+    entered, release = threading.Event(), threading.Event()
+    flow = Workflow("w", context=Ctx, phases=["p"])
+
+    @flow.step(phase="p")
+    def only(ctx: Ctx, step: StepContext) -> None:
+        if ctx.n == 1:
+            entered.set()
+            release.wait(10)
+
+    elsewhere = pending_job(db_path)
+    store = Store(db_path)
+    try:
+        # Another host's run (another boot id: judged by its lease, which has a long time to go).
+        foreign = f"another-boot|1|another-host|1|1|nonce"
+        claim(store, elsewhere, foreign, lease_expires=time.time() + 3600)
+        with Engine(db_path) as here, Engine(db_path) as e:
+            here.register(flow)
+            e.register(flow)
+            running_here = here.start(flow, Ctx(n=1))  # a live run of this process, in another engine
+            assert entered.wait(10)
+            mine = row_of(store, running_here.id)
+            seen = WorkerStatements(e)
+            with e.start_worker(concurrency=2):
+                wait_until(lambda: any("job_owned_unfinished" in s for s in list(seen.statements))
+                           and seen.polls() >= 3)  # its first scan for dead owners is over
+                assert (row_of(store, elsewhere).owner, row_of(store, elsewhere).epoch) == (foreign, 1)
+                assert (row_of(store, running_here.id).owner, row_of(store, running_here.id).epoch) == (
+                    mine.owner, mine.epoch)
+                release.set()
+                assert running_here.result(timeout=10).state == "succeeded"
+    finally:
+        release.set()
+        store.close()
+
+
+def test_a_full_worker_looks_for_no_job_and_claims_one_as_soon_as_its_concurrency_is_raised(db_path: str) -> None:
+    import threading
+
+    from .helpers import wait_until
+
+    entered, release = threading.Event(), threading.Event()
+    flow = Workflow("w", context=Ctx, phases=["p"])
+
+    @flow.step(phase="p")
+    def only(ctx: Ctx, step: StepContext) -> None:
+        if ctx.n == 1:
+            entered.set()
+            release.wait(10)
+
+    def scans() -> int:
+        return sum(1 for s in list(seen.statements) if "job_owned_unfinished" in s)
+
+    def looks() -> int:
+        return sum(1 for s in list(seen.statements) if s.startswith("SELECT 1 FROM walstate_job WHERE state IN"))
+
+    with Engine(db_path) as e:
+        e.register(flow)
+        seen = WorkerStatements(e)
+        worker = e.start_worker(concurrency=1)
+        try:
+            wait_until(lambda: scans() >= 1)  # the first scan set the next one half a second away
+            worker.scan = 3600.0
+            wait_until(lambda: scans() >= 2)  # and that one an hour away: only wake-ups and commits count now
+            first = e.start(flow, Ctx(n=1))
+            assert entered.wait(10)
+            second = int(e.submit(flow, Ctx(n=2)))
+            mark_looks, mark_polls = looks(), seen.polls()
+            wait_until(lambda: seen.polls() >= mark_polls + 3)  # it has seen the submit's commit
+            assert looks() == mark_looks  # no free slot: it does not even look for a runnable job
+            assert e.status(second).state == "pending"
+            e.start_worker(concurrency=2)  # a wake-up with no commit: the freed slot alone must be filled
+            wait_until(lambda: e.status(second).state == "succeeded", timeout=5.0)
+            release.set()
+            assert first.result(timeout=10).state == "succeeded"
+        finally:
+            release.set()
+            e.stop_worker(drain=True, grace=5)
+
+
+def test_a_worker_does_not_try_to_claim_again_a_job_it_found_it_cannot_run(db_path: str) -> None:
+    from .helpers import wait_until
+
+    old = Workflow("w", context=Ctx, phases=["p"])
+    old.step(phase="p", name="one")(lambda ctx, step: None)
+    with Engine(db_path) as e:
+        e.register(old)
+        stale = int(e.submit(old, Ctx()))
+    new = Workflow("w", context=Ctx, phases=["p", "q"])
+    new.step(phase="p", name="one")(lambda ctx, step: None)
+    new.step(phase="q", name="two")(lambda ctx, step: None)
+    with Engine(db_path) as e:
+        e.register(new)
+        seen = WorkerStatements(e)
+        with e.start_worker(1) as worker:
+            wait_until(lambda: stale in worker.unrunnable)
+            polls = seen.polls()
+            wait_until(lambda: seen.polls() >= polls + 5)  # it has seen the release's commit
+            # One claim transaction, the one that took the job; none after it was given back.
+            assert sum(1 for s in list(seen.statements) if s.upper().startswith("BEGIN")) == 1
+
+
+# -- ownership: identity, batch claims, heartbeat failures and pacing ------------------------
+
+
+def test_this_process_identity_names_its_host_pid_and_start_time() -> None:
+    import socket
+
+    from walstate.ownership import _proc_stat
+
+    me = Identity.current()
+    stat = _proc_stat(os.getpid())
+    assert stat is not None
+    assert (me.host, me.pid, me.start) == (socket.gethostname(), os.getpid(), stat[1])
+    assert me.token("n").split("|")[2:5] == [socket.gethostname(), str(os.getpid()), stat[1]]
+
+
+def test_while_a_batch_claim_of_this_process_is_in_flight_its_owner_counts_as_alive() -> None:
+    from walstate import ownership
+    from walstate.ownership import Claiming
+
+    token = ownership.identity().token("claiming")
+    assert not owner_alive(token, 5, lease_expires=None, now=0.0)
+    with Claiming(token):
+        assert owner_alive(token, 5, lease_expires=None, now=0.0)  # any job: the claim has not named them yet
+    assert not owner_alive(token, 5, lease_expires=None, now=0.0)
+
+
+def test_a_failed_renewal_is_logged_with_its_job_and_error_and_the_other_claims_are_still_renewed(
+        db_path: str, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    import sqlite3
+
+    failing, fine = pending_job(db_path), pending_job(db_path)
+    store = Store(db_path)
+    hb = Heartbeat(3600.0, store.write.renew, clock=lambda: 1000.0)
+    try:
+        epochs = {job: claim(store, job, "me", lease_expires=10.0) for job in (failing, fine)}
+        for job in (failing, fine):  # the failing one first: its error must not stop the round
+            hb.add(Claim(job, "me", epochs[job], lambda reason: None))
+        conn = sqlite3.connect(db_path)
+        conn.execute(f"CREATE TRIGGER refuse BEFORE UPDATE ON walstate_job WHEN OLD.id = {failing} "
+                     "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END")
+        conn.commit()
+        conn.close()
+        with caplog.at_level(logging.WARNING, logger="walstate"):
+            hb.beat()
+        assert row_of(store, fine).lease_expires == 4600.0
+        assert row_of(store, failing).lease_expires == 10.0
+        [record] = [r for r in caplog.records if "renewal failed" in r.getMessage()]
+        assert record.getMessage().startswith(f"job {failing}: lease renewal failed (")
+        assert "refused by the test" in record.getMessage()
+        assert record.getMessage().endswith("); retrying in 1200.0s")
+        assert getattr(record, "walstate_job") == failing
+
+        caplog.clear()
+        claim(store, fine, "someone else", lease_expires=9999.0)
+        with caplog.at_level(logging.WARNING, logger="walstate"):
+            hb.beat()
+        [lost] = [r for r in caplog.records if "claim lost" in r.getMessage()]
+        assert lost.getMessage() == f"job {fine}: claim lost (epoch {epochs[fine]}); stopping its run"
+        assert getattr(lost, "walstate_job") == fine
+    finally:
+        hb.close()
+        store.close()
+
+
+def test_a_heartbeat_renews_once_a_period_and_looks_for_cancellations_at_the_ticks_between() -> None:
+    import threading
+
+    from walstate.ownership import POLL_INTERVAL
+
+    events: list[str] = []
+    lock = threading.Lock()
+
+    def renew(job_id: int, owner: str, epoch: int, lease_expires: float) -> bool:
+        with lock:
+            events.append("renew")
+        return False
+
+    def poll(jobs: list[int]) -> set[int]:
+        with lock:
+            events.append("poll")
+        return set()
+
+    assert POLL_INTERVAL == 0.25
+    hb = Heartbeat(3 * 4 * POLL_INTERVAL, renew, poll=poll)  # a period of four ticks
+    try:
+        hb.add(Claim(1, "me", 1, lambda reason: None))
+        assert hb._thread is not None and hb._thread.name == "walstate-heartbeat"
+        assert hb._thread.daemon  # it never keeps the process alive
+        deadline = time.monotonic() + 10
+        while events.count("renew") < 2:
+            assert time.monotonic() < deadline, "the heartbeat never renewed twice"
+            time.sleep(0.01)
+    finally:
+        hb.close()
+    with lock:
+        first = events.index("renew")
+        second = events.index("renew", first + 1)
+        # Not at once, not at every tick: the ticks before each renewal only look for cancellations.
+        assert first >= 2 and second - first >= 3, events
+
+
+def test_closing_a_heartbeat_waits_for_a_renewal_in_progress_to_end() -> None:
+    import threading
+
+    inside = threading.Event()
+
+    def slow_renew(job_id: int, owner: str, epoch: int, lease_expires: float) -> bool:
+        inside.set()
+        time.sleep(0.2)  # a slow disk: the renewal is still running when close() is called
+        return False
+
+    hb = Heartbeat(0.03, slow_renew)  # a period of 10 ms: it renews at once
+    hb.add(Claim(1, "me", 1, lambda reason: None))
+    assert inside.wait(10)
+    hb.close()
+    assert hb._thread is not None and not hb._thread.is_alive()  # close() joined it: no write after close
+
+
+# -- the write path: shared batches, explained misses, errors naming the file -------------
+
+
+def test_in_a_shared_batch_a_failing_request_loses_all_its_changes_and_only_it_fails(db_path: str) -> None:
+    import json
+    import threading
+
+    from walstate.storage.errors import StaleState, WalstateError
+    from walstate.storage.writepath import Change, ContextPatch
+
+    from .helpers import wait_until
+
+    store = Store(db_path)
+    try:
+        jobs = {}
+        for name in ("lead", "two", "fine", "patched"):
+            job, _ = store.write.create_job("wf", None, "{}", [("a", "p", 0), ("b", "p", 1)])
+            jobs[name] = (job, claim(store, job, "me", lease_expires=5000.0), store.read.steps(job))
+
+        def move(name: str, step: int, expected: str, **extra: object) -> Change:
+            job, epoch, steps = jobs[name]
+            s = steps[step]
+            return Change("step", s.id, job, s.name, expected, "running", 1, "me", epoch, **extra)  # type: ignore[arg-type]
+
+        requests = {
+            "lead": [move("lead", 0, "pending")],
+            # Two changes, the second misses: the first must be undone with it.
+            "two": [move("two", 0, "pending"), move("two", 1, "running")],
+            "fine": [move("fine", 0, "pending")],
+            # One change with a context patch that misses: the patch must be undone too.
+            "patched": [move("patched", 0, "running",
+                             context=ContextPatch({"x": 1}, lambda merged: json.dumps(merged)))],
+        }
+        results: dict[str, str] = {}
+
+        def call(name: str) -> None:
+            try:
+                store.write.commit(requests[name])
+                results[name] = "ok"
+            except WalstateError as exc:
+                results[name] = type(exc).__name__
+
+        with store.db.write_lock:  # the first leader waits here while the others queue behind it
+            lead = threading.Thread(target=call, args=("lead",))
+            lead.start()
+            wait_until(lambda: store.write._leader)
+            others = [threading.Thread(target=call, args=(n,)) for n in ("two", "fine", "patched")]
+            for t in others:
+                t.start()
+            wait_until(lambda: len(store.write._queue) == 3)
+        for t in [lead, *others]:
+            t.join(10)
+        assert store.write.batches == 2  # the lead alone, then the three together
+        assert results == {"lead": "ok", "two": StaleState.__name__, "fine": "ok", "patched": StaleState.__name__}
+        assert [s.state for s in store.read.steps(jobs["two"][0])] == ["pending", "pending"]
+        assert [s.state for s in store.read.steps(jobs["fine"][0])] == ["running", "pending"]
+        assert row_of(store, jobs["patched"][0]).context == "{}"
+    finally:
+        store.close()
+
+
+def test_a_change_that_misses_says_whether_the_claim_was_lost_or_the_row_moved_on(db_path: str) -> None:
+    from walstate.storage.errors import LeaseLost, StaleState
+    from walstate.storage.writepath import Change
+
+    job = pending_job(db_path)
+    store = Store(db_path)
+    try:
+        mine = claim(store, job, "me", lease_expires=5000.0)
+        step = store.read.steps(job)[0]
+        with pytest.raises(StaleState) as moved:
+            store.write.commit([Change("step", step.id, job, "only", "running", "succeeded", 1, "me", mine)])
+        assert str(moved.value) == (
+            f"{db_path}: sub-step 'only' of job {job} is 'pending', not 'running' as expected for the move to "
+            "'succeeded'; another writer changed it first; reload it and decide again")
+        assert (moved.value.kind, moved.value.row_id, moved.value.expected, moved.value.actual) == (
+            "step", step.id, "running", "pending")
+        with pytest.raises(StaleState) as missing:
+            store.write.commit([Change("step", 999_999, job, "gone", "pending", "running", 1, "me", mine)])
+        assert missing.value.actual is None
+
+        theirs = claim(store, job, "other", lease_expires=6000.0)
+        lost_tail = ("this run lost its claim (the job was recovered, cancelled or retried elsewhere) and must "
+                     "stop writing to it")
+        with pytest.raises(LeaseLost) as lost_step:
+            store.write.commit([Change("step", step.id, job, "only", "pending", "running", 1, "me", mine)])
+        assert str(lost_step.value) == (
+            f"{db_path}: sub-step 'only' of job {job} is now held by 'other' (claim epoch {theirs}), not by 'me' "
+            f"(epoch {mine}); {lost_tail}")
+        with pytest.raises(LeaseLost) as lost_job:
+            store.write.commit([Change("job", job, job, None, "running", "succeeded", 0, "me", mine)])
+        assert str(lost_job.value) == (
+            f"{db_path}: job {job} is now held by 'other' (claim epoch {theirs}), not by 'me' (epoch {mine}); "
+            f"{lost_tail}")
+    finally:
+        store.close()
+
+
+def test_a_batch_claim_keeps_each_workflow_within_its_budget_and_journals_whom_it_took_from(db_path: str) -> None:
+    store = Store(db_path)
+    try:
+        def job(workflow: str, steps: int = 1) -> int:
+            return store.write.create_job(workflow, None, "{}", [(f"s{i}", "p", i) for i in range(steps)])[0]
+
+        dead = job("w")  # running, its owner found dead: taken over, and it was already counted as running
+        dead_epoch = claim(store, dead, "dead-owner", lease_expires=0.0)
+        released = job("w")  # running with no owner (given back): a claim of it adds one running job
+        store.write.release(released, "x", claim(store, released, "x", lease_expires=0.0), "given back")
+        blocked = job("w")  # pending: over the budget
+        other = job("v", steps=0)  # no budget; cancellation asked for; no steps
+        store.write.request_cancel(other)
+        got = store.write.claim_runnable(owner="me", lease_expires=7000.0, limit=3, workflows=["w", "v"],
+                                         now=0.0, dead=[(dead, dead_epoch)], limits={"w": 1})
+        assert [(wf, state, prior, c.job_id) for wf, state, prior, c in got] == [
+            ("w", "running", "dead-owner", dead), ("v", "pending", None, other)]
+        assert [(c.cancel_requested, c.steps) for _, _, _, c in got] == [(False, got[0][3].steps), (True, [])]
+        assert len(got[0][3].steps) == 1
+        assert row_of(store, blocked).state == "pending" and row_of(store, released).owner is None
+        entries = {j: store.read.journal(j)[-1] for j in (dead, other)}
+        assert [(e.step, e.from_state, e.to_state, e.attempt, e.note) for e in entries.values()] == [
+            (None, "running", "running", 0, "claimed from dead-owner, found dead"),
+            (None, "pending", "running", 0, "claimed")]
+
+        fresh = [job("b2") for _ in range(3)] + [job("b1")]
+        got = store.write.claim_runnable(owner="me", lease_expires=7000.0, limit=5, workflows=["b2", "b1"],
+                                         now=0.0, limits={"b2": 2, "b1": 1})
+        assert [c.job_id for _, _, _, c in got] == [fresh[0], fresh[1], fresh[3]]
+    finally:
+        store.close()
+
+
+def test_a_context_change_for_a_job_that_does_not_exist_is_refused_as_stale(db_path: str) -> None:
+    import json
+
+    from walstate.storage.errors import StaleState
+    from walstate.storage.writepath import Change, ContextPatch
+
+    store = Store(db_path)
+    try:
+        patch = ContextPatch({"x": 1}, lambda merged: json.dumps(merged))
+        with pytest.raises(StaleState) as gone:
+            store.write.commit([Change("job", 4242, 4242, None, "running", "succeeded", context=patch)])
+        assert str(gone.value) == f"{db_path}: job 4242 does not exist"
+        assert (gone.value.kind, gone.value.row_id, gone.value.expected, gone.value.actual) == ("job", 4242, "", None)
+    finally:
+        store.close()
