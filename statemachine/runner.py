@@ -356,7 +356,9 @@ class JobRun:
                     return
                 decide = False
             step.start()
-            cancelled = self._attempt_event()
+            # Only a timeout sets one attempt's event alone; without one, what sets it (a cancel,
+            # a lost claim, a shutdown) sets the run's: share that, saving an Event per attempt.
+            cancelled = self.cancelled if d.timeout is None else self._attempt_event()
             sc = StepContext(self.job.id, d.name, step.attempt, self._idempotency_key(d.name), self.store.db,
                              self.store.read, self.store.write, cancelled, clock=self.clock,
                              fence=(self.job.owner, self.job.epoch))
@@ -388,8 +390,9 @@ class JobRun:
                           note=f"waiting for {wait.topic!r}" if wait.topic else "sleeping")
                 return
             finally:
-                with self._attempts_lock:
-                    self._attempts.discard(cancelled)
+                if cancelled is not self.cancelled:
+                    with self._attempts_lock:
+                        self._attempts.discard(cancelled)
 
     def _chained(self, name: str) -> SubStep | None:
         """The step the sequential loop runs after ``name``, to start in the same commit as its success; None if none.
