@@ -97,6 +97,9 @@ class Claimed:
     steps: list[StepRow]
     #: The job's id (filled by batch claims; single claims know it already).
     job_id: int = 0
+    #: The job's workflow version and definition fingerprint (filled by batch claims).
+    version: int = 1
+    fingerprint: str | None = None
 
 
 class _Request:
@@ -517,7 +520,8 @@ class WritePath:
     )
     _CLAIM_MANY = (
         "UPDATE walstate_job SET owner=?, lease_expires=?, epoch=epoch+1, updated_at=?, state='running', wake_at=NULL "
-        "WHERE id IN (SELECT CAST(value AS INTEGER) FROM json_each(?)) RETURNING id, epoch, context, cancel_requested"
+        "WHERE id IN (SELECT CAST(value AS INTEGER) FROM json_each(?)) RETURNING id, epoch, context, cancel_requested, "
+        "version, fingerprint"
     )
 
     def claim_runnable(
@@ -584,10 +588,11 @@ class WritePath:
                         step = StepRow(*r)
                         steps.setdefault(step.job_id, []).append(step)
                     out = []
-                    for job_id, epoch, context, cancel in sorted(claimed):
+                    for job_id, epoch, context, cancel, version, fingerprint in sorted(claimed):
                         state, workflow, prior_owner = before[int(job_id)]
                         out.append((workflow, state, prior_owner, Claimed(
-                            int(epoch), str(context), bool(cancel), steps.get(int(job_id), []), int(job_id))))
+                            int(epoch), str(context), bool(cancel), steps.get(int(job_id), []), int(job_id),
+                            int(version), fingerprint)))
                     faults.point("before_commit")
             except self.db.driver_errors as exc:
                 raise self.db.translate(exc, self.path, "claiming runnable jobs") from exc
