@@ -105,12 +105,14 @@ class Claimed:
 class _Request:
     """One caller's changes waiting for a group commit."""
 
-    __slots__ = ("changes", "done", "error")
+    __slots__ = ("changes", "done", "error", "wake")
 
     def __init__(self, changes: Sequence[Change]) -> None:
         self.changes = changes
         self.done = False
         self.error: BaseException | None = None
+        #: Held while the caller waits (made only if it has to): see _commit_grouped.
+        self.wake: threading.Lock | None = None
 
 
 class WritePath:
@@ -161,7 +163,7 @@ class WritePath:
         # leader writes everything queued in one transaction, then wakes them.
         self._queue: list[_Request] = []
         self._leader = False
-        self._cv = threading.Condition(threading.Lock())
+        self._queue_lock = threading.Lock()
 
     def after_fork_in_child(self) -> None:
         """A forked child starts with no queue, no leader and fresh locks (threads do not survive fork)."""
@@ -247,29 +249,32 @@ class WritePath:
         arrive while a commit is in progress queue up and the next leader
         writes them all in one transaction, each in its own savepoint so one
         stale change fails alone. Every caller returns only after the COMMIT
-        that holds its change.
+        that holds its change. A waiting caller sleeps on a lock of its own,
+        released when its batch is written or when it is to lead the next one:
+        a commit wakes only those, never the callers still queued.
         """
-        with self._cv:
+        with self._queue_lock:
             self._queue.append(request)
-            while not request.done:
-                if not self._leader:
-                    self._leader = True
-                    busy = self._last_batch > 1
-                    if not busy:
-                        batch, self._queue = self._queue, []
-                    break
-                self._cv.wait()
+            if self._leader:
+                wake = request.wake = threading.Lock()
+                wake.acquire()
             else:
+                self._leader = True
+                wake = None
+        if wake is not None:
+            wake.acquire()  # released by the leader that wrote it, or to make it the next leader
+            if request.done:
                 if request.error is not None:
                     raise request.error
                 return
-        if busy:
+        # This caller leads now (``_leader`` is held on its behalf).
+        if self._last_batch > 1:
             # Writers are busy: the callers the last commit just woke are about to
             # queue their next change. One yield of the GIL lets them join this
             # batch; a lone writer (last batch of one) never pays for it.
             time.sleep(0)
-            with self._cv:
-                batch, self._queue = self._queue, []
+        with self._queue_lock:
+            batch, self._queue = self._queue, []
         self._last_batch = len(batch)
         crash: BaseException | None = None
         try:
@@ -287,11 +292,19 @@ class WritePath:
             for r in batch:
                 r.error = exc
         finally:
-            with self._cv:
-                self._leader = False
+            with self._queue_lock:
                 for r in batch:
                     r.done = True
-                self._cv.notify_all()
+                # The longest-waiting queued caller leads next; with none, nobody leads.
+                following = self._queue[0] if self._queue else None
+                if following is None:
+                    self._leader = False
+            for r in batch:
+                if r.wake is not None:
+                    r.wake.release()
+            if following is not None:
+                assert following.wake is not None
+                following.wake.release()
         if crash is not None:
             raise crash
         if request.error is not None:
