@@ -105,10 +105,13 @@ class Claimed:
 class _Request:
     """One caller's changes waiting for a group commit."""
 
-    __slots__ = ("changes", "done", "error", "wake")
+    __slots__ = ("changes", "done", "error", "wake", "insert", "result")
 
-    def __init__(self, changes: Sequence[Change]) -> None:
+    def __init__(self, changes: Sequence[Change], insert: Callable[[Conn, float], int] | None = None) -> None:
         self.changes = changes
+        #: A job creation joining the batch (see create_job): run first, its job id kept in ``result``.
+        self.insert = insert
+        self.result = 0
         self.done = False
         self.error: BaseException | None = None
         #: Held while the caller waits (made only if it has to): see _commit_grouped.
@@ -321,8 +324,7 @@ class WritePath:
                 with self._transaction() as conn:
                     now = self.clock()
                     for r in batch:
-                        for change in r.changes:
-                            self._apply(conn, change, now)
+                        self._apply_request(conn, r, now)
                     faults.point("before_commit")
                 return
             except self.db.driver_errors:
@@ -332,8 +334,7 @@ class WritePath:
         with self._transaction() as conn:
             now = self.clock()
             if len(batch) == 1:
-                for change in batch[0].changes:
-                    self._apply(conn, change, now)
+                self._apply_request(conn, batch[0], now)
             else:
                 for r in batch:
                     self._apply_alone(conn, r, now)
@@ -347,7 +348,7 @@ class WritePath:
         rolled back to its savepoint and the others' commit. SQLite errors and
         crashes still abort the whole transaction.
         """
-        if len(r.changes) == 1 and r.changes[0].context is None and not r.changes[0].once:
+        if len(r.changes) == 1 and r.changes[0].context is None and not r.changes[0].once and r.insert is None:
             # A lone CAS that misses changes nothing and raises before its
             # journal row: no savepoint needed to undo it.
             try:
@@ -359,14 +360,19 @@ class WritePath:
             return
         conn.execute("SAVEPOINT walstate_change")
         try:
-            for change in r.changes:
-                self._apply(conn, change, now)
+            self._apply_request(conn, r, now)
         except self.db.driver_errors:
             raise
         except Exception as exc:
             conn.execute("ROLLBACK TO walstate_change")
             r.error = exc
         conn.execute("RELEASE walstate_change")
+
+    def _apply_request(self, conn: Conn, r: _Request, now: float) -> None:
+        if r.insert is not None:
+            r.result = r.insert(conn, now)
+        for change in r.changes:
+            self._apply(conn, change, now)
 
     def _apply(self, conn: Conn, c: Change, now: float) -> None:
         if c.context is not None:
@@ -452,6 +458,14 @@ class WritePath:
         made for. Returns ``(job_id, None)`` for a new job, or
         ``(job_id, initial_context)`` of the job that already has this key.
         """
+        if key is None and self._GROUP_CREATES and self.group_commit and self._leader \
+                and self.db.transaction_depth() == 0:
+            # Others are committing: join their next transaction (one commit, one fsync under
+            # ``full``, for many jobs' changes) rather than take the lock for one of its own.
+            request = _Request((), lambda conn, now: self._insert_job(conn, workflow, None, context, steps, version,
+                                                                      fingerprint, now))
+            self._commit_grouped(request)
+            return request.result, None
         with self._lock:
             try:
                 with self._transaction() as conn:
@@ -462,21 +476,28 @@ class WritePath:
                         ).fetchone()
                         if row is not None:
                             return int(row[0]), str(row[1])
-                    now = self.clock()
-                    job_id = int(conn.execute(
-                        "INSERT INTO walstate_job (workflow, key, state, context, initial_context, created_at, updated_at, "
-                        "version, fingerprint) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?) RETURNING id",
-                        (workflow, key, context, context, now, now, version, fingerprint),
-                    ).fetchone()[0])
-                    conn.executemany(
-                        "INSERT INTO walstate_step (job_id, name, phase, position, state, attempt, updated_at) "
-                        "VALUES (?, ?, ?, ?, 'pending', 0, ?)",
-                        [(job_id, name, phase, pos, now) for name, phase, pos in steps],
-                    )
-                    self._wake(conn)
-                    return job_id, None
+                    return self._insert_job(conn, workflow, key, context, steps, version, fingerprint,
+                                            self.clock()), None
             except self.db.driver_errors as exc:
                 raise self.db.translate(exc, self.path, f"creating a {workflow!r} job") from exc
+
+    #: Whether a job without a key may be created in a group commit in progress (see create_job).
+    _GROUP_CREATES = True
+
+    def _insert_job(self, conn: Conn, workflow: str, key: str | None, context: str,
+                    steps: Sequence[tuple[str, str, int]], version: int, fingerprint: str | None, now: float) -> int:
+        job_id = int(conn.execute(
+            "INSERT INTO walstate_job (workflow, key, state, context, initial_context, created_at, updated_at, "
+            "version, fingerprint) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?) RETURNING id",
+            (workflow, key, context, context, now, now, version, fingerprint),
+        ).fetchone()[0])
+        conn.executemany(
+            "INSERT INTO walstate_step (job_id, name, phase, position, state, attempt, updated_at) "
+            "VALUES (?, ?, ?, ?, 'pending', 0, ?)",
+            [(job_id, name, phase, pos, now) for name, phase, pos in steps],
+        )
+        self._wake(conn)
+        return job_id
 
     _CLAIM = (
         "UPDATE walstate_job SET owner=?, lease_expires=?, epoch=epoch+1, updated_at=?, wake_at=NULL, "

@@ -164,3 +164,26 @@ def test_a_caller_whose_second_change_misses_writes_neither_and_the_rest_of_its_
     # Its first change applied before the miss: taken back with it, while the others' stayed.
     assert stored_state(store.path, steps[3].id) == ("pending", 0)
     assert all(stored_state(store.path, s.id) == ("running", 1) for i, s in enumerate(steps) if i != 3)
+
+
+def test_a_job_submitted_while_others_commit_is_created_in_their_next_commit(store: Store) -> None:
+    step = new_step(store, "s0")
+    created: list[int] = []
+
+    def create() -> None:
+        created.append(store.write.create_job("wf", None, "{}", [("a", "p", 0), ("b", "p", 1)])[0])
+
+    with HoldFirstCommit(store, waiting=2):
+        leader = threading.Thread(target=step.start)
+        leader.start()
+        while not store.write._leader:
+            time.sleep(0.0005)
+        others = [threading.Thread(target=create), threading.Thread(target=create)]
+        for t in others:
+            t.start()
+        for t in [leader, *others]:
+            t.join(20)
+    # The start alone, then both jobs in one batch: three callers, two commits.
+    assert store.write.batches == 2 and store.write.batched_requests == 3
+    assert len(set(created)) == 2
+    assert all([s.state for s in store.read.steps(job)] == ["pending", "pending"] for job in created)
