@@ -570,10 +570,21 @@ class Engine:
         active.thread = threading.get_ident()
         try:
             try:
-                # The job's own version (a worker claims by workflow name only).
-                plan = self._plan(self._row(job_id))
-                if plan.migration is None:
-                    plan.flow.context.model_validate_json(claimed.context)
+                # The job's own version (a worker claims by workflow name only). The claim returned
+                # what _plan checks: when its definition is registered here, unchanged, and the
+                # context validates, that is the plan, with no read of the job.
+                flow = self._registry.get(workflow, claimed.version)
+                plan = None
+                if flow is not None and claimed.fingerprint is not None and claimed.fingerprint == flow.fingerprint:
+                    try:
+                        flow.context.model_validate_json(claimed.context)
+                        plan = Plan(flow)
+                    except ValidationError:
+                        pass  # _plan below says why, as it does for every job
+                if plan is None:
+                    plan = self._plan(self._row(job_id))
+                    if plan.migration is None:
+                        plan.flow.context.model_validate_json(claimed.context)
             except Exception as exc:
                 # Nothing ran: give the job back at once and never claim it here again.
                 worker.unrunnable[job_id] = f"{type(exc).__name__}: {exc}"

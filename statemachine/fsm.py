@@ -16,6 +16,7 @@ it was and the caller gets the error (write before you believe).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, cast
 
@@ -120,6 +121,11 @@ class Definition:
                 state=state,
                 trigger=trigger,
             )
+        # A move fired inside another's write (the next step's start, the job's end: committed
+        # with it, journalled after it) is logged after it too, so logs follow the journal.
+        outer = getattr(_nested, "logs", None)
+        inner: list[tuple[Durable, str, str, str]] = []
+        _nested.logs = inner
         try:
             moved = self._execute(obj, trigger, state, data)
         except MachineError as exc:  # pragma: no cover - the table above mirrors the machine
@@ -127,7 +133,15 @@ class Definition:
         except WalstateError as exc:
             log.write_refused(obj, trigger, state, exc)  # log: a refused write (WARNING)
             raise
-        log.transition(obj, trigger, state, obj.state)  # log: each committed transition (DEBUG)
+        finally:
+            _nested.logs = outer
+        if outer is not None:
+            outer.append((obj, trigger, state, obj.state))
+            outer.extend(inner)
+        else:
+            log.transition(obj, trigger, state, obj.state)  # log: each committed transition (DEBUG)
+            for args in inner:
+                log.transition(*args)
         return moved
 
 
@@ -151,6 +165,9 @@ class Definition:
 
 
 Persist = Callable[[str, str, str, Mapping[str, Any]], None]
+
+#: Per thread: the transitions committed by moves fired inside the one in progress, to log after it.
+_nested = threading.local()
 
 # -- the two definitions -------------------------------------------------------
 

@@ -138,6 +138,10 @@ class JobRun:
             self._run_phase(phase)
             if any(self.steps[d.name].state == "waiting" for d in self.flow.phase_steps(phase)):
                 break  # this phase is not over: the job parks until a wait of it is due
+        if self.job.state == "succeeded":
+            # Its last step's success ended it (see _ending): nothing more to write, whatever
+            # was signalled since (its claim is released, so the heartbeat may report it lost).
+            return "finished"
         if "lost" in self.reasons:
             raise LeaseLost(f"{self.store.path}: {self._where}: this run lost its claim on the job (another run "
                             "took it over after its lease expired); it stopped and wrote nothing more")
@@ -352,7 +356,9 @@ class JobRun:
                     return
                 decide = False
             step.start()
-            cancelled = self._attempt_event()
+            # Only a timeout sets one attempt's event alone; without one, what sets it (a cancel,
+            # a lost claim, a shutdown) sets the run's: share that, saving an Event per attempt.
+            cancelled = self.cancelled if d.timeout is None else self._attempt_event()
             sc = StepContext(self.job.id, d.name, step.attempt, self._idempotency_key(d.name), self.store.db,
                              self.store.read, self.store.write, cancelled, clock=self.clock,
                              fence=(self.job.owner, self.job.epoch))
@@ -366,7 +372,9 @@ class JobRun:
                     step.succeed(effect=effect)
                 else:
                     output, patch = self._call(d, ctx, sc, box)
-                    step.succeed(output=output, context=patch, then=self._chained(d.name))
+                    then = self._chained(d.name)
+                    step.succeed(output=output, context=patch, then=then,
+                                 end=None if then is not None else self._ending(d.name))
                 self._adopt(box)
                 return
             except _HandlerRaised as raised:
@@ -382,8 +390,9 @@ class JobRun:
                           note=f"waiting for {wait.topic!r}" if wait.topic else "sleeping")
                 return
             finally:
-                with self._attempts_lock:
-                    self._attempts.discard(cancelled)
+                if cancelled is not self.cancelled:
+                    with self._attempts_lock:
+                        self._attempts.discard(cancelled)
 
     def _chained(self, name: str) -> SubStep | None:
         """The step the sequential loop runs after ``name``, to start in the same commit as its success; None if none.
@@ -405,6 +414,22 @@ class JobRun:
         if step.state != "pending" or self.flow.steps[step.name].when is not None:
             return None
         return step
+
+    def _ending(self, name: str) -> LiveJob | None:
+        """The job, when the success of ``name`` ends it: to succeed in the same commit; None otherwise.
+
+        Only while the run goes on (no cancel, failure, lost claim or close)
+        and when every other step already succeeded or was skipped: then
+        :meth:`execute` would make the job succeed right after, and a crash
+        between the two commits would leave the same job to resume (every
+        step done, nothing to run) as a crash before the combined one.
+        """
+        if self.stop.is_set():
+            return None
+        steps = self.steps
+        if any(s.state not in _SATISFIED for n, s in steps.items() if n != name):
+            return None
+        return self.job
 
     def _call(self, d: StepDef, ctx: BaseModel, sc: StepContext,
               box: list[tuple[int, str]]) -> tuple[str | None, ContextPatch | None]:

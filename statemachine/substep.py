@@ -53,8 +53,10 @@ class LiveJob:
     def _persist(self, trigger: str, source: str, dest: str, data: Mapping[str, Any]) -> None:
         self.check_alive()
         release = bool(data.get("release"))
+        # ``carry``: a sub-step's change that commits with this one (it comes first; see SubStep.succeed's ``end``).
         self.write.commit(
-            [Change("job", self.id, self.id, None, source, dest, 0, self.owner, self.epoch, error=data.get("error"),
+            [*data.get("carry", ()),
+             Change("job", self.id, self.id, None, source, dest, 0, self.owner, self.epoch, error=data.get("error"),
                     note=data.get("note"), release=release)]
         )
         if release:
@@ -103,17 +105,19 @@ class SubStep:
         return self.fire("start")
 
     def succeed(self, output: str | None = None, context: ContextPatch | None = None, effect: Effect | None = None,
-                then: SubStep | None = None) -> bool:
+                then: SubStep | None = None, end: LiveJob | None = None) -> bool:
         """Record success with ``output`` (JSON text) and a context update.
 
         ``effect(change)`` runs inside the committing transaction and may fill
         ``change.output``/``change.context`` (transactional steps). ``then``, a
         ``pending`` sub-step of the same job, is started in the same commit
         (its ``start`` fired through the machine, journalled after this
-        success): one commit per sub-step in a run of steps. Neither moves in
-        memory unless that commit succeeds.
+        success): one commit per sub-step in a run of steps. ``end``, this
+        sub-step's job when this success is its last step's, makes the job
+        succeed (releasing its claim) in the same commit, journalled after
+        this success. Nothing moves in memory unless that commit succeeds.
         """
-        return self.fire("succeed", output=output, error=None, context=context, effect=effect, then=then)
+        return self.fire("succeed", output=output, error=None, context=context, effect=effect, then=then, end=end)
 
     def retry(self, error: str, note: str | None = None, *, interrupted: bool = False,
               once: tuple[tuple[str, str, str], ...] = ()) -> bool:
@@ -150,8 +154,11 @@ class SubStep:
         )
         effect: Effect | None = data.get("effect")
         then: SubStep | None = data.get("then")
+        end: LiveJob | None = data.get("end")
         if effect is None and then is not None and then.fire("start", carry=(change,)):
             pass  # committed together with the start of ``then`` (see succeed)
+        elif effect is None and end is not None and end.fire("succeed", release=True, carry=(change,)):
+            pass  # committed together with the job's success (see succeed)
         elif effect is None:
             # ``carry``: the change of a sub-step whose move commits with this one (it comes first).
             job.write.commit((*data.get("carry", ()), change))

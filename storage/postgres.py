@@ -477,6 +477,9 @@ class PgWritePath(WritePath):
 
     #: Attempts of a batch that PostgreSQL aborted as a serialization failure or a deadlock.
     ATTEMPTS = 4
+    #: A creation in a shared batch could not be settled after a lost connection (_landed
+    #: reads changes, and a creation has none): each keeps a transaction of its own.
+    _GROUP_CREATES = False
 
     def _write_batch(self, batch: list[Any]) -> None:
         """The batch in one transaction: retried when the server aborted it, settled when the connection dropped.

@@ -100,17 +100,25 @@ class Claimed:
     steps: list[StepRow]
     #: The job's id (filled by batch claims; single claims know it already).
     job_id: int = 0
+    #: The job's workflow version and definition fingerprint (filled by batch claims).
+    version: int = 1
+    fingerprint: str | None = None
 
 
 class _Request:
     """One caller's changes waiting for a group commit."""
 
-    __slots__ = ("changes", "done", "error")
+    __slots__ = ("changes", "done", "error", "wake", "insert", "result")
 
-    def __init__(self, changes: Sequence[Change]) -> None:
+    def __init__(self, changes: Sequence[Change], insert: Callable[[Conn, float], int] | None = None) -> None:
         self.changes = changes
+        #: A job creation joining the batch (see create_job): run first, its job id kept in ``result``.
+        self.insert = insert
+        self.result = 0
         self.done = False
         self.error: BaseException | None = None
+        #: Held while the caller waits (made only if it has to): see _commit_grouped.
+        self.wake: threading.Lock | None = None
 
 
 class WritePath:
@@ -161,7 +169,7 @@ class WritePath:
         # leader writes everything queued in one transaction, then wakes them.
         self._queue: list[_Request] = []
         self._leader = False
-        self._cv = threading.Condition(threading.Lock())
+        self._queue_lock = threading.Lock()
 
     def after_fork_in_child(self) -> None:
         """A forked child starts with no queue, no leader and fresh locks (threads do not survive fork)."""
@@ -247,29 +255,32 @@ class WritePath:
         arrive while a commit is in progress queue up and the next leader
         writes them all in one transaction, each in its own savepoint so one
         stale change fails alone. Every caller returns only after the COMMIT
-        that holds its change.
+        that holds its change. A waiting caller sleeps on a lock of its own,
+        released when its batch is written or when it is to lead the next one:
+        a commit wakes only those, never the callers still queued.
         """
-        with self._cv:
+        with self._queue_lock:
             self._queue.append(request)
-            while not request.done:
-                if not self._leader:
-                    self._leader = True
-                    busy = self._last_batch > 1
-                    if not busy:
-                        batch, self._queue = self._queue, []
-                    break
-                self._cv.wait()
+            if self._leader:
+                wake = request.wake = threading.Lock()
+                wake.acquire()
             else:
+                self._leader = True
+                wake = None
+        if wake is not None:
+            wake.acquire()  # released by the leader that wrote it, or to make it the next leader
+            if request.done:
                 if request.error is not None:
                     raise request.error
                 return
-        if busy:
+        # This caller leads now (``_leader`` is held on its behalf).
+        if self._last_batch > 1:
             # Writers are busy: the callers the last commit just woke are about to
             # queue their next change. One yield of the GIL lets them join this
             # batch; a lone writer (last batch of one) never pays for it.
             time.sleep(0)
-            with self._cv:
-                batch, self._queue = self._queue, []
+        with self._queue_lock:
+            batch, self._queue = self._queue, []
         self._last_batch = len(batch)
         crash: BaseException | None = None
         try:
@@ -287,11 +298,19 @@ class WritePath:
             for r in batch:
                 r.error = exc
         finally:
-            with self._cv:
-                self._leader = False
+            with self._queue_lock:
                 for r in batch:
                     r.done = True
-                self._cv.notify_all()
+                # The longest-waiting queued caller leads next; with none, nobody leads.
+                following = self._queue[0] if self._queue else None
+                if following is None:
+                    self._leader = False
+            for r in batch:
+                if r.wake is not None:
+                    r.wake.release()
+            if following is not None:
+                assert following.wake is not None
+                following.wake.release()
         if crash is not None:
             raise crash
         if request.error is not None:
@@ -300,11 +319,25 @@ class WritePath:
     def _write_batch(self, batch: list[_Request]) -> None:
         self.batches += 1
         self.batched_requests += len(batch)
+        if len(batch) > 1:
+            # Optimistically without a savepoint per request (two statements each): almost
+            # every batch applies whole. If any request fails, the whole transaction rolls
+            # back and the batch is written again below, each request in its own savepoint.
+            try:
+                with self._transaction() as conn:
+                    now = self.clock()
+                    for r in batch:
+                        self._apply_request(conn, r, now)
+                    faults.point("before_commit")
+                return
+            except self.db.driver_errors:
+                raise
+            except Exception:
+                pass
         with self._transaction() as conn:
             now = self.clock()
             if len(batch) == 1:
-                for change in batch[0].changes:
-                    self._apply(conn, change, now)
+                self._apply_request(conn, batch[0], now)
             else:
                 for r in batch:
                     self._apply_alone(conn, r, now)
@@ -318,7 +351,7 @@ class WritePath:
         rolled back to its savepoint and the others' commit. SQLite errors and
         crashes still abort the whole transaction.
         """
-        if len(r.changes) == 1 and r.changes[0].context is None and not r.changes[0].once:
+        if len(r.changes) == 1 and r.changes[0].context is None and not r.changes[0].once and r.insert is None:
             # A lone CAS that misses changes nothing and raises before its
             # journal row: no savepoint needed to undo it.
             try:
@@ -330,14 +363,19 @@ class WritePath:
             return
         conn.execute("SAVEPOINT walstate_change")
         try:
-            for change in r.changes:
-                self._apply(conn, change, now)
+            self._apply_request(conn, r, now)
         except self.db.driver_errors:
             raise
         except Exception as exc:
             conn.execute("ROLLBACK TO walstate_change")
             r.error = exc
         conn.execute("RELEASE walstate_change")
+
+    def _apply_request(self, conn: Conn, r: _Request, now: float) -> None:
+        if r.insert is not None:
+            r.result = r.insert(conn, now)
+        for change in r.changes:
+            self._apply(conn, change, now)
 
     def _apply(self, conn: Conn, c: Change, now: float) -> None:
         if c.context is not None:
@@ -423,6 +461,14 @@ class WritePath:
         made for. Returns ``(job_id, None)`` for a new job, or
         ``(job_id, initial_context)`` of the job that already has this key.
         """
+        if key is None and self._GROUP_CREATES and self.group_commit and self._leader \
+                and self.db.transaction_depth() == 0:
+            # Others are committing: join their next transaction (one commit, one fsync under
+            # ``full``, for many jobs' changes) rather than take the lock for one of its own.
+            request = _Request((), lambda conn, now: self._insert_job(conn, workflow, None, context, steps, version,
+                                                                      fingerprint, now))
+            self._commit_grouped(request)
+            return request.result, None
         with self._lock:
             try:
                 with self._transaction() as conn:
@@ -433,21 +479,28 @@ class WritePath:
                         ).fetchone()
                         if row is not None:
                             return int(row[0]), str(row[1])
-                    now = self.clock()
-                    job_id = int(conn.execute(
-                        "INSERT INTO walstate_job (workflow, key, state, context, initial_context, created_at, updated_at, "
-                        "version, fingerprint) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?) RETURNING id",
-                        (workflow, key, context, context, now, now, version, fingerprint),
-                    ).fetchone()[0])
-                    conn.executemany(
-                        "INSERT INTO walstate_step (job_id, name, phase, position, state, attempt, updated_at) "
-                        "VALUES (?, ?, ?, ?, 'pending', 0, ?)",
-                        [(job_id, name, phase, pos, now) for name, phase, pos in steps],
-                    )
-                    self._wake(conn)
-                    return job_id, None
+                    return self._insert_job(conn, workflow, key, context, steps, version, fingerprint,
+                                            self.clock()), None
             except self.db.driver_errors as exc:
                 raise self.db.translate(exc, self.path, f"creating a {workflow!r} job") from exc
+
+    #: Whether a job without a key may be created in a group commit in progress (see create_job).
+    _GROUP_CREATES = True
+
+    def _insert_job(self, conn: Conn, workflow: str, key: str | None, context: str,
+                    steps: Sequence[tuple[str, str, int]], version: int, fingerprint: str | None, now: float) -> int:
+        job_id = int(conn.execute(
+            "INSERT INTO walstate_job (workflow, key, state, context, initial_context, created_at, updated_at, "
+            "version, fingerprint) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?) RETURNING id",
+            (workflow, key, context, context, now, now, version, fingerprint),
+        ).fetchone()[0])
+        conn.executemany(
+            "INSERT INTO walstate_step (job_id, name, phase, position, state, attempt, updated_at) "
+            "VALUES (?, ?, ?, ?, 'pending', 0, ?)",
+            [(job_id, name, phase, pos, now) for name, phase, pos in steps],
+        )
+        self._wake(conn)
+        return job_id
 
     _CLAIM = (
         "UPDATE walstate_job SET owner=?, lease_expires=?, epoch=epoch+1, updated_at=?, wake_at=NULL, "
@@ -504,7 +557,8 @@ class WritePath:
     )
     _CLAIM_MANY = (
         "UPDATE walstate_job SET owner=?, lease_expires=?, epoch=epoch+1, updated_at=?, state='running', wake_at=NULL "
-        "WHERE id IN (SELECT CAST(value AS INTEGER) FROM json_each(?)) RETURNING id, epoch, context, cancel_requested"
+        "WHERE id IN (SELECT CAST(value AS INTEGER) FROM json_each(?)) RETURNING id, epoch, context, cancel_requested, "
+        "version, fingerprint"
     )
 
     def claim_runnable(
@@ -571,10 +625,11 @@ class WritePath:
                         step = StepRow(*r)
                         steps.setdefault(step.job_id, []).append(step)
                     out = []
-                    for job_id, epoch, context, cancel in sorted(claimed):
+                    for job_id, epoch, context, cancel, version, fingerprint in sorted(claimed):
                         state, workflow, prior_owner = before[int(job_id)]
                         out.append((workflow, state, prior_owner, Claimed(
-                            int(epoch), str(context), bool(cancel), steps.get(int(job_id), []), int(job_id))))
+                            int(epoch), str(context), bool(cancel), steps.get(int(job_id), []), int(job_id),
+                            int(version), fingerprint)))
                     faults.point("before_commit")
             except self.db.driver_errors as exc:
                 raise self.db.translate(exc, self.path, "claiming runnable jobs") from exc

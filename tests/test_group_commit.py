@@ -9,8 +9,9 @@ import pytest
 
 from walstate import InjectedCrash, StaleState
 from walstate.substep import SubStep
-from walstate.storage import Store, faults
+from walstate.storage import Change, Store, faults
 
+from .conftest import StatementLog
 from .helpers import new_step, stored_state
 
 
@@ -108,3 +109,81 @@ def test_group_commit_can_be_turned_off(db_path: str, group: bool) -> None:
     step.start()
     assert s.write.batches == (1 if group else 0)
     s.close()
+
+
+
+def _commit_pairs(store: Store, stale: int | None,
+                  log: StatementLog | None = None) -> tuple[list[SubStep], dict[int, BaseException | None]]:
+    """Five callers each commit a step's start with its job's start (two changes), the last four in one batch.
+
+    With ``stale``, that caller's second change expects a state its job is not in. ``log``
+    records the statements of every caller's (thread's own) connection.
+    """
+    steps = [new_step(store, f"s{i}") for i in range(5)]
+    results: dict[int, BaseException | None] = {}
+
+    def run(i: int) -> None:
+        s = steps[i]
+        changes = [Change("step", s.id, s.job.id, s.name, "pending", "running", 1),
+                   Change("job", s.job.id, s.job.id, None, "succeeded" if i == stale else "pending", "running")]
+        if log is not None:
+            store.db.connection().set_trace_callback(log)
+        try:
+            store.write.commit(changes)
+            results[i] = None
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertions
+            results[i] = exc
+
+    with HoldFirstCommit(store, waiting=4):
+        first = threading.Thread(target=run, args=(0,))
+        first.start()
+        while not store.write._leader:
+            time.sleep(0.0005)
+        others = [threading.Thread(target=run, args=(i,)) for i in range(1, 5)]
+        for t in others:
+            t.start()
+        for t in [first, *others]:
+            t.join(20)
+    assert store.write.batches == 2
+    return steps, results
+
+
+@pytest.mark.sqlite_only  # counts SQLite's statements
+def test_a_batch_whose_changes_all_apply_is_written_without_a_savepoint_per_caller(store: Store) -> None:
+    log = StatementLog()
+    steps, results = _commit_pairs(store, stale=None, log=log)
+    assert results == {i: None for i in range(5)}
+    assert log.count("SAVEPOINT") == 0 and log.count("COMMIT") == 2
+    assert all(stored_state(store.path, s.id) == ("running", 1) for s in steps)
+
+
+def test_a_caller_whose_second_change_misses_writes_neither_and_the_rest_of_its_batch_commits(store: Store) -> None:
+    steps, results = _commit_pairs(store, stale=3)
+    assert isinstance(results[3], StaleState)
+    assert all(results[i] is None for i in range(5) if i != 3)
+    # Its first change applied before the miss: taken back with it, while the others' stayed.
+    assert stored_state(store.path, steps[3].id) == ("pending", 0)
+    assert all(stored_state(store.path, s.id) == ("running", 1) for i, s in enumerate(steps) if i != 3)
+
+
+def test_a_job_submitted_while_others_commit_is_created_in_their_next_commit(store: Store) -> None:
+    step = new_step(store, "s0")
+    created: list[int] = []
+
+    def create() -> None:
+        created.append(store.write.create_job("wf", None, "{}", [("a", "p", 0), ("b", "p", 1)])[0])
+
+    with HoldFirstCommit(store, waiting=2):
+        leader = threading.Thread(target=step.start)
+        leader.start()
+        while not store.write._leader:
+            time.sleep(0.0005)
+        others = [threading.Thread(target=create), threading.Thread(target=create)]
+        for t in others:
+            t.start()
+        for t in [leader, *others]:
+            t.join(20)
+    # The start alone, then both jobs in one batch: three callers, two commits.
+    assert store.write.batches == 2 and store.write.batched_requests == 3
+    assert len(set(created)) == 2
+    assert all([s.state for s in store.read.steps(job)] == ["pending", "pending"] for job in created)

@@ -206,6 +206,18 @@ def test_a_worker_leaves_a_job_it_cannot_run_unclaimed_and_goes_on(db_path: str)
         assert row.state == "pending" and row.owner is None
 
 
+def test_a_worker_claim_returns_each_jobs_version_and_fingerprint_so_its_run_need_not_read_the_job(
+        db_path: str) -> None:
+    flow = simple_flow()
+    with Engine(db_path) as e:
+        e.register(flow)
+        job = e.submit(flow, Ctx())
+        now = time.time()
+        claims = e.store.write.claim_runnable(owner="elsewhere", lease_expires=now + 60, limit=5, workflows=["w"],
+                                              now=now)
+    assert [(c.job_id, c.version, c.fingerprint) for *_, c in claims] == [(job, flow.version, flow.fingerprint)]
+
+
 def test_an_engine_has_one_worker_and_starting_it_again_sets_its_concurrency(db_path: str) -> None:
     with Engine(db_path) as e:
         e.register(simple_flow())
