@@ -72,6 +72,30 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("backend", BACKENDS)
 
 
+#: Hypothesis examples of a test on PostgreSQL, at most: each example there makes its databases
+#: on the server (tens of ms each). The exhaustive sweeps are not Hypothesis tests: they run in
+#: full on both backends; the random crash plans run their whole count on SQLite.
+POSTGRES_EXAMPLES = {"deep": 400, "mutation": 5}.get(PROFILE, 30)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """Cap a Hypothesis test's examples at ``POSTGRES_EXAMPLES`` on its PostgreSQL run only."""
+    callspec = getattr(item, "callspec", None)
+    test = getattr(item, "obj", None)
+    inner = getattr(test, "_hypothesis_internal_use_settings", None)
+    if callspec is None or callspec.params.get("backend") != "postgres" or inner is None:
+        yield
+        return
+    # Both backends' runs share one function object: its settings are swapped for this call only.
+    test._hypothesis_internal_use_settings = settings(  # type: ignore[union-attr]
+        inner, max_examples=min(inner.max_examples, POSTGRES_EXAMPLES))
+    try:
+        yield
+    finally:
+        test._hypothesis_internal_use_settings = inner  # type: ignore[union-attr]
+
+
 @pytest.fixture
 def backend() -> str:
     """The backend a test runs on: "sqlite" unless the test is marked ``backends`` (then both, in turn)."""
