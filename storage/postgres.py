@@ -481,38 +481,61 @@ class PgWritePath(WritePath):
     #: reads changes, and a creation has none): each keeps a transaction of its own.
     _GROUP_CREATES = False
 
+    #: How long (seconds) a batch whose session was lost keeps trying to reach the server again
+    #: (a restart or a failover) before its callers get DatabaseUnavailable.
+    RECONNECT = 30.0
+
     def _write_batch(self, batch: list[Any]) -> None:
-        """The batch in one transaction: retried when the server aborted it, settled when the connection dropped.
+        """The batch in one transaction: written again when the server aborted it or the session was lost.
 
         A deadlock or serialization failure rolled everything back: the batch is
         written again (its changes are compare-and-sets, safe to repeat). A
-        connection lost during the transaction, COMMIT included, leaves the
-        outcome unknown: each request's rows are read again on a new
-        connection, and a request is done if its changes are there.
+        session lost during the transaction, COMMIT included, leaves the
+        outcome unknown: on a new session each request's rows are read again; a
+        request whose changes are there is done, and the others are written
+        again (a superseded run's compare-and-set then misses, as it would have).
+        So a server restart or failover of up to :attr:`RECONNECT` seconds
+        costs the run a wait, not an interrupted attempt.
         """
-        for attempt in range(self.ATTEMPTS):
-            for r in batch:
+        pending = list(batch)
+        aborted = 0
+        deadline: float | None = None
+        while True:
+            for r in pending:
                 r.error = None
             try:
-                super()._write_batch(batch)
+                super()._write_batch(pending)
                 return
             except (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected):
-                if attempt + 1 == self.ATTEMPTS:
+                aborted += 1
+                if aborted == self.ATTEMPTS:
                     raise
-                time.sleep(random.uniform(0, 0.002 * 2 ** attempt))  # apart, so the two do not meet again
+                time.sleep(random.uniform(0, 0.002 * 2 ** aborted))  # apart, so the two do not meet again
+                continue
             except psycopg.OperationalError as exc:
                 if not _connection_lost(exc, self.db.connection()):
                     raise
-                self.db.close()
-                self._settle(batch, exc)
+                lost: BaseException = exc
+            self.db.close()
+            deadline = time.monotonic() + self.RECONNECT if deadline is None else deadline
+            while True:  # learn what landed, on a new session, as soon as the server answers
+                try:
+                    conn = self.db.raw()
+                    pending = [r for r in pending if not all(self._landed(conn, c) for c in r.changes)]
+                    break
+                except psycopg.OperationalError as exc:
+                    self.db.close()
+                    lost = exc
+                    if time.monotonic() >= deadline:
+                        break
+                    time.sleep(0.1)
+            if not pending:
                 return
-
-    def _settle(self, batch: list[Any], lost: BaseException) -> None:
-        conn = self.db.raw()
-        for r in batch:
-            if r.error is None and not all(self._landed(conn, c) for c in r.changes):
-                r.error = translate(lost, self.path, "committing a state change (the connection was lost; it "
-                                                     "was not written)")
+            if time.monotonic() >= deadline:
+                for r in pending:
+                    r.error = translate(lost, self.path, f"committing a state change (the connection was lost and "
+                                                         f"not regained within {self.RECONNECT:g}s; it was not written)")
+                return
 
     def _landed(self, conn: Conn, c: Any) -> bool:
         """Whether change ``c`` is in the database (read after a lost connection)."""

@@ -20,7 +20,7 @@ from pydantic import BaseModel
 
 from walstate import DatabaseUnavailable, Engine, StepContext, Workflow
 from walstate.storage import faults, open_store
-from walstate.storage.postgres import PgReader, PgStore, is_postgres_url, qmark_to_format, redact
+from walstate.storage.postgres import PgReader, PgStore, PgWritePath, is_postgres_url, qmark_to_format, redact
 from walstate.storage.store import Store
 from walstate.storage.writepath import Change
 
@@ -160,8 +160,25 @@ class _DropConnection(faults.Injector):
                 admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
 
 
-def test_a_connection_lost_before_commit_writes_nothing_says_so_and_the_next_write_reconnects(
+def test_a_session_lost_before_commit_is_written_again_on_a_new_one_and_the_caller_never_sees_it(
         pg_database: str) -> None:
+    store = open_store(pg_database)
+    try:
+        step = new_step(store, owner="me")
+        change = Change("step", step.id, step.job.id, "s", "pending", "running", attempt=1, owner="me",
+                        epoch=step.job.epoch)
+        with _DropConnection(store, pg_database) as dropped:
+            store.write.commit([change])
+        assert not dropped.armed  # the session was ended inside the commit
+        assert query(pg_database, "SELECT state FROM walstate_step WHERE id=?", (step.id,)) == [("running",)]
+        assert query(pg_database, "SELECT count(*) FROM walstate_journal WHERE step='s' AND to_state='running'") == [(1,)]
+    finally:
+        store.close()
+
+
+def test_a_session_lost_for_longer_than_reconnect_says_the_change_was_not_written(
+        pg_database: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(PgWritePath, "RECONNECT", 0.0)
     store = open_store(pg_database)
     try:
         step = new_step(store, owner="me")
@@ -169,7 +186,7 @@ def test_a_connection_lost_before_commit_writes_nothing_says_so_and_the_next_wri
                         epoch=step.job.epoch)
         with _DropConnection(store, pg_database), pytest.raises(DatabaseUnavailable) as caught:
             store.write.commit([change])
-        assert "was not written" in str(caught.value)
+        assert "it was not written" in str(caught.value)
         assert query(pg_database, "SELECT state FROM walstate_step WHERE id=?", (step.id,)) == [("pending",)]
         store.write.commit([change])  # a new session, the same change: now it is written
         assert query(pg_database, "SELECT state FROM walstate_step WHERE id=?", (step.id,)) == [("running",)]
@@ -213,3 +230,28 @@ def test_without_the_driver_a_postgres_url_says_which_extra_to_install(pg_databa
             f"try:\n    Engine({pg_database!r})\nexcept ConfigurationError as exc:\n    print(exc)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "pip install 'walstate[postgres]'" in done.stdout, done.stderr
+
+
+def test_every_session_ended_mid_step_as_by_a_server_restart_costs_the_run_a_wait_not_a_second_attempt(
+        pg_database: str, postgres_url: str) -> None:
+    import psycopg
+
+    name = urllib.parse.urlsplit(pg_database).path.lstrip("/")
+    flow = Workflow("w", context=Ctx, phases=["p", "q"])
+    calls: list[int] = []
+
+    @flow.step(phase="p")
+    def first(ctx: Ctx, step: StepContext) -> dict[str, int]:
+        calls.append(step.attempt)
+        with psycopg.connect(postgres_url, autocommit=True) as admin:  # from outside: every session of the job's
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                          "WHERE datname = %s AND pid <> pg_backend_pid()", (name,))
+        return {"n": 1}
+
+    flow.step(phase="q", name="second")(lambda ctx, step: {"n": ctx.n + 1})
+    with Engine(pg_database, workers=1) as e:
+        e.register(flow)
+        status = e.run(e.submit(flow, Ctx()))
+    assert status.state == "succeeded" and status.context.n == 2
+    assert calls == [1]  # the completion waited for a new session; the step did not run again
+    assert query(pg_database, "SELECT count(*) FROM walstate_journal WHERE note='interrupted'") == [(0,)]
