@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import json
 import os
 import re
@@ -316,6 +317,11 @@ def _app_engine(args: argparse.Namespace) -> Any:
 def cmd_worker(args: argparse.Namespace, out: Out) -> int:
     """Run a worker in the foreground; SIGTERM or SIGINT stop it gracefully (exit 0)."""
     engine = _app_engine(args)
+    if args.log_level != "off" and not logging.getLogger().handlers:
+        # What the worker meets (retries, interruptions, takeovers, errors it retries) goes to
+        # stderr, unless the app configured logging itself when it was imported (just now).
+        logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
@@ -491,7 +497,7 @@ def cmd_demo(args: argparse.Namespace, out: Out) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="walstate", description="Durable multi-phase jobs on SQLite WAL.")
+    p = argparse.ArgumentParser(prog="walstate", description="Durable multi-phase jobs on SQLite WAL (DB: a file) or PostgreSQL (DB: a postgresql:// URL).")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do (COMMAND -h for its options)")
 
     def add(name: str, fn: Callable[[argparse.Namespace, Out], int], help: str, db: bool = True,
@@ -547,6 +553,9 @@ def parser() -> argparse.ArgumentParser:
                       help="jobs run at once by this worker (default: the engine's workers)")
     work.add_argument("--grace", type=float, default=30.0, metavar="S",
                       help="on SIGTERM/SIGINT, seconds steps in flight get to finish before the rest is released")
+    work.add_argument("--log-level", choices=["debug", "info", "warning", "error", "off"], default="warning",
+                      help="walstate's log records shown on stderr (default: warning: retries, interruptions, "
+                           "takeovers); ignored if the app configures logging itself")
     rec = add("recover", cmd_recover, "resume what a dead process left, with your app's Engine", as_json=True)
     rec.add_argument("--app", required=True, metavar="MODULE:ATTR",
                      help="your app's Engine, or a factory taking the database path")

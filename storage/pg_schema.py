@@ -225,7 +225,7 @@ def ensure_pg_schema(
         if rows is None and not create:
             raise NotADatabase(
                 f"{where}: no walstate tables (no walstate_meta in the search_path) and opened read-only; "
-                "open it read-write once (with an Engine) to create them",
+                "create them once with `walstate upgrade URL` (or by opening it with an Engine)",
                 where,
             )
         if rows is None or _version(rows, where, target) < target:
@@ -283,6 +283,12 @@ def _apply(conn: psycopg.Connection[Any], where: str, version: int, migrations: 
                 )
         except psycopg.OperationalError:
             raise  # the connection or a lock, not the migration: the caller reports it
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise DatabaseUnavailable(
+                f"{where}: this role may not create walstate's tables ({exc}); nothing was created. Grant it CREATE "
+                "on the schema (PostgreSQL 15 no longer grants it on public to every role: GRANT CREATE ON SCHEMA "
+                "public TO ROLE), or have an owner run `walstate upgrade URL` once; afterwards SELECT, INSERT, "
+                "UPDATE and DELETE on the tables suffice", where) from exc
         except psycopg.Error as exc:
             if version == 0:
                 message = (f"{where}: creating walstate's tables failed at schema {target} ({exc}); everything was "

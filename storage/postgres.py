@@ -44,6 +44,7 @@ import re
 import select
 import threading
 import time
+import urllib.parse
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -257,13 +258,23 @@ def translate(exc: BaseException, where: str, doing: str) -> DatabaseError:
         return DatabaseBusy(f"{where}: {_RETRY[code]} ({text}) while {doing}; retry", where)
     if code == "53100":
         return DatabaseFull(f"{where}: the server's disk is full ({text}) while {doing}; free space and retry", where)
-    if code.startswith(("08", "57P", "53", "3D")) or (psycopg is not None and isinstance(cause, psycopg.OperationalError)):
+    low = text.lower()
+    # At connect time psycopg often has no SQLSTATE: the server's words tell a refused login
+    # or a missing database from a server that cannot be reached.
+    if code.startswith("28") or "authentication failed" in low or "no pg_hba.conf entry" in low:
+        return DatabaseUnavailable(f"{where}: the server refused the login ({text}) while {doing}; check the URL's "
+                                   "user and password (percent-encode ':' '@' '/' in it), or PGPASSWORD/.pgpass", where)
+    if code == "3D000" or ("database" in low and "does not exist" in low):
+        return DatabaseUnavailable(f"{where}: no such database ({text}) while {doing}; create it (CREATE DATABASE) "
+                                   "or fix the URL's database name", where)
+    if code in ("42501", "25006"):
+        return DatabaseUnavailable(f"{where}: the server refused this ({text}) while {doing}; the role needs "
+                                   "CREATE on the schema to make walstate's tables, then SELECT, INSERT, UPDATE and "
+                                   "DELETE on them", where)
+    if code.startswith(("08", "57P", "53")) or (psycopg is not None and isinstance(cause, psycopg.OperationalError)):
         return DatabaseUnavailable(
-            f"{where}: cannot reach the PostgreSQL server ({text}) while {doing}; check that it runs and "
-            "accepts connections from this host", where)
-    if code.startswith("28") or code in ("42501", "25006", "3D000"):
-        return DatabaseUnavailable(f"{where}: the server refused access ({text}) while {doing}; check the URL's "
-                                   "user, password, database and privileges", where)
+            f"{where}: cannot reach the PostgreSQL server or lost the session ({text}) while {doing}; check the "
+            "URL's host and port, and that the server runs and accepts connections from this host", where)
     return WriteFailed(f"{where}: PostgreSQL error while {doing}: {text}", where)
 
 
@@ -281,16 +292,49 @@ def open_pg_database(url: str, *, busy_timeout: float = 5.0, readonly: bool = Fa
     options = f"-c lock_timeout={int(busy_timeout * 1000)}"
     if readonly:
         options += " -c default_transaction_read_only=on"
-    db = WalstatePgDatabase(url, prefer_psycopg3=True, options=options, application_name="walstate",
-                            connect_timeout=max(1, int(busy_timeout) or 1))
+    db = WalstatePgDatabase(url, prefer_psycopg3=True,
+                            **session_params(url, "walstate", options, connect_timeout=max(1, int(busy_timeout) or 1)))
     try:
         db.connect(reuse_if_open=True)
     except BaseException as exc:
         db.close()
-        if isinstance(exc, db.driver_errors):
-            raise translate(exc, where, "connecting") from exc
-        raise
+        if not isinstance(exc, db.driver_errors):
+            raise
+        error = translate(exc, where, "connecting")
+        scrubbed = _scrub(str(error), url)
+        if scrubbed == str(error):
+            raise error from exc
+        # The driver quoted part of a password it misparsed (an unencoded '@'): neither the message
+        # nor the chained driver error may show it.
+        raise type(error)(scrubbed, where) from None
     return db
+
+
+def _scrub(text: str, url: str) -> str:
+    """``text`` with the URL's password, and the pieces an unencoded ``@`` would split it into, masked."""
+    userinfo = urllib.parse.urlsplit(url).netloc.rpartition("@")[0]
+    password = urllib.parse.unquote(userinfo.partition(":")[2])
+    for piece in sorted({password, *password.split("@"), *password.split(":")}, key=len, reverse=True):
+        if len(piece) >= 3:  # shorter pieces would mask ordinary words of the message
+            text = text.replace(piece, "***")
+    return text
+
+
+def session_params(url: str, application_name: str, options: str = "", connect_timeout: int = 5) -> dict[str, Any]:
+    """Keyword arguments for psycopg.connect beside ``url``, keeping what the URL itself asks for.
+
+    Keyword arguments override the URL's own parameters, so the URL's
+    ``options`` (``-c search_path=...``) are kept before walstate's, and its
+    ``application_name`` and ``connect_timeout`` win over walstate's defaults.
+    """
+    from psycopg.conninfo import conninfo_to_dict
+
+    given = conninfo_to_dict(url)
+    return {
+        "options": " ".join(o for o in (str(given.get("options") or ""), options) if o),
+        "application_name": given.get("application_name") or application_name,
+        "connect_timeout": given.get("connect_timeout") or connect_timeout,
+    }
 
 
 def _connection_lost(exc: BaseException, conn: Any) -> bool:
@@ -325,7 +369,7 @@ class _Side:
                 _ABANDONED.append(self.conn)  # the parent's session: never close it from here
             self.conn, self.pid = None, os.getpid()
         if self.conn is None or self.conn.closed:
-            conn = psycopg.connect(self.url, autocommit=True, application_name="walstate-listen", connect_timeout=5)
+            conn = psycopg.connect(self.url, autocommit=True, **session_params(self.url, "walstate-listen"))
             conn.execute(f"LISTEN {_CHANNEL}")
             self.conn = conn
         return self.conn
@@ -354,8 +398,7 @@ class _Side:
         the query: the server read its clock somewhere between the two.
         """
         try:
-            with psycopg.connect(self.url, autocommit=True, application_name="walstate-clock",
-                                 connect_timeout=5) as conn:
+            with psycopg.connect(self.url, autocommit=True, **session_params(self.url, "walstate-clock")) as conn:
                 before = local()
                 row: Any = conn.execute("SELECT extract(epoch FROM clock_timestamp())::float8").fetchone()
                 after = local()

@@ -266,3 +266,33 @@ def test_an_app_factory_that_fails_is_one_line_error_not_a_traceback(tmp_path: P
                           capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)})
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and "badapp:make" in done.stderr
+
+
+@pytest.mark.parametrize("level", ["warning", "off"])
+def test_walstate_worker_shows_what_it_meets_on_stderr_unless_told_not_to(tmp_path: Path, level: str) -> None:
+    from tests.cli_app import Shop, make_engine
+
+    db = str(tmp_path / "jobs.db")
+    engine = make_engine(db)
+    job = engine.submit("shop", Shop(name="broken"))  # its charge step fails for good: a WARNING
+    engine.close()
+    err = tmp_path / "worker.err"
+    with err.open("wb") as stderr:
+        worker = subprocess.Popen([sys.executable, "-m", "walstate", "worker", db, "--app", "tests.cli_app:make_engine",
+                                   "--log-level", level], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                  stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                conn = sqlite3.connect(db)
+                state = conn.execute("SELECT state FROM walstate_job WHERE id=?", (job,)).fetchone()[0]
+                conn.close()
+                if state == "failed":
+                    break
+                assert time.monotonic() < deadline and worker.poll() is None, err.read_text()
+                time.sleep(0.05)
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            assert worker.wait(30) == 0
+    shown = err.read_text()
+    assert ("card declined" in shown) == (level == "warning"), shown

@@ -255,3 +255,51 @@ def test_every_session_ended_mid_step_as_by_a_server_restart_costs_the_run_a_wai
     assert status.state == "succeeded" and status.context.n == 2
     assert calls == [1]  # the completion waited for a new session; the step did not run again
     assert query(pg_database, "SELECT count(*) FROM walstate_journal WHERE note='interrupted'") == [(0,)]
+
+
+def test_a_url_chooses_the_schema_and_the_application_name_through_its_own_parameters(pg_database: str) -> None:
+    import psycopg
+
+    with psycopg.connect(pg_database, autocommit=True) as admin:
+        admin.execute("CREATE SCHEMA jobs")
+    url = pg_database + "?options=-csearch_path%3Djobs&application_name=billing"
+    flow = noop_flow()
+    with Engine(url) as e:
+        e.register(flow)
+        assert e.run(e.submit(flow, Ctx())).state == "succeeded"
+        names = {n for (n,) in query(pg_database, "SELECT application_name FROM pg_stat_activity "
+                                                  "WHERE datname = current_database()")}
+        assert "billing" in names
+    tables = query(pg_database, "SELECT table_schema FROM information_schema.tables WHERE table_name = 'walstate_job'")
+    assert tables == [("jobs",)]
+
+
+def test_a_refused_login_and_a_missing_database_say_so_rather_than_unreachable(pg_database: str) -> None:
+    parts = urllib.parse.urlsplit(pg_database)
+    missing = parts._replace(path="/no_such_db").geturl()
+    with pytest.raises(DatabaseUnavailable, match="no such database"):
+        Engine(missing)
+    unknown_role = parts._replace(netloc=f"nobody_here:pw@{parts.hostname}:{parts.port}").geturl()
+    with pytest.raises(DatabaseUnavailable, match="refused the login|no such database|does not exist") as caught:
+        Engine(unknown_role)
+    assert "pw@" not in str(caught.value)
+
+
+def test_a_role_that_may_not_create_tables_is_told_which_grant_it_needs(pg_database: str) -> None:
+    import uuid
+
+    import psycopg
+
+    role = f"limited_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_database, autocommit=True) as admin:
+        admin.execute(f'CREATE ROLE "{role}" LOGIN')  # a generated name, not data
+    try:
+        parts = urllib.parse.urlsplit(pg_database)
+        url = parts._replace(netloc=f"{role}@{parts.hostname}:{parts.port}").geturl()
+        with pytest.raises(DatabaseUnavailable, match="GRANT CREATE ON SCHEMA"):
+            Engine(url)
+        assert query(pg_database, "SELECT count(*) FROM information_schema.tables "
+                                  "WHERE table_name LIKE 'walstate%'") == [(0,)]
+    finally:
+        with psycopg.connect(pg_database, autocommit=True) as admin:
+            admin.execute(f'DROP ROLE "{role}"')
