@@ -114,6 +114,9 @@ class WriteLocked(peewee.Database):
         if state.conn is not None:
             _ABANDONED.append(state.conn)
         self._state = type(state)()
+        # peewee's own lock around connect(): a thread of the parent may have been opening its
+        # connection at fork() (every run has threads of its own), and the child would wait forever.
+        self._lock = threading.Lock()
         self._init_lock()
 
 

@@ -478,3 +478,55 @@ def test_three_processes_of_eight_threads_sigkilled_at_random_repeat_only_calls_
     repeated = sum(n - 1 for n in calls.values())
     print(f"load with kills ({where}): {len(jobs)} jobs, {kills} SIGKILLs, {sum(interrupted.values())} "
           f"interrupted attempts, {repeated} repeated outside calls")
+
+
+FORK_WHILE_CONNECTING = """
+import os, sys, threading, time
+from pydantic import BaseModel
+from walstate import Engine, Workflow
+
+class C(BaseModel):
+    n: int = 0
+
+flow = Workflow("w", context=C, phases=["p"])
+flow.step(phase="p", name="one")(lambda ctx, step: None)
+engine = Engine(sys.argv[1], workers=1)
+engine.register(flow)
+held, release = threading.Event(), threading.Event()
+
+def connecting() -> None:
+    # As a thread of the parent opening its connection at the moment of fork() does.
+    with engine.store.db._lock:
+        held.set()
+        release.wait()
+
+t = threading.Thread(target=connecting)
+t.start()
+held.wait()
+child = os.fork()
+if child == 0:
+    try:
+        engine.run(engine.submit(flow, C()))
+        os._exit(0)
+    except BaseException:
+        os._exit(1)
+deadline = time.monotonic() + 20
+while time.monotonic() < deadline:
+    done, status = os.waitpid(child, os.WNOHANG)
+    if done:
+        break
+    time.sleep(0.01)
+else:
+    os.kill(child, 9)
+    os.waitpid(child, 0)
+    status = 1 << 8
+release.set()
+t.join()
+print("child exit", os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_child_forked_while_a_parent_thread_opens_its_connection_opens_its_own(db_path: str) -> None:
+    done = subprocess.run([sys.executable, "-c", FORK_WHILE_CONNECTING, db_path], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.stdout.strip() == "child exit 0", done.stdout + done.stderr
