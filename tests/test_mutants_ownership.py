@@ -7,13 +7,17 @@ in its name the behaviour those mutants broke.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
+import threading
 import time
 
 import pytest
 from pydantic import BaseModel
 
-from walstate import Engine, StepContext, Workflow
+from walstate import Engine, JobCancelled, JobFailed, Retry, StepContext, Workflow
+from walstate.aio import AsyncStepContext
 from walstate.ownership import Claim, Heartbeat, Identity, LiveRun, owner_alive
 from walstate.storage import Store
 from walstate.storage.reads import JobRow
@@ -827,3 +831,114 @@ def test_a_context_change_for_a_job_that_does_not_exist_is_refused_as_stale(db_p
         assert (gone.value.kind, gone.value.row_id, gone.value.expected, gone.value.actual) == ("job", 4242, "", None)
     finally:
         store.close()
+
+
+# -- the runner ------------------------------------------------------------------------------
+
+
+def test_a_step_after_one_that_failed_is_cancelled_naming_its_predecessors_and_so_are_its_own_dependents(
+        db_path: str) -> None:
+    flow = Workflow("w", context=Ctx, phases=["p"])
+    flow.step(phase="p", name="x")(lambda ctx, step: None)
+    flow.step(phase="p", name="a", retry=Retry(max_attempts=1))(lambda ctx, step: 1 / 0)
+    flow.step(phase="p", name="b", after=["x", "a"])(lambda ctx, step: None)
+    flow.step(phase="p", name="c", after=["b"])(lambda ctx, step: None)
+    with Engine(db_path, workers=1) as e:
+        e.register(flow)
+        job = e.submit(flow, Ctx())
+        with pytest.raises(JobFailed):
+            e.run(job)
+        notes = {r.step: r.note for r in e.history(job) if r.to_state == "cancelled"}
+    # Cancelled for their own reason, not as bystanders of the job's failure.
+    assert notes == {"b": "a step it runs after did not succeed (x, a)",
+                     "c": "a step it runs after did not succeed (b)"}
+
+
+def test_a_handler_with_a_timeout_sees_the_context_its_exception_fails_the_attempt_and_a_timeout_is_logged(
+        db_path: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="walstate")
+    flow = Workflow("w", context=Ctx, phases=["p"])
+
+    @flow.step(phase="p", timeout=60, retry=Retry(max_attempts=1))
+    def raising(ctx: Ctx, step: StepContext) -> None:
+        raise ValueError(f"n is {ctx.n}")
+
+    slow = Workflow("slow", context=Ctx, phases=["p"])
+
+    @slow.step(phase="p", timeout=0.05, retry=Retry(max_attempts=1))
+    def sleepy(ctx: Ctx, step: StepContext) -> None:
+        step.cancelled.wait(10)
+
+    with Engine(db_path, workers=1) as e:
+        e.register(flow)
+        e.register(slow)
+        with pytest.raises(JobFailed) as failed:
+            e.run(e.submit(flow, Ctx(n=7)))
+        assert failed.value.errors == {"raising": "ValueError: n is 7"}
+        job = e.submit(slow, Ctx())
+        with pytest.raises(JobFailed) as failed:
+            e.run(job)
+        assert failed.value.errors == {"sleepy": "TimeoutError: step 'sleepy' attempt 1 timed out after 0.05s"}
+    [record] = [r for r in caplog.records if "timed out after 0.05s; its handler" in r.getMessage()]
+    assert (record.walstate_job, record.walstate_workflow, record.walstate_step,  # type: ignore[attr-defined]
+            record.walstate_attempt) == (job, "slow", "sleepy", 1)  # type: ignore[attr-defined]
+
+
+def test_an_async_handler_gets_context_and_step_times_out_as_declared_and_a_cancel_reaches_its_task(
+        db_path: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="walstate")
+    seen: list[object] = []
+    started = threading.Event()
+    flow = Workflow("w", context=Ctx, phases=["p"])
+
+    @flow.step(phase="p", retry=Retry(max_attempts=1))
+    async def fetch(ctx: Ctx, step: AsyncStepContext) -> dict[str, int]:
+        await asyncio.sleep(0)
+        return {"n": ctx.n + step.attempt}
+
+    slow = Workflow("slow", context=Ctx, phases=["p"])
+
+    @slow.step(phase="p", timeout=0.05, retry=Retry(max_attempts=1))
+    async def nap(ctx: Ctx, step: AsyncStepContext) -> None:
+        await asyncio.sleep(5)
+
+    held = Workflow("held", context=Ctx, phases=["p"])
+
+    @held.step(phase="p")
+    async def hold(ctx: Ctx, step: AsyncStepContext) -> None:
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
+
+    with Engine(db_path, workers=1) as e:
+        for f in (flow, slow, held):
+            e.register(f)
+        assert e.run(e.submit(flow, Ctx(n=41))).context.n == 42
+        job = e.submit(slow, Ctx())
+        with pytest.raises(JobFailed) as failed:
+            e.run(job)
+        assert failed.value.errors == {"nap": "TimeoutError: step 'nap' attempt 1 timed out after 0.05s"}
+        [record] = [r for r in caplog.records if "timed out after 0.05s; its handler" in r.getMessage()]
+        assert (record.walstate_job, record.walstate_workflow, record.walstate_step,  # type: ignore[attr-defined]
+                record.walstate_attempt) == (job, "slow", "nap", 1)  # type: ignore[attr-defined]
+
+        victim = e.submit(held, Ctx())
+        outcome: list[BaseException] = []
+
+        def run_it() -> None:
+            try:
+                e.run(victim)
+            except BaseException as exc:  # noqa: BLE001 (handed to the test thread)
+                outcome.append(exc)
+
+        runner = threading.Thread(target=run_it)
+        runner.start()
+        assert started.wait(10)
+        e.cancel(victim, wait=10)
+        runner.join(10)
+        # The handler's task was cancelled at its await (the attempt fails as such) and the job ended cancelled.
+        assert seen == ["cancelled"] and [type(x) for x in outcome] == [JobCancelled]
+        assert "the async handler was cancelled" in (e.status(victim).steps["hold"].error or "")
