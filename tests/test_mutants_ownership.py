@@ -16,7 +16,7 @@ import time
 import pytest
 from pydantic import BaseModel
 
-from walstate import Engine, JobCancelled, JobFailed, Retry, StepContext, Workflow
+from walstate import Engine, JobCancelled, JobFailed, JobOwned, Retry, StepContext, Workflow
 from walstate.aio import AsyncStepContext
 from walstate.ownership import Claim, Heartbeat, Identity, LiveRun, owner_alive
 from walstate.storage import Store
@@ -942,3 +942,26 @@ def test_an_async_handler_gets_context_and_step_times_out_as_declared_and_a_canc
         # The handler's task was cancelled at its await (the attempt fails as such) and the job ended cancelled.
         assert seen == ["cancelled"] and [type(x) for x in outcome] == [JobCancelled]
         assert "the async handler was cancelled" in (e.status(victim).steps["hold"].error or "")
+
+
+def test_after_a_cancel_parallel_steps_start_no_step_they_unlock_and_the_rest_are_cancelled_with_the_job(
+        db_path: str) -> None:
+    flow = Workflow("w", context=Ctx, phases=["p"])
+    with Engine(db_path, workers=2) as e:
+
+        @flow.step(phase="p")
+        def b(ctx: Ctx, step: StepContext) -> None:
+            # The cancel is signalled before this returns (wait=0: it cannot wait for its own run).
+            with pytest.raises(JobOwned):
+                e.cancel(step.job_id, wait=0)
+
+        flow.step(phase="p", name="c", after=["b"])(lambda ctx, step: None)
+        flow.step(phase="p", name="d", after=["c"])(lambda ctx, step: None)
+        e.register(flow)
+        job = e.submit(flow, Ctx())
+        with pytest.raises(JobCancelled):
+            e.run(job)
+        states = {n: s.state for n, s in e.status(job).steps.items()}
+        notes = {r.step: r.note for r in e.history(job) if r.to_state == "cancelled"}
+    assert states == {"b": "succeeded", "c": "cancelled", "d": "cancelled"}
+    assert notes == {"c": "the job was cancelled", "d": "the job was cancelled", None: "cancelled by an operator"}
