@@ -16,10 +16,10 @@ import time
 import pytest
 from pydantic import BaseModel
 
-from walstate import Engine, JobCancelled, JobFailed, JobOwned, Retry, StepContext, Workflow
+from walstate import Engine, InjectedCrash, JobCancelled, JobFailed, JobOwned, Retry, StepContext, Workflow
 from walstate.aio import AsyncStepContext
 from walstate.ownership import Claim, Heartbeat, Identity, LiveRun, owner_alive
-from walstate.storage import Store
+from walstate.storage import Store, faults
 from walstate.storage.reads import JobRow
 
 
@@ -965,3 +965,21 @@ def test_after_a_cancel_parallel_steps_start_no_step_they_unlock_and_the_rest_ar
         notes = {r.step: r.note for r in e.history(job) if r.to_state == "cancelled"}
     assert states == {"b": "succeeded", "c": "cancelled", "d": "cancelled"}
     assert notes == {"c": "the job was cancelled", "d": "the job was cancelled", None: "cancelled by an operator"}
+
+
+def test_a_write_failing_as_a_parallel_loop_cancels_the_dependents_of_a_failed_step_stops_the_run_with_it(
+        db_path: str) -> None:
+    flow = Workflow("w", context=Ctx, phases=["p"])
+    flow.step(phase="p", name="a", retry=Retry(max_attempts=1))(lambda ctx, step: 1 / 0)
+    flow.step(phase="p", name="b", after=["a"])(lambda ctx, step: None)
+    with Engine(db_path, workers=2) as e:
+        e.register(flow)
+        first = e.submit(flow, Ctx())
+        with faults.Injector() as counting, pytest.raises(JobFailed):
+            e.run(first)
+        # The commits: claim, a starts, a fails, b is cancelled, the job fails.
+        cancel_b = counting.hits["before_commit"] - 1
+        job = e.submit(flow, Ctx())
+        with faults.Injector(faults.Crash("before_commit", cancel_b)), pytest.raises(InjectedCrash):
+            e.run(job)
+        assert e.status(job).steps["b"].state == "pending"
