@@ -983,3 +983,58 @@ def test_a_write_failing_as_a_parallel_loop_cancels_the_dependents_of_a_failed_s
         with faults.Injector(faults.Crash("before_commit", cancel_b)), pytest.raises(InjectedCrash):
             e.run(job)
         assert e.status(job).steps["b"].state == "pending"
+
+
+# -- the engine: worker runs, shutdown -------------------------------------------------------
+
+
+def fields_of(record: logging.LogRecord) -> tuple[object, ...]:
+    return tuple(getattr(record, f) for f in ("walstate_job", "walstate_workflow", "walstate_step", "walstate_attempt"))
+
+
+def test_a_worker_releases_a_job_it_cannot_run_saying_why_in_the_journal_and_the_log(
+        db_path: str, caplog: pytest.LogCaptureFixture) -> None:
+    from .helpers import wait_until
+
+    caplog.set_level(logging.WARNING, logger="walstate")
+    old = Workflow("w", context=Ctx, phases=["p"])
+    old.step(phase="p", name="one")(lambda ctx, step: None)
+    with Engine(db_path) as e:
+        e.register(old)
+        stale = int(e.submit(old, Ctx()))
+    new = Workflow("w", context=Ctx, phases=["p", "q"])
+    new.step(phase="p", name="one")(lambda ctx, step: None)
+    new.step(phase="q", name="two")(lambda ctx, step: None)
+    with Engine(db_path) as e:
+        e.register(new)
+        with e.start_worker(1) as worker:
+            wait_until(lambda: stale in worker.unrunnable)
+            reason = worker.unrunnable[stale]
+            kind, _, message = reason.partition(": ")
+            assert kind == "DefinitionError" and message
+            wait_until(lambda: e.store.read.job(stale).owner is None)  # type: ignore[union-attr]
+        assert e.history(stale)[-1].note == f"released: cannot run here ({message})"
+    [record] = [r for r in caplog.records if "cannot run on this engine" in r.getMessage()]
+    assert fields_of(record) == (stale, "w", None, None) and record.getMessage().endswith(reason)
+
+
+def test_a_run_released_when_the_shutdown_grace_runs_out_is_journalled_and_logged_as_such(
+        db_path: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="walstate")
+    entered = threading.Event()
+    flow = Workflow("w", context=Ctx, phases=["p"])
+
+    @flow.step(phase="p")
+    def long(ctx: Ctx, step: StepContext) -> None:
+        entered.set()
+        step.cancelled.wait(10)
+
+    with Engine(db_path) as e:
+        e.register(flow)
+        handle = e.start(flow, Ctx())
+        assert entered.wait(10)
+        e.stop_worker(drain=False, grace=0.05)
+        assert "released: shut down before its steps in flight finished" in [r.note for r in e.history(handle.id)]
+    [record] = [r for r in caplog.records if "released at shutdown" in r.getMessage()]
+    assert fields_of(record) == (handle.id, "w", None, None)
+    assert record.getMessage() == f"job {handle.id} (w) left alone: released at shutdown with steps in flight"
