@@ -1038,3 +1038,70 @@ def test_a_run_released_when_the_shutdown_grace_runs_out_is_journalled_and_logge
     [record] = [r for r in caplog.records if "released at shutdown" in r.getMessage()]
     assert fields_of(record) == (handle.id, "w", None, None)
     assert record.getMessage() == f"job {handle.id} (w) left alone: released at shutdown with steps in flight"
+
+
+def test_a_worker_gives_back_a_job_to_be_migrated_as_pending_then_runs_it_logged_as_started(
+        db_path: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="walstate")
+    v1 = Workflow("w", context=Ctx, phases=["p"], version=1)
+    v1.step(phase="p", name="one")(lambda ctx, step: None)
+    with Engine(db_path) as e:
+        e.register(v1)
+        job = e.submit(v1, Ctx(n=5))
+    v2 = Workflow("w", context=Ctx, phases=["p"], version=2)
+    v2.step(phase="p", name="one")(lambda ctx, step: None)
+    v2.migrate(1, lambda old: old)
+    with Engine(db_path) as e:
+        e.register(v2)
+        with e.start_worker(1):
+            assert e.handle(job).result(timeout=10).state == "succeeded"
+        moves = [(r.to_state, r.note) for r in e.history(job) if r.step is None]
+    # Claimed, given back as it was (pending) to be migrated, migrated, claimed again, run.
+    assert moves[1] == ("pending", "released: to be migrated")
+    [started] = [r for r in caplog.records if r.getMessage() == f"job {job} (w) started"]
+    assert fields_of(started) == (job, "w", None, None)
+
+
+def test_a_worker_run_that_loses_its_claim_logs_that_it_left_the_job_alone_and_why(
+        db_path: str, caplog: pytest.LogCaptureFixture) -> None:
+    from .helpers import wait_until
+
+    caplog.set_level(logging.WARNING, logger="walstate")
+    flow = Workflow("w", context=Ctx, phases=["p"])
+    thief = Store(db_path)
+
+    @flow.step(phase="p")
+    def robbed(ctx: Ctx, step: StepContext) -> None:
+        claim(thief, step.job_id, "thief", lease_expires=time.time() + 3600)  # another run takes the job
+
+    try:
+        with Engine(db_path) as e:
+            e.register(flow)
+            job = int(e.submit(flow, Ctx()))
+            with e.start_worker(1):
+                wait_until(lambda: any("left alone" in r.getMessage() for r in caplog.records))
+        [record] = [r for r in caplog.records if "left alone" in r.getMessage()]
+        assert fields_of(record) == (job, "w", None, None)
+        assert record.getMessage().startswith(f"job {job} (w) left alone: ") and "lost its claim" in record.getMessage()
+    finally:
+        thief.close()
+
+
+def test_a_worker_runs_handler_cannot_run_its_own_job_and_is_told_so_at_once(db_path: str) -> None:
+    from walstate import UsageError
+
+    told: list[str] = []
+    flow = Workflow("w", context=Ctx, phases=["p"])
+    with Engine(db_path) as e:
+
+        @flow.step(phase="p")
+        def nested(ctx: Ctx, step: StepContext) -> None:
+            try:
+                e.run(step.job_id)
+            except UsageError as exc:
+                told.append(str(exc))
+
+        e.register(flow)
+        with e.start_worker(1):
+            assert e.start(flow, Ctx()).result(timeout=10).state == "succeeded"
+    assert len(told) == 1 and "would wait forever" in told[0]
