@@ -1105,3 +1105,57 @@ def test_a_worker_runs_handler_cannot_run_its_own_job_and_is_told_so_at_once(db_
         with e.start_worker(1):
             assert e.start(flow, Ctx()).result(timeout=10).state == "succeeded"
     assert len(told) == 1 and "would wait forever" in told[0]
+
+
+def test_a_worker_claims_under_a_lease_from_its_clock_and_takes_a_parked_job_once_its_clock_says_it_is_due(
+        db_path: str) -> None:
+    from .helpers import wait_until
+
+    now = [1000.0]
+    holding, release = threading.Event(), threading.Event()
+    flow = Workflow("w", context=Ctx, phases=["a", "b"])
+
+    @flow.step(phase="a")
+    def nap(ctx: Ctx, step: StepContext) -> None:
+        step.sleep(10)
+
+    @flow.step(phase="b")
+    def hold(ctx: Ctx, step: StepContext) -> None:
+        holding.set()
+        release.wait(10)
+
+    with Engine(db_path, clock=lambda: now[0], lease=60) as e:
+        e.register(flow)
+        with e.start_worker(1):
+            job = int(e.submit(flow, Ctx()))
+            wait_until(lambda: row_of(e.store, job).owner is None and row_of(e.store, job).wake_at == 1010.0)
+            now[0] = 1011.0  # only the clock moves: no commit wakes the worker
+            assert holding.wait(10)
+            assert row_of(e.store, job).lease_expires == 1071.0
+            release.set()
+            assert e.handle(job).result(timeout=10).state == "succeeded"
+
+
+def test_a_worker_logs_each_claim_and_names_the_dead_owner_it_took_a_job_from(
+        db_path: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="walstate")
+    me = Identity.current()
+    gone = f"|{me.pid_ns}|{me.host}|1|{me.start}|nonce"  # no boot id: judged by its lease, long expired
+    orphan = pending_job(db_path)
+    store = Store(db_path)
+    try:
+        claim(store, orphan, gone, lease_expires=1.0)
+    finally:
+        store.close()
+    with Engine(db_path) as e:
+        e.register(one_step_flow())
+        fresh = int(e.submit("w", Ctx()))
+        with e.start_worker(1):
+            assert e.handle(orphan).result(timeout=10).state == "succeeded"
+            assert e.handle(fresh).result(timeout=10).state == "succeeded"
+    claims = {r.getMessage(): fields_of(r) for r in caplog.records if " claimed" in r.getMessage()
+              or "taken over" in r.getMessage()}
+    assert claims == {
+        f"job {fresh} (w) claimed": (fresh, "w", None, None),
+        f"job {orphan} (w) taken over from {gone}, which is no longer running it": (orphan, "w", None, None),
+    }
