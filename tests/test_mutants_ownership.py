@@ -27,6 +27,11 @@ class Ctx(BaseModel):
     n: int = 0
 
 
+class Ctx2(BaseModel):
+    n: int
+    m: int
+
+
 def one_step_flow() -> Workflow[Ctx]:
     flow = Workflow("w", context=Ctx, phases=["p"])
 
@@ -1048,13 +1053,13 @@ def test_a_worker_gives_back_a_job_to_be_migrated_as_pending_then_runs_it_logged
     with Engine(db_path) as e:
         e.register(v1)
         job = e.submit(v1, Ctx(n=5))
-    v2 = Workflow("w", context=Ctx, phases=["p"], version=2)
+    v2 = Workflow("w", context=Ctx2, phases=["p"], version=2)
     v2.step(phase="p", name="one")(lambda ctx, step: None)
-    v2.migrate(1, lambda old: old)
+    v2.migrate(1, lambda old: {**old, "m": 1})  # the old context does not validate as it is: it must be migrated
     with Engine(db_path) as e:
         e.register(v2)
         with e.start_worker(1):
-            assert e.handle(job).result(timeout=10).state == "succeeded"
+            assert e.handle(job).result(timeout=10).context == Ctx2(n=5, m=1)
         moves = [(r.to_state, r.note) for r in e.history(job) if r.step is None]
     # Claimed, given back as it was (pending) to be migrated, migrated, claimed again, run.
     assert moves[1] == ("pending", "released: to be migrated")
