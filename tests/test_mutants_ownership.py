@@ -1164,3 +1164,16 @@ def test_a_worker_logs_each_claim_and_names_the_dead_owner_it_took_a_job_from(
         f"job {fresh} (w) claimed": (fresh, "w", None, None),
         f"job {orphan} (w) taken over from {gone}, which is no longer running it": (orphan, "w", None, None),
     }
+
+
+def test_steps_that_one_predecessor_unlocks_run_in_parallel(db_path: str) -> None:
+    barrier = threading.Barrier(2, timeout=5)
+    flow = Workflow("w", context=Ctx, phases=["p"])
+    flow.step(phase="p", name="a")(lambda ctx, step: None)
+    for name in ("b", "c"):
+        # Each waits for the other: only parallel execution lets both pass.
+        flow.step(phase="p", name=name, after=["a"])(lambda ctx, step: barrier.wait() and None)
+    with Engine(db_path, workers=2) as e:
+        e.register(flow)
+        status = e.run(e.submit(flow, Ctx()))
+    assert {s.state for s in status.steps.values()} == {"succeeded"}
