@@ -1177,3 +1177,21 @@ def test_steps_that_one_predecessor_unlocks_run_in_parallel(db_path: str) -> Non
         e.register(flow)
         status = e.run(e.submit(flow, Ctx()))
     assert {s.state for s in status.steps.values()} == {"succeeded"}
+
+
+def test_an_interrupted_attempt_is_journalled_and_one_interrupted_too_often_fails_saying_so(db_path: str) -> None:
+    flow = Workflow("w", context=Ctx, phases=["p"])
+    flow.step(phase="p", name="fragile", retry=Retry(max_interruptions=1))(lambda ctx, step: None)
+    first = Engine(db_path, workers=1)
+    first.register(flow)
+    job = first.submit(flow, Ctx())
+    for _ in range(2):  # the process running the step dies in it, twice
+        with faults.Injector(faults.Crash("handler_before_effect", 1)), pytest.raises(InjectedCrash):
+            first.run(job)
+        first.close()
+        first = Engine(db_path, workers=1)
+        first.register(flow)
+    with first as e, pytest.raises(JobFailed) as failed:
+        e.run(job)
+    assert failed.value.errors == {
+        "fragile": "attempt 2 was interrupted (the process running it died); interrupted 2 times, giving up"}
