@@ -1195,3 +1195,41 @@ def test_an_interrupted_attempt_is_journalled_and_one_interrupted_too_often_fail
         e.run(job)
     assert failed.value.errors == {
         "fragile": "attempt 2 was interrupted (the process running it died); interrupted 2 times, giving up"}
+
+
+# -- the engine: recovery ----------------------------------------------------------------------
+
+
+def test_recovery_passes_over_jobs_live_runs_hold_silently_and_resumes_the_others(
+        db_path: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="walstate")
+    entered = {name: threading.Event() for name in ("mine", "sibling")}
+    release = threading.Event()
+    flow = Workflow("w", context=Ctx, phases=["p"])
+
+    @flow.step(phase="p")
+    def hold(ctx: Ctx, step: StepContext) -> None:
+        if ctx.n in (1, 2):
+            entered["mine" if ctx.n == 1 else "sibling"].set()
+            release.wait(10)
+
+    me = Identity.current()
+    elsewhere = f"|{me.pid_ns}|{me.host}|1|{me.start}|nonce"  # another host's: judged by its lease
+    with Engine(db_path) as e, Engine(db_path) as sibling:
+        e.register(flow)
+        sibling.register(flow)
+        mine, theirs = int(e.submit(flow, Ctx(n=1))), int(e.submit(flow, Ctx(n=2)))
+        remote, pending = int(e.submit(flow, Ctx(n=3))), int(e.submit(flow, Ctx(n=4)))
+        claim(e.store, remote, elsewhere, lease_expires=time.time() + 3600)
+        runs = [threading.Thread(target=e.run, args=(mine,)), threading.Thread(target=sibling.run, args=(theirs,))]
+        for t in runs:
+            t.start()
+        try:
+            assert entered["mine"].wait(10) and entered["sibling"].wait(10)
+            assert e.recover() == [pending]
+        finally:
+            release.set()
+            for t in runs:
+                t.join(10)
+    # Held by this engine, by another engine of this process, by another host under its lease: passed over unlogged.
+    assert [r.getMessage() for r in caplog.records if "left alone" in r.getMessage()] == []
