@@ -1233,3 +1233,22 @@ def test_recovery_passes_over_jobs_live_runs_hold_silently_and_resumes_the_other
                 t.join(10)
     # Held by this engine, by another engine of this process, by another host under its lease: passed over unlogged.
     assert [r.getMessage() for r in caplog.records if "left alone" in r.getMessage()] == []
+
+
+def test_recovery_leaves_a_parked_job_alone_until_its_wake_up_time_then_resumes_it(db_path: str) -> None:
+    now = [1000.0]
+    flow = Workflow("w", context=Ctx, phases=["p"])
+
+    @flow.step(phase="p")
+    def nap(ctx: Ctx, step: StepContext) -> None:
+        step.sleep(10)
+
+    with Engine(db_path, clock=lambda: now[0]) as e:
+        e.register(flow)
+        job = e.submit(flow, Ctx())
+        assert e.run(job).state == "running"  # parked until 1010
+        journal = len(e.history(job))
+        now[0] = 1009.0
+        assert e.recover() == [] and len(e.history(job)) == journal  # not even claimed
+        now[0] = 1010.0
+        assert e.recover() == [job] and e.status(job).state == "succeeded"
