@@ -1241,14 +1241,35 @@ def test_recovery_leaves_a_parked_job_alone_until_its_wake_up_time_then_resumes_
 
     @flow.step(phase="p")
     def nap(ctx: Ctx, step: StepContext) -> None:
-        step.sleep(10)
+        if ctx.n == 0:
+            step.sleep(10)
 
     with Engine(db_path, clock=lambda: now[0]) as e:
         e.register(flow)
         job = e.submit(flow, Ctx())
         assert e.run(job).state == "running"  # parked until 1010
         journal = len(e.history(job))
+        later = e.submit(flow, Ctx(n=1))
         now[0] = 1009.0
-        assert e.recover() == [] and len(e.history(job)) == journal  # not even claimed
+        assert e.recover() == [later] and len(e.history(job)) == journal  # not even claimed; the next one is run
         now[0] = 1010.0
         assert e.recover() == [job] and e.status(job).state == "succeeded"
+
+
+def test_recovery_reports_and_logs_a_job_whose_definition_changed_and_leaves_it_as_it_is(
+        db_path: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="walstate")
+    old = Workflow("w", context=Ctx, phases=["p"])
+    old.step(phase="p", name="one")(lambda ctx, step: None)
+    with Engine(db_path) as e:
+        e.register(old)
+        stale = int(e.submit(old, Ctx()))
+    new = Workflow("w", context=Ctx, phases=["p"])
+    new.step(phase="p", name="two")(lambda ctx, step: None)
+    with Engine(db_path) as e:
+        e.register(new)
+        report = e.recover()
+        assert report == [] and report.skipped[stale].startswith("DefinitionError: ")
+        assert row_of(e.store, stale).owner is None and e.status(stale).state == "pending"
+    [record] = [r for r in caplog.records if "left alone" in r.getMessage()]
+    assert fields_of(record) == (stale, "w", None, None) and record.getMessage().endswith(report.skipped[stale])
