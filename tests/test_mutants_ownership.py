@@ -7,20 +7,29 @@ in its name the behaviour those mutants broke.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
+import threading
 import time
 
 import pytest
 from pydantic import BaseModel
 
-from walstate import Engine, StepContext, Workflow
+from walstate import Engine, InjectedCrash, JobCancelled, JobFailed, JobOwned, Retry, StepContext, Workflow
+from walstate.aio import AsyncStepContext
 from walstate.ownership import Claim, Heartbeat, Identity, LiveRun, owner_alive
-from walstate.storage import Store
+from walstate.storage import Store, faults
 from walstate.storage.reads import JobRow
 
 
 class Ctx(BaseModel):
     n: int = 0
+
+
+class Ctx2(BaseModel):
+    n: int
+    m: int
 
 
 def one_step_flow() -> Workflow[Ctx]:
@@ -827,3 +836,440 @@ def test_a_context_change_for_a_job_that_does_not_exist_is_refused_as_stale(db_p
         assert (gone.value.kind, gone.value.row_id, gone.value.expected, gone.value.actual) == ("job", 4242, "", None)
     finally:
         store.close()
+
+
+# -- the runner ------------------------------------------------------------------------------
+
+
+def test_a_step_after_one_that_failed_is_cancelled_naming_its_predecessors_and_so_are_its_own_dependents(
+        db_path: str) -> None:
+    flow = Workflow("w", context=Ctx, phases=["p"])
+    flow.step(phase="p", name="x")(lambda ctx, step: None)
+    flow.step(phase="p", name="a", retry=Retry(max_attempts=1))(lambda ctx, step: 1 / 0)
+    flow.step(phase="p", name="b", after=["x", "a"])(lambda ctx, step: None)
+    flow.step(phase="p", name="c", after=["b"])(lambda ctx, step: None)
+    with Engine(db_path, workers=1) as e:
+        e.register(flow)
+        job = e.submit(flow, Ctx())
+        with pytest.raises(JobFailed):
+            e.run(job)
+        notes = {r.step: r.note for r in e.history(job) if r.to_state == "cancelled"}
+    # Cancelled for their own reason, not as bystanders of the job's failure.
+    assert notes == {"b": "a step it runs after did not succeed (x, a)",
+                     "c": "a step it runs after did not succeed (b)"}
+
+
+def test_a_handler_with_a_timeout_sees_the_context_its_exception_fails_the_attempt_and_a_timeout_is_logged(
+        db_path: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="walstate")
+    flow = Workflow("w", context=Ctx, phases=["p"])
+
+    @flow.step(phase="p", timeout=60, retry=Retry(max_attempts=1))
+    def raising(ctx: Ctx, step: StepContext) -> None:
+        raise ValueError(f"n is {ctx.n}")
+
+    slow = Workflow("slow", context=Ctx, phases=["p"])
+
+    @slow.step(phase="p", timeout=0.05, retry=Retry(max_attempts=1))
+    def sleepy(ctx: Ctx, step: StepContext) -> None:
+        step.cancelled.wait(10)
+
+    with Engine(db_path, workers=1) as e:
+        e.register(flow)
+        e.register(slow)
+        with pytest.raises(JobFailed) as failed:
+            e.run(e.submit(flow, Ctx(n=7)))
+        assert failed.value.errors == {"raising": "ValueError: n is 7"}
+        job = e.submit(slow, Ctx())
+        with pytest.raises(JobFailed) as failed:
+            e.run(job)
+        assert failed.value.errors == {"sleepy": "TimeoutError: step 'sleepy' attempt 1 timed out after 0.05s"}
+    [record] = [r for r in caplog.records if "timed out after 0.05s; its handler" in r.getMessage()]
+    assert (record.walstate_job, record.walstate_workflow, record.walstate_step,  # type: ignore[attr-defined]
+            record.walstate_attempt) == (job, "slow", "sleepy", 1)  # type: ignore[attr-defined]
+
+
+def test_an_async_handler_gets_context_and_step_times_out_as_declared_and_a_cancel_reaches_its_task(
+        db_path: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="walstate")
+    seen: list[object] = []
+    started = threading.Event()
+    flow = Workflow("w", context=Ctx, phases=["p"])
+
+    @flow.step(phase="p", retry=Retry(max_attempts=1))
+    async def fetch(ctx: Ctx, step: AsyncStepContext) -> dict[str, int]:
+        await asyncio.sleep(0)
+        return {"n": ctx.n + step.attempt}
+
+    slow = Workflow("slow", context=Ctx, phases=["p"])
+
+    @slow.step(phase="p", timeout=0.05, retry=Retry(max_attempts=1))
+    async def nap(ctx: Ctx, step: AsyncStepContext) -> None:
+        await asyncio.sleep(5)
+
+    held = Workflow("held", context=Ctx, phases=["p"])
+
+    @held.step(phase="p")
+    async def hold(ctx: Ctx, step: AsyncStepContext) -> None:
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
+
+    with Engine(db_path, workers=1) as e:
+        for f in (flow, slow, held):
+            e.register(f)
+        assert e.run(e.submit(flow, Ctx(n=41))).context.n == 42
+        job = e.submit(slow, Ctx())
+        with pytest.raises(JobFailed) as failed:
+            e.run(job)
+        assert failed.value.errors == {"nap": "TimeoutError: step 'nap' attempt 1 timed out after 0.05s"}
+        [record] = [r for r in caplog.records if "timed out after 0.05s; its handler" in r.getMessage()]
+        assert (record.walstate_job, record.walstate_workflow, record.walstate_step,  # type: ignore[attr-defined]
+                record.walstate_attempt) == (job, "slow", "nap", 1)  # type: ignore[attr-defined]
+
+        victim = e.submit(held, Ctx())
+        outcome: list[BaseException] = []
+
+        def run_it() -> None:
+            try:
+                e.run(victim)
+            except BaseException as exc:  # noqa: BLE001 (handed to the test thread)
+                outcome.append(exc)
+
+        runner = threading.Thread(target=run_it)
+        runner.start()
+        assert started.wait(10)
+        e.cancel(victim, wait=10)
+        runner.join(10)
+        # The handler's task was cancelled at its await (the attempt fails as such) and the job ended cancelled.
+        assert seen == ["cancelled"] and [type(x) for x in outcome] == [JobCancelled]
+        assert "the async handler was cancelled" in (e.status(victim).steps["hold"].error or "")
+
+
+def test_after_a_cancel_parallel_steps_start_no_step_they_unlock_and_the_rest_are_cancelled_with_the_job(
+        db_path: str) -> None:
+    flow = Workflow("w", context=Ctx, phases=["p"])
+    with Engine(db_path, workers=2) as e:
+
+        @flow.step(phase="p")
+        def b(ctx: Ctx, step: StepContext) -> None:
+            # The cancel is signalled before this returns (wait=0: it cannot wait for its own run).
+            with pytest.raises(JobOwned):
+                e.cancel(step.job_id, wait=0)
+
+        flow.step(phase="p", name="c", after=["b"])(lambda ctx, step: None)
+        flow.step(phase="p", name="d", after=["c"])(lambda ctx, step: None)
+        e.register(flow)
+        job = e.submit(flow, Ctx())
+        with pytest.raises(JobCancelled):
+            e.run(job)
+        states = {n: s.state for n, s in e.status(job).steps.items()}
+        notes = {r.step: r.note for r in e.history(job) if r.to_state == "cancelled"}
+    assert states == {"b": "succeeded", "c": "cancelled", "d": "cancelled"}
+    assert notes == {"c": "the job was cancelled", "d": "the job was cancelled", None: "cancelled by an operator"}
+
+
+def test_a_write_failing_as_a_parallel_loop_cancels_the_dependents_of_a_failed_step_stops_the_run_with_it(
+        db_path: str) -> None:
+    flow = Workflow("w", context=Ctx, phases=["p"])
+    flow.step(phase="p", name="a", retry=Retry(max_attempts=1))(lambda ctx, step: 1 / 0)
+    flow.step(phase="p", name="b", after=["a"])(lambda ctx, step: None)
+    with Engine(db_path, workers=2) as e:
+        e.register(flow)
+        first = e.submit(flow, Ctx())
+        with faults.Injector() as counting, pytest.raises(JobFailed):
+            e.run(first)
+        # The commits: claim, a starts, a fails, b is cancelled, the job fails.
+        cancel_b = counting.hits["before_commit"] - 1
+        job = e.submit(flow, Ctx())
+        with faults.Injector(faults.Crash("before_commit", cancel_b)), pytest.raises(InjectedCrash):
+            e.run(job)
+        assert e.status(job).steps["b"].state == "pending"
+
+
+# -- the engine: worker runs, shutdown -------------------------------------------------------
+
+
+def fields_of(record: logging.LogRecord) -> tuple[object, ...]:
+    return tuple(getattr(record, f) for f in ("walstate_job", "walstate_workflow", "walstate_step", "walstate_attempt"))
+
+
+def test_a_worker_releases_a_job_it_cannot_run_saying_why_in_the_journal_and_the_log(
+        db_path: str, caplog: pytest.LogCaptureFixture) -> None:
+    from .helpers import wait_until
+
+    caplog.set_level(logging.WARNING, logger="walstate")
+    old = Workflow("w", context=Ctx, phases=["p"])
+    old.step(phase="p", name="one")(lambda ctx, step: None)
+    with Engine(db_path) as e:
+        e.register(old)
+        stale = int(e.submit(old, Ctx()))
+    new = Workflow("w", context=Ctx, phases=["p", "q"])
+    new.step(phase="p", name="one")(lambda ctx, step: None)
+    new.step(phase="q", name="two")(lambda ctx, step: None)
+    with Engine(db_path) as e:
+        e.register(new)
+        with e.start_worker(1) as worker:
+            wait_until(lambda: stale in worker.unrunnable)
+            reason = worker.unrunnable[stale]
+            kind, _, message = reason.partition(": ")
+            assert kind == "DefinitionError" and message
+            wait_until(lambda: e.store.read.job(stale).owner is None)  # type: ignore[union-attr]
+        assert e.history(stale)[-1].note == f"released: cannot run here ({message})"
+    [record] = [r for r in caplog.records if "cannot run on this engine" in r.getMessage()]
+    assert fields_of(record) == (stale, "w", None, None) and record.getMessage().endswith(reason)
+
+
+def test_a_run_released_when_the_shutdown_grace_runs_out_is_journalled_and_logged_as_such(
+        db_path: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="walstate")
+    entered = threading.Event()
+    flow = Workflow("w", context=Ctx, phases=["p"])
+
+    @flow.step(phase="p")
+    def long(ctx: Ctx, step: StepContext) -> None:
+        entered.set()
+        step.cancelled.wait(10)
+
+    with Engine(db_path) as e:
+        e.register(flow)
+        handle = e.start(flow, Ctx())
+        assert entered.wait(10)
+        e.stop_worker(drain=False, grace=0.05)
+        assert "released: shut down before its steps in flight finished" in [r.note for r in e.history(handle.id)]
+    [record] = [r for r in caplog.records if "released at shutdown" in r.getMessage()]
+    assert fields_of(record) == (handle.id, "w", None, None)
+    assert record.getMessage() == f"job {handle.id} (w) left alone: released at shutdown with steps in flight"
+
+
+def test_a_worker_gives_back_a_job_to_be_migrated_as_pending_then_runs_it_logged_as_started(
+        db_path: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="walstate")
+    v1 = Workflow("w", context=Ctx, phases=["p"], version=1)
+    v1.step(phase="p", name="one")(lambda ctx, step: None)
+    with Engine(db_path) as e:
+        e.register(v1)
+        job = e.submit(v1, Ctx(n=5))
+    v2 = Workflow("w", context=Ctx2, phases=["p"], version=2)
+    v2.step(phase="p", name="one")(lambda ctx, step: None)
+    v2.migrate(1, lambda old: {**old, "m": 1})  # the old context does not validate as it is: it must be migrated
+    with Engine(db_path) as e:
+        e.register(v2)
+        with e.start_worker(1):
+            assert e.handle(job).result(timeout=10).context == Ctx2(n=5, m=1)
+        moves = [(r.to_state, r.note) for r in e.history(job) if r.step is None]
+    # Claimed, given back as it was (pending) to be migrated, migrated, claimed again, run.
+    assert moves[1] == ("pending", "released: to be migrated")
+    [started] = [r for r in caplog.records if r.getMessage() == f"job {job} (w) started"]
+    assert fields_of(started) == (job, "w", None, None)
+
+
+def test_a_worker_run_that_loses_its_claim_logs_that_it_left_the_job_alone_and_why(
+        db_path: str, caplog: pytest.LogCaptureFixture) -> None:
+    from .helpers import wait_until
+
+    caplog.set_level(logging.WARNING, logger="walstate")
+    flow = Workflow("w", context=Ctx, phases=["p"])
+    thief = Store(db_path)
+
+    @flow.step(phase="p")
+    def robbed(ctx: Ctx, step: StepContext) -> None:
+        claim(thief, step.job_id, "thief", lease_expires=time.time() + 3600)  # another run takes the job
+
+    try:
+        with Engine(db_path) as e:
+            e.register(flow)
+            job = int(e.submit(flow, Ctx()))
+            with e.start_worker(1):
+                wait_until(lambda: any("left alone" in r.getMessage() for r in caplog.records))
+        [record] = [r for r in caplog.records if "left alone" in r.getMessage()]
+        assert fields_of(record) == (job, "w", None, None)
+        assert record.getMessage().startswith(f"job {job} (w) left alone: ") and "lost its claim" in record.getMessage()
+    finally:
+        thief.close()
+
+
+def test_a_worker_runs_handler_cannot_run_its_own_job_and_is_told_so_at_once(db_path: str) -> None:
+    from walstate import UsageError
+
+    told: list[str] = []
+    flow = Workflow("w", context=Ctx, phases=["p"])
+    with Engine(db_path) as e:
+
+        @flow.step(phase="p")
+        def nested(ctx: Ctx, step: StepContext) -> None:
+            try:
+                e.run(step.job_id)
+            except UsageError as exc:
+                told.append(str(exc))
+
+        e.register(flow)
+        with e.start_worker(1):
+            assert e.start(flow, Ctx()).result(timeout=10).state == "succeeded"
+    assert len(told) == 1 and "would wait forever" in told[0]
+
+
+def test_a_worker_claims_under_a_lease_from_its_clock_and_takes_a_parked_job_once_its_clock_says_it_is_due(
+        db_path: str) -> None:
+    from .helpers import wait_until
+
+    now = [1000.0]
+    holding, release = threading.Event(), threading.Event()
+    flow = Workflow("w", context=Ctx, phases=["a", "b"])
+
+    @flow.step(phase="a")
+    def nap(ctx: Ctx, step: StepContext) -> None:
+        step.sleep(10)
+
+    @flow.step(phase="b")
+    def hold(ctx: Ctx, step: StepContext) -> None:
+        holding.set()
+        release.wait(10)
+
+    with Engine(db_path, clock=lambda: now[0], lease=60) as e:
+        e.register(flow)
+        with e.start_worker(1):
+            job = int(e.submit(flow, Ctx()))
+            wait_until(lambda: row_of(e.store, job).owner is None and row_of(e.store, job).wake_at == 1010.0)
+            now[0] = 1011.0  # only the clock moves: no commit wakes the worker
+            assert holding.wait(10)
+            assert row_of(e.store, job).lease_expires == 1071.0
+            release.set()
+            assert e.handle(job).result(timeout=10).state == "succeeded"
+
+
+def test_a_worker_logs_each_claim_and_names_the_dead_owner_it_took_a_job_from(
+        db_path: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="walstate")
+    me = Identity.current()
+    gone = f"|{me.pid_ns}|{me.host}|1|{me.start}|nonce"  # no boot id: judged by its lease, long expired
+    orphan = pending_job(db_path)
+    store = Store(db_path)
+    try:
+        claim(store, orphan, gone, lease_expires=1.0)
+    finally:
+        store.close()
+    with Engine(db_path) as e:
+        e.register(one_step_flow())
+        fresh = int(e.submit("w", Ctx()))
+        with e.start_worker(1):
+            assert e.handle(orphan).result(timeout=10).state == "succeeded"
+            assert e.handle(fresh).result(timeout=10).state == "succeeded"
+    claims = {r.getMessage(): fields_of(r) for r in caplog.records if " claimed" in r.getMessage()
+              or "taken over" in r.getMessage()}
+    assert claims == {
+        f"job {fresh} (w) claimed": (fresh, "w", None, None),
+        f"job {orphan} (w) taken over from {gone}, which is no longer running it": (orphan, "w", None, None),
+    }
+
+
+def test_steps_that_one_predecessor_unlocks_run_in_parallel(db_path: str) -> None:
+    barrier = threading.Barrier(2, timeout=5)
+    flow = Workflow("w", context=Ctx, phases=["p"])
+    flow.step(phase="p", name="a")(lambda ctx, step: None)
+    for name in ("b", "c"):
+        # Each waits for the other: only parallel execution lets both pass.
+        flow.step(phase="p", name=name, after=["a"])(lambda ctx, step: barrier.wait() and None)
+    with Engine(db_path, workers=2) as e:
+        e.register(flow)
+        status = e.run(e.submit(flow, Ctx()))
+    assert {s.state for s in status.steps.values()} == {"succeeded"}
+
+
+def test_an_interrupted_attempt_is_journalled_and_one_interrupted_too_often_fails_saying_so(db_path: str) -> None:
+    flow = Workflow("w", context=Ctx, phases=["p"])
+    flow.step(phase="p", name="fragile", retry=Retry(max_interruptions=1))(lambda ctx, step: None)
+    first = Engine(db_path, workers=1)
+    first.register(flow)
+    job = first.submit(flow, Ctx())
+    for _ in range(2):  # the process running the step dies in it, twice
+        with faults.Injector(faults.Crash("handler_before_effect", 1)), pytest.raises(InjectedCrash):
+            first.run(job)
+        first.close()
+        first = Engine(db_path, workers=1)
+        first.register(flow)
+    with first as e, pytest.raises(JobFailed) as failed:
+        e.run(job)
+    assert failed.value.errors == {
+        "fragile": "attempt 2 was interrupted (the process running it died); interrupted 2 times, giving up"}
+
+
+# -- the engine: recovery ----------------------------------------------------------------------
+
+
+def test_recovery_passes_over_jobs_live_runs_hold_silently_and_resumes_the_others(
+        db_path: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="walstate")
+    entered = {name: threading.Event() for name in ("mine", "sibling")}
+    release = threading.Event()
+    flow = Workflow("w", context=Ctx, phases=["p"])
+
+    @flow.step(phase="p")
+    def hold(ctx: Ctx, step: StepContext) -> None:
+        if ctx.n in (1, 2):
+            entered["mine" if ctx.n == 1 else "sibling"].set()
+            release.wait(10)
+
+    me = Identity.current()
+    elsewhere = f"|{me.pid_ns}|{me.host}|1|{me.start}|nonce"  # another host's: judged by its lease
+    with Engine(db_path) as e, Engine(db_path) as sibling:
+        e.register(flow)
+        sibling.register(flow)
+        mine, theirs = int(e.submit(flow, Ctx(n=1))), int(e.submit(flow, Ctx(n=2)))
+        remote, pending = int(e.submit(flow, Ctx(n=3))), int(e.submit(flow, Ctx(n=4)))
+        claim(e.store, remote, elsewhere, lease_expires=time.time() + 3600)
+        runs = [threading.Thread(target=e.run, args=(mine,)), threading.Thread(target=sibling.run, args=(theirs,))]
+        for t in runs:
+            t.start()
+        try:
+            assert entered["mine"].wait(10) and entered["sibling"].wait(10)
+            assert e.recover() == [pending]
+        finally:
+            release.set()
+            for t in runs:
+                t.join(10)
+    # Held by this engine, by another engine of this process, by another host under its lease: passed over unlogged.
+    assert [r.getMessage() for r in caplog.records if "left alone" in r.getMessage()] == []
+
+
+def test_recovery_leaves_a_parked_job_alone_until_its_wake_up_time_then_resumes_it(db_path: str) -> None:
+    now = [1000.0]
+    flow = Workflow("w", context=Ctx, phases=["p"])
+
+    @flow.step(phase="p")
+    def nap(ctx: Ctx, step: StepContext) -> None:
+        if ctx.n == 0:
+            step.sleep(10)
+
+    with Engine(db_path, clock=lambda: now[0]) as e:
+        e.register(flow)
+        job = e.submit(flow, Ctx())
+        assert e.run(job).state == "running"  # parked until 1010
+        journal = len(e.history(job))
+        later = e.submit(flow, Ctx(n=1))
+        now[0] = 1009.0
+        assert e.recover() == [later] and len(e.history(job)) == journal  # not even claimed; the next one is run
+        now[0] = 1010.0
+        assert e.recover() == [job] and e.status(job).state == "succeeded"
+
+
+def test_recovery_reports_and_logs_a_job_whose_definition_changed_and_leaves_it_as_it_is(
+        db_path: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="walstate")
+    old = Workflow("w", context=Ctx, phases=["p"])
+    old.step(phase="p", name="one")(lambda ctx, step: None)
+    with Engine(db_path) as e:
+        e.register(old)
+        stale = int(e.submit(old, Ctx()))
+    new = Workflow("w", context=Ctx, phases=["p"])
+    new.step(phase="p", name="two")(lambda ctx, step: None)
+    with Engine(db_path) as e:
+        e.register(new)
+        report = e.recover()
+        assert report == [] and report.skipped[stale].startswith("DefinitionError: ")
+        assert row_of(e.store, stale).owner is None and e.status(stale).state == "pending"
+    [record] = [r for r in caplog.records if "left alone" in r.getMessage()]
+    assert fields_of(record) == (stale, "w", None, None) and record.getMessage().endswith(report.skipped[stale])
