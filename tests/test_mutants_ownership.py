@@ -1273,3 +1273,23 @@ def test_recovery_reports_and_logs_a_job_whose_definition_changed_and_leaves_it_
         assert row_of(e.store, stale).owner is None and e.status(stale).state == "pending"
     [record] = [r for r in caplog.records if "left alone" in r.getMessage()]
     assert fields_of(record) == (stale, "w", None, None) and record.getMessage().endswith(report.skipped[stale])
+
+
+def test_recovery_reports_and_logs_a_refused_migration_and_goes_on_with_the_next_job(
+        db_path: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="walstate")
+    v1 = Workflow("w", context=Ctx, phases=["p"], version=1)
+    v1.step(phase="p", name="one")(lambda ctx, step: None)
+    with Engine(db_path) as e:
+        e.register(v1)
+        refused, fine = int(e.submit(v1, Ctx(n=0))), int(e.submit(v1, Ctx(n=1)))
+    v2 = Workflow("w", context=Ctx, phases=["p"], version=2)
+    v2.step(phase="p", name="one")(lambda ctx, step: None)
+    v2.migrate(1, lambda old: old if old["n"] else 1 / 0)
+    with Engine(db_path) as e:
+        e.register(v2)
+        report = e.recover()
+        assert report == [fine] and list(report.skipped) == [refused]
+        assert report.skipped[refused].startswith("MigrationRefused: ") and "ZeroDivisionError" in report.skipped[refused]
+    [record] = [r for r in caplog.records if "left alone" in r.getMessage()]
+    assert fields_of(record) == (refused, "w", None, None) and record.getMessage().endswith(report.skipped[refused])
