@@ -443,7 +443,7 @@ class JobRun:
         except Exception as exc:
             raise _HandlerRaised(exc) from exc
         except asyncio.CancelledError as exc:  # a BaseException: the cancelled async attempt fails as such
-            raise _HandlerRaised(RuntimeError(f"the async handler was cancelled ({exc or 'job cancelled'})")) from exc
+            raise _HandlerRaised(RuntimeError(f"the async handler was cancelled ({str(exc) or 'job cancelled'})")) from exc
         faults.point("handler_after_effect")
         # A completion after this run lost its claim is refused by the fenced
         # write itself (LeaseLost), so no check is needed here.
