@@ -77,9 +77,8 @@ def open_store(
     database_id: str | None = None,
 ) -> Storage:
     """Open the walstate database at ``target``: a ``postgresql://`` URL or a SQLite file path."""
-    from .postgres import is_postgres_url
-
-    if is_postgres_url(target):
+    # A string test, not storage.postgres's: SQLite users never import psycopg.
+    if isinstance(target, str) and target.startswith(("postgresql://", "postgres://")):
         from .postgres import PgStore
 
         return PgStore(str(target), durability=durability, busy_timeout=busy_timeout, readonly=readonly,
