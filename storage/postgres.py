@@ -343,7 +343,9 @@ def _connection_lost(exc: BaseException, conn: Any) -> bool:
     return bool(conn.broken or conn.closed or code.startswith(("08", "57P")))
 
 
-_CHANNEL = "walstate"
+# One channel per database (LISTEN/NOTIFY are per database): constant statements, no data in them.
+_LISTEN = "LISTEN walstate"
+_NOTIFY = "NOTIFY walstate"
 #: pg_advisory_xact_lock key serialising claims counted against per-workflow limits ("walc").
 _CLAIM_LOCK = 0x77616C63
 
@@ -370,7 +372,7 @@ class _Side:
             self.conn, self.pid = None, os.getpid()
         if self.conn is None or self.conn.closed:
             conn = psycopg.connect(self.url, autocommit=True, **session_params(self.url, "walstate-listen"))
-            conn.execute(f"LISTEN {_CHANNEL}")
+            conn.execute(_LISTEN)
             self.conn = conn
         return self.conn
 
@@ -604,7 +606,7 @@ class PgWritePath(WritePath):
             return super().create_job(workflow, key, context, steps, version, fingerprint)
 
     def _wake(self, conn: Conn) -> None:
-        conn.execute(Native(f"NOTIFY {_CHANNEL}"))
+        conn.execute(Native(_NOTIFY))
 
     def _lock_claims(self, conn: Conn) -> None:
         conn.execute(Native("SELECT pg_advisory_xact_lock(%s)"), (_CLAIM_LOCK,))
