@@ -134,10 +134,13 @@ _ABANDONED: list[object] = []
 
 
 def _pragmas(durability: Durability, busy_timeout: float) -> dict[str, object]:
+    # peewee applies them in this order on every new connection. busy_timeout comes first:
+    # switching a file to WAL takes a lock, and with several processes opening one file at
+    # once a connection without its busy timeout yet failed at once with "database is locked".
     return {
+        "busy_timeout": int(busy_timeout * 1000),
         "journal_mode": "wal",
         "synchronous": _SYNCHRONOUS[durability],
-        "busy_timeout": int(busy_timeout * 1000),
         "foreign_keys": 1,
     }
 
