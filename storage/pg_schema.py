@@ -39,12 +39,11 @@ from .errors import (
     DatabaseUnavailable,
     MigrationFailed,
     NotADatabase,
-    SchemaTooNew,
     SchemaTooOld,
     UsageError,
 )
 from .migrations import LATEST
-from .schema import SchemaState
+from .schema import SchemaState, _version
 
 if TYPE_CHECKING:
     import psycopg
@@ -167,17 +166,6 @@ def _meta(conn: psycopg.Connection[Any]) -> dict[str, str] | None:
         return None
     rows = conn.execute(sql.SQL("SELECT key, value FROM {}.walstate_meta").format(sql.Identifier(str(found[0]))))
     return {str(k): str(v) for k, v in rows.fetchall()}
-
-
-def _version(rows: Mapping[str, str], where: str, target: int) -> int:
-    version = int(rows.get("schema_version", "0"))
-    if version > target:
-        raise SchemaTooNew(
-            f"{where}: written by a newer walstate (schema version {version}; this walstate reads up to "
-            f"{target}); upgrade walstate to open it",
-            where,
-        )
-    return version
 
 
 def ensure_pg_schema(
