@@ -20,7 +20,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, cast
 
-from transitions import EventData, Machine, MachineError
+from transitions import EventData, Machine, MachineError, State, Transition
 
 from .storage.errors import InvalidTransition, WalstateError
 
@@ -44,6 +44,58 @@ def _persist_hook(event: EventData) -> None:
     model._persist(event.event.name, transition.source, transition.dest, event.kwargs)
 
 
+class _State(State):
+    """A ``transitions`` state that skips its enter/exit dispatch (and its two log calls) when it has no callbacks."""
+
+    def enter(self, event_data: EventData) -> None:
+        if self.on_enter:
+            super().enter(event_data)
+
+    def exit(self, event_data: EventData) -> None:
+        if self.on_exit:
+            super().exit(event_data)
+
+
+class _Transition(Transition):
+    """A ``transitions`` transition with a short path for the shape walstate builds.
+
+    ``Transition.execute`` spends most of a sub-step's bookkeeping on
+    dispatching empty callback lists and on log calls that are filtered out.
+    When this transition has no prepare/before/after callbacks and no
+    conditions, and the machine none after the state change, this runs the
+    same sequence directly: the machine's ``before_state_change`` callbacks
+    (walstate's write), then the state change with its enter/exit callbacks.
+    Anything else (a callback added at run time included) takes the full path.
+    """
+
+    def execute(self, event_data: EventData) -> bool:
+        machine = event_data.machine
+        if self.prepare or self.conditions or self.before or self.after or machine.after_state_change:
+            return bool(super().execute(event_data))
+        for func in machine.before_state_change:
+            machine.callback(func, event_data)
+        if self.dest:
+            self._change_state(event_data)
+        return True
+
+    def _change_state(self, event_data: EventData) -> None:
+        machine = event_data.machine
+        states = machine.states
+        assert self.dest is not None
+        source, dest = states[self.source], states[self.dest]
+        source.exit(event_data)
+        setattr(event_data.model, machine.model_attribute, dest.value)
+        event_data.state = dest
+        dest.enter(event_data)
+        if dest.final:
+            machine.callbacks(machine.on_final, event_data)
+
+
+class _Machine(Machine):
+    state_cls = _State
+    transition_cls = _Transition
+
+
 class Definition:
     """The states and triggers of one kind of durable object, backed by one shared machine."""
 
@@ -52,7 +104,7 @@ class Definition:
         self.states = tuple(states)
         self.initial = initial
         self.terminal = frozenset(terminal)
-        self.machine = Machine(
+        self.machine = _Machine(
             model=None,
             states=list(states),
             transitions=[{"trigger": t, "source": s, "dest": d} for t, s, d in transitions],

@@ -67,6 +67,14 @@ class WriteLocked(peewee.Database):
         """This thread's connection, with ``execute``/``executemany``/``in_transaction`` as sqlite3 has them."""
         return self.connection()
 
+    def writer(self) -> Any:
+        """The connection for walstate's own write transactions, used only under :attr:`write_lock`.
+
+        This thread's connection here; SQLite's database gives one connection
+        shared by every thread (see :meth:`WalstateDatabase.writer`).
+        """
+        return self.raw()
+
     def translate(self, exc: BaseException, where: str, doing: str) -> DatabaseError:
         """Map a driver error to walstate's hierarchy, with an actionable message."""
         return translate(exc, where, doing)
@@ -126,6 +134,46 @@ class WalstateDatabase(WriteLocked, peewee.SqliteDatabase):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._init_lock()
+        self._writer: sqlite3.Connection | None = None
+
+    def writer(self) -> sqlite3.Connection:
+        """One connection, shared by this process's threads, for walstate's own write transactions.
+
+        Used only under :attr:`write_lock` (so never by two threads at once),
+        and only for transactions that run no user code (a transactional
+        step's commit uses its thread's connection, where the handler's
+        ``step.db`` writes). Why one: a SQLite connection keeps the pages it
+        read cached until another connection writes the file; when every
+        worker thread committed on its own connection, each commit found its
+        cache stale and read its pages again.
+        """
+        conn = self._writer
+        if conn is None:
+            # As peewee's own _connect() opens a connection (its pragmas and hooks), but shareable.
+            peewee_db: Any = self
+            conn = sqlite3.connect(self.database, timeout=peewee_db._timeout, isolation_level=None,
+                                   check_same_thread=False, **self.connect_params)
+            try:
+                peewee_db._add_conn_hooks(conn)
+            except BaseException:
+                conn.close()
+                raise
+            self._writer = conn
+        return conn
+
+    def close(self) -> bool:
+        """Close this thread's connection and, once nothing else uses it, the shared writer connection."""
+        with self.write_lock:
+            conn, self._writer = self._writer, None
+            if conn is not None:
+                conn.close()
+        return bool(super().close())
+
+    def after_fork_in_child(self) -> None:
+        if self._writer is not None:
+            _ABANDONED.append(self._writer)  # the parent's: never used or closed here
+            self._writer = None
+        super().after_fork_in_child()
 
 
 #: Connections inherited across fork(): kept referenced so that their
@@ -133,16 +181,19 @@ class WalstateDatabase(WriteLocked, peewee.SqliteDatabase):
 _ABANDONED: list[object] = []
 
 
-def _pragmas(durability: Durability, busy_timeout: float) -> dict[str, object]:
+def _pragmas(durability: Durability, busy_timeout: float, autocheckpoint: int | None) -> dict[str, object]:
     # peewee applies them in this order on every new connection. busy_timeout comes first:
     # switching a file to WAL takes a lock, and with several processes opening one file at
     # once a connection without its busy timeout yet failed at once with "database is locked".
-    return {
+    pragmas: dict[str, object] = {
         "busy_timeout": int(busy_timeout * 1000),
         "journal_mode": "wal",
         "synchronous": _SYNCHRONOUS[durability],
         "foreign_keys": 1,
     }
+    if autocheckpoint is not None:
+        pragmas["wal_autocheckpoint"] = autocheckpoint
+    return pragmas
 
 
 def open_database(
@@ -151,12 +202,16 @@ def open_database(
     durability: Durability = "normal",
     busy_timeout: float = 5.0,
     readonly: bool = False,
+    autocheckpoint: int | None = None,
 ) -> WalstateDatabase:
     """Open (creating it unless ``readonly``) the SQLite file at ``path`` in WAL mode.
 
     ``durability="normal"`` survives a process crash; ``"full"`` also survives
     power loss, at the cost of an fsync per commit. ``readonly`` opens the file
     with ``mode=ro`` and never creates or changes it (for inspection tools).
+    ``autocheckpoint`` is the WAL size (pages) at which a committing
+    connection checkpoints (SQLite's default, 1000, when ``None``): higher
+    while a background thread checkpoints instead (see ``storage.syncer``).
 
     Raises :class:`DatabaseUnavailable`, :class:`NotADatabase` or
     :class:`ConfigurationError`, each naming the path.
@@ -179,7 +234,7 @@ def open_database(
         directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory):
             raise DatabaseUnavailable(f"{path}: directory {directory} does not exist", path)
-        db = WalstateDatabase(path, pragmas=_pragmas(durability, busy_timeout), lock_type="IMMEDIATE")
+        db = WalstateDatabase(path, pragmas=_pragmas(durability, busy_timeout, autocheckpoint), lock_type="IMMEDIATE")
     try:
         db.connect(reuse_if_open=True)
         conn = db.connection()

@@ -520,6 +520,10 @@ class PgWritePath(WritePath):
         "ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED"
     )
 
+    #: Row by row: a multi-row UPDATE … FROM (VALUES …) would need a cast per column, and a
+    #: round trip to the server, not the GIL, is what a statement costs here.
+    _MULTI_ROW = False
+
     #: Attempts of a batch that PostgreSQL aborted as a serialization failure or a deadlock.
     ATTEMPTS = 4
     #: A creation in a shared batch could not be settled after a lost connection (_landed

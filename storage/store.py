@@ -11,7 +11,7 @@ from .connection import Durability, open_database
 from .errors import ConfigurationError
 from .reads import Reader
 from .schema import bind_models, ensure_schema
-from .syncer import DEFAULT_SYNC_INTERVAL, WalSyncer
+from .syncer import BACKSTOP_PAGES, DEFAULT_SYNC_INTERVAL, WalSyncer
 from .writepath import WritePath
 
 
@@ -50,7 +50,9 @@ class Store:
         self.path = os.fspath(path)
         self.durability = durability
         self.readonly = readonly
-        self.db = open_database(self.path, durability=durability, busy_timeout=busy_timeout, readonly=readonly)
+        syncing = sync_interval is not None and durability == "normal" and not readonly
+        self.db = open_database(self.path, durability=durability, busy_timeout=busy_timeout, readonly=readonly,
+                                autocheckpoint=BACKSTOP_PAGES if syncing else None)
         try:
             self.models = bind_models(self.db)
             schema = ensure_schema(self.db, self.models, self.path, create=not readonly, database_id=database_id)
@@ -67,7 +69,8 @@ class Store:
         self.write = WritePath(self.db, self.path, group_commit=group_commit)
         _stores.add(self)
         self.syncer: WalSyncer | None = None
-        if sync_interval is not None and durability == "normal" and not readonly:
+        if syncing:
+            assert sync_interval is not None
             try:
                 self.syncer = WalSyncer(self.path, sync_interval)
             except BaseException:

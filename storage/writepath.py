@@ -19,7 +19,9 @@ SQLite's single writer made them unneeded, the few spellings that differ).
 
 from __future__ import annotations
 
+import functools
 import json
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -121,6 +123,35 @@ class _Request:
         self.wake: threading.Lock | None = None
 
 
+class _Miss(Exception):
+    """A multi-row compare-and-set changed fewer rows than it was given: the transaction is written again row by row.
+
+    Internal: the row-by-row write names the row that missed and why
+    (:class:`StaleState` or :class:`LeaseLost`), which one statement for many rows cannot.
+    """
+
+
+class _Deferred:
+    """A transaction's step updates and journal rows held back to be sent as few statements as possible.
+
+    Each statement sqlite3 runs releases the GIL and takes it back; while
+    other threads run Python, taking it back waits for them. A batch of
+    changes written row by row (two updates and two journal rows per
+    sub-step) so pays that wait a few times per change, with the write lock
+    held; written here it pays it a few times per batch. See
+    :meth:`WritePath._flush_steps` and :meth:`WritePath._flush_journal`.
+    """
+
+    __slots__ = ("steps", "ids", "journal")
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[Any, ...]] = []
+        #: Row ids in ``steps``: a second change of one row flushes the first (one UPDATE FROM
+        #: row per target row, applied in order).
+        self.ids: set[int] = set()
+        self.journal: list[tuple[Any, ...]] = []
+
+
 class WritePath:
     """Writes walstate's state changes to one database, one transaction per batch."""
 
@@ -143,6 +174,11 @@ class WritePath:
         "INSERT INTO walstate_journal (job_id, step, from_state, to_state, attempt, at, note) "
         "VALUES (?, ?, ?, ?, ?, ?, ?)"
     )
+    #: Whether a batch's step updates and journal rows go out as multi-row statements
+    #: (UPDATE … FROM (VALUES …), one INSERT for many rows). SQLite (3.33 and later) only.
+    _MULTI_ROW = sqlite3.sqlite_version_info >= (3, 33, 0)
+    #: Rows per multi-row statement: 14 parameters each stays far below SQLite's variable limit.
+    _CHUNK = 64
     _READ_CONTEXT = "SELECT context FROM walstate_job WHERE id=?"
     _WRITE_CONTEXT = "UPDATE walstate_job SET context=?, updated_at=? WHERE id=?"
 
@@ -209,6 +245,32 @@ class WritePath:
                 conn.execute("ROLLBACK")
             raise
         db.pop_transaction()
+        self._end(conn)
+
+    @contextmanager
+    def _own_transaction(self) -> Iterator[Conn]:
+        """:meth:`_transaction` for walstate's own writes, which run no user code: on the shared writer connection.
+
+        Under :attr:`_lock` only. Inside a transaction user code opened on this
+        thread (``db.atomic()``), the write joins it as a savepoint instead.
+        """
+        db = self.db
+        if db.transaction_depth() > 0:
+            with self._transaction() as conn:
+                yield conn
+            return
+        conn = db.writer()
+        conn.execute(db.begin_write)
+        try:
+            yield conn
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        self._end(conn)
+
+    @staticmethod
+    def _end(conn: Conn) -> None:
         try:
             conn.execute("COMMIT")
         except BaseException:
@@ -237,6 +299,19 @@ class WritePath:
         else:
             with self._lock:
                 try:
+                    if False and effect is None and self._MULTI_ROW:
+                        try:
+                            with self._own_transaction() as conn:
+                                deferred = _Deferred()
+                                now = self.clock()
+                                for change in changes:
+                                    self._apply(conn, change, now, deferred)
+                                self._flush(conn, deferred)
+                                faults.point("before_commit")
+                            faults.point("after_commit")
+                            return
+                        except _Miss:
+                            pass  # rolled back: written again row by row below, which says what missed
                     with self._transaction() as conn:
                         if effect is not None:
                             changes = [*changes, *effect()]
@@ -320,21 +395,27 @@ class WritePath:
         self.batches += 1
         self.batched_requests += len(batch)
         if len(batch) > 1:
-            # Optimistically without a savepoint per request (two statements each): almost
-            # every batch applies whole. If any request fails, the whole transaction rolls
-            # back and the batch is written again below, each request in its own savepoint.
+            # Optimistically without a savepoint per request (two statements each) and, where
+            # the database allows, with multi-row statements: almost every batch applies whole.
+            # If any request fails, the whole transaction rolls back and the batch is written
+            # again below, row by row, each request in its own savepoint.
             try:
-                with self._transaction() as conn:
+                with self._own_transaction() as conn:
+                    # Multi-row statements only when other writers wait (so other threads hold
+                    # the GIL between statements): alone, row by row is a few microseconds cheaper.
+                    deferred = _Deferred() if self._MULTI_ROW else None
                     now = self.clock()
                     for r in batch:
-                        self._apply_request(conn, r, now)
+                        self._apply_request(conn, r, now, deferred)
+                    if deferred is not None:
+                        self._flush(conn, deferred)
                     faults.point("before_commit")
                 return
             except self.db.driver_errors:
                 raise
             except Exception:
                 pass
-        with self._transaction() as conn:
+        with self._own_transaction() as conn:
             now = self.clock()
             if len(batch) == 1:
                 self._apply_request(conn, batch[0], now)
@@ -371,35 +452,100 @@ class WritePath:
             r.error = exc
         conn.execute("RELEASE walstate_change")
 
-    def _apply_request(self, conn: Conn, r: _Request, now: float) -> None:
+    def _apply_request(self, conn: Conn, r: _Request, now: float, deferred: _Deferred | None = None) -> None:
         if r.insert is not None:
             r.result = r.insert(conn, now)
         for change in r.changes:
-            self._apply(conn, change, now)
+            self._apply(conn, change, now, deferred)
 
-    def _apply(self, conn: Conn, c: Change, now: float) -> None:
+    def _apply(self, conn: Conn, c: Change, now: float, deferred: _Deferred | None = None) -> None:
+        """Write change ``c``: its compare-and-set, its journal row, its once() records.
+
+        With ``deferred``, a step's update and every journal row are held
+        there for :meth:`_flush` (in order: a job's update, which the fence of
+        later step updates reads, first sends the step updates held before it).
+        """
         if c.context is not None:
             self._merge_context(conn, c.job_id, c.context, now)
         if c.kind == "step":
-            cur = conn.execute(
-                self._UPDATE_STEP,
-                (c.new, c.attempt, c.failures, c.interruptions, c.output, c.error, now, c.wake_at, c.topic, c.row_id,
-                 c.expected, c.job_id, c.owner, c.epoch),
-            )
+            params = (c.new, c.attempt, c.failures, c.interruptions, c.output, c.error, now, c.wake_at, c.topic,
+                      c.row_id, c.expected, c.job_id, c.owner, c.epoch)
+            if deferred is not None:
+                if c.row_id in deferred.ids:
+                    self._flush_steps(conn, deferred)
+                deferred.steps.append(params)
+                deferred.ids.add(c.row_id)
+                cur = None
+            else:
+                cur = conn.execute(self._UPDATE_STEP, params)
         elif c.kind == "job":
+            if deferred is not None:
+                self._flush_steps(conn, deferred)
             sql = self._UPDATE_JOB_RELEASE if c.release else self._UPDATE_JOB
             cur = conn.execute(sql, (c.new, c.error, now, c.row_id, c.expected, c.owner, c.epoch))
         else:
             raise ValueError(f"unknown change kind {c.kind!r}")
-        faults.point("after_update")
-        if cur.rowcount != 1:
-            self._explain_miss(conn, c)
+        if cur is not None:
+            faults.point("after_update")
+            if cur.rowcount != 1:
+                self._explain_miss(conn, c)
         if c.release:
             self._wake(conn)
-        conn.execute(self._JOURNAL, (c.job_id, c.step, c.expected, c.new, c.attempt, now, c.note))
+        journal = (c.job_id, c.step, c.expected, c.new, c.attempt, now, c.note)
+        if deferred is not None:
+            deferred.journal.append(journal)
+        else:
+            conn.execute(self._JOURNAL, journal)
         for step, name, result in c.once:
             conn.execute(self._ONCE, (c.job_id, step, name, result, now))
-        faults.point("after_journal")
+        if deferred is None:
+            faults.point("after_journal")
+
+    def _flush(self, conn: Conn, deferred: _Deferred) -> None:
+        self._flush_steps(conn, deferred)
+        journal = deferred.journal
+        for i in range(0, len(journal), self._CHUNK):
+            chunk = journal[i:i + self._CHUNK]
+            conn.execute(self._journal_rows(len(chunk)), [value for row in chunk for value in row])
+        for _ in journal:
+            faults.point("after_journal")  # reached once per change, as written row by row
+        deferred.journal = []
+
+    def _flush_steps(self, conn: Conn, deferred: _Deferred) -> None:
+        """Send the held step updates, many rows per statement; :class:`_Miss` if any did not apply."""
+        rows = deferred.steps
+        if not rows:
+            return
+        for i in range(0, len(rows), self._CHUNK):
+            chunk = rows[i:i + self._CHUNK]
+            cur = conn.execute(self._update_steps(len(chunk)), [value for row in chunk for value in row])
+            if cur.rowcount != len(chunk):
+                raise _Miss(f"{len(chunk) - cur.rowcount} of {len(chunk)} sub-step changes missed")
+        for _ in rows:
+            faults.point("after_update")  # reached once per change, as written row by row
+        deferred.steps = []
+        deferred.ids.clear()
+
+    @staticmethod
+    @functools.cache
+    def _update_steps(n: int) -> str:
+        """``_UPDATE_STEP`` for ``n`` rows: the same compare-and-set and fence, row by row of a VALUES list."""
+        values = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"] * n)
+        return (
+            "UPDATE walstate_step SET state=v.column1, attempt=v.column2, failures=v.column3, "
+            "interruptions=v.column4, output=v.column5, error=v.column6, updated_at=v.column7, wake_at=v.column8, "
+            f"wait_topic=v.column9 FROM (VALUES {values}) AS v "
+            "WHERE walstate_step.id=v.column10 AND walstate_step.state=v.column11 AND EXISTS (SELECT 1 FROM "
+            "walstate_job WHERE walstate_job.id=v.column12 AND walstate_job.owner IS v.column13 "
+            "AND walstate_job.epoch=v.column14)"
+        )
+
+    @classmethod
+    @functools.cache
+    def _journal_rows(cls, n: int) -> str:
+        """``_JOURNAL`` for ``n`` rows, inserted in the order given (so journal ids keep the changes' order)."""
+        head, _, row = cls._JOURNAL.partition("VALUES ")
+        return head + "VALUES " + ", ".join([row] * n)
 
     def _wake(self, conn: Conn) -> None:
         """Tell idle workers of other processes that work may be claimable (PostgreSQL: NOTIFY on commit).
@@ -471,7 +617,7 @@ class WritePath:
             return request.result, None
         with self._lock:
             try:
-                with self._transaction() as conn:
+                with self._own_transaction() as conn:
                     if key is not None:
                         row = conn.execute(
                             "SELECT id, initial_context FROM walstate_job WHERE workflow=? AND key=?",
@@ -524,7 +670,7 @@ class WritePath:
         faults.point("before_begin")
         with self._lock:
             try:
-                with self._transaction() as conn:
+                with self._own_transaction() as conn:
                     now = self.clock()
                     row = conn.execute(self._CLAIM, (owner, lease_expires, now, job_id, epoch, state)).fetchone()
                     faults.point("after_update")
@@ -589,7 +735,7 @@ class WritePath:
         faults.point("before_begin")
         with self._lock:
             try:
-                with self._transaction() as conn:
+                with self._own_transaction() as conn:
                     names = json.dumps(list(workflows))
                     extra = sum(limits.values()) if limits else 0
                     rows = conn.execute(self._RUNNABLE, (names, json.dumps(list(skip)), now,
@@ -645,7 +791,7 @@ class WritePath:
         """
         with self._lock:
             try:
-                with self._transaction() as conn:
+                with self._own_transaction() as conn:
                     row = conn.execute(
                         "UPDATE walstate_job SET lease_expires=? WHERE id=? AND owner=? AND epoch=? "
                         "RETURNING cancel_requested",
@@ -663,7 +809,7 @@ class WritePath:
         """
         with self._lock:
             try:
-                with self._transaction() as conn:
+                with self._own_transaction() as conn:
                     now = self.clock()
                     row = conn.execute(
                         "UPDATE walstate_job SET owner=NULL, lease_expires=NULL, epoch=epoch+1, updated_at=?, "
@@ -688,7 +834,7 @@ class WritePath:
         """
         with self._lock:
             try:
-                with self._transaction() as conn:
+                with self._own_transaction() as conn:
                     now = self.clock()
                     conn.execute(self._LOCK_JOB, (job_id,))  # before reading messages: a send waits for this park
                     ready = conn.execute(
@@ -716,7 +862,7 @@ class WritePath:
         """
         with self._lock:
             try:
-                with self._transaction() as conn:
+                with self._own_transaction() as conn:
                     job = conn.execute(self._LOCK_JOB, (job_id,)).fetchone()
                     if job is None:
                         raise UnknownJob(f"{self.path}: no job {job_id} to send {topic!r} to")
@@ -749,7 +895,7 @@ class WritePath:
         faults.point("before_consume")
         with self._lock:
             try:
-                with self._transaction() as conn:
+                with self._own_transaction() as conn:
                     known = conn.execute("SELECT result FROM walstate_once WHERE job_id=? AND step=? AND name=?",
                                          (job_id, step, name)).fetchone()
                     if known is not None:
@@ -783,7 +929,7 @@ class WritePath:
         faults.point("before_once_record")
         with self._lock:
             try:
-                with self._transaction() as conn:
+                with self._own_transaction() as conn:
                     conn.execute(self._ONCE, (job_id, step, name, result, self.clock()))
                     stored = conn.execute(
                         "SELECT result FROM walstate_once WHERE job_id=? AND step=? AND name=?",
@@ -797,7 +943,7 @@ class WritePath:
     def _single(self, sql: str, params: tuple[Any, ...], doing: str) -> int:
         with self._lock:
             try:
-                with self._transaction() as conn:
+                with self._own_transaction() as conn:
                     return int(conn.execute(sql, params).rowcount)
             except self.db.driver_errors as exc:
                 raise self.db.translate(exc, self.path, doing) from exc

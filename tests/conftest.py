@@ -53,9 +53,18 @@ class StatementLog:
         return [s for s in self.statements if s.upper().startswith(("UPDATE", "INSERT", "DELETE", "REPLACE"))]
 
 
-def trace(conn: sqlite3.Connection) -> StatementLog:
+def trace(conn: sqlite3.Connection | Any) -> StatementLog:
+    """Log every statement of ``conn``; given a walstate database, of this thread's connection and of its writer.
+
+    walstate's own writes run on the database's shared writer connection
+    (``WalstateDatabase.writer``), reads on the calling thread's.
+    """
     log = StatementLog()
-    conn.set_trace_callback(log)
+    if isinstance(conn, sqlite3.Connection):
+        conn.set_trace_callback(log)
+    else:
+        conn.connection().set_trace_callback(log)
+        conn.writer().set_trace_callback(log)
     return log
 
 

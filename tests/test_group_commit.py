@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from walstate import InjectedCrash, StaleState
+from walstate import InjectedCrash, LeaseLost, StaleState
 from walstate.substep import SubStep
 from walstate.storage import Change, Store, faults
 
@@ -117,7 +117,7 @@ def _commit_pairs(store: Store, stale: int | None,
     """Five callers each commit a step's start with its job's start (two changes), the last four in one batch.
 
     With ``stale``, that caller's second change expects a state its job is not in. ``log``
-    records the statements of every caller's (thread's own) connection.
+    records the statements of the writer connection they all commit on.
     """
     steps = [new_step(store, f"s{i}") for i in range(5)]
     results: dict[int, BaseException | None] = {}
@@ -126,14 +126,14 @@ def _commit_pairs(store: Store, stale: int | None,
         s = steps[i]
         changes = [Change("step", s.id, s.job.id, s.name, "pending", "running", 1),
                    Change("job", s.job.id, s.job.id, None, "succeeded" if i == stale else "pending", "running")]
-        if log is not None:
-            store.db.connection().set_trace_callback(log)
         try:
             store.write.commit(changes)
             results[i] = None
         except BaseException as exc:  # noqa: BLE001 - collected for the assertions
             results[i] = exc
 
+    if log is not None:
+        store.db.writer().set_trace_callback(log)
     with HoldFirstCommit(store, waiting=4):
         first = threading.Thread(target=run, args=(0,))
         first.start()
@@ -187,3 +187,94 @@ def test_a_job_submitted_while_others_commit_is_created_in_their_next_commit(sto
     assert store.write.batches == 2 and store.write.batched_requests == 3
     assert len(set(created)) == 2
     assert all([s.state for s in store.read.steps(job)] == ["pending", "pending"] for job in created)
+
+
+# -- issue 16: few statements per batch, one writer connection -------------------------------
+
+
+@pytest.mark.sqlite_only  # counts SQLite's statements
+def test_a_batch_sends_its_step_updates_as_one_statement_and_its_journal_rows_as_another(store: Store) -> None:
+    steps = [new_step(store, f"s{i}") for i in range(8)]
+    log = StatementLog()
+    store.db.writer().set_trace_callback(log)
+    with HoldFirstCommit(store, waiting=7):
+        results = race(steps, SubStep.start)
+    assert results == {s.name: None for s in steps}
+    # The lone first change row by row; the batch of seven in one UPDATE and one INSERT.
+    assert log.count("UPDATE WALSTATE_STEP") == 2 and log.count("INSERT INTO WALSTATE_JOURNAL") == 2
+    assert log.count("COMMIT") == 2
+    assert all(stored_state(store.path, s.id) == ("running", 1) for s in steps)
+    journal = [r[0] for r in store.db.writer().execute(
+        "SELECT step FROM walstate_journal WHERE to_state='running' AND step IS NOT NULL ORDER BY id")]
+    assert sorted(journal[1:]) == [f"s{i}" for i in range(1, 8)]
+
+
+def test_a_change_from_a_run_that_lost_its_claim_fails_alone_in_a_shared_batch(store: Store) -> None:
+    """The fence (owner and epoch) holds row by row inside a multi-row update too."""
+    steps = [new_step(store, f"s{i}", owner="me") for i in range(5)]
+    fenced = steps[2]
+    fenced.job.epoch += 5  # this run believes in a claim the job no longer has
+    with HoldFirstCommit(store, waiting=4):
+        results = race(steps, SubStep.start)
+    assert isinstance(results["s2"], LeaseLost)
+    assert all(results[s.name] is None for s in steps if s is not fenced)
+    assert stored_state(store.path, fenced.id) == ("pending", 0) and fenced.state == "pending"
+    assert all(stored_state(store.path, s.id) == ("running", 1) for s in steps if s is not fenced)
+
+
+def test_two_changes_of_one_step_in_a_batch_apply_in_their_order(store: Store) -> None:
+    steps = [new_step(store, f"s{i}") for i in range(3)]
+    log = StatementLog()
+    store.db.writer().set_trace_callback(log)
+
+    def start_and_retry(step: SubStep) -> None:
+        s = step
+        store.write.commit([
+            Change("step", s.id, s.job.id, s.name, "pending", "running", 1),
+            Change("step", s.id, s.job.id, s.name, "running", "retrying", 1, error="e", failures=1),
+        ])
+        s.state = "retrying"
+
+    with HoldFirstCommit(store, waiting=2):
+        results = race(steps, start_and_retry)
+    assert results == {s.name: None for s in steps}
+    assert log.count("SAVEPOINT") == 0  # written as it came, not rolled back and written again
+    assert all(stored_state(store.path, s.id) == ("retrying", 1) for s in steps)
+    for s in steps:
+        rows = store.db.writer().execute(
+            "SELECT from_state, to_state FROM walstate_journal WHERE job_id=? AND step=? ORDER BY id", (s.job.id, s.name))
+        assert list(rows) == [("pending", "running"), ("running", "retrying")]
+
+
+@pytest.mark.sqlite_only  # SQLite's connections
+def test_walstate_writes_of_every_thread_go_through_one_shared_connection(store: Store) -> None:
+    """So a commit finds the pages the last one wrote still cached, whichever thread wrote it."""
+    log = StatementLog()
+    store.db.writer().set_trace_callback(log)
+    mine = store.db.connection()
+    done: list[bool] = []
+
+    def other_thread() -> None:
+        assert store.db.writer() is writer
+        new_step(store, "t").start()
+        done.append(store.db.connection() is not mine)
+
+    writer = store.db.writer()
+    new_step(store, "m").start()
+    t = threading.Thread(target=other_thread)
+    t.start()
+    t.join(20)
+    assert done == [True]  # the other thread has a connection of its own, for its reads
+    assert log.count("BEGIN IMMEDIATE") == 4 and log.count("COMMIT") == 4  # two creations, two starts
+
+
+@pytest.mark.sqlite_only
+def test_closing_the_store_closes_the_shared_writer_connection(db_path: str) -> None:
+    import sqlite3
+
+    s = Store(db_path)
+    new_step(s).start()
+    writer = s.db.writer()
+    s.close()
+    with pytest.raises(sqlite3.ProgrammingError):
+        writer.execute("SELECT 1")

@@ -111,7 +111,7 @@ def test_a_summary_counts_steps_by_state_so_failed_and_cancelled_jobs_read_truth
 
 @pytest.mark.sqlite_only  # counts SQLite's statements
 def test_a_page_takes_two_selects_whatever_its_size(engine: Engine) -> None:
-    log = trace(engine.store.db.connection())
+    log = trace(engine.store.db)
     counts = {}
     for limit in (1, 4, 12):
         log.clear()

@@ -224,7 +224,7 @@ def test_a_step_completion_with_a_context_update_is_one_commit(db_path: str) -> 
     flow.step(phase="p", name="s")(lambda ctx, step: {"a": 1})
     with engine_for(db_path, flow, workers=1) as e:
         job = e.submit("w", Ctx())
-        log = trace(e.store.db.connection())
+        log = trace(e.store.db)
         e.run(job)
     # job start, step start, step success (with context), job success: four changes in three commits,
     # since the last step's success commits with the job's (issue 16).
@@ -247,7 +247,7 @@ def test_submit_with_a_known_key_returns_the_same_job_and_creates_nothing(db_pat
     flow.step(phase="p", name="s")(lambda ctx, step: None)
     with engine_for(db_path, flow) as e:
         first = e.submit("w", Ctx(tenant="t1"), key="t1")
-        log = trace(e.store.db.connection())
+        log = trace(e.store.db)
         assert e.submit("w", Ctx(tenant="t1"), key="t1") == first
         assert log.writes == []
         with pytest.raises(KeyConflict, match="another context"):

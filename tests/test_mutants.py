@@ -27,7 +27,7 @@ from .test_crash_suite import sweep
 def journal_in_its_own_transaction(mp: pytest.MonkeyPatch) -> None:
     real = WritePath._apply
 
-    def apply(self: WritePath, conn: sqlite3.Connection, c: Any, now: float) -> None:
+    def apply(self: WritePath, conn: sqlite3.Connection, c: Any, now: float, deferred: Any = None) -> None:
         # The UPDATE commits on its own; the journal row follows in a second transaction.
         saved = WritePath._JOURNAL
         WritePath._JOURNAL = "SELECT ?, ?, ?, ?, ?, ?, ?"

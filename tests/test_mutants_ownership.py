@@ -347,11 +347,11 @@ def test_stopping_a_worker_waits_for_its_loop_to_end_and_a_never_started_one_sto
 
 
 class WorkerStatements:
-    """Every SQL statement the worker's loop thread runs, traced on its own (real) SQLite connection.
+    """Every SQL statement the worker's loop thread runs, traced on the (real) SQLite connections it uses.
 
-    The loop thread opens its connection on its first read; peewee opens it
-    with ``connect_params``, so a ``sqlite3.Connection`` subclass set there
-    traces that connection and no other.
+    Connections are opened with ``connect_params`` (peewee's per thread and
+    the shared writer alike), so a ``sqlite3.Connection`` subclass set there
+    traces them all; only statements run on the loop thread are kept.
     """
 
     def __init__(self, engine: Engine) -> None:
@@ -360,11 +360,14 @@ class WorkerStatements:
 
         statements = self.statements = []
 
+        def keep(sql: str) -> None:
+            if threading.current_thread().name == "walstate-worker":
+                statements.append(sql)
+
         class Traced(sqlite3.Connection):
             def __init__(self, *args: object, **kwargs: object) -> None:
                 super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-                if threading.current_thread().name == "walstate-worker":
-                    self.set_trace_callback(statements.append)
+                self.set_trace_callback(keep)
 
         engine.store.db.connect_params["factory"] = Traced
 

@@ -10,6 +10,7 @@ more workloads.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -220,3 +221,36 @@ def test_a_forked_child_drops_the_inherited_syncer_and_runs_its_own(db_path: str
         _one_commit(store)
     finally:
         store.close()
+
+
+# -- checkpoints off the commit path (issue 16) ------------------------------------------
+
+
+def _autocheckpoint(store: Store) -> int:
+    return int(store.db.writer().execute("PRAGMA wal_autocheckpoint").fetchone()[0])
+
+
+def test_the_syncer_checkpoints_a_large_wal_so_no_commit_has_to(slow_syncer_store: Store) -> None:
+    from walstate.storage.syncer import BACKSTOP_PAGES, CHECKPOINT_PAGES
+
+    store, syncer = slow_syncer_store, slow_syncer_store.syncer
+    assert syncer is not None
+    # The writers checkpoint only past the backstop; below it that is the syncer's job.
+    assert _autocheckpoint(store) == BACKSTOP_PAGES > CHECKPOINT_PAGES
+    assert syncer.checkpoint_if_needed() is False  # a small WAL: nothing to do
+    big = "x" * 3000
+    while os.path.getsize(store.path + "-wal") < CHECKPOINT_PAGES * 4096:
+        store.write.create_job("wf", None, json.dumps({"pad": big}), [("s", "p", 0)])
+    assert syncer.checkpoint_if_needed() is True and syncer.checkpoints == 1
+    # Checkpointed: everything is in the database file, which a reader of it alone sees.
+    frames = store.db.writer().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    assert frames[1] == frames[2]  # every frame of the WAL is in the database file
+
+
+def test_without_a_syncer_commits_checkpoint_as_sqlite_does_by_default(tmp_path: Path) -> None:
+    for name, kw in (("full.db", {"durability": "full"}), ("nosync.db", {"sync_interval": None})):
+        s = Store(tmp_path / name, **kw)  # type: ignore[arg-type]
+        try:
+            assert s.syncer is None and _autocheckpoint(s) == 1000
+        finally:
+            s.close()

@@ -151,7 +151,7 @@ def test_a_dry_run_counts_the_jobs_and_changes_no_byte_of_the_file(db_path: str)
 def test_prune_deletes_in_batches_each_in_its_own_short_transaction(db_path: str) -> None:
     fill_finished(db_path, 25)
     with engine_on(db_path) as engine:
-        log = trace(engine.store.db.connection())
+        log = trace(engine.store.db)
         assert engine.prune(DAY, batch=10) == 25
         begins = [i for i, s in enumerate(log.statements) if s.startswith("BEGIN")]
         assert len(begins) == 3 and log.count("COMMIT") == 3

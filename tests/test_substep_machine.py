@@ -43,7 +43,7 @@ def test_every_legal_transition_writes_one_update_one_journal_row_and_one_commit
     step = new_step(store)
     drive(step, PATH_TO[source])
     before = len(journal_of(store.path, step.job.id))
-    log = trace(store.db.connection())
+    log = trace(store.db)
 
     assert step.fire(trigger, error="e") is True
 
@@ -72,7 +72,7 @@ def test_start_counts_attempts_and_the_journal_records_them(store: Store) -> Non
 def test_illegal_trigger_raises_invalid_transition_and_writes_nothing(store: Store, source: str, trigger: str) -> None:
     step = new_step(store)
     drive(step, {"succeeded": ["start", "succeed"], "skipped": ["skip"]}.get(source, PATH_TO.get(source, [])))
-    log = trace(store.db.connection())
+    log = trace(store.db)
     with pytest.raises(InvalidTransition) as err:
         step.fire(trigger)
     assert err.value.state == source and err.value.trigger == trigger
@@ -93,7 +93,7 @@ def test_trigger_to_the_state_it_already_has_writes_nothing(store: Store, path: 
     step = new_step(store)
     drive(step, path)
     state, attempt = step.state, step.attempt
-    log = trace(store.db.connection())
+    log = trace(store.db)
     assert step.fire(trigger, error="e") is False
     assert log.statements == []
     assert (step.state, step.attempt) == (state, attempt) == stored_state(store.path, step.id)
@@ -156,8 +156,8 @@ def test_an_error_raised_between_update_and_commit_rolls_everything_back(store: 
     before = journal_of(store.path, step.job.id)
     real = store.write._apply
 
-    def apply_then_fail(conn: sqlite3.Connection, change: object, now: float) -> None:
-        real(conn, change, now)  # type: ignore[arg-type]
+    def apply_then_fail(conn: sqlite3.Connection, change: object, now: float, *deferred: object) -> None:
+        real(conn, change, now, *deferred)  # type: ignore[arg-type]
         raise sqlite3.OperationalError("database or disk is full")
 
     with mock.patch.object(store.write, "_apply", apply_then_fail), pytest.raises(DatabaseFull, match="free space"):
@@ -172,7 +172,9 @@ def test_a_really_full_database_raises_database_full_and_keeps_memory_in_step(st
     conn = store.db.connection()
     conn.execute("CREATE TABLE filler(x BLOB)")
     pages = conn.execute("PRAGMA page_count").fetchone()[0]
-    conn.execute(f"PRAGMA max_page_count={pages + 2}")
+    # A limit of each connection: this thread's, and the writer walstate's own writes use.
+    for c in (conn, store.db.writer()):
+        c.execute(f"PRAGMA max_page_count={pages + 2}")
     with pytest.raises(sqlite3.Error):
         for _ in range(100):
             conn.execute("INSERT INTO filler VALUES (zeroblob(4000))")
@@ -207,7 +209,7 @@ def test_loading_a_step_restores_its_state_without_running_enter_or_exit_callbac
     running.add_callback("enter", lambda event: calls.append("enter"))
     running.add_callback("exit", lambda event: calls.append("exit"))
     try:
-        log = trace(store.db.connection())
+        log = trace(store.db)
         loaded = SubStep(step.job, store.read.steps(step.job.id)[0])
         assert loaded.state == "running" and loaded.attempt == 1
         assert calls == [] and log.writes == []
