@@ -299,20 +299,9 @@ class WritePath:
         else:
             with self._lock:
                 try:
-                    if False and effect is None and self._MULTI_ROW:
-                        try:
-                            with self._own_transaction() as conn:
-                                deferred = _Deferred()
-                                now = self.clock()
-                                for change in changes:
-                                    self._apply(conn, change, now, deferred)
-                                self._flush(conn, deferred)
-                                faults.point("before_commit")
-                            faults.point("after_commit")
-                            return
-                        except _Miss:
-                            pass  # rolled back: written again row by row below, which says what missed
-                    with self._transaction() as conn:
+                    # A transactional step's effect runs the handler's own writes: on its thread's
+                    # connection, where its ``step.db`` is; anything else on the shared writer.
+                    with self._own_transaction() if effect is None else self._transaction() as conn:
                         if effect is not None:
                             changes = [*changes, *effect()]
                         now = self.clock()
