@@ -9,24 +9,35 @@ succeeded), and the job's end (CAS + journal). Figures are sub-steps/s (so a
 job's fixed cost counts against it) and, for 1- and 50-step jobs, the cost per
 job and per sub-step in microseconds.
 
+The runtime rows are measured twice: as the process runs by default, and
+with its threads on one CPU (:func:`one_cpu`, what ``taskset -c 0`` does to a
+whole process). On a small virtual machine a thread woken on another core
+costs tens of microseconds before it holds the GIL, and a runtime with 8 jobs
+in flight hands the GIL between threads a few times per sub-step; on one core
+the same hand-off is a plain context switch. The README's *Speed on many
+small jobs* section says when to pin.
+
 Run alone: ``python -m benchmarks.small_jobs_bench`` (``WALSTATE_SMALL_JOBS``
-sets the number of jobs, default 200).
+sets the number of jobs, default 200). It also draws
+``benchmarks/results/small_jobs.png`` when matplotlib is installed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 
 from pydantic import BaseModel
 
 from walstate import Engine, Workflow
 from walstate.storage import Store
 
-from .common import Figure, fresh_path, measure, rate, report
+from .common import RESULTS, Figure, fresh_path, measure, rate, report
 from .peers_bench import _DBOS, dbos_available
 
 JOBS = int(os.environ.get("WALSTATE_SMALL_JOBS", "200"))
@@ -119,6 +130,30 @@ def runtime(durability: str, concurrency: int, workers: int = 1) -> float:
     return result
 
 
+@contextlib.contextmanager
+def one_cpu() -> Iterator[bool]:
+    """Run the body's new threads on one CPU: this thread's affinity, which threads it starts inherit.
+
+    Yields whether it could (Linux only); the affinity is restored on exit.
+    """
+    if not hasattr(os, "sched_setaffinity"):
+        yield False
+        return
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(allowed)})  # pid 0: the calling thread only
+    try:
+        yield True
+    finally:
+        os.sched_setaffinity(0, allowed)
+
+
+def pinned(fn: Callable[[], float]) -> Callable[[], float]:
+    def run() -> float:
+        with one_cpu():
+            return fn()
+    return run
+
+
 _WALSTATE_CHILD = r'''
 import sys, time
 from pydantic import BaseModel
@@ -156,6 +191,9 @@ def main() -> list[Figure]:
     rt, rts = measure(lambda: runtime("normal", concurrency=8), reps=REPS)
     figures.append(Figure("walstate runtime, 8 jobs in flight, normal", rt, rts, "sub-steps/s", "raw floor, normal",
                           rt / floor, ">= 0.8x"))
+    rtp, rtps = measure(pinned(lambda: runtime("normal", concurrency=8)), reps=REPS)
+    figures.append(Figure("walstate runtime, 8 jobs in flight, normal, on one CPU", rtp, rtps, "sub-steps/s",
+                          "raw floor, normal", rtp / floor, ">= 0.8x"))
     ffloor, ffs = measure(lambda: raw_floor("full", jobs=max(20, JOBS // 4)), reps=3)
     figures.append(Figure(f"raw floor, {STEPS}-step jobs, full (sequential)", ffloor, ffs, "sub-steps/s"))
     # "8 workers": the runtime's 8 job slots (group commit across jobs), each job on 1 thread; and
@@ -163,6 +201,9 @@ def main() -> list[Figure]:
     full, fus = measure(lambda: runtime("full", concurrency=8), reps=3)
     figures.append(Figure("walstate runtime, 8 jobs in flight, full", full, fus, "sub-steps/s", "raw floor, full",
                           full / ffloor, ">= 2x"))
+    fullp, fups = measure(pinned(lambda: runtime("full", concurrency=8)), reps=3)
+    figures.append(Figure("walstate runtime, 8 jobs in flight, full, on one CPU", fullp, fups, "sub-steps/s",
+                          "raw floor, full", fullp / ffloor, ">= 2x"))
     full8, fu8s = measure(lambda: runtime("full", concurrency=8, workers=8), reps=3)
     figures.append(Figure("walstate runtime, 8 jobs x 8 threads each, full", full8, fu8s, "sub-steps/s",
                           "raw floor, full", full8 / ffloor))
@@ -188,7 +229,44 @@ def main() -> list[Figure]:
         print("\nDBOS Transact is not installed (pip install -e '.[bench]'): the DBOS figure is skipped")
     report(f"Many small jobs ({JOBS} jobs x {STEPS} no-op sub-steps, one parallel phase) vs the raw floor",
            figures, "small_jobs.json")
+    png = chart(figures)
+    if png:
+        print(f"chart in {png}")
     return figures
+
+
+def chart(figures: list[Figure]) -> str | None:
+    """Sub-steps/s of each 10-step-job figure with its spread, beside the floor it is compared with."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [f for f in figures if f.unit in ("sub-steps/s", "steps/s")]
+    fig, ax = plt.subplots(figsize=(9, 0.42 * len(rows) + 1.4))
+    colors = ["#999" if f.baseline == "" else "#c64" if _below(f) else "#3a7" for f in rows]
+    ax.barh([f.name for f in rows], [f.value for f in rows], xerr=[f.value * f.spread / 2 for f in rows],
+            color=colors, capsize=2)
+    for i, f in enumerate(rows):
+        if f.ratio is not None:
+            ax.text(f.value, i, f"  {f.ratio:.2f}x {f.target}", va="center", fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"sub-steps/s, {STEPS}-step jobs (grey: floors and peers; green/red: target met or not)")
+    ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    path = RESULTS / "small_jobs.png"
+    RESULTS.mkdir(exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+def _below(f: Figure) -> bool:
+    if f.ratio is None or not f.target.startswith(">= "):
+        return False
+    return f.ratio < float(f.target[3:].rstrip("x"))
 
 
 if __name__ == "__main__":

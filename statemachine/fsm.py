@@ -173,6 +173,15 @@ class Definition:
                 state=state,
                 trigger=trigger,
             )
+        if not log.transitions_logged():
+            # Nothing to log (DEBUG is off for walstate.fsm): no ordering of log records to keep.
+            try:
+                return self._execute(obj, trigger, state, data)
+            except MachineError as exc:  # pragma: no cover - the table above mirrors the machine
+                raise InvalidTransition(f"{obj._describe()}: {exc.value}", state=state, trigger=trigger) from exc
+            except WalstateError as exc:
+                log.write_refused(obj, trigger, state, exc)  # log: a refused write (WARNING)
+                raise
         # A move fired inside another's write (the next step's start, the job's end: committed
         # with it, journalled after it) is logged after it too, so logs follow the journal.
         outer = getattr(_nested, "logs", None)

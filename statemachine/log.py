@@ -162,6 +162,11 @@ def step_interrupted(job: int, workflow: str, step: str, attempt: int, giving_up
 # -- transitions (walstate.fsm) -----------------------------------------------------
 
 
+def transitions_logged() -> bool:
+    """Whether :func:`transition` records anything (``walstate.fsm`` at DEBUG)."""
+    return FSM.isEnabledFor(logging.DEBUG)
+
+
 def transition(obj: Any, trigger: str, source: str, dest: str) -> None:
     if FSM.isEnabledFor(logging.DEBUG):  # the hot path: build nothing when DEBUG is off
         FSM.debug("%s: %s -> %s (%s)", obj._describe(), source, dest, trigger, extra=_of(obj))
