@@ -245,17 +245,20 @@ def chart(figures: list[Figure]) -> str | None:
     except ImportError:
         return None
     rows = [f for f in figures if f.unit in ("sub-steps/s", "steps/s")]
-    fig, ax = plt.subplots(figsize=(9, 0.42 * len(rows) + 1.4))
-    colors = ["#999" if f.baseline == "" else "#c64" if _below(f) else "#3a7" for f in rows]
+    fig, ax = plt.subplots(figsize=(11, 0.42 * len(rows) + 1.4))
+    colors = ["#999" if f.baseline == "" else "#68a" if not f.target else "#c64" if _below(f) else "#3a7"
+              for f in rows]
     ax.barh([f.name for f in rows], [f.value for f in rows], xerr=[f.value * f.spread / 2 for f in rows],
             color=colors, capsize=2)
     for i, f in enumerate(rows):
         if f.ratio is not None:
-            ax.text(f.value, i, f"  {f.ratio:.2f}x {f.target}", va="center", fontsize=7)
+            ax.text(f.value * (1 + f.spread / 2), i, f"  {f.ratio:.2f}x {f.target}", va="center", fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlabel(f"sub-steps/s, {STEPS}-step jobs (grey: floors and peers; green/red: target met or not)")
+    ax.set_xlabel(f"sub-steps/s, {STEPS}-step jobs (grey: floors and peers; green/red: target met or not; "
+                  "blue: no target)")
     ax.tick_params(axis="y", labelsize=7)
     fig.tight_layout()
+    fig.subplots_adjust(left=max(fig.subplotpars.left, 0.28))  # room for the longest name
     path = RESULTS / "small_jobs.png"
     RESULTS.mkdir(exist_ok=True)
     fig.savefig(path, dpi=110)
