@@ -75,6 +75,9 @@ class WriteLocked(peewee.Database):
         """
         return self.raw()
 
+    def close_writer(self) -> None:
+        """Close the shared writer connection, if there is one (the next write opens it again)."""
+
     def translate(self, exc: BaseException, where: str, doing: str) -> DatabaseError:
         """Map a driver error to walstate's hierarchy, with an actionable message."""
         return translate(exc, where, doing)
@@ -161,12 +164,16 @@ class WalstateDatabase(WriteLocked, peewee.SqliteDatabase):
             self._writer = conn
         return conn
 
-    def close(self) -> bool:
-        """Close this thread's connection and, once nothing else uses it, the shared writer connection."""
+    def close_writer(self) -> None:
+        # Under the write lock: a write in progress on another thread finishes first.
         with self.write_lock:
             conn, self._writer = self._writer, None
             if conn is not None:
                 conn.close()
+
+    def close(self) -> bool:
+        """Close this thread's connection and the shared writer connection."""
+        self.close_writer()
         return bool(super().close())
 
     def after_fork_in_child(self) -> None:

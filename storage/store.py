@@ -87,6 +87,7 @@ class Store:
             self.syncer.stop()
         if not self.db.is_closed():
             self.db.close()
+        self.db.close_writer()  # also when this thread never opened a connection of its own
 
     def _after_fork_in_child(self) -> None:
         # SQLite forbids using the parent's connection in a child: drop it

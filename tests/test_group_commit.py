@@ -278,3 +278,17 @@ def test_closing_the_store_closes_the_shared_writer_connection(db_path: str) -> 
     s.close()
     with pytest.raises(sqlite3.ProgrammingError):
         writer.execute("SELECT 1")
+
+
+@pytest.mark.sqlite_only
+def test_a_store_closed_from_a_thread_that_never_used_it_still_closes_the_writer(db_path: str) -> None:
+    import sqlite3
+
+    s = Store(db_path)
+    new_step(s).start()
+    writer = s.db.writer()
+    t = threading.Thread(target=s.close)
+    t.start()
+    t.join(20)
+    with pytest.raises(sqlite3.ProgrammingError):
+        writer.execute("SELECT 1")
