@@ -83,6 +83,7 @@ class WalSyncer:
         self._page_size = int(self._conn.execute("PRAGMA page_size").fetchone()[0])
         #: How many checkpoints this syncer ran (for tests and benchmarks).
         self.checkpoints = 0
+        self._checkpointed: int | None = None  # data_version at the last checkpoint
         self._wal_inode: int | None = None
         self._thread = threading.Thread(target=self._loop, name="walstate-syncer", daemon=True)
         _live.add(self)
@@ -132,14 +133,18 @@ class WalSyncer:
         return True
 
     def checkpoint_if_needed(self) -> bool:
-        """Checkpoint (PASSIVE) once the WAL holds more than :data:`CHECKPOINT_PAGES` pages; return whether it did.
+        """Checkpoint (PASSIVE) if the WAL file has reached :data:`CHECKPOINT_PAGES` pages and something
+        was committed since the last checkpoint; return whether it did.
 
         SQLite's own checkpoint runs inside the COMMIT that crosses its
         threshold, with the write lock held and the committing thread
         waiting; here it runs on this thread, beside the writers (PASSIVE
         takes no lock they need), with the GIL released. The writers keep a
-        higher threshold of their own as a backstop (see
-        :func:`~walstate.storage.connection.open_database`'s ``background_checkpoints``).
+        higher threshold of their own as a backstop (``BACKSTOP_PAGES``, the
+        ``autocheckpoint`` of :func:`~walstate.storage.connection.open_database`).
+        The WAL file keeps its size when SQLite starts it over, so the size
+        only says the WAL has been large; the commit check keeps an idle file
+        from being checkpointed every tick.
         """
         conn = self._conn
         if conn is None:
@@ -150,7 +155,11 @@ class WalSyncer:
             return False
         if size < CHECKPOINT_PAGES * self._page_size:
             return False
+        version = int(conn.execute("PRAGMA data_version").fetchone()[0])
+        if version == self._checkpointed:
+            return False
         conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        self._checkpointed = version
         self.checkpoints += 1
         return True
 

@@ -139,7 +139,7 @@ class _Deferred:
     changes written row by row (two updates and two journal rows per
     sub-step) so pays that wait a few times per change, with the write lock
     held; written here it pays it a few times per batch. See
-    :meth:`WritePath._flush_steps` and :meth:`WritePath._flush_journal`.
+    :meth:`WritePath._flush_steps` and :meth:`WritePath._flush`.
     """
 
     __slots__ = ("steps", "ids", "journal")
