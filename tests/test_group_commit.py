@@ -292,3 +292,34 @@ def test_a_store_closed_from_a_thread_that_never_used_it_still_closes_the_writer
     t.join(20)
     with pytest.raises(sqlite3.ProgrammingError):
         writer.execute("SELECT 1")
+
+
+class CrashInSecondBatch(HoldFirstCommit):
+    """HoldFirstCommit, then a crash at the first ``point`` of the second (shared, multi-row) batch."""
+
+    def __init__(self, store: Store, waiting: int, point: str) -> None:
+        super().__init__(store, waiting)
+        self.point = point
+        self.crashed = 0
+
+    def hit(self, name: str) -> None:
+        super().hit(name)
+        # The first batch has committed (one before_commit) and the second is being written.
+        if name == self.point and self.store.write.batches == 2 and self.crashed == 0:
+            self.crashed += 1
+            raise InjectedCrash(name, 1)
+
+
+@pytest.mark.parametrize("point", ["after_update", "after_journal"])
+def test_a_crash_inside_a_multi_row_batch_commits_none_of_its_changes(store: Store, point: str) -> None:
+    """The fault points of a shared batch are reached once per change, inside its transaction."""
+    steps = [new_step(store, f"s{i}") for i in range(4)]
+    crash = CrashInSecondBatch(store, waiting=3, point=point)
+    with crash:
+        results = race(steps, SubStep.start)
+    assert crash.crashed == 1
+    assert results["s0"] is None
+    assert all(isinstance(results[s.name], InjectedCrash) for s in steps[1:])
+    assert all(stored_state(store.path, s.id) == ("pending", 0) for s in steps[1:])
+    journal = store.db.writer().execute("SELECT count(*) FROM walstate_journal WHERE to_state='running'").fetchone()
+    assert journal == (1,)
