@@ -13,7 +13,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from walstate import InjectedCrash, InvalidTransition, StaleState
 from walstate.fsm import STEP
 from walstate.substep import LiveJob, SubStep
-from walstate.storage import Store, faults
+from walstate.storage import Change, Store, faults
 from walstate.storage.errors import DatabaseBusy, DatabaseFull, LeaseLost
 
 from .conftest import trace
@@ -270,3 +270,38 @@ class StepModelComparison(RuleBasedStateMachine):
 
 
 TestStepModelComparison = StepModelComparison.TestCase
+
+
+def test_a_commit_that_sqlite_refuses_is_rolled_back_and_the_connection_stays_usable(store: Store) -> None:
+    """A COMMIT can fail (a deferred constraint, a full disk): nothing stays half-open after it."""
+    from walstate.storage.errors import WriteFailed
+
+    step = new_step(store)
+    conn = store.db.connection()
+
+    def orphan_row() -> list[Change]:
+        # Deferred: the foreign key is checked at COMMIT, which fails; the write path must roll back.
+        conn.execute("PRAGMA defer_foreign_keys=ON")
+        conn.execute("INSERT INTO walstate_once (job_id, step, name, result, at) VALUES (424242, 's', 'n', '1', 0)")
+        return []
+
+    with pytest.raises(WriteFailed, match="FOREIGN KEY"):
+        store.write.commit(effect=orphan_row)
+    assert not conn.in_transaction
+    step.start()  # the thread's connection and the write lock are free again
+    assert stored_state(store.path, step.id) == ("running", 1)
+
+
+def test_a_job_change_without_release_keeps_the_claim(store: Store) -> None:
+    step = new_step(store, owner="me")
+    job = step.job
+    store.write.commit([Change("job", job.id, job.id, None, "running", "running", 0, "me", job.epoch)])
+    owner, epoch = store.db.writer().execute("SELECT owner, epoch FROM walstate_job WHERE id=?", (job.id,)).fetchone()
+    assert (owner, epoch) == ("me", job.epoch)
+
+
+def test_a_change_of_an_unknown_kind_is_refused_by_name(store: Store) -> None:
+    step = new_step(store)
+    with pytest.raises(ValueError, match="unknown change kind 'row'"):
+        store.write.commit([Change("row", step.id, step.job.id, "s", "pending", "running")])
+    assert stored_state(store.path, step.id) == ("pending", 0)
