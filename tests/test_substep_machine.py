@@ -178,7 +178,7 @@ def test_a_really_full_database_raises_database_full_and_keeps_memory_in_step(st
     with pytest.raises(sqlite3.Error):
         for _ in range(100):
             conn.execute("INSERT INTO filler VALUES (zeroblob(4000))")
-    with pytest.raises(DatabaseFull) as err:
+    with pytest.raises(DatabaseFull, match="while writing a state change") as err:
         for i in range(200):  # each change adds a journal row: the file must run out of pages
             step.retry(error="x" * 2000) if i % 2 == 0 else step.start()
     assert store.path in str(err.value)
