@@ -529,6 +529,9 @@ class PgWritePath(WritePath):
     #: A creation in a shared batch could not be settled after a lost connection (_landed
     #: reads changes, and a creation has none): each keeps a transaction of its own.
     _GROUP_CREATES = False
+    #: Nor a batch claim: it takes an advisory lock for per-workflow limits, and _landed could not
+    #: tell whether a claim in a batch whose session was lost committed.
+    _GROUP_CLAIMS = False
 
     #: How long (seconds) a batch whose session was lost keeps trying to reach the server again
     #: (a restart or a failover) before its callers get DatabaseUnavailable.

@@ -112,11 +112,12 @@ class _Request:
 
     __slots__ = ("changes", "done", "error", "wake", "insert", "result")
 
-    def __init__(self, changes: Sequence[Change], insert: Callable[[Conn, float], int] | None = None) -> None:
+    def __init__(self, changes: Sequence[Change], insert: Callable[[Conn, float], Any] | None = None) -> None:
         self.changes = changes
-        #: A job creation joining the batch (see create_job): run first, its job id kept in ``result``.
+        #: A job creation or a claim joining the batch (see create_job, claim_runnable): run first,
+        #: what it returns kept in ``result``.
         self.insert = insert
-        self.result = 0
+        self.result: Any = None
         self.done = False
         self.error: BaseException | None = None
         #: Held while the caller waits (made only if it has to): see _commit_grouped.
@@ -737,53 +738,77 @@ class WritePath:
         if limit < 1 or not workflows:
             return []
         faults.point("before_begin")
+
+        def claim(conn: Conn, stamp: float) -> list[tuple[str, str, str | None, Claimed]]:
+            return self._claim_runnable(conn, owner, lease_expires, limit, workflows, now, dead, skip, limits, stamp)
+
+        if self._GROUP_CLAIMS and self.group_commit and self._leader and self.db.transaction_depth() == 0:
+            # Others are committing: claim in their next transaction (one commit, one fsync under
+            # ``full``), as a job submitted meanwhile does (see create_job).
+            request = _Request((), claim)
+            self._commit_grouped(request)
+            out: list[tuple[str, str, str | None, Claimed]] = request.result
+            if out:
+                faults.point("after_commit")
+            return out
         with self._lock:
             try:
                 with self._own_transaction() as conn:
-                    names = json.dumps(list(workflows))
-                    extra = sum(limits.values()) if limits else 0
-                    rows = conn.execute(self._RUNNABLE, (names, json.dumps(list(skip)), now,
-                                                         json.dumps([list(d) for d in dead]), limit + extra)).fetchall()
-                    if limits:
-                        self._lock_claims(conn)
-                        running = dict(conn.execute(self._RUNNING_PER_WORKFLOW, (json.dumps(list(limits)),)).fetchall())
-                        chosen = []
-                        for row in rows:
-                            budget = limits.get(row[3])
-                            if budget is not None:
-                                # A job already running (being taken over) does not add to the count.
-                                if row[1] == "pending" or row[4] is None:
-                                    if running.get(row[3], 0) >= budget:
-                                        continue
-                                    running[row[3]] = running.get(row[3], 0) + 1
-                            chosen.append(row)
-                        rows = chosen
-                    rows = rows[:limit]
-                    if not rows:
+                    out = claim(conn, self.clock())
+                    if not out:
                         return []
-                    before = {int(r[0]): (str(r[1]), str(r[3]), r[4]) for r in rows}
-                    stamp = self.clock()
-                    claimed = conn.execute(self._CLAIM_MANY, (owner, lease_expires, stamp, json.dumps(list(before)))).fetchall()
-                    faults.point("after_update")
-                    conn.executemany(self._JOURNAL, [
-                        (job_id, None, before[job_id][0], "running", 0, stamp,
-                         "claimed" if before[job_id][2] is None else f"claimed from {before[job_id][2]}, found dead")
-                        for job_id in before])
-                    faults.point("after_journal")
-                    steps: dict[int, list[StepRow]] = {}
-                    for r in conn.execute(STEPS_OF_JOBS, (json.dumps(list(before)),)):
-                        step = StepRow(*r)
-                        steps.setdefault(step.job_id, []).append(step)
-                    out = []
-                    for job_id, epoch, context, cancel, version, fingerprint in sorted(claimed):
-                        state, workflow, prior_owner = before[int(job_id)]
-                        out.append((workflow, state, prior_owner, Claimed(
-                            int(epoch), str(context), bool(cancel), steps.get(int(job_id), []), int(job_id),
-                            int(version), fingerprint)))
                     faults.point("before_commit")
             except self.db.driver_errors as exc:
                 raise self.db.translate(exc, self.path, "claiming runnable jobs") from exc
         faults.point("after_commit")
+        return out
+
+    #: Whether a batch claim may join a group commit in progress (see claim_runnable).
+    _GROUP_CLAIMS = True
+
+    def _claim_runnable(self, conn: Conn, owner: str, lease_expires: float, limit: int, workflows: Sequence[str],
+                        now: float, dead: Sequence[tuple[int, int]], skip: Sequence[int],
+                        limits: dict[str, int] | None, stamp: float) -> list[tuple[str, str, str | None, Claimed]]:
+        """The statements of :meth:`claim_runnable`, inside the caller's transaction; ``[]`` when none is runnable."""
+        names = json.dumps(list(workflows))
+        extra = sum(limits.values()) if limits else 0
+        rows = conn.execute(self._RUNNABLE, (names, json.dumps(list(skip)), now,
+                                             json.dumps([list(d) for d in dead]), limit + extra)).fetchall()
+        if limits:
+            self._lock_claims(conn)
+            running = dict(conn.execute(self._RUNNING_PER_WORKFLOW, (json.dumps(list(limits)),)).fetchall())
+            chosen = []
+            for row in rows:
+                budget = limits.get(row[3])
+                if budget is not None:
+                    # A job already running (being taken over) does not add to the count.
+                    if row[1] == "pending" or row[4] is None:
+                        if running.get(row[3], 0) >= budget:
+                            continue
+                        running[row[3]] = running.get(row[3], 0) + 1
+                chosen.append(row)
+            rows = chosen
+        rows = rows[:limit]
+        if not rows:
+            return []
+        before = {int(r[0]): (str(r[1]), str(r[3]), r[4]) for r in rows}
+        claimed = conn.execute(self._CLAIM_MANY, (owner, lease_expires, stamp, json.dumps(list(before)))).fetchall()
+        faults.point("after_update")
+        conn.executemany(self._JOURNAL, [
+            (job_id, None, before[job_id][0], "running", 0, stamp,
+             "claimed" if before[job_id][2] is None else f"claimed from {before[job_id][2]}, found dead")
+            for job_id in before])
+        faults.point("after_journal")
+        steps: dict[int, list[StepRow]] = {}
+        for r in conn.execute(STEPS_OF_JOBS, (json.dumps(list(before)),)):
+            step = StepRow(*r)
+            steps.setdefault(step.job_id, []).append(step)
+        out = []
+        for job_id, epoch, context, cancel, version, fingerprint in sorted(claimed):
+            state, workflow, prior_owner = before[int(job_id)]
+            out.append((workflow, state, prior_owner, Claimed(
+                int(epoch), str(context), bool(cancel), steps.get(int(job_id), []), int(job_id),
+                int(version), fingerprint)))
         return out
 
     def renew(self, job_id: int, owner: str, epoch: int, lease_expires: float) -> bool | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 import time
 
 import pytest
@@ -348,3 +349,57 @@ def test_busy_writers_share_commits_without_waiting_between_them(store: Store) -
     assert time.monotonic() - started < 10
     assert store.write.batched_requests - requests == 8 * 25  # every change of every thread committed once
     assert store.write.batches - batches < 8 * 25  # and some of them shared a commit
+
+
+def test_a_batch_claim_made_while_others_commit_is_written_in_their_next_commit(store: Store) -> None:
+    """One commit (one fsync under ``full``) for the claim and the changes it arrived with."""
+    step, second = new_step(store, "s0"), new_step(store, "s1")
+    jobs = [store.write.create_job("wf", None, "{}", [("a", "p", 0)])[0] for _ in range(2)]
+    claims: list[Any] = []
+
+    def claim() -> None:
+        claims.extend(store.write.claim_runnable(owner="w", lease_expires=time.time() + 60, limit=1,
+                                                 workflows=["wf"], now=time.time(),
+                                                 skip=[step.job.id, second.job.id]))
+
+    with HoldFirstCommit(store, waiting=2):
+        leader = threading.Thread(target=step.start)
+        leader.start()
+        while not store.write._leader:
+            time.sleep(0.0005)
+        others = [threading.Thread(target=claim), threading.Thread(target=second.start)]
+        for t in others:
+            t.start()
+        for t in [leader, *others]:
+            t.join(20)
+    # The start alone, then the claim and the other start in one batch: two commits for three callers.
+    assert store.write.batches == 2 and store.write.batched_requests == 3
+    assert [c[3].job_id for c in claims] == [jobs[0]]
+    row = store.db.writer().execute("SELECT state, owner, epoch FROM walstate_job WHERE id=?", (jobs[0],)).fetchone()
+    assert row == ("running", "w", 1)
+    journal = store.db.writer().execute(
+        "SELECT note FROM walstate_journal WHERE job_id=? AND to_state='running'", (jobs[0],)).fetchall()
+    assert journal == [("claimed",)]
+
+
+def test_a_claim_that_finds_nothing_in_a_shared_batch_claims_nothing_and_fails_nobody(store: Store) -> None:
+    step, other = new_step(store, "s0"), new_step(store, "s1")
+    claims: list[Any] = [None]
+
+    def claim() -> None:
+        claims[0] = store.write.claim_runnable(owner="w", lease_expires=time.time() + 60, limit=4,
+                                               workflows=["nothing-here"], now=time.time())
+
+    with HoldFirstCommit(store, waiting=2):
+        leader = threading.Thread(target=step.start)
+        leader.start()
+        while not store.write._leader:
+            time.sleep(0.0005)
+        others = [threading.Thread(target=claim), threading.Thread(target=other.start)]
+        for t in others:
+            t.start()
+        for t in [leader, *others]:
+            t.join(20)
+    assert claims == [[]]
+    assert store.write.batches == 2 and store.write.batched_requests == 3  # the claim was in the batch
+    assert stored_state(store.path, other.id) == ("running", 1)
