@@ -385,9 +385,10 @@ class WritePath:
         self.batches += 1
         self.batched_requests += len(batch)
         db = self.db
-        if len(batch) == 1 and db.transaction_depth() == 0:
+        if len(batch) == 1:
             # The common case of a lone writer, spelled out: what _own_transaction does, without
-            # building a context manager per commit.
+            # building a context manager per commit. A group commit never runs inside a
+            # transaction of this thread (its callers check), so it is always the writer's own.
             conn = db.writer()
             conn.execute(db.begin_write)
             try:
@@ -399,34 +400,30 @@ class WritePath:
                 raise
             self._end(conn)
             return
-        if len(batch) > 1:
-            # Optimistically without a savepoint per request (two statements each) and, where
-            # the database allows, with multi-row statements: almost every batch applies whole.
-            # If any request fails, the whole transaction rolls back and the batch is written
-            # again below, row by row, each request in its own savepoint.
-            try:
-                with self._own_transaction() as conn:
-                    # Multi-row statements only when other writers wait (so other threads hold
-                    # the GIL between statements): alone, row by row is a few microseconds cheaper.
-                    deferred = _Deferred() if self._MULTI_ROW else None
-                    now = self.clock()
-                    for r in batch:
-                        self._apply_request(conn, r, now, deferred)
-                    if deferred is not None:
-                        self._flush(conn, deferred)
-                    faults.point("before_commit")
-                return
-            except self.db.driver_errors:
-                raise
-            except Exception:
-                pass
+        # Several callers. Optimistically without a savepoint per request (two statements each)
+        # and, where the database allows, with multi-row statements (only here, where other
+        # writers wait and so other threads hold the GIL between statements: alone, row by row
+        # is a few microseconds cheaper): almost every batch applies whole. If any request fails,
+        # the whole transaction rolls back and the batch is written again below, row by row,
+        # each request in its own savepoint.
+        try:
+            with self._own_transaction() as conn:
+                deferred = _Deferred() if self._MULTI_ROW else None
+                now = self.clock()
+                for r in batch:
+                    self._apply_request(conn, r, now, deferred)
+                if deferred is not None:
+                    self._flush(conn, deferred)
+                faults.point("before_commit")
+            return
+        except self.db.driver_errors:
+            raise
+        except Exception:
+            pass
         with self._own_transaction() as conn:
             now = self.clock()
-            if len(batch) == 1:
-                self._apply_request(conn, batch[0], now)
-            else:
-                for r in batch:
-                    self._apply_alone(conn, r, now)
+            for r in batch:
+                self._apply_alone(conn, r, now)
             faults.point("before_commit")
 
     def _apply_alone(self, conn: Conn, r: _Request, now: float) -> None:
