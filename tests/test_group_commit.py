@@ -403,3 +403,27 @@ def test_a_claim_that_finds_nothing_in_a_shared_batch_claims_nothing_and_fails_n
     assert claims == [[]]
     assert store.write.batches == 2 and store.write.batched_requests == 3  # the claim was in the batch
     assert stored_state(store.path, other.id) == ("running", 1)
+
+
+def test_a_crash_while_a_batch_is_written_again_row_by_row_commits_none_of_it(store: Store) -> None:
+    """One stale change sends its batch to the row-by-row path; a crash there still takes all of it back."""
+    steps = [new_step(store, f"s{i}") for i in range(4)]
+    steps[2].state = "retrying"  # its CAS misses: the shared batch is written again, request by request
+    with HoldFirstCommit(store, waiting=3, crash_second=True):
+        results = race(steps, SubStep.start)
+    assert results["s0"] is None
+    assert all(isinstance(results[s.name], InjectedCrash) for s in steps[1:])
+    assert all(stored_state(store.path, s.id) == ("pending", 0) for s in steps[1:])
+
+
+@pytest.mark.sqlite_only
+def test_with_group_commit_off_writes_still_go_through_the_shared_writer(db_path: str) -> None:
+    s = Store(db_path, group_commit=False)
+    try:
+        step = new_step(s)
+        log = StatementLog()
+        s.db.writer().set_trace_callback(log)
+        step.start()
+        assert log.count("BEGIN IMMEDIATE") == 1 and log.count("UPDATE WALSTATE_STEP") == 1
+    finally:
+        s.close()

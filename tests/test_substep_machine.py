@@ -285,7 +285,7 @@ def test_a_commit_that_sqlite_refuses_is_rolled_back_and_the_connection_stays_us
         conn.execute("INSERT INTO walstate_once (job_id, step, name, result, at) VALUES (424242, 's', 'n', '1', 0)")
         return []
 
-    with pytest.raises(WriteFailed, match="FOREIGN KEY"):
+    with pytest.raises(WriteFailed, match=f"^{store.path}: .* while writing a state change: FOREIGN KEY"):
         store.write.commit(effect=orphan_row)
     assert not conn.in_transaction
     step.start()  # the thread's connection and the write lock are free again
