@@ -14,8 +14,8 @@ with its threads on one CPU (:func:`one_cpu`, what ``taskset -c 0`` does to a
 whole process). On a small virtual machine a thread woken on another core
 costs tens of microseconds before it holds the GIL, and a runtime with 8 jobs
 in flight hands the GIL between threads a few times per sub-step; on one core
-the same hand-off is a plain context switch. The README's *Speed on many
-small jobs* section says when to pin.
+the same hand-off is a plain context switch. The README (*Benchmarks*, *Many
+small jobs*, round 3) says when to pin a process.
 
 Run alone: ``python -m benchmarks.small_jobs_bench`` (``WALSTATE_SMALL_JOBS``
 sets the number of jobs, default 200). It also draws
