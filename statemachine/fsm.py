@@ -173,20 +173,14 @@ class Definition:
                 state=state,
                 trigger=trigger,
             )
-        if not log.transitions_logged():
-            # Nothing to log (DEBUG is off for walstate.fsm): no ordering of log records to keep.
-            try:
-                return self._execute(obj, trigger, state, data)
-            except MachineError as exc:  # pragma: no cover - the table above mirrors the machine
-                raise InvalidTransition(f"{obj._describe()}: {exc.value}", state=state, trigger=trigger) from exc
-            except WalstateError as exc:
-                log.write_refused(obj, trigger, state, exc)  # log: a refused write (WARNING)
-                raise
         # A move fired inside another's write (the next step's start, the job's end: committed
-        # with it, journalled after it) is logged after it too, so logs follow the journal.
-        outer = getattr(_nested, "logs", None)
-        inner: list[tuple[Durable, str, str, str]] = []
-        _nested.logs = inner
+        # with it, journalled after it) is logged after it too, so logs follow the journal. With
+        # DEBUG off for walstate.fsm there is nothing to log, and no order to keep.
+        logged = log.transitions_logged()
+        if logged:
+            outer = getattr(_nested, "logs", None)
+            inner: list[tuple[Durable, str, str, str]] = []
+            _nested.logs = inner
         try:
             moved = self._execute(obj, trigger, state, data)
         except MachineError as exc:  # pragma: no cover - the table above mirrors the machine
@@ -195,7 +189,10 @@ class Definition:
             log.write_refused(obj, trigger, state, exc)  # log: a refused write (WARNING)
             raise
         finally:
-            _nested.logs = outer
+            if logged:
+                _nested.logs = outer
+        if not logged:
+            return moved
         if outer is not None:
             outer.append((obj, trigger, state, obj.state))
             outer.extend(inner)

@@ -384,21 +384,10 @@ class WritePath:
     def _write_batch(self, batch: list[_Request]) -> None:
         self.batches += 1
         self.batched_requests += len(batch)
-        db = self.db
         if len(batch) == 1:
-            # The common case of a lone writer, spelled out: what _own_transaction does, without
-            # building a context manager per commit. A group commit never runs inside a
-            # transaction of this thread (its callers check), so it is always the writer's own.
-            conn = db.writer()
-            conn.execute(db.begin_write)
-            try:
+            with self._own_transaction() as conn:
                 self._apply_request(conn, batch[0], self.clock())
                 faults.point("before_commit")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            self._end(conn)
             return
         # Several callers. Optimistically without a savepoint per request (two statements each)
         # and, where the database allows, with multi-row statements (only here, where other

@@ -351,6 +351,20 @@ def test_busy_writers_share_commits_without_waiting_between_them(store: Store) -
     assert store.write.batches - batches < 8 * 25  # and some of them shared a commit
 
 
+def _claim_beside_a_commit(store: Store, leader_step: SubStep, claim: Any, other: SubStep) -> None:
+    """``leader_step`` starts and holds its commit until ``claim`` and ``other``'s start have queued behind it."""
+    with HoldFirstCommit(store, waiting=2):
+        leader = threading.Thread(target=leader_step.start)
+        leader.start()
+        while not store.write._leader:
+            time.sleep(0.0005)
+        others = [threading.Thread(target=claim), threading.Thread(target=other.start)]
+        for t in others:
+            t.start()
+        for t in [leader, *others]:
+            t.join(20)
+
+
 def test_a_batch_claim_made_while_others_commit_is_written_in_their_next_commit(store: Store) -> None:
     """One commit (one fsync under ``full``) for the claim and the changes it arrived with."""
     step, second = new_step(store, "s0"), new_step(store, "s1")
@@ -362,16 +376,7 @@ def test_a_batch_claim_made_while_others_commit_is_written_in_their_next_commit(
                                                  workflows=["wf"], now=time.time(),
                                                  skip=[step.job.id, second.job.id]))
 
-    with HoldFirstCommit(store, waiting=2):
-        leader = threading.Thread(target=step.start)
-        leader.start()
-        while not store.write._leader:
-            time.sleep(0.0005)
-        others = [threading.Thread(target=claim), threading.Thread(target=second.start)]
-        for t in others:
-            t.start()
-        for t in [leader, *others]:
-            t.join(20)
+    _claim_beside_a_commit(store, step, claim, second)
     # The start alone, then the claim and the other start in one batch: two commits for three callers.
     assert store.write.batches == 2 and store.write.batched_requests == 3
     assert [c[3].job_id for c in claims] == [jobs[0]]
@@ -390,16 +395,7 @@ def test_a_claim_that_finds_nothing_in_a_shared_batch_claims_nothing_and_fails_n
         claims[0] = store.write.claim_runnable(owner="w", lease_expires=time.time() + 60, limit=4,
                                                workflows=["nothing-here"], now=time.time())
 
-    with HoldFirstCommit(store, waiting=2):
-        leader = threading.Thread(target=step.start)
-        leader.start()
-        while not store.write._leader:
-            time.sleep(0.0005)
-        others = [threading.Thread(target=claim), threading.Thread(target=other.start)]
-        for t in others:
-            t.start()
-        for t in [leader, *others]:
-            t.join(20)
+    _claim_beside_a_commit(store, step, claim, other)
     assert claims == [[]]
     assert store.write.batches == 2 and store.write.batched_requests == 3  # the claim was in the batch
     assert stored_state(store.path, other.id) == ("running", 1)

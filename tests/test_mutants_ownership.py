@@ -552,14 +552,19 @@ def test_a_full_worker_looks_for_no_job_and_claims_one_as_soon_as_its_concurrenc
             e.stop_worker(drain=True, grace=5)
 
 
-def test_a_worker_does_not_try_to_claim_again_a_job_it_found_it_cannot_run(db_path: str) -> None:
-    from .helpers import wait_until
-
+def job_of_version_one(db_path: str) -> int:
+    """A job submitted for workflow ``w`` with one step ``one``, by an engine closed since: its definition may change."""
     old = Workflow("w", context=Ctx, phases=["p"])
     old.step(phase="p", name="one")(lambda ctx, step: None)
     with Engine(db_path) as e:
         e.register(old)
-        stale = int(e.submit(old, Ctx()))
+        return int(e.submit(old, Ctx()))
+
+
+def test_a_worker_does_not_try_to_claim_again_a_job_it_found_it_cannot_run(db_path: str) -> None:
+    from .helpers import wait_until
+
+    stale = job_of_version_one(db_path)
     new = Workflow("w", context=Ctx, phases=["p", "q"])
     new.step(phase="p", name="one")(lambda ctx, step: None)
     new.step(phase="q", name="two")(lambda ctx, step: None)
@@ -1006,11 +1011,7 @@ def test_a_worker_releases_a_job_it_cannot_run_saying_why_in_the_journal_and_the
     from .helpers import wait_until
 
     caplog.set_level(logging.WARNING, logger="walstate")
-    old = Workflow("w", context=Ctx, phases=["p"])
-    old.step(phase="p", name="one")(lambda ctx, step: None)
-    with Engine(db_path) as e:
-        e.register(old)
-        stale = int(e.submit(old, Ctx()))
+    stale = job_of_version_one(db_path)
     new = Workflow("w", context=Ctx, phases=["p", "q"])
     new.step(phase="p", name="one")(lambda ctx, step: None)
     new.step(phase="q", name="two")(lambda ctx, step: None)
@@ -1263,11 +1264,7 @@ def test_recovery_leaves_a_parked_job_alone_until_its_wake_up_time_then_resumes_
 def test_recovery_reports_and_logs_a_job_whose_definition_changed_and_leaves_it_as_it_is(
         db_path: str, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="walstate")
-    old = Workflow("w", context=Ctx, phases=["p"])
-    old.step(phase="p", name="one")(lambda ctx, step: None)
-    with Engine(db_path) as e:
-        e.register(old)
-        stale = int(e.submit(old, Ctx()))
+    stale = job_of_version_one(db_path)
     new = Workflow("w", context=Ctx, phases=["p"])
     new.step(phase="p", name="two")(lambda ctx, step: None)
     with Engine(db_path) as e:
