@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import sqlite3
 import statistics
 import tempfile
@@ -39,10 +40,23 @@ def fresh_path(tag: str) -> str:
     return os.path.join(d, "bench.db")
 
 
-def rate(n: int, fn: Callable[[], None]) -> float:
+def rate(n: int, fn: Callable[[], None], costs: list[tuple[float, float]] | None = None) -> float:
+    """Units per second of ``fn`` doing ``n`` units; with ``costs``, also append what each unit cost the process.
+
+    The cost is ``(CPU microseconds, context switches)`` per unit: the whole
+    process's user + system time and voluntary + involuntary switches (every
+    thread's, the library's own included) while ``fn`` ran.
+    """
+    before = resource.getrusage(resource.RUSAGE_SELF) if costs is not None else None
     t = time.perf_counter()
     fn()
-    return n / (time.perf_counter() - t)
+    result = n / (time.perf_counter() - t)
+    if before is not None and costs is not None:
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+        switches = after.ru_nvcsw + after.ru_nivcsw - before.ru_nvcsw - before.ru_nivcsw
+        costs.append((1e6 * cpu / n, switches / n))
+    return result
 
 
 def report(title: str, figures: list[Figure], json_name: str) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import statistics
 import subprocess
 import sys
 import time
@@ -41,6 +42,8 @@ from .common import RESULTS, Figure, fresh_path, measure, rate, report
 from .peers_bench import _DBOS, dbos_available
 
 JOBS = int(os.environ.get("WALSTATE_SMALL_JOBS", "200"))
+#: What each sub-step of a measured run cost the process: (CPU us, context switches), one per repetition.
+Costs = list[tuple[float, float]]
 STEPS = 10
 REPS = 5
 
@@ -59,7 +62,7 @@ def flow(steps: int) -> Workflow[Empty]:
 # -- the raw floor ------------------------------------------------------------------
 
 
-def raw_floor(durability: str, steps: int = STEPS, jobs: int = JOBS) -> float:
+def raw_floor(durability: str, steps: int = STEPS, jobs: int = JOBS, costs: Costs | None = None) -> float:
     """Sub-steps/s of raw sqlite3 doing each job's durable work sequentially, one transaction per commit."""
     path = fresh_path("small-raw")
     Store(path).close()  # same schema, made by walstate
@@ -92,7 +95,7 @@ def raw_floor(durability: str, steps: int = STEPS, jobs: int = JOBS) -> float:
         conn.execute(journal, (job, None, "running", "succeeded", 0, time.time(), None))
         conn.execute("COMMIT")
 
-    result = rate(jobs * steps, lambda: [one_job() for _ in range(jobs)] and None)
+    result = rate(jobs * steps, lambda: [one_job() for _ in range(jobs)] and None, costs)
     conn.close()
     return result
 
@@ -100,7 +103,7 @@ def raw_floor(durability: str, steps: int = STEPS, jobs: int = JOBS) -> float:
 # -- walstate -------------------------------------------------------------------------
 
 
-def run_per_job(durability: str = "normal", steps: int = STEPS, jobs: int = JOBS) -> float:
+def run_per_job(durability: str = "normal", steps: int = STEPS, jobs: int = JOBS, costs: Costs | None = None) -> float:
     """Sub-steps/s with ``submit()`` then ``run()`` per job, 1 worker thread."""
     e = Engine(fresh_path("small-run"), durability=durability, workers=1)  # type: ignore[arg-type]
     f = e.register(flow(steps))
@@ -109,12 +112,12 @@ def run_per_job(durability: str = "normal", steps: int = STEPS, jobs: int = JOBS
         for _ in range(jobs):
             e.run(e.submit(f, Empty()))
 
-    result = rate(jobs * steps, go)
+    result = rate(jobs * steps, go, costs)
     e.close()
     return result
 
 
-def runtime(durability: str, concurrency: int, workers: int = 1) -> float:
+def runtime(durability: str, concurrency: int, workers: int = 1, costs: Costs | None = None) -> float:
     """Sub-steps/s with ``engine.start`` per job and ``handle.result``: ``concurrency`` jobs in flight."""
     e = Engine(fresh_path("small-rt"), durability=durability, workers=workers)  # type: ignore[arg-type]
     f = e.register(flow(STEPS))
@@ -125,7 +128,7 @@ def runtime(durability: str, concurrency: int, workers: int = 1) -> float:
         for h in handles:
             h.result(timeout=300)
 
-    result = rate(JOBS * STEPS, go)
+    result = rate(JOBS * STEPS, go, costs)
     e.close()
     return result
 
@@ -183,17 +186,23 @@ def _child(code: str, jobs: int) -> float:
 
 def main() -> list[Figure]:
     figures: list[Figure] = []
-    floor, fs = measure(lambda: raw_floor("normal"), reps=REPS)
+    floor_costs: Costs = []
+    run_costs: Costs = []
+    rt_costs: Costs = []
+    rtp_costs: Costs = []
+    floor, fs = measure(lambda: raw_floor("normal", costs=floor_costs), reps=REPS)
     figures.append(Figure(f"raw floor, {STEPS}-step jobs, normal", floor, fs, "sub-steps/s"))
-    lib, ls = measure(lambda: run_per_job("normal"), reps=REPS)
+    lib, ls = measure(lambda: run_per_job("normal", costs=run_costs), reps=REPS)
     figures.append(Figure("walstate run() per job, 1 worker, normal", lib, ls, "sub-steps/s", "raw floor, normal",
                           lib / floor, ">= 0.6x"))
-    rt, rts = measure(lambda: runtime("normal", concurrency=8), reps=REPS)
+    rt, rts = measure(lambda: runtime("normal", concurrency=8, costs=rt_costs), reps=REPS)
     figures.append(Figure("walstate runtime, 8 jobs in flight, normal", rt, rts, "sub-steps/s", "raw floor, normal",
                           rt / floor, ">= 0.8x"))
-    rtp, rtps = measure(pinned(lambda: runtime("normal", concurrency=8)), reps=REPS)
+    rtp, rtps = measure(pinned(lambda: runtime("normal", concurrency=8, costs=rtp_costs)), reps=REPS)
     figures.append(Figure("walstate runtime, 8 jobs in flight, normal, on one CPU", rtp, rtps, "sub-steps/s",
                           "raw floor, normal", rtp / floor, ">= 0.8x"))
+    figures += cost_figures([("raw floor", floor_costs), ("run() per job", run_costs),
+                             ("runtime, 8 jobs in flight", rt_costs), ("runtime, 8 jobs in flight, on one CPU", rtp_costs)])
     ffloor, ffs = measure(lambda: raw_floor("full", jobs=max(20, JOBS // 4)), reps=3)
     figures.append(Figure(f"raw floor, {STEPS}-step jobs, full (sequential)", ffloor, ffs, "sub-steps/s"))
     # "8 workers": the runtime's 8 job slots (group commit across jobs), each job on 1 thread; and
@@ -232,6 +241,27 @@ def main() -> list[Figure]:
     png = chart(figures)
     if png:
         print(f"chart in {png}")
+    return figures
+
+
+def cost_figures(rows: list[tuple[str, Costs]]) -> list[Figure]:
+    """What a sub-step cost the whole process (``normal``): CPU time and context switches, against the floor's.
+
+    These say why a figure is what it is: a runtime that costs more CPU per
+    sub-step than ``run()`` while the process uses about one core is paying for
+    its threads (GIL hand-offs, wake-ups), not waiting on the disk.
+    """
+    figures = []
+    floor_cpu = statistics.median(c for c, _ in rows[0][1])
+    for i, (name, costs) in enumerate(rows):
+        cpu = [c for c, _ in costs]
+        switches = [s for _, s in costs]
+        mid = statistics.median(cpu)
+        figures.append(Figure(f"CPU per sub-step: {name}", mid, (max(cpu) - min(cpu)) / mid, "us",
+                              "" if i == 0 else f"CPU per sub-step: {rows[0][0]}", None if i == 0 else mid / floor_cpu))
+        sw = statistics.median(switches)
+        figures.append(Figure(f"context switches per sub-step: {name}", sw,
+                              (max(switches) - min(switches)) / sw if sw else 0.0, ""))
     return figures
 
 
