@@ -20,7 +20,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 from .storage import SCHEMA_VERSION, TERMINAL_JOB_STATES, UNFINISHED_JOB_STATES, Storage, open_store
-from .storage.errors import ConfigurationError, ContextInvalid, DefinitionError, VersionNotRegistered, WalstateError
+from .storage.errors import (ConfigurationError, ContextInvalid, DefinitionError, NotADatabase, SchemaTooOld,
+                             VersionNotRegistered, WalstateError)
 from .storage.reads import JobRow
 from .storage.postgres import is_postgres_url, redact
 
@@ -60,6 +61,28 @@ def _when(ts: float | None) -> str:
 
 def _open(path: str, readonly: bool = True) -> Storage:
     return open_store(path, readonly=readonly)
+
+
+def _open_existing(path: str, *, tables: bool = False) -> tuple[Storage, bool]:
+    """Open an existing walstate database for writing; a missing file or another app's database is an error.
+
+    A command that changes jobs must never create a file from a mistyped
+    path, nor add walstate's tables to (and switch to WAL) an app's own
+    SQLite file. So the file is opened read-only first, which checks both;
+    an older walstate schema passes (opening it for writing upgrades it, as
+    an Engine does). With ``tables`` (``walstate upgrade``), an existing
+    database without walstate's tables gets them; returns whether it did.
+    """
+    created = False
+    try:
+        _open(path).close()
+    except SchemaTooOld:
+        pass
+    except NotADatabase:
+        if not tables:
+            raise
+        created = True
+    return _open(path, readonly=False), created
 
 
 def _cut(text: str, width: int) -> str:
@@ -198,7 +221,7 @@ def cmd_history(args: argparse.Namespace, out: Out) -> int:
 
 
 def cmd_retry(args: argparse.Namespace, out: Out) -> int:
-    store = _open(args.db, readonly=False)
+    store, _ = _open_existing(args.db)
     names = operator.retry(store, args.job, args.step)
     store.close()
     out.line(f"job {args.job} is pending again; requeued: {', '.join(names) or '(no step)'}; "
@@ -207,7 +230,7 @@ def cmd_retry(args: argparse.Namespace, out: Out) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace, out: Out) -> int:
-    store = _open(args.db, readonly=False)
+    store, _ = _open_existing(args.db)
     names = operator.cancel(store, args.job)
     store.close()
     out.line(f"job {args.job} cancelled; steps cancelled: {', '.join(names) or '(none unfinished)'}")
@@ -215,11 +238,14 @@ def cmd_cancel(args: argparse.Namespace, out: Out) -> int:
 
 
 def cmd_upgrade(args: argparse.Namespace, out: Out) -> int:
-    store = _open(args.db, readonly=False)
+    store, created = _open_existing(args.db, tables=True)
     applied = store.migrated
     store.close()
     if out.as_json:
-        out.json({"applied": list(applied), "schema_version": SCHEMA_VERSION})
+        # "created" only when it did, so the usual answer keeps its shape.
+        out.json({"applied": list(applied), "schema_version": SCHEMA_VERSION, **({"created": True} if created else {})})
+    elif created:
+        out.line(f"{store.path}: created walstate's tables (schema {SCHEMA_VERSION})")
     elif applied:
         out.line(f"{store.path}: upgraded to schema {SCHEMA_VERSION} (applied {', '.join(map(str, applied))})")
     else:
@@ -258,7 +284,7 @@ def cmd_prune(args: argparse.Namespace, out: Out) -> int:
     states = check_states(s.strip() for s in args.states.split(","))
     before = cutoff(args.older_than)
     # A dry run opens the file read-only: it cannot change a byte of it.
-    store = _open(args.db, readonly=args.dry_run)
+    store = _open(args.db) if args.dry_run else _open_existing(args.db)[0]
     try:
         count = prune(store.db, store.path, args.older_than, states, batch=args.batch, dry_run=args.dry_run)
     finally:
@@ -351,7 +377,7 @@ def cmd_send(args: argparse.Namespace, out: Out) -> int:
         payload = json.loads(args.payload)
     except json.JSONDecodeError as exc:
         raise ConfigurationError(f"the payload is not JSON ({exc}); quote it for the shell, e.g. '{{\"id\": 1}}'") from exc
-    store = open_store(args.db)
+    store, _ = _open_existing(args.db)
     try:
         _, new = store.write.send(args.job, args.topic, to_json(payload, "the payload"), args.key)
     finally:

@@ -296,3 +296,48 @@ def test_walstate_worker_shows_what_it_meets_on_stderr_unless_told_not_to(tmp_pa
             assert worker.wait(30) == 0
     shown = err.read_text()
     assert ("card declined" in shown) == (level == "warning"), shown
+
+
+@pytest.mark.parametrize("command", [["retry", "{db}", "1"], ["cancel", "{db}", "1"], ["send", "{db}", "1", "paid", "{{}}"],
+                                     ["prune", "{db}", "--older-than", "1d"], ["upgrade", "{db}"]])
+def test_a_command_that_writes_never_creates_a_file_from_a_mistyped_path(tmp_path: Path, command: list[str],
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from walstate.cli import EXIT_ERROR, main
+
+    missing = tmp_path / "typo.db"
+    assert main([a.format(db=missing) for a in command]) == EXIT_ERROR
+    assert "no such file" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == []  # no file, no -wal, no -shm
+
+
+@pytest.mark.parametrize("command", [["retry", "{db}", "1"], ["cancel", "{db}", "1"], ["send", "{db}", "1", "paid", "{{}}"],
+                                     ["prune", "{db}", "--older-than", "1d"]])
+def test_a_command_that_changes_jobs_leaves_an_apps_own_sqlite_file_alone(tmp_path: Path, command: list[str],
+                                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from walstate.cli import EXIT_ERROR, main
+
+    app = tmp_path / "app.db"
+    with sqlite3.connect(app) as conn:
+        conn.execute("CREATE TABLE orders (id INTEGER PRIMARY KEY)")
+    conn.close()
+    before = digest(str(app))
+    assert main([a.format(db=app) for a in command]) == EXIT_ERROR
+    assert "not a walstate database" in capsys.readouterr().err
+    assert digest(str(app)) == before
+    conn = sqlite3.connect(app)
+    assert conn.execute("SELECT name FROM sqlite_master").fetchall() == [("orders",)]
+    assert conn.execute("PRAGMA journal_mode").fetchone() == ("delete",)  # not switched to WAL
+    conn.close()
+
+
+def test_upgrade_creates_walstate_tables_in_an_existing_database_and_says_so(tmp_path: Path,
+                                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from walstate.cli import main
+
+    app = tmp_path / "app.db"
+    sqlite3.connect(app).close()  # an empty SQLite file: an owner preparing it for an app role
+    assert main(["upgrade", str(app), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["created"] is True
+    assert main(["upgrade", str(app)]) == 0
+    assert "already at schema" in capsys.readouterr().out
+    assert main(["jobs", str(app), "--json"]) == 0
