@@ -94,6 +94,7 @@ __all__ = [
     "check_invariants",
     "connect",
     "crash_plans",
+    "single_crashes",
     "crash_test",
     "run_with_crashes",
 ]
@@ -157,6 +158,15 @@ def crash_plans(points: Sequence[str] = POINTS, max_hit: int = 8, max_crashes: i
         race = st.builds(Race, st.sampled_from(list(races)), st.sampled_from(list(points)), st.integers(1, max_hit))
         crash = st.one_of(crash, race)
     return st.lists(crash, min_size=1, max_size=max_crashes)
+
+
+def single_crashes(hits: Mapping[str, int], max_hit: int = 8) -> list[list[Fault]]:
+    """One plan per reachable position: a single :class:`Crash` at each point's 1st..n-th hit (n capped at ``max_hit``).
+
+    ``hits`` is how often a crash-free run reached each point (an
+    :class:`Injector`'s ``hits``); points are taken in :data:`POINTS` order.
+    """
+    return [[Crash(point, nth)] for point in POINTS for nth in range(1, min(hits.get(point, 0), max_hit) + 1)]
 
 
 # -- effect accounting ------------------------------------------------------------
@@ -892,6 +902,12 @@ def crash_test(flow: Workflow[Any] | str, context: BaseModel, directory: str | o
     (``step.wait_for``); durable sleeps are reached by moving the run's clock,
     so waiting workflows are crash-tested without sleeping.
 
+    The first examples (up to three quarters of ``max_examples``) are one
+    crash at each position the crash-free run reaches (each fault point's
+    1st, 2nd, ... hit; see :func:`single_crashes`), so what a single crash
+    breaks is found on every run; the rest are Hypothesis's plans of one to
+    three faults, crashes and races.
+
     ``flow`` is a :class:`Workflow` or its ``"module:attr"``. Each example
     checks :func:`check_invariants` against a crash-free reference run (same
     database id, so the same idempotency keys; ``compare`` limits the context
@@ -996,6 +1012,19 @@ def crash_test(flow: Workflow[Any] | str, context: BaseModel, directory: str | o
     # files (no example database), and their time varies with the plan (no deadline).
     parent = settings.default
     examples = (parent.max_examples if parent is not None else 100) if max_examples is None else max_examples
+    # First, one crash at each reachable position (point, n-th hit), in the run's order: what a
+    # single crash can break is then found on every run, not by luck of the draw. Up to three
+    # quarters of the examples (spread over the run when there are more positions); the rest go
+    # to Hypothesis's plans (several faults, races).
+    sweep = single_crashes({p: reach.hits[p] for p in points}, max_hit)
+    room = examples - examples // 4
+    if len(sweep) > room:
+        sweep = [sweep[i * len(sweep) // room] for i in range(room)]
+    for plan in sweep:
+        example(plan)
+    examples -= len(sweep)
+    if examples < 1:
+        return report
     suppressed = list(parent.suppress_health_check) if parent is not None else []
     run_settings = settings(parent, database=None, max_examples=examples, deadline=None,
                             suppress_health_check=[*suppressed, HealthCheck.too_slow])

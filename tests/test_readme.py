@@ -39,11 +39,35 @@ def test_the_readme_backfill_example_writes_once(tmp_path: Path) -> None:
     assert len(updates) == 1
 
 
-def test_the_readme_worked_example_finds_a_doubled_row_and_the_fix_passes() -> None:
+def test_the_readme_worked_example_finds_a_doubled_row_and_the_fix_passes(tmp_path: Path) -> None:
     scope: dict[str, object] = {"__name__": "readme"}
-    exec(compile(BLOCKS[0], "README.md", "exec"), scope)
-    for block in BLOCKS[2:5]:  # the crash_test example, the duplicate it finds, then the fix
-        exec(compile(block, "README.md", "exec"), scope)
+    exec(compile(BLOCKS[0], "README.md", "exec"), scope)  # "Use it": flow, Onboarding, StepContext
+    # Found by what they say, not where they stand: the crash_test example, the duplicate it
+    # finds (a block that imports what it uses), then the fix.
+    test, doubled, fix = (next(b for b in BLOCKS if marker in b) for marker in (
+        "def test_registration_resumes_exactly_once", "expected a doubled row", "import_menu_once"))
+    exec(compile(test, "README.md", "exec"), scope)
+    scope["test_registration_resumes_exactly_once"](tmp_path)  # type: ignore[operator]
+    exec(compile(doubled, "README.md", "exec"), {**scope, "crash_test": None})  # needs no earlier import
+    exec(compile(doubled, "README.md", "exec"), scope)
+    exec(compile(fix, "README.md", "exec"), scope)
+
+
+def test_the_readme_migration_moves_an_in_flight_job_of_version_1_onto_version_2(tmp_path: Path) -> None:
+    """The declaration as the README writes it is one a real in-flight job can take, not a refused one."""
+    from walstate import Engine
+
+    scope: dict[str, object] = {"__name__": "readme"}
+    exec(compile(next(b for b in BLOCKS if ".migrate(1" in b), "README.md", "exec"), scope)
+    path = str(tmp_path / "old.db")
+    with Engine(path) as old:  # an app still on version 1 submits a job and stops before running it
+        job = old.submit(scope["signup_v1"], {"email": "c@example.com"})  # type: ignore[arg-type]
+    with Engine(path) as new:  # the next release has version 2 only: the job migrates as it is claimed
+        new.register(scope["signup_v2"])  # type: ignore[arg-type]
+        status = new.run(job)
+    assert status.version == 2 and status.state == "succeeded"
+    assert set(status.steps) == {"make_account", "send_localised_mail"}
+    assert status.context.locale == "en"
 
 
 def test_importing_walstate_defers_sqlite_peewee_and_transitions_until_the_engine_is_used() -> None:
