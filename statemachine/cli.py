@@ -471,6 +471,16 @@ def _progress(job: dict[str, Any]) -> dict[str, Any]:
             "waiting": waiting}
 
 
+_OK = frozenset({"succeeded", "skipped"})
+_NOT_OK = frozenset({"failed", "cancelled"})
+
+
+def _outcomes(states: list[str]) -> str:
+    """`` (1 failed, 2 cancelled)`` for the failed and cancelled sub-steps of a phase; empty if none."""
+    parts = [f"{states.count(state)} {state}" for state in ("failed", "cancelled") if state in states]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
 def cmd_watch(args: argparse.Namespace, out: Out) -> int:
     last: Any = None
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
@@ -489,14 +499,17 @@ def cmd_watch(args: argparse.Namespace, out: Out) -> int:
                 out.stream.flush()
             last = now
         else:
-            bars = [(p["name"], sum(s["state"] in STEP.terminal for s in p["steps"]), len(p["steps"]))
-                    for p in job["phases"]]
+            # Per phase: sub-steps that succeeded (or were skipped), and those that failed or were
+            # cancelled, so that a failed phase never reads like a finished one.
+            bars = [(p["name"], [s["state"] for s in p["steps"] if s["state"] in _OK],
+                     [s["state"] for s in p["steps"] if s["state"] in _NOT_OK], len(p["steps"])) for p in job["phases"]]
             if out.stream.isatty():
-                text = "  ".join(f"{n} [{'#' * d}{'.' * (t - d)}]" for n, d, t in bars)
+                text = "  ".join(f"{n} [{'#' * len(ok)}{'x' * len(bad)}{'.' * (t - len(ok) - len(bad))}]"
+                                 for n, ok, bad, t in bars)
                 out.stream.write(f"\r{out.state(job['state'], 10)} {text}")
                 out.stream.flush()
             else:
-                text = "  ".join(f"{n} {d}/{t}" for n, d, t in bars)
+                text = "  ".join(f"{n} {len(ok)}/{t}{_outcomes(bad)}" for n, ok, bad, t in bars)
                 text += "".join(f"  ({s['name']} {describe_wait(s['waits_for'])})" for p in job["phases"]
                                 for s in p["steps"] if s.get("waits_for"))
                 if text != last:

@@ -176,6 +176,15 @@ def test_watch_follows_a_job_to_its_end_and_exits_with_its_outcome(db: str, tmp_
     assert failed.returncode == 1 and "job 1 failed: 0/2 ok, 1 failed, 1 cancelled" in failed.stdout
 
 
+def test_watch_never_shows_a_failed_phase_like_a_finished_one(tmp_path: Path) -> None:
+    broken = str(tmp_path / "b.db")
+    assert run_job(broken, "broken") == 0
+    failed = walstate("watch", broken, "1", "--interval", "0.05", "--timeout", "10")
+    assert failed.returncode == 1
+    # Per phase: sub-steps that succeeded out of all, then those that failed or were cancelled.
+    assert "pay 0/1 (1 failed)  ship 0/1 (1 cancelled)" in failed.stdout, failed.stdout
+
+
 def test_watch_json_streams_one_flushed_json_line_per_change_until_the_job_ends(tmp_path: Path) -> None:
     db = str(tmp_path / "w.db")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WALSTATE_CLI_SHIP_SECONDS": "1.5"}
