@@ -825,8 +825,10 @@ class Engine:
         job's first ``step.wait_for(topic)`` (in sending order); one sent
         before the wait is kept until then. A parked job waiting for ``topic``
         becomes runnable at once, and an idle worker of this process is woken.
-        Raises :class:`UnknownJob`, :class:`JobFinished` (the job has ended)
-        or :class:`OutputNotJSON`.
+        A repeated ``key`` returns False even once the job has ended (a
+        webhook's retry of the message that ended it). Raises
+        :class:`UnknownJob`, :class:`JobFinished` (a new message to a job that
+        has ended) or :class:`OutputNotJSON`.
         """
         text = to_json(payload, f"the payload of send({job_id}, {topic!r})")
         _, new = self.store.write.send(job_id, topic, text, key)

@@ -871,9 +871,10 @@ class WritePath:
     def send(self, job_id: int, topic: str, payload: str, key: str | None) -> tuple[int, bool]:
         """Store a message for job ``job_id``; return ``(message id, whether it is new)``.
 
-        A repeated ``key`` stores nothing. A parked job with a step waiting for
-        ``topic`` becomes runnable at once, in the same transaction. Raises
-        :class:`UnknownJob` or :class:`JobFinished`.
+        A repeated ``key`` stores nothing (even once the job has ended). A parked
+        job with a step waiting for ``topic`` becomes runnable at once, in the
+        same transaction. Raises :class:`UnknownJob`, or :class:`JobFinished` for
+        a new message to a job that has ended.
         """
         with self._lock:
             try:
@@ -881,13 +882,15 @@ class WritePath:
                     job = conn.execute(self._LOCK_JOB, (job_id,)).fetchone()
                     if job is None:
                         raise UnknownJob(f"{self.path}: no job {job_id} to send {topic!r} to")
-                    if job[0] not in ("pending", "running"):
-                        raise JobFinished(f"{self.path}: job {job_id} is {job[0]}; it will never read {topic!r}")
                     if key is not None:
+                        # Before the finished check: a webhook's retry of a message that has since
+                        # ended the job is the duplicate it is, not an error.
                         known = conn.execute("SELECT id FROM walstate_message WHERE job_id=? AND key=?",
                                              (job_id, key)).fetchone()
                         if known is not None:
                             return int(known[0]), False
+                    if job[0] not in ("pending", "running"):
+                        raise JobFinished(f"{self.path}: job {job_id} is {job[0]}; it will never read {topic!r}")
                     message_id = int(conn.execute(
                         "INSERT INTO walstate_message (job_id, topic, payload, key, sent_at) VALUES (?, ?, ?, ?, ?) "
                         "RETURNING id", (job_id, topic, payload, key, self.clock())).fetchone()[0])

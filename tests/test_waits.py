@@ -187,6 +187,25 @@ def test_send_refuses_unknown_and_finished_jobs_and_payloads_that_are_not_json(d
             e.send(job, "t", 1)
 
 
+def test_a_webhook_retried_after_its_message_ended_the_job_is_a_duplicate_not_an_error(db_path: str) -> None:
+    flow = Workflow("w", context=Ctx, phases=["p"])
+
+    @flow.step(phase="p")
+    def hook(ctx: Ctx, step: StepContext) -> dict[str, Any]:
+        return {"paid": step.wait_for("paid")}
+
+    with Engine(db_path) as e:
+        e.register(flow)
+        job = e.submit(flow, Ctx())
+        e.run(job)
+        assert e.send(job, "paid", "ch_1", key="evt_1") is True
+        assert e.run(job).state == "succeeded"
+        assert e.send(job, "paid", "ch_1", key="evt_1") is False  # the provider's retry: nothing stored
+        with pytest.raises(JobFinished, match="succeeded"):
+            e.send(job, "paid", "ch_2", key="evt_2")  # a new message to an ended job is still refused
+        assert e.store.db.raw().execute("SELECT count(*) FROM walstate_message WHERE job_id=?", (job,)).fetchone()[0] == 1
+
+
 def test_a_parked_job_can_be_cancelled(db_path: str) -> None:
     flow = Workflow("w", context=Ctx, phases=["p"])
     flow.step(phase="p", name="hook")(lambda ctx, step: step.wait_for("never"))
