@@ -154,7 +154,9 @@ class JobRun:
         if self.failing.is_set():
             for step in self.steps.values():
                 if step.state not in _TERMINAL:
-                    step.cancel(note="job failed before this sub-step could run")
+                    # One that had tried (it waited to retry) did run: say what it was denied.
+                    step.cancel(note="job failed before this sub-step could run" if step.attempt == 0
+                                else f"job failed; attempt {step.attempt + 1} of this sub-step was not made")
         elif "close" in self.reasons and any(s.state not in _TERMINAL for s in self.steps.values()):
             return "released"
         elif any(s.state == "waiting" for s in self.steps.values()):
@@ -163,8 +165,10 @@ class JobRun:
         if unfinished:
             # A job succeeds only when every step did (or was skipped): a step an
             # operator cancelled fails the job too.
-            self.job.fire("fail", error="; ".join(f"{n}: {s.error or s.state}" for n, s in unfinished.items()),
-                          release=True)
+            # A failed step's own error; a cancelled one is just that (its error field still holds
+            # an earlier attempt's error, which did not fail the job).
+            self.job.fire("fail", error="; ".join(f"{n}: {s.error}" if s.state == "failed" and s.error else f"{n}: {s.state}"
+                                                  for n, s in unfinished.items()), release=True)
         else:
             self.job.fire("succeed", release=True)
         return "finished"

@@ -459,3 +459,30 @@ def test_a_success_in_an_after_chain_commits_together_with_the_start_of_the_step
     assert [(r.step, r.to_state) for r in e.history(job)][1:-1] == [
         (f"s{i}", state) for i in range(5) for state in ("running", "succeeded")]
     e.close()
+
+
+def test_a_job_failed_by_one_step_names_that_error_not_a_cancelled_siblings_old_one(db_path: str) -> None:
+    flow = Workflow("w", context=Ctx, phases=["p"])
+    failed_once = threading.Event()
+
+    @flow.step(phase="p", retry=Retry(max_attempts=3, backoff=5.0))  # waits to retry when the job fails
+    def flaky(ctx: Ctx, step: StepContext) -> None:
+        failed_once.set()
+        raise RuntimeError("boom 1")
+
+    @flow.step(phase="p", retry=Retry(max_attempts=1))
+    def always(ctx: Ctx, step: StepContext) -> None:
+        failed_once.wait(10)
+        raise ValueError("never works")
+
+    with engine_for(db_path, flow, workers=2) as e:
+        job = e.submit(flow, Ctx())
+        with pytest.raises(JobFailed) as raised:
+            e.run(job)
+        assert raised.value.errors == {"always": "ValueError: never works"}
+        status = e.status(job)
+        assert status.error == "flaky: cancelled; always: ValueError: never works"
+        assert status.steps["flaky"].state == "cancelled"
+        # It did run once: its journal says the next attempt was not made, not that it never ran.
+        assert [h.note for h in e.history(job, "flaky") if h.to_state == "cancelled"] == [
+            "job failed; attempt 2 of this sub-step was not made"]
