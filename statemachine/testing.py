@@ -51,9 +51,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
-from hypothesis import HealthCheck, given, settings
-from hypothesis import seed as hypothesis_seed
-from hypothesis import strategies as st
+try:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import seed as hypothesis_seed
+    from hypothesis import strategies as st
+except ImportError as exc:  # walstate installed without its testing extra
+    raise ModuleNotFoundError(
+        f"walstate.testing (crash_test, the walstate_crash fixture) needs Hypothesis, which is not installed "
+        f"({exc}); install it with walstate: pip install 'walstate[testing]'", name="hypothesis") from exc
 from pydantic import BaseModel
 
 from .storage.contract import open_store

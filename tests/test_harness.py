@@ -251,3 +251,19 @@ def test_a_worker_racing_the_run_never_runs_a_step_twice(tmp_path: Path) -> None
 
     report = crash_test(flow, Order(), tmp_path, max_examples=25, seed=7, races=("worker",))
     assert report.races > 0 and report.repeated_effects == {}
+
+
+def test_without_hypothesis_walstate_testing_says_which_extra_to_install() -> None:
+    # An interpreter where Hypothesis cannot be imported, as after `pip install walstate` without [testing].
+    code = textwrap.dedent("""
+        import sys
+        class NoHypothesis:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "hypothesis":
+                    raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        sys.meta_path.insert(0, NoHypothesis())
+        import walstate.testing
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 1
+    assert "ModuleNotFoundError" in done.stderr and "pip install 'walstate[testing]'" in done.stderr, done.stderr
