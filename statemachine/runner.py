@@ -528,6 +528,13 @@ class JobRun:
     def _result(self, d: StepDef, result: Any, box: list[tuple[int, str]]) -> tuple[str | None, ContextPatch | None]:
         where = f"step {d.name!r} of job {self.job.id}"
         update: dict[str, Any] | None
+        if isinstance(result, self.flow.context):
+            # Most likely meant as the new context, which would be dropped silently (only a dict
+            # or StepResult.context updates it): a whole model would also overwrite the fields
+            # parallel steps changed meanwhile. So it is an error that says what to return.
+            raise ContextInvalid(
+                f"{where} returned a {type(result).__name__} (the workflow's context model); a handler updates the "
+                "context by returning a dict of the fields to change, or StepResult(output=..., context={...})")
         if isinstance(result, StepResult):
             output, update = result.output, result.context
         elif isinstance(result, dict):

@@ -486,3 +486,20 @@ def test_a_job_failed_by_one_step_names_that_error_not_a_cancelled_siblings_old_
         # It did run once: its journal says the next attempt was not made, not that it never ran.
         assert [h.note for h in e.history(job, "flaky") if h.to_state == "cancelled"] == [
             "job failed; attempt 2 of this sub-step was not made"]
+
+
+def test_a_handler_returning_the_context_model_fails_the_step_saying_what_to_return(db_path: str) -> None:
+    flow = Workflow("w", context=Ctx, phases=["p"])
+
+    @flow.step(phase="p")
+    def whole(ctx: Ctx, step: StepContext) -> Ctx:
+        return ctx.model_copy(update={"a": 9})  # meant as the new context: it used to be dropped silently
+
+    with engine_for(db_path, flow) as e:
+        job = e.submit(flow, Ctx())
+        with pytest.raises(JobFailed):
+            e.run(job)
+        status = e.status(job)
+        assert status.context.a == 0 and status.steps["whole"].state == "failed"
+        error = status.steps["whole"].error or ""
+        assert "ContextInvalid" in error and "returned a Ctx" in error and "dict of the fields to change" in error
