@@ -163,12 +163,14 @@ def cmd_jobs(args: argparse.Namespace, out: Out) -> int:
 
 def describe_wait(wait: dict[str, Any]) -> str:
     """One line on what a waiting step waits for, and when it wakes."""
-    parts = []
-    if wait.get("topic"):
-        parts.append(f"a message on {wait['topic']!r}")
-    if wait.get("wake_at") is not None:
-        parts.append(f"{'or ' if parts else ''}until {_when(wait['wake_at'])}")
-    return "waits for " + " ".join(parts) if parts else "waits"
+    topic, wake_at = wait.get("topic"), wait.get("wake_at")
+    if topic and wake_at is not None:
+        return f"waits for a message on {topic!r} or until {_when(wake_at)}"
+    if topic:
+        return f"waits for a message on {topic!r}"
+    if wake_at is not None:
+        return f"sleeps until {_when(wake_at)}"
+    return "waits"
 
 
 def cmd_show(args: argparse.Namespace, out: Out) -> int:

@@ -30,7 +30,7 @@ def to_json(value: Any, what: str) -> str:
     try:
         return json.dumps(to_jsonable_python(value), allow_nan=False, separators=(",", ":"), sort_keys=True)
     except (TypeError, ValueError, PydanticSerializationError) as exc:
-        raise OutputNotJSON(f"{what} is not JSON-serialisable ({type(value).__name__}: {exc}); return dicts, lists, "
+        raise OutputNotJSON(f"{what} is not JSON-serialisable ({type(value).__name__}: {exc}); use dicts, lists, "
                             "strings, numbers, booleans, None or pydantic models") from exc
 
 

@@ -34,6 +34,10 @@ class Durable(Protocol):
 
     def _describe(self) -> str: ...
 
+    def _where(self) -> str:
+        """``_describe()`` with the database it lives in, for errors (logs carry the job in their fields)."""
+        ...
+
     def _persist(self, trigger: str, source: str, dest: str, data: Mapping[str, Any]) -> None: ...
 
 
@@ -160,7 +164,7 @@ class Definition:
         state = obj.state
         if sources is None:
             raise InvalidTransition(
-                f"{obj._describe()}: unknown trigger {trigger!r}; triggers are {', '.join(self.table)}",
+                f"{obj._where()}: unknown trigger {trigger!r}; triggers are {', '.join(self.table)}",
                 state=state,
                 trigger=trigger,
             )
@@ -168,7 +172,7 @@ class Definition:
             if state in self._dests[trigger]:
                 return False  # already there: a redundant write is no write
             raise InvalidTransition(
-                f"{obj._describe()} is {state!r}; trigger {trigger!r} is allowed only from "
+                f"{obj._where()} is {state!r}; trigger {trigger!r} is allowed only from "
                 f"{', '.join(repr(s) for s in sources)}",
                 state=state,
                 trigger=trigger,
@@ -184,7 +188,7 @@ class Definition:
         try:
             moved = self._execute(obj, trigger, state, data)
         except MachineError as exc:  # pragma: no cover - the table above mirrors the machine
-            raise InvalidTransition(f"{obj._describe()}: {exc.value}", state=state, trigger=trigger) from exc
+            raise InvalidTransition(f"{obj._where()}: {exc.value}", state=state, trigger=trigger) from exc
         except WalstateError as exc:
             log.write_refused(obj, trigger, state, exc)  # log: a refused write (WARNING)
             raise

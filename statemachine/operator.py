@@ -44,7 +44,7 @@ def cancel(store: Storage, job_id: int, *, wait: float = 30.0, clock: Clock = ti
     row, steps = _load(store, job_id)
     if row.owner is not None and owner_alive(row.owner, job_id, row.lease_expires, clock()):
         if row.state in JOB.terminal:
-            JOB.destination(row.state, "cancel", f"job {job_id}")
+            JOB.destination(row.state, "cancel", f"{store.path}: job {job_id}")
         before = {s.name for s in steps if s.state in STEP.terminal}
         store.write.request_cancel(job_id)
         while time.monotonic() < deadline:
@@ -60,7 +60,7 @@ def cancel(store: Storage, job_id: int, *, wait: float = 30.0, clock: Clock = ti
         if row.state == "cancelled":
             return [s.name for s in steps if s.state == "cancelled" and s.name not in before]
         if row.state in JOB.terminal:
-            JOB.destination(row.state, "cancel", f"job {job_id}")
+            JOB.destination(row.state, "cancel", f"{store.path}: job {job_id}")
     return _cancel_unheld(store, job_id, note)
 
 
@@ -71,13 +71,13 @@ def _cancel_unheld(store: Storage, job_id: int, note: str) -> list[str]:
     for s in steps:
         if s.state in STEP.terminal:
             continue
-        dest = STEP.destination(s.state, "cancel", f"sub-step {s.name!r} of job {job_id}")
+        dest = STEP.destination(s.state, "cancel", f"{store.path}: sub-step {s.name!r} of job {job_id}")
         if dest is not None:
             changes.append(Change("step", s.id, job_id, s.name, s.state, dest, s.attempt, row.owner, row.epoch,
                                   output=s.output, error=s.error, note=note, failures=s.failures,
                                   interruptions=s.interruptions))
             names.append(s.name)
-    dest = JOB.destination(row.state, "cancel", f"job {job_id}")
+    dest = JOB.destination(row.state, "cancel", f"{store.path}: job {job_id}")
     if dest is not None:
         changes.append(Change("job", job_id, job_id, None, row.state, dest, 0, row.owner, row.epoch,
                               error=row.error, note=note, release=True))
@@ -102,27 +102,27 @@ def retry(store: Storage, job_id: int, step: str | None = None) -> list[str]:
     if step is not None and step not in by_name:
         raise UnknownJob(f"{store.path}: job {job_id} has no step {step!r}; steps are {', '.join(by_name)}")
     if row.state not in ("failed", "cancelled"):
-        JOB.destination(row.state, "requeue", f"job {job_id}")  # raises: only an ended, unsuccessful job
+        JOB.destination(row.state, "requeue", f"{store.path}: job {job_id}")  # raises: only an ended, unsuccessful job
     if step is not None:
         if by_name[step].state not in ("failed", "cancelled"):
-            STEP.destination(by_name[step].state, "requeue", f"sub-step {step!r} of job {job_id}")
+            STEP.destination(by_name[step].state, "requeue", f"{store.path}: sub-step {step!r} of job {job_id}")
         others = [s.name for s in steps if s.state == "failed" and s.name != step]
         if others:
             raise InvalidTransition(
-                f"job {job_id}: steps {others} failed too, so retrying only {step!r} could not make the job "
-                f"succeed; retry the whole job (no step), or each failed step",
+                f"{store.path}: job {job_id}: steps {others} failed too, so retrying only {step!r} could not make "
+                f"the job succeed; retry the whole job (no step), or each failed step",
                 state=row.state, trigger="requeue")
     # Steps the failure cancelled before they could run are requeued too: without
     # them the job could never succeed.
     targets = [s for s in steps if s.state == "cancelled" or (s.state == "failed" if step is None else s.name == step)]
     changes: list[Change] = []
     for s in targets:
-        dest = STEP.destination(s.state, "requeue", f"sub-step {s.name!r} of job {job_id}")
+        dest = STEP.destination(s.state, "requeue", f"{store.path}: sub-step {s.name!r} of job {job_id}")
         if dest is not None:
             # failures=0, interruptions=0: a fresh retry budget.
             changes.append(Change("step", s.id, job_id, s.name, s.state, dest, s.attempt, row.owner, row.epoch,
                                   output=s.output, error=s.error, note="requeued by an operator"))
-    dest = JOB.destination(row.state, "requeue", f"job {job_id}")
+    dest = JOB.destination(row.state, "requeue", f"{store.path}: job {job_id}")
     if dest is not None:
         changes.append(Change("job", job_id, job_id, None, row.state, dest, 0, row.owner, row.epoch,
                               error=None, note="requeued by an operator", release=True))

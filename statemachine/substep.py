@@ -38,6 +38,9 @@ class LiveJob:
     def _describe(self) -> str:
         return f"job {self.id} ({self.workflow})"
 
+    def _where(self) -> str:
+        return f"{self.write.path}: {self._describe()}"
+
     def check_alive(self) -> None:
         if self.aborted is not None and self.aborted.is_set():
             raise RunAborted(f"job {self.id}: the run was aborted; no more writes")
@@ -97,6 +100,9 @@ class SubStep:
 
     def _describe(self) -> str:
         return f"sub-step {self.name!r} of job {self.job.id}"
+
+    def _where(self) -> str:
+        return f"{self.job.write.path}: {self._describe()}"
 
     def fire(self, trigger: str, **data: Any) -> bool:
         return STEP.fire(self, trigger, data)

@@ -825,9 +825,10 @@ def check_rows(rows: Mapping[str, Counter[tuple[Any, ...]]], reference: Mapping[
         repeated = sorted(s for s, n in outcome.completions.items() if n > 1 and not flow.steps[s].transactional)
         who = (f"written by step {', '.join(map(repr, named))}" if named else
                f"the step cannot be told from the rows; non-transactional steps that ran more than once: {repeated}")
-        _fail(f"table {table!r} differs from the crash-free run: {sum(extra.values())} row(s) more "
-              f"{dict(extra) if extra else ''}, {sum(missing.values())} row(s) missing {dict(missing) if missing else ''}"
-              f"; {who}; make the writing step transactional=True (or its writes idempotent)")
+        counts = [f"{sum(extra.values())} row(s) more" + (f" {dict(extra)}" if extra else ""),
+                  f"{sum(missing.values())} row(s) missing" + (f" {dict(missing)}" if missing else "")]
+        _fail(f"table {table!r} differs from the crash-free run: {', '.join(counts)}; {who}; "
+              "make the writing step transactional=True (or its writes idempotent)")
 
 
 # -- the report -------------------------------------------------------------------

@@ -350,3 +350,12 @@ def test_upgrade_creates_walstate_tables_in_an_existing_database_and_says_so(tmp
     assert main(["upgrade", str(app)]) == 0
     assert "already at schema" in capsys.readouterr().out
     assert main(["jobs", str(app), "--json"]) == 0
+
+
+def test_describe_wait_reads_as_english_for_a_sleep_a_message_and_both() -> None:
+    from walstate.cli import _when, describe_wait
+
+    at = 1_800_000_000.0
+    assert describe_wait({"topic": None, "wake_at": at}) == f"sleeps until {_when(at)}"  # was "waits for until"
+    assert describe_wait({"topic": "paid", "wake_at": None}) == "waits for a message on 'paid'"
+    assert describe_wait({"topic": "paid", "wake_at": at}) == f"waits for a message on 'paid' or until {_when(at)}"

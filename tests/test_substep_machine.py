@@ -305,3 +305,13 @@ def test_a_change_of_an_unknown_kind_is_refused_by_name(store: Store) -> None:
     with pytest.raises(ValueError, match="unknown change kind 'row'"):
         store.write.commit([Change("row", step.id, step.job.id, "s", "pending", "running")])
     assert stored_state(store.path, step.id) == ("pending", 0)
+
+
+def test_an_illegal_move_names_the_database_file_as_every_error_does(store: Store) -> None:
+    step = new_step(store)
+    with pytest.raises(InvalidTransition) as err:
+        step.fire("succeed")  # pending -> succeeded skips running
+    assert str(err.value).startswith(f"{store.path}: sub-step ")
+    with pytest.raises(InvalidTransition) as err:
+        step.job.fire("succeed")  # a pending job has not started
+    assert str(err.value).startswith(f"{store.path}: job ")
