@@ -6,6 +6,8 @@ import re
 import sqlite3
 from pathlib import Path
 
+from walstate.testing import crash_test
+
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 BLOCKS = re.findall(r"```python\n(.*?)```", README, re.S)
 
@@ -47,6 +49,8 @@ def test_the_readme_worked_example_finds_a_doubled_row_and_the_fix_passes(tmp_pa
     test, doubled, fix = (next(b for b in BLOCKS if marker in b) for marker in (
         "def test_registration_resumes_exactly_once", "expected a doubled row", "import_menu_once"))
     exec(compile(test, "README.md", "exec"), scope)
+    # The README's test as written, with its 200 examples cut to 30 here (the crash suite goes deep).
+    scope["crash_test"] = lambda *args, **kwargs: crash_test(*args, **{**kwargs, "max_examples": 30})
     scope["test_registration_resumes_exactly_once"](tmp_path)  # type: ignore[operator]
     exec(compile(doubled, "README.md", "exec"), {**scope, "crash_test": None})  # needs no earlier import
     exec(compile(doubled, "README.md", "exec"), scope)
