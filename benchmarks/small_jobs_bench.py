@@ -202,7 +202,8 @@ def main() -> list[Figure]:
     figures.append(Figure("walstate runtime, 8 jobs in flight, normal, on one CPU", rtp, rtps, "sub-steps/s",
                           "raw floor, normal", rtp / floor, ">= 0.8x"))
     figures += cost_figures([("raw floor", floor_costs), ("run() per job", run_costs),
-                             ("runtime, 8 jobs in flight", rt_costs), ("runtime, 8 jobs in flight, on one CPU", rtp_costs)])
+                             ("runtime, 8 jobs in flight", rt_costs),
+                             ("runtime, 8 jobs in flight, on one CPU", rtp_costs)])
     ffloor, ffs = measure(lambda: raw_floor("full", jobs=max(20, JOBS // 4)), reps=3)
     figures.append(Figure(f"raw floor, {STEPS}-step jobs, full (sequential)", ffloor, ffs, "sub-steps/s"))
     # "8 workers": the runtime's 8 job slots (group commit across jobs), each job on 1 thread; and

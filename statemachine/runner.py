@@ -167,8 +167,9 @@ class JobRun:
             # operator cancelled fails the job too.
             # A failed step's own error; a cancelled one is just that (its error field still holds
             # an earlier attempt's error, which did not fail the job).
-            self.job.fire("fail", error="; ".join(f"{n}: {s.error}" if s.state == "failed" and s.error else f"{n}: {s.state}"
-                                                  for n, s in unfinished.items()), release=True)
+            why = [f"{n}: {s.error}" if s.state == "failed" and s.error else f"{n}: {s.state}"
+                   for n, s in unfinished.items()]
+            self.job.fire("fail", error="; ".join(why), release=True)
         else:
             self.job.fire("succeed", release=True)
         return "finished"

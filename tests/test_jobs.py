@@ -196,7 +196,8 @@ def test_an_update_naming_an_unknown_field_is_refused(db_path: str) -> None:
         job = e.submit("w", Ctx())
         with pytest.raises(JobFailed):
             e.run(job)
-        assert "colour" in (e.status(job).steps["s"].error or "")
+        error = e.status(job).steps["s"].error or ""
+        assert "colour" in error and f"step 's' of job {job}: context update names fields" in error
 
 
 def test_output_that_is_not_json_fails_the_step_with_a_clear_message(db_path: str) -> None:
@@ -207,7 +208,7 @@ def test_output_that_is_not_json_fails_the_step_with_a_clear_message(db_path: st
         with pytest.raises(JobFailed):
             e.run(job)
         error = e.status(job).steps["s"].error or ""
-    assert "OutputNotJSON" in error and "not JSON-serialisable" in error
+    assert "OutputNotJSON" in error and f"the output of step 's' of job {job} is not JSON-serialisable" in error
 
 
 def test_step_result_records_an_output_apart_from_the_context_update(db_path: str) -> None:
@@ -502,4 +503,5 @@ def test_a_handler_returning_the_context_model_fails_the_step_saying_what_to_ret
         status = e.status(job)
         assert status.context.a == 0 and status.steps["whole"].state == "failed"
         error = status.steps["whole"].error or ""
-        assert "ContextInvalid" in error and "returned a Ctx" in error and "dict of the fields to change" in error
+        assert f"step 'whole' of job {job} returned a Ctx (the workflow's context model); a handler updates the " \
+               "context by returning a dict of the fields to change, or StepResult(output=..., context={...})" in error

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -17,6 +19,7 @@ import pytest
 from pydantic import BaseModel
 
 from walstate import (
+    DatabaseBusy,
     Engine,
     InjectedCrash,
     JobCancelled,
@@ -180,7 +183,7 @@ def test_send_refuses_unknown_and_finished_jobs_and_payloads_that_are_not_json(d
         job = e.submit(flow, Ctx())
         with pytest.raises(OutputNotJSON):
             e.send(job, "t", object())
-        with pytest.raises(UnknownJob):
+        with pytest.raises(UnknownJob, match="no job 999 to send 't' to"):
             e.send(999, "t", 1)
         e.run(job)
         with pytest.raises(JobFinished, match="succeeded"):
@@ -204,6 +207,24 @@ def test_a_webhook_retried_after_its_message_ended_the_job_is_a_duplicate_not_an
         with pytest.raises(JobFinished, match="succeeded"):
             e.send(job, "paid", "ch_2", key="evt_2")  # a new message to an ended job is still refused
         assert e.store.db.raw().execute("SELECT count(*) FROM walstate_message WHERE job_id=?", (job,)).fetchone()[0] == 1
+
+
+@pytest.mark.sqlite_only
+def test_send_to_a_file_another_writer_holds_is_a_typed_error_naming_what_it_was_sending(db_path: str) -> None:
+    flow = Workflow("w", context=Ctx, phases=["p"])
+    flow.step(phase="p", name="s")(lambda ctx, step: None)
+    with Engine(db_path, busy_timeout=0.05) as e:
+        e.register(flow)
+        job = e.submit(flow, Ctx())
+        other = sqlite3.connect(db_path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another process's writer, holding the write lock
+        try:
+            with pytest.raises(DatabaseBusy, match=rf"{re.escape(db_path)}.*sending 'paid' to job {job}"):
+                e.send(job, "paid", 1)
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        assert e.send(job, "paid", 1) is True  # nothing half-written: it goes through once the lock is free
 
 
 def test_a_parked_job_can_be_cancelled(db_path: str) -> None:
