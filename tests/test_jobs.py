@@ -463,7 +463,8 @@ def test_a_success_in_an_after_chain_commits_together_with_the_start_of_the_step
 
 
 def test_a_job_failed_by_one_step_names_that_error_not_a_cancelled_siblings_old_one(db_path: str) -> None:
-    flow = Workflow("w", context=Ctx, phases=["p"])
+    flow = Workflow("w", context=Ctx, phases=["p", "later"])
+    flow.step(phase="later", name="never")(lambda ctx, step: None)
     failed_once = threading.Event()
 
     @flow.step(phase="p", retry=Retry(max_attempts=3, backoff=5.0))  # waits to retry when the job fails
@@ -482,11 +483,13 @@ def test_a_job_failed_by_one_step_names_that_error_not_a_cancelled_siblings_old_
             e.run(job)
         assert raised.value.errors == {"always": "ValueError: never works"}
         status = e.status(job)
-        assert status.error == "flaky: cancelled; always: ValueError: never works"
+        assert status.error == "flaky: cancelled; always: ValueError: never works; never: cancelled"
         assert status.steps["flaky"].state == "cancelled"
         # It did run once: its journal says the next attempt was not made, not that it never ran.
         assert [h.note for h in e.history(job, "flaky") if h.to_state == "cancelled"] == [
             "job failed; attempt 2 of this sub-step was not made"]
+        assert [h.note for h in e.history(job, "never") if h.to_state == "cancelled"] == [
+            "job failed before this sub-step could run"]
 
 
 def test_a_handler_returning_the_context_model_fails_the_step_saying_what_to_return(db_path: str) -> None:

@@ -226,6 +226,63 @@ def test_a_run_that_lost_its_claim_stops_and_its_late_completion_is_refused(db_p
         assert e.store.read.job(job).owner == foreign_token()
 
 
+def _failing_once_then_waiting(failed: threading.Event) -> Workflow[Ctx]:
+    """A one-step workflow whose step fails, then waits 30 s to retry: a run with nothing left to write for now."""
+    flow = Workflow("w", context=Ctx, phases=["p"])
+
+    @flow.step(phase="p", retry=Retry(max_attempts=3, backoff=30.0))
+    def flaky(ctx: Ctx, step: StepContext) -> None:
+        failed.set()
+        raise RuntimeError("try again later")
+
+    return flow
+
+
+def test_a_run_that_loses_its_claim_while_its_step_waits_to_retry_stops_and_writes_nothing(db_path: str) -> None:
+    failed = threading.Event()
+    with engine_for(db_path, _failing_once_then_waiting(failed), lease=0.3) as e:
+        job = e.submit("w", Ctx())
+        t, out = background(e.run, job)
+        assert failed.wait(10)
+        wait_until(lambda: e.store.read.steps(job)[0].state == "retrying")
+        row = e.store.read.job(job)
+        assert e.store.write.claim(job, state="running", epoch=row.epoch, owner=foreign_token(),
+                                   lease_expires=time.time() + 60, note="taken over") is not None
+        t.join(10)  # the heartbeat notices and wakes the backoff: no write is pending to refuse, the run ends
+        assert isinstance(out[0], LeaseLost)
+        assert str(out[0]).endswith(f"job {job} (w): this run lost its claim on the job (another run took it over "
+                                    "after its lease expired); it stopped and wrote nothing more")
+        assert [s.state for s in e.store.read.steps(job)] == ["retrying"]
+        assert e.store.read.job(job).owner == foreign_token()
+
+
+def test_closing_the_engine_while_the_only_step_waits_to_retry_leaves_the_job_unfinished(db_path: str) -> None:
+    failed = threading.Event()
+    e = engine_for(db_path, _failing_once_then_waiting(failed))
+    job = e.submit("w", Ctx())
+    t, out = background(e.run, job)
+    assert failed.wait(10)
+    wait_until(lambda: e.store.read.steps(job)[0].state == "retrying")
+    e.close(grace=5)
+    t.join(10)
+    assert isinstance(out[0], EngineClosed)  # released for another run, not failed
+    with engine_for(db_path, _failing_once_then_waiting(threading.Event())) as again:
+        row = again.store.read.job(job)
+        assert row.state == "running" and row.owner is None
+        assert [s.state for s in again.store.read.steps(job)] == ["retrying"]
+
+
+def test_a_job_whose_last_step_is_transactional_gives_up_its_claim_with_its_success(db_path: str) -> None:
+    flow = Workflow("w", context=Ctx, phases=["p"])
+    flow.step(phase="p", name="last", transactional=True)(lambda ctx, step: None)
+    with engine_for(db_path, flow) as e:
+        job = e.submit("w", Ctx())
+        assert e.run(job).state == "succeeded"
+        row = e.store.read.job(job)
+        assert row.owner is None and row.lease_expires is None
+        assert e.store.read.steps(job)[0].output is None  # no output is NULL, not the JSON text 'null'
+
+
 # -- 6. once() in a transactional step --------------------------------------------------
 
 
