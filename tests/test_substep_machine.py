@@ -7,7 +7,7 @@ from unittest import mock
 
 import pytest
 import transitions
-from hypothesis import strategies as st
+from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from walstate import InjectedCrash, InvalidTransition, StaleState
@@ -270,6 +270,9 @@ class StepModelComparison(RuleBasedStateMachine):
 
 
 TestStepModelComparison = StepModelComparison.TestCase
+# Each example opens a fresh database file: half the profile's examples (50 by default, 1,000 deep)
+# keep it to a few seconds of the five-minute suite.
+TestStepModelComparison.settings = settings(settings.default, max_examples=max(10, settings.default.max_examples // 2))
 
 
 def test_a_commit_that_sqlite_refuses_is_rolled_back_and_the_connection_stays_usable(store: Store) -> None:
