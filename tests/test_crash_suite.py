@@ -25,6 +25,7 @@ from walstate.testing import (
     crash_plans,
     connect,
     run_with_crashes,
+    single_crashes,
 )
 from walstate.storage import faults
 from walstate import Workflow
@@ -147,7 +148,8 @@ def sweep(new_db: NewDb, shape: Shape = SWEEP_SHAPE, asynchronous: bool = False)
     counter = Injector()
     with counter:
         reference = run_shape(shape, Effects(), new_db("ref"), asynchronous=asynchronous)
-    positions = [(point, n) for point in POINTS for n in range(1, counter.hits[point] + 1)]
+    # Every hit of every point: the harness's own list of reachable positions, uncapped.
+    positions = [(crash.point, crash.nth) for [crash] in single_crashes(counter.hits, max_hit=sys.maxsize)]
     for point, n in positions:
         effects = Effects()
         path = new_db(f"{point}-{n}")
