@@ -31,7 +31,11 @@ def charge(ctx: Shop, step: StepContext) -> dict[str, Any]:
 
 @flow.step(phase="ship")
 def ship(ctx: Shop, step: StepContext) -> dict[str, Any]:
-    time.sleep(float(os.environ.get("WALSTATE_CLI_SHIP_SECONDS", "0")))
+    # A test that must see this step in flight holds it here until it has seen it (no race with the
+    # machine's speed): the step returns once the named file exists.
+    gate = os.environ.get("WALSTATE_CLI_SHIP_GATE")
+    while gate and not os.path.exists(gate):
+        time.sleep(0.01)
     return {"shipped": True}
 
 

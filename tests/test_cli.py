@@ -187,7 +187,8 @@ def test_watch_never_shows_a_failed_phase_like_a_finished_one(tmp_path: Path) ->
 
 def test_watch_json_streams_one_flushed_json_line_per_change_until_the_job_ends(tmp_path: Path) -> None:
     db = str(tmp_path / "w.db")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "WALSTATE_CLI_SHIP_SECONDS": "1.5"}
+    gate = tmp_path / "ship-may-end"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WALSTATE_CLI_SHIP_GATE": str(gate)}
     job = subprocess.Popen([sys.executable, "-m", "tests.cli_app", db, "slow"], cwd=ROOT, env=env)
     try:
         deadline = time.monotonic() + 30
@@ -198,9 +199,14 @@ def test_watch_json_streams_one_flushed_json_line_per_change_until_the_job_ends(
                               stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env) as watch:
             assert watch.stdout is not None
             first = json.loads(watch.stdout.readline())
-            # Read while the job still runs: the line was flushed, not held in a pipe buffer until exit.
+            # Read while the job still runs (its last step waits for the gate): the line was
+            # flushed, not held in a pipe buffer until exit.
             assert job.poll() is None and first["state"] in ("pending", "running")
-            rest = [json.loads(line) for line in watch.stdout]
+            rest = []
+            while not any(l["steps"].get("running") for l in [first, *rest]):
+                rest.append(json.loads(watch.stdout.readline()))  # until it shows the step in flight
+            gate.touch()
+            rest += [json.loads(line) for line in watch.stdout]
             assert watch.wait(timeout=30) == 0
     finally:
         job.kill() if job.poll() is None else None
