@@ -48,19 +48,22 @@ def test_an_async_handler_updates_the_context_like_a_sync_one_and_they_mix(db_pa
 
 def test_a_hundred_parallel_async_steps_run_concurrently(db_path: str) -> None:
     flow = Workflow("w", context=Ctx, phases=["p"])
+    inside = [0, 0]  # steps inside their handler now, the most at once
+
     for i in range(100):
         @flow.step(phase="p", name=f"s{i}")
         async def nap(ctx: Ctx, step: AsyncStepContext) -> None:
+            inside[0] += 1  # one event loop: no lock needed between these two lines
+            inside[1] = max(inside)
             await asyncio.sleep(0.05)
+            inside[0] -= 1
 
     with Engine(db_path, workers=4) as e:
         e.register(flow)
-        job = e.submit(flow, Ctx())
-        started = time.monotonic()
-        assert e.run(job).state == "succeeded"
-        elapsed = time.monotonic() - started
-    print(f"100 async steps of 50 ms: {elapsed:.2f} s")
-    assert elapsed < 2.5  # one at a time would take 5 s; four at a time 1.25 s of sleeping alone
+        assert e.run(e.submit(flow, Ctx())).state == "succeeded"
+    # Counted, not timed: more than one step was inside its handler at once (as many as the
+    # engine's workers at the least), whatever the machine's speed.
+    assert inside[1] >= 4
 
 
 def test_await_once_survives_a_crash_and_a_failed_transactional_async_attempt(db_path: str) -> None:
@@ -136,7 +139,7 @@ def test_an_async_step_longer_than_its_timeout_is_cancelled_and_retried(db_path:
     @flow.step(phase="p", timeout=0.1, retry=Retry(max_attempts=2))
     async def slow(ctx: Ctx, step: AsyncStepContext) -> dict[str, Any]:
         if step.attempt == 1:
-            await asyncio.sleep(10)
+            await asyncio.sleep(600)
         return {"n": 1}
 
     with Engine(db_path) as e:
@@ -144,7 +147,7 @@ def test_an_async_step_longer_than_its_timeout_is_cancelled_and_retried(db_path:
         job = e.submit(flow, Ctx())
         started = time.monotonic()
         assert e.run(job).context.n == 1
-        assert time.monotonic() - started < 5
+        assert time.monotonic() - started < 300  # cancelled at its timeout, not after its 600 s sleep
         notes = [r.note for r in e.history(job, "slow") if r.to_state == "retrying"]
         assert notes and "timed out" in (notes[0] or "")
 
