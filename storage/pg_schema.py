@@ -116,6 +116,21 @@ PG_MIGRATIONS: dict[int, Sequence[str]] = {
         'CREATE INDEX "job_parked_wake_at" ON "walstate_job" ("wake_at") '
         "WHERE (((\"state\" IN ('pending', 'running')) AND (\"owner\" IS NULL)) AND (\"wake_at\" IS NOT NULL))",
     ],
+    # ---- issue 26.4: job ids are never reused. Nothing to do here: an identity column draws
+    # from a sequence, which never goes back (SQLite needed AUTOINCREMENT for the same rule).
+    7: [],
+    # ---- issue 27.14: no index that only repeats the prefix of another (see SQLite's 8).
+    8: [
+        'DROP INDEX IF EXISTS "step_job_id"',
+        'DROP INDEX IF EXISTS "journal_job_id"',
+        'DROP INDEX IF EXISTS "once_job_id"',
+        'DROP INDEX IF EXISTS "message_job_id"',
+    ],
+    # ---- issue 26.5: a schedule's progress (see SQLite's 9).
+    9: [
+        'CREATE TABLE "walstate_schedule" ("name" TEXT NOT NULL PRIMARY KEY, '
+        '"last_slot" DOUBLE PRECISION NOT NULL, "updated_at" DOUBLE PRECISION NOT NULL)',
+    ],
 }
 
 
