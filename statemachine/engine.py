@@ -41,7 +41,7 @@ from .storage.errors import (
     WalstateError,
 )
 from .runtime import JobHandle, Worker
-from .schedules import Missed, Schedule
+from .schedules import DEFAULT_GRACE, Missed, Schedule
 from .storage.versions import MigratedJob, migrate_job
 from .substep import LiveJob, SubStep
 from .threads import ThreadCache
@@ -613,17 +613,21 @@ class Engine:
             self._ended(job_id, active)
 
     def schedule(self, workflow: Workflow[C], *, cron: str, context: C | dict[str, Any], name: str | None = None,
-                 missed: Missed = "latest") -> Schedule:
+                 missed: Missed = "latest", grace: float = DEFAULT_GRACE) -> Schedule:
         """Run a job of ``workflow`` on every slot of ``cron`` (UTC) while a worker of this engine runs.
 
-        Each slot makes one job across every process on the file (its key is
-        ``schedule:NAME:SLOT``, and keys are unique per workflow). ``missed``:
-        ``"latest"`` runs the latest slot missed during downtime once when a
-        worker starts; ``"skip"`` runs only slots that come while it runs.
-        ``name`` defaults to the workflow's name; one schedule per name.
+        Each slot makes one job across every process on the database, restarts
+        and prunes included: the schedule's progress is stored and advances in
+        the transaction that creates the slot's job (key ``schedule:NAME:SLOT``).
+        A slot less than ``grace`` seconds old when a worker checks it is on
+        time and gets its job, however late the check; older ones were missed:
+        ``missed="latest"`` gives the latest missed slot one job if no slot is
+        on time, ``"skip"`` gives missed slots none (see
+        :mod:`walstate.schedules`). ``name`` defaults to the workflow's name;
+        one schedule per name.
         """
         self.register(workflow)
-        sched = Schedule(name or workflow.name, workflow, cron, context, missed)
+        sched = Schedule(name or workflow.name, workflow, cron, context, missed, grace)
         if sched.name in self._schedules:
             raise DefinitionError(f"{self.path}: a schedule named {sched.name!r} exists already")
         self._schedules[sched.name] = sched
@@ -636,10 +640,22 @@ class Engine:
         """Submit the job of every schedule slot that has come (the worker calls this)."""
         now = self.clock()
         for sched in list(self._schedules.values()):
-            slot = sched.due(now)
-            if slot is not None:
-                self.submit(sched.flow, sched.context, key=sched.key(slot))
-                sched.last_slot = slot
+            slots, passed = sched.due(now, self.store.read.schedule_slot(sched.name))
+            for slot in slots:
+                self._submit_slot(sched, slot)
+            if passed is not None:
+                self.store.write.pass_slot(sched.name, passed)
+
+    def _submit_slot(self, sched: Schedule, slot: float) -> None:
+        """Create the job of one slot and advance the schedule's progress to it (nothing if another process did)."""
+        flow = sched.flow
+        where = f"schedule {sched.name!r}"
+        text = dump_context(flow.context, validate_submission(flow.context, sched.context, where), where)
+        job_id = self.store.write.create_scheduled(sched.name, slot, flow.name, sched.key(slot), text,
+                                                   flow.ranked_steps(), flow.version, flow.fingerprint)
+        worker = self._worker
+        if worker is not None and job_id is not None:
+            worker.wake()
 
     def start_worker(self, concurrency: int | None = None, *, poll: float = 0.02) -> Worker:
         """Start a worker in background threads: it claims and runs jobs until :meth:`stop_worker`.

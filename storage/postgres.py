@@ -612,6 +612,17 @@ class PgWritePath(WritePath):
             # insert (READ COMMITTED): now the look finds its job.
             return super().create_job(workflow, key, context, steps, version, fingerprint)
 
+    def create_scheduled(self, schedule: str, slot: float, workflow: str, key: str, context: str,
+                         steps: Sequence[tuple[str, str, int]], version: int = 1,
+                         fingerprint: str | None = None) -> int | None:
+        try:
+            return super().create_scheduled(schedule, slot, workflow, key, context, steps, version, fingerprint)
+        except WriteFailed as exc:
+            if not isinstance(exc.__cause__, psycopg.errors.UniqueViolation):
+                raise
+            # A submit of the same key committed between our look and our insert (as in create_job).
+            return super().create_scheduled(schedule, slot, workflow, key, context, steps, version, fingerprint)
+
     def _wake(self, conn: Conn) -> None:
         conn.execute(Native(_NOTIFY))
 
