@@ -21,6 +21,7 @@ from .context import dump_context, to_json, validate_submission
 from .ownership import Clock
 from .runner import JobRun
 from .storage import TERMINAL_JOB_STATES, TERMINAL_STEP_STATES, Durability, JobRow, StepRow, retention
+from .storage.connection import DEFAULT_FILE_MODE
 from .storage.contract import Storage, open_store
 from .storage.writepath import Claimed
 from .storage.retention import DEFAULT_BATCH
@@ -171,6 +172,10 @@ class Engine:
     change is durable. ``sync_interval`` (seconds, ``None`` for off) bounds
     what a power cut can take from ``"normal"``: the WAL is fsynced in the
     background at most that often while it has unsynced commits.
+    ``file_mode`` is the permission bits of a SQLite file the engine creates:
+    owner only (0o600) by default, since contexts, outputs and messages are
+    in it (SQLite gives ``-wal`` and ``-shm`` the same); ``None`` leaves it to
+    the umask. An existing file keeps its mode.
     """
 
     def __init__(
@@ -184,6 +189,7 @@ class Engine:
         group_commit: bool = True,
         clock: Clock = time.time,
         sync_interval: float | None = 0.1,
+        file_mode: int | None = DEFAULT_FILE_MODE,
     ) -> None:
         if workers < 1:
             raise ConfigurationError(f"workers must be >= 1, not {workers}")
@@ -191,7 +197,8 @@ class Engine:
             raise ConfigurationError(f"lease must be > 0 seconds, not {lease}")
         # sync_interval: see Store (bounds what a power cut can take from durability="normal").
         self.store: Storage = open_store(path, durability=durability, busy_timeout=busy_timeout,
-                                         group_commit=group_commit, sync_interval=sync_interval)
+                                         group_commit=group_commit, sync_interval=sync_interval,
+                                         file_mode=file_mode)
         self.path = self.store.path
         self.workers = workers
         self.lease = lease
