@@ -18,7 +18,7 @@ import pytest
 
 from walstate import MigrationFailed, SchemaTooNew, SchemaTooOld
 from walstate.storage import SCHEMA_VERSION, Store
-from walstate.storage.pg_schema import PG_MIGRATIONS, SCHEMA_LOCK_KEY, ensure_pg_schema, redact
+from walstate.storage.pg_schema import PG_MIGRATIONS, ensure_pg_schema, lock_key, redact
 
 if TYPE_CHECKING:
     import psycopg
@@ -223,7 +223,8 @@ def test_a_failed_postgres_migration_rolls_back_and_names_the_version(pg_databas
     import psycopg
 
     with psycopg.connect(pg_database, autocommit=True) as other:
-        assert other.execute("SELECT pg_try_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY,)).fetchone() == (True,)
+        key = lock_key("schema", "public")
+        assert other.execute("SELECT pg_try_advisory_xact_lock(%s)", (key,)).fetchone() == (True,)
 
 
 @pytest.mark.postgres
