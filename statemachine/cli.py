@@ -11,8 +11,10 @@ import importlib
 import logging
 import json
 import os
+import pathlib
 import re
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -63,7 +65,7 @@ def _open(path: str, readonly: bool = True) -> Storage:
     return open_store(path, readonly=readonly)
 
 
-def _open_existing(path: str, *, tables: bool = False) -> tuple[Storage, bool]:
+def _open_existing(path: str, *, tables: bool = False, create: bool = False) -> tuple[Storage, bool]:
     """Open an existing walstate database for writing; a missing file or another app's database is an error.
 
     A command that changes jobs must never create a file from a mistyped
@@ -71,7 +73,9 @@ def _open_existing(path: str, *, tables: bool = False) -> tuple[Storage, bool]:
     SQLite file. So the file is opened read-only first, which checks both;
     an older walstate schema passes (opening it for writing upgrades it, as
     an Engine does). With ``tables`` (``walstate upgrade``), an existing
-    database without walstate's tables gets them; returns whether it did.
+    database without walstate's tables gets them; returns whether it did. A
+    SQLite file that already has tables of its own (another application's)
+    gets them only with ``create`` (``walstate upgrade --create``).
     """
     created = False
     try:
@@ -81,8 +85,26 @@ def _open_existing(path: str, *, tables: bool = False) -> tuple[Storage, bool]:
     except NotADatabase:
         if not tables:
             raise
+        if not create and not is_postgres_url(path):
+            foreign = _tables_of(path)
+            if foreign:
+                raise ConfigurationError(
+                    f"{path}: a SQLite file of another application (tables {', '.join(foreign[:5])}"
+                    f"{', ...' if len(foreign) > 5 else ''}) without walstate's tables; nothing was changed. To keep "
+                    "walstate's jobs in it (transactional steps write the app's tables in the same file), run "
+                    "`walstate upgrade --create DB`; else point walstate at a file of its own") from None
         created = True
     return _open(path, readonly=False), created
+
+
+def _tables_of(path: str) -> list[str]:
+    """The tables of a SQLite file, read through a read-only open (which changes nothing)."""
+    conn = sqlite3.connect(pathlib.Path(path).absolute().as_uri() + "?mode=ro", uri=True)
+    try:
+        return [str(r[0]) for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%' ORDER BY name")]
+    finally:
+        conn.close()
 
 
 def _cut(text: str, width: int) -> str:
@@ -130,9 +152,11 @@ def _blocker(spec: str | None, db: str) -> Callable[[Storage, JobRow], tuple[str
 
 
 def cmd_jobs(args: argparse.Namespace, out: Out) -> int:
-    blocked = _blocker(args.app, args.db)
+    # The file first (read-only: a missing, older or foreign file is refused here), then the app:
+    # an app's engine opens the file for writing, which would create or upgrade it.
     store = _open(args.db)
     try:
+        blocked = _blocker(args.app, args.db)
         page = views.job_page(store, state=args.state, workflow=args.workflow, limit=args.limit, offset=args.offset)
         # With --app: which unfinished jobs that app cannot run, and why (one read per such job).
         notes: dict[int, tuple[str, str]] = {}
@@ -174,15 +198,17 @@ def describe_wait(wait: dict[str, Any]) -> str:
 
 
 def cmd_show(args: argparse.Namespace, out: Out) -> int:
-    blocked = _blocker(args.app, args.db)
-    store = _open(args.db)
-    job = views.job_detail(store, args.job)
-    if args.app:
-        row = store.read.job(args.job)
-        why = None if row is None else blocked(store, row)
-        job["blocked"] = None if why is None else why[1]
-        job["note"] = None if why is None else why[0]
-    store.close()
+    store = _open(args.db)  # before the app, as in cmd_jobs
+    try:
+        blocked = _blocker(args.app, args.db)
+        job = views.job_detail(store, args.job)
+        if args.app:
+            row = store.read.job(args.job)
+            why = None if row is None else blocked(store, row)
+            job["blocked"] = None if why is None else why[1]
+            job["note"] = None if why is None else why[0]
+    finally:
+        store.close()
     if out.as_json:
         out.json(job)
         return 0
@@ -224,8 +250,17 @@ def cmd_history(args: argparse.Namespace, out: Out) -> int:
 
 def cmd_retry(args: argparse.Namespace, out: Out) -> int:
     store, _ = _open_existing(args.db)
-    names = operator.retry(store, args.job, args.step)
-    store.close()
+    try:
+        row = store.read.job(args.job)
+        if row is not None and row.state == "pending" and args.step is None:
+            # Engine.retry() of a pending job changes nothing (it returns []): not a requeue.
+            print(f"walstate: job {args.job} is pending already (it has not failed or been cancelled): nothing was "
+                  "requeued; it runs under a worker, Engine.run/recover or `walstate recover DB --app MODULE:ATTR`",
+                  file=sys.stderr)
+            return EXIT_ERROR
+        names = operator.retry(store, args.job, args.step)
+    finally:
+        store.close()
     out.line(f"job {args.job} is pending again; requeued: {', '.join(names) or '(no step)'}; "
              "run it with Engine.run/recover or `walstate recover DB --app MODULE:ATTR`")
     return 0
@@ -240,7 +275,7 @@ def cmd_cancel(args: argparse.Namespace, out: Out) -> int:
 
 
 def cmd_upgrade(args: argparse.Namespace, out: Out) -> int:
-    store, created = _open_existing(args.db, tables=True)
+    store, created = _open_existing(args.db, tables=True, create=args.create)
     applied = store.migrated
     store.close()
     if out.as_json:
@@ -573,8 +608,11 @@ def parser() -> argparse.ArgumentParser:
     retry = add("retry", cmd_retry, "put a failed job (or one failed sub-step) back to run", job=True)
     retry.add_argument("step", metavar="STEP", nargs="?", help="only this sub-step")
     add("cancel", cmd_cancel, "cancel a job and its unfinished sub-steps", job=True)
-    add("upgrade", cmd_upgrade, "upgrade a file written by an older walstate to this one's schema, in place",
-        as_json=True)
+    upgrade = add("upgrade", cmd_upgrade, "upgrade a file written by an older walstate to this one's schema, in place",
+                  as_json=True)
+    upgrade.add_argument("--create", action="store_true",
+                         help="add walstate's tables to a SQLite file that has other tables but none of walstate's "
+                              "(refused without it)")
     prune = add("prune", cmd_prune, "delete finished jobs (steps, journal, once records) older than a duration",
                 as_json=True)
     prune.add_argument("--older-than", required=True, type=duration, metavar="AGE",

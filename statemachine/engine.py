@@ -21,6 +21,7 @@ from .context import dump_context, to_json, validate_submission
 from .ownership import Clock
 from .runner import JobRun
 from .storage import TERMINAL_JOB_STATES, TERMINAL_STEP_STATES, Durability, JobRow, StepRow, retention
+from .storage.connection import DEFAULT_FILE_MODE
 from .storage.contract import Storage, open_store
 from .storage.writepath import Claimed
 from .storage.retention import DEFAULT_BATCH
@@ -41,7 +42,7 @@ from .storage.errors import (
     WalstateError,
 )
 from .runtime import JobHandle, Worker
-from .schedules import Missed, Schedule
+from .schedules import DEFAULT_GRACE, Missed, Schedule
 from .storage.versions import MigratedJob, migrate_job
 from .substep import LiveJob, SubStep
 from .threads import ThreadCache
@@ -171,6 +172,10 @@ class Engine:
     change is durable. ``sync_interval`` (seconds, ``None`` for off) bounds
     what a power cut can take from ``"normal"``: the WAL is fsynced in the
     background at most that often while it has unsynced commits.
+    ``file_mode`` is the permission bits of a SQLite file the engine creates:
+    owner only (0o600) by default, since contexts, outputs and messages are
+    in it (SQLite gives ``-wal`` and ``-shm`` the same); ``None`` leaves it to
+    the umask. An existing file keeps its mode.
     """
 
     def __init__(
@@ -184,6 +189,7 @@ class Engine:
         group_commit: bool = True,
         clock: Clock = time.time,
         sync_interval: float | None = 0.1,
+        file_mode: int | None = DEFAULT_FILE_MODE,
     ) -> None:
         if workers < 1:
             raise ConfigurationError(f"workers must be >= 1, not {workers}")
@@ -191,7 +197,8 @@ class Engine:
             raise ConfigurationError(f"lease must be > 0 seconds, not {lease}")
         # sync_interval: see Store (bounds what a power cut can take from durability="normal").
         self.store: Storage = open_store(path, durability=durability, busy_timeout=busy_timeout,
-                                         group_commit=group_commit, sync_interval=sync_interval)
+                                         group_commit=group_commit, sync_interval=sync_interval,
+                                         file_mode=file_mode)
         self.path = self.store.path
         self.workers = workers
         self.lease = lease
@@ -613,17 +620,21 @@ class Engine:
             self._ended(job_id, active)
 
     def schedule(self, workflow: Workflow[C], *, cron: str, context: C | dict[str, Any], name: str | None = None,
-                 missed: Missed = "latest") -> Schedule:
+                 missed: Missed = "latest", grace: float = DEFAULT_GRACE) -> Schedule:
         """Run a job of ``workflow`` on every slot of ``cron`` (UTC) while a worker of this engine runs.
 
-        Each slot makes one job across every process on the file (its key is
-        ``schedule:NAME:SLOT``, and keys are unique per workflow). ``missed``:
-        ``"latest"`` runs the latest slot missed during downtime once when a
-        worker starts; ``"skip"`` runs only slots that come while it runs.
-        ``name`` defaults to the workflow's name; one schedule per name.
+        Each slot makes one job across every process on the database, restarts
+        and prunes included: the schedule's progress is stored and advances in
+        the transaction that creates the slot's job (key ``schedule:NAME:SLOT``).
+        A slot less than ``grace`` seconds old when a worker checks it is on
+        time and gets its job, however late the check; older ones were missed:
+        ``missed="latest"`` gives the latest missed slot one job if no slot is
+        on time, ``"skip"`` gives missed slots none (see
+        :mod:`walstate.schedules`). ``name`` defaults to the workflow's name;
+        one schedule per name.
         """
         self.register(workflow)
-        sched = Schedule(name or workflow.name, workflow, cron, context, missed)
+        sched = Schedule(name or workflow.name, workflow, cron, context, missed, grace)
         if sched.name in self._schedules:
             raise DefinitionError(f"{self.path}: a schedule named {sched.name!r} exists already")
         self._schedules[sched.name] = sched
@@ -636,10 +647,22 @@ class Engine:
         """Submit the job of every schedule slot that has come (the worker calls this)."""
         now = self.clock()
         for sched in list(self._schedules.values()):
-            slot = sched.due(now)
-            if slot is not None:
-                self.submit(sched.flow, sched.context, key=sched.key(slot))
-                sched.last_slot = slot
+            slots, passed = sched.due(now, self.store.read.schedule_slot(sched.name))
+            for slot in slots:
+                self._submit_slot(sched, slot)
+            if passed is not None:
+                self.store.write.pass_slot(sched.name, passed)
+
+    def _submit_slot(self, sched: Schedule, slot: float) -> None:
+        """Create the job of one slot and advance the schedule's progress to it (nothing if another process did)."""
+        flow = sched.flow
+        where = f"schedule {sched.name!r}"
+        text = dump_context(flow.context, validate_submission(flow.context, sched.context, where), where)
+        job_id = self.store.write.create_scheduled(sched.name, slot, flow.name, sched.key(slot), text,
+                                                   flow.ranked_steps(), flow.version, flow.fingerprint)
+        worker = self._worker
+        if worker is not None and job_id is not None:
+            worker.wake()
 
     def start_worker(self, concurrency: int | None = None, *, poll: float = 0.02) -> Worker:
         """Start a worker in background threads: it claims and runs jobs until :meth:`stop_worker`.

@@ -31,6 +31,9 @@ Durability = Literal["normal", "full"]
 
 _SYNCHRONOUS = {"normal": 1, "full": 2}
 
+#: Permission bits of a database file walstate creates (owner only); ``file_mode=None``: the umask's.
+DEFAULT_FILE_MODE = 0o600
+
 
 class WriteLocked(peewee.Database):
     """One in-process write lock shared by every writer of a walstate database (either backend).
@@ -210,6 +213,7 @@ def open_database(
     busy_timeout: float = 5.0,
     readonly: bool = False,
     autocheckpoint: int | None = None,
+    file_mode: int | None = DEFAULT_FILE_MODE,
 ) -> WalstateDatabase:
     """Open (creating it unless ``readonly``) the SQLite file at ``path`` in WAL mode.
 
@@ -219,6 +223,17 @@ def open_database(
     ``autocheckpoint`` is the WAL size (pages) at which a committing
     connection checkpoints (SQLite's default, 1000, when ``None``): higher
     while a background thread checkpoints instead (see ``storage.syncer``).
+    ``file_mode`` is the permission bits a *new* file is created with
+    (default 0o600, owner only: contexts, outputs and messages are private);
+    SQLite gives ``PATH-wal`` and ``PATH-shm`` the database file's mode.
+    ``None`` leaves it to the umask. An existing file keeps its mode.
+
+    A read-only open of a file that has no ``PATH-wal`` (no connection has it
+    open) opens it read-write with ``query_only``: closing it then removes the
+    ``-wal`` and ``-shm`` SQLite made for the read (a ``mode=ro`` connection
+    cannot, and left them behind); with nothing in the WAL, the close writes
+    nothing to the file. Otherwise (another connection has it open, or the
+    file is not writable) it opens with ``mode=ro``.
 
     Raises :class:`DatabaseUnavailable`, :class:`NotADatabase` or
     :class:`ConfigurationError`, each naming the path.
@@ -231,16 +246,24 @@ def open_database(
     if readonly:
         if not os.path.exists(path):
             raise DatabaseUnavailable(f"{path}: no such file", path)
-        # mode=ro, not PRAGMA query_only: a query_only connection that is the
-        # last to close still checkpoints the WAL into the file, changing its
-        # bytes. A mode=ro reader never writes the database file (SQLite may
-        # leave PATH-wal and PATH-shm beside it).
-        uri = pathlib.Path(path).absolute().as_uri() + "?mode=ro"
-        db = WalstateDatabase(uri, uri=True, pragmas={"busy_timeout": int(busy_timeout * 1000)})
+        # mode=ro, not PRAGMA query_only, when a WAL is there: a query_only connection that is
+        # the last to close still checkpoints the WAL into the file, changing its bytes. A
+        # mode=ro reader never writes the database file, but leaves PATH-wal and PATH-shm
+        # beside it; so with no WAL (nothing to checkpoint) the read goes through a read-write
+        # connection that may not write (mode=rw: never creates the file), whose close removes them.
+        clean = not os.path.exists(path + "-wal") and os.access(path, os.W_OK) and \
+            os.access(os.path.dirname(os.path.abspath(path)), os.W_OK)
+        uri = pathlib.Path(path).absolute().as_uri() + ("?mode=rw" if clean else "?mode=ro")
+        pragmas: dict[str, object] = {"busy_timeout": int(busy_timeout * 1000)}
+        if clean:
+            pragmas["query_only"] = 1
+        db = WalstateDatabase(uri, uri=True, pragmas=pragmas)
     else:
         directory = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(directory):
             raise DatabaseUnavailable(f"{path}: directory {directory} does not exist", path)
+        if file_mode is not None and path not in ("", ":memory:"):
+            _create_private(path, file_mode)
         db = WalstateDatabase(path, pragmas=_pragmas(durability, busy_timeout, autocheckpoint), lock_type="IMMEDIATE")
     try:
         db.connect(reuse_if_open=True)
@@ -255,6 +278,27 @@ def open_database(
             raise translate(exc, path, "opening the database") from exc
         raise
     return db
+
+
+def _create_private(path: str, mode: int) -> None:
+    """Create ``path`` empty with ``mode`` (exactly: the umask is not applied) unless it exists.
+
+    SQLite creates a missing file with the umask's mode (0644 by default: every
+    local user could read every job) and gives ``-wal``/``-shm`` the mode of the
+    database file; creating the file first is how its mode is chosen. SQLite
+    reads an empty file as an empty database.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError:
+        return
+    except OSError as exc:
+        raise DatabaseUnavailable(f"{path}: cannot create the file ({exc}); check that its directory exists and is "
+                                  "writable", path) from exc
+    try:
+        os.fchmod(fd, mode)  # os.open applied the umask
+    finally:
+        os.close(fd)
 
 
 def _check_pragmas(conn: sqlite3.Connection, path: str, durability: Durability) -> None:

@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable
 from typing import Protocol
 
-from .connection import Durability, WriteLocked
+from .connection import DEFAULT_FILE_MODE, Durability, WriteLocked
 from .reads import Reader
 from .syncer import DEFAULT_SYNC_INTERVAL
 from .writepath import WritePath
@@ -75,8 +75,12 @@ def open_store(
     group_commit: bool = True,
     sync_interval: float | None = DEFAULT_SYNC_INTERVAL,
     database_id: str | None = None,
+    file_mode: int | None = DEFAULT_FILE_MODE,
 ) -> Storage:
-    """Open the walstate database at ``target``: a ``postgresql://`` URL or a SQLite file path."""
+    """Open the walstate database at ``target``: a ``postgresql://`` URL or a SQLite file path.
+
+    ``file_mode`` (SQLite only) is the permission bits of a file this creates: owner only by default.
+    """
     # A string test, not storage.postgres's: SQLite users never import psycopg.
     if isinstance(target, str) and target.startswith(("postgresql://", "postgres://")):
         from .postgres import PgStore
@@ -86,7 +90,8 @@ def open_store(
     from .store import Store
 
     return Store(target, durability=durability, busy_timeout=busy_timeout, readonly=readonly,
-                 group_commit=group_commit, sync_interval=sync_interval, database_id=database_id)
+                 group_commit=group_commit, sync_interval=sync_interval, database_id=database_id,
+                 file_mode=file_mode)
 
 
 __all__ = ["Storage", "open_store"]

@@ -39,6 +39,7 @@ Files newer than :data:`LATEST` are refused with :class:`SchemaTooNew`.
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -106,7 +107,60 @@ MIGRATIONS: dict[int, Migration] = {
         'CREATE INDEX IF NOT EXISTS "job_parked_wake_at" ON "walstate_job" ("wake_at") '
         "WHERE (((\"state\" IN ('pending', 'running')) AND (\"owner\" IS NULL)) AND (\"wake_at\" IS NOT NULL))",
     ],
+    # ---- issue 26.4: job ids are never reused. --------------------------------------------
+    # A job id without AUTOINCREMENT is max(id)+1, so pruning the newest jobs handed their ids
+    # (and with them every step's idempotency key, DATABASE_ID:JOB_ID:STEP) to the next jobs.
+    # AUTOINCREMENT keeps the highest id ever used in sqlite_sequence; adding it needs the
+    # table rebuilt (see _job_ids_never_reused). Ids pruned before this upgrade are unknown
+    # to it: it starts above the highest id still in the file.
+    7: lambda conn: _job_ids_never_reused(conn),
+    # ---- issue 27.14: no index that only repeats the prefix of another. -------------------
+    # Each of these is the job_id prefix of a wider index on the same table (step_job_id_name,
+    # journal_job_id_id, once's primary key, message_job_id_key), which serves every lookup
+    # and cascade by job_id as well; they only cost space and a write per row.
+    8: [
+        'DROP INDEX IF EXISTS "step_job_id"',
+        'DROP INDEX IF EXISTS "journal_job_id"',
+        'DROP INDEX IF EXISTS "once_job_id"',
+        'DROP INDEX IF EXISTS "message_job_id"',
+    ],
+    # ---- issue 26.5: a schedule's progress is stored, not kept in a process's memory. -----
+    # The latest slot of each schedule that got its job (or was passed over as missed),
+    # advanced in the transaction that creates the slot's job: one job per slot across
+    # restarts, processes and prunes (statemachine/schedules.py).
+    9: [
+        'CREATE TABLE IF NOT EXISTS "walstate_schedule" ("name" TEXT NOT NULL PRIMARY KEY, '
+        '"last_slot" REAL NOT NULL, "updated_at" REAL NOT NULL)',
+    ],
 }
+
+
+def _job_ids_never_reused(conn: sqlite3.Connection) -> None:
+    """Rebuild walstate_job with ``AUTOINCREMENT``, keeping every row, column and index (schema 7).
+
+    SQLite cannot add AUTOINCREMENT to a table: a new table is made from the
+    old one's own ``CREATE TABLE`` text (so every column added by ALTER TABLE
+    keeps its place, type and default), the rows are copied with their ids
+    (which sets sqlite_sequence to the highest), the old table is dropped and
+    the new one renamed, and the indexes are made again from their own text.
+    The caller has switched foreign keys off for the upgrade (dropping the old
+    table would otherwise cascade into every step, journal and message row)
+    and checks them before it commits (:func:`apply`).
+    """
+    (sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE type='table' AND name='walstate_job'").fetchone()
+    rebuilt, count = re.subn(r'^CREATE TABLE "walstate_job" \("id" INTEGER NOT NULL PRIMARY KEY',
+                             'CREATE TABLE "walstate_job_rebuilt" ("id" INTEGER NOT NULL PRIMARY KEY AUTOINCREMENT',
+                             str(sql))
+    if count != 1:
+        raise ValueError(f"walstate_job is not as walstate made it: {sql}")
+    indexes = [str(r[0]) for r in conn.execute(
+        "SELECT sql FROM sqlite_master WHERE type='index' AND tbl_name='walstate_job' AND sql IS NOT NULL")]
+    conn.execute(rebuilt)
+    conn.execute("INSERT INTO walstate_job_rebuilt SELECT * FROM walstate_job")
+    conn.execute("DROP TABLE walstate_job")
+    conn.execute("ALTER TABLE walstate_job_rebuilt RENAME TO walstate_job")
+    for index in indexes:
+        conn.execute(index)
 
 
 def latest(migrations: Mapping[int, Migration] = MIGRATIONS) -> int:
@@ -157,6 +211,15 @@ def apply(
                 path,
             ) from exc
         applied.append(target)
+    # The upgrade ran with foreign keys off (a table rebuild must not cascade): check them now.
+    broken = conn.execute("PRAGMA foreign_key_check").fetchall() if applied else []
+    if broken:
+        raise MigrationFailed(
+            f"{path}: after upgrading walstate's tables to schema {applied[-1]}, {len(broken)} row(s) reference rows "
+            f"that do not exist (first: {tuple(broken[0])}); the whole upgrade was rolled back and the file is "
+            f"unchanged at schema {version}; report this with the file's `sqlite3 .schema`",
+            path,
+        )
     return applied
 
 

@@ -60,7 +60,7 @@ from .errors import (
     DatabaseUnavailable,
     WriteFailed,
 )
-from .pg_schema import ensure_pg_schema, redact
+from .pg_schema import channel, ensure_pg_schema, lock_key, redact, walstate_schema
 from .reads import Reader
 from .writepath import Conn, WritePath
 
@@ -343,11 +343,10 @@ def _connection_lost(exc: BaseException, conn: Any) -> bool:
     return bool(conn.broken or conn.closed or code.startswith(("08", "57P")))
 
 
-# One channel per database (LISTEN/NOTIFY are per database): constant statements, no data in them.
-_LISTEN = "LISTEN walstate"
-_NOTIFY = "NOTIFY walstate"
-#: pg_advisory_xact_lock key serialising claims counted against per-workflow limits ("walc").
-_CLAIM_LOCK = 0x77616C63
+# LISTEN/NOTIFY channels and advisory locks are per database: walstate scopes both to the schema
+# that holds its tables (pg_schema.channel, pg_schema.lock_key), so apps in two schemas of one
+# database neither wake each other's workers nor serialise their claims on one lock.
+_NOTIFY = Native("SELECT pg_notify(%s, '')")
 
 
 class _Side:
@@ -358,9 +357,11 @@ class _Side:
     failure; never used across fork (the child makes its own).
     """
 
-    def __init__(self, url: str, where: str) -> None:
+    def __init__(self, url: str, where: str, listen: str = channel("public")) -> None:
         self.url = url
         self.where = where
+        #: The channel this session listens on (the schema's: see pg_schema.channel).
+        self.listen = listen
         self.lock = threading.Lock()
         self.conn: Any = None
         self.pid = os.getpid()
@@ -372,7 +373,9 @@ class _Side:
             self.conn, self.pid = None, os.getpid()
         if self.conn is None or self.conn.closed:
             conn = psycopg.connect(self.url, autocommit=True, **session_params(self.url, "walstate-listen"))
-            conn.execute(_LISTEN)
+            from psycopg import sql
+
+            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.listen)))
             self.conn = conn
         return self.conn
 
@@ -612,11 +615,31 @@ class PgWritePath(WritePath):
             # insert (READ COMMITTED): now the look finds its job.
             return super().create_job(workflow, key, context, steps, version, fingerprint)
 
+    def create_scheduled(self, schedule: str, slot: float, workflow: str, key: str, context: str,
+                         steps: Sequence[tuple[str, str, int]], version: int = 1,
+                         fingerprint: str | None = None) -> int | None:
+        try:
+            return super().create_scheduled(schedule, slot, workflow, key, context, steps, version, fingerprint)
+        except WriteFailed as exc:
+            if not isinstance(exc.__cause__, psycopg.errors.UniqueViolation):
+                raise
+            # A submit of the same key committed between our look and our insert (as in create_job).
+            return super().create_scheduled(schedule, slot, workflow, key, context, steps, version, fingerprint)
+
+    #: The schema's channel and claim-lock key (PgStore sets them with scope()).
+    _channel = channel("public")
+    _claim_lock = lock_key("claims", "public")
+
+    def scope(self, schema: str) -> None:
+        """Send wake-ups on, and serialise limited claims by, the channel and lock of ``schema``."""
+        self._channel = channel(schema)
+        self._claim_lock = lock_key("claims", schema)
+
     def _wake(self, conn: Conn) -> None:
-        conn.execute(Native(_NOTIFY))
+        conn.execute(_NOTIFY, (self._channel,))
 
     def _lock_claims(self, conn: Conn) -> None:
-        conn.execute(Native("SELECT pg_advisory_xact_lock(%s)"), (_CLAIM_LOCK,))
+        conn.execute(Native("SELECT pg_advisory_xact_lock(%s)"), (self._claim_lock,))
 
 
 class PgStore:
@@ -657,6 +680,9 @@ class PgStore:
                                          f"{database_id!r}; an existing database keeps its id (use a new one)")
             self.database_id = schema.database_id
             self.migrated = schema.applied
+            #: The schema of the search_path that holds walstate's tables: it scopes wake-ups and locks.
+            self.schema = walstate_schema(self.db.connection()) or "public"
+            self._side.listen = channel(self.schema)
             self.clock = ServerClock(time.time, self._side.offset)
         except BaseException:
             self.db.close()
@@ -664,6 +690,7 @@ class PgStore:
             raise
         self.read = PgReader(self.db, self.path, self._side)
         self.write = PgWritePath(self.db, self.path, group_commit=group_commit, clock=self.clock)
+        self.write.scope(self.schema)
         from .store import _stores
 
         _stores.add(self)

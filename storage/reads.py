@@ -202,6 +202,11 @@ class Reader:
                                      (job_id,))
         return {str(r[0]) for r in rows}
 
+    def schedule_slot(self, name: str) -> float | None:
+        """The latest slot of schedule ``name`` that got its job or was passed over (None: none yet)."""
+        rows: list[Any] = self._rows("SELECT last_slot FROM walstate_schedule WHERE name=?", (name,))
+        return float(rows[0][0]) if rows else None
+
     def data_version(self) -> int:
         """SQLite's ``PRAGMA data_version``: changes whenever another connection commits to the file."""
         value: Any = self._rows("PRAGMA data_version")[0][0]

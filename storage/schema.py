@@ -47,9 +47,17 @@ class Models:
     journal: Any
     once: Any
     message: Any
+    schedule: Any
 
     def all(self) -> list[Any]:
-        return [self.meta, self.job, self.step, self.journal, self.once, self.message]
+        return [self.meta, self.job, self.step, self.journal, self.once, self.message, self.schedule]
+
+
+class _AutoIncrement(peewee.AutoField):
+    """An id SQLite never hands out twice (``AUTOINCREMENT``: schema 7), even after the newest rows are deleted."""
+
+    def ddl(self, ctx: Any) -> Any:
+        return peewee.NodeList((super().ddl(ctx), peewee.SQL("AUTOINCREMENT")))
 
 
 def bind_models(db: peewee.Database) -> Models:
@@ -67,7 +75,8 @@ def bind_models(db: peewee.Database) -> Models:
             table_name = "walstate_meta"
 
     class Job(Base):
-        id = peewee.AutoField()
+        # Schema 7: AUTOINCREMENT, so a pruned job's id (and its steps' idempotency keys) never comes back.
+        id = _AutoIncrement()
         workflow = peewee.TextField()
         key = peewee.TextField(null=True)
         state = peewee.TextField(default="pending")
@@ -100,7 +109,8 @@ def bind_models(db: peewee.Database) -> Models:
 
     class Step(Base):
         id = peewee.AutoField()
-        job = peewee.ForeignKeyField(Job, column_name="job_id", on_delete="CASCADE")
+        # index=False (schema 8): the unique (job_id, name) index serves lookups by job_id.
+        job = peewee.ForeignKeyField(Job, column_name="job_id", on_delete="CASCADE", index=False)
         name = peewee.TextField()
         phase = peewee.TextField()
         # Rank in the job: phases in declared order, then declaration order.
@@ -124,7 +134,7 @@ def bind_models(db: peewee.Database) -> Models:
 
     class Journal(Base):
         id = peewee.AutoField()
-        job = peewee.ForeignKeyField(Job, column_name="job_id", on_delete="CASCADE")
+        job = peewee.ForeignKeyField(Job, column_name="job_id", on_delete="CASCADE", index=False)  # see Step.job
         step = peewee.TextField(null=True)  # NULL: a change of the job's own state
         from_state = peewee.TextField()
         to_state = peewee.TextField()
@@ -137,7 +147,7 @@ def bind_models(db: peewee.Database) -> Models:
             indexes = ((("job", "id"), False),)
 
     class Once(Base):
-        job = peewee.ForeignKeyField(Job, column_name="job_id", on_delete="CASCADE")
+        job = peewee.ForeignKeyField(Job, column_name="job_id", on_delete="CASCADE", index=False)  # see Step.job
         step = peewee.TextField()
         name = peewee.TextField()
         result = peewee.TextField()
@@ -164,7 +174,7 @@ def bind_models(db: peewee.Database) -> Models:
         Job.state.in_(UNFINISHED_JOB_STATES) & Job.owner.is_null() & Job.wake_at.is_null(False)))
     class Message(Base):
         id = peewee.AutoField()
-        job = peewee.ForeignKeyField(Job, column_name="job_id", on_delete="CASCADE")
+        job = peewee.ForeignKeyField(Job, column_name="job_id", on_delete="CASCADE", index=False)  # see Step.job
         topic = peewee.TextField()
         payload = peewee.TextField()
         key = peewee.TextField(null=True)
@@ -176,7 +186,17 @@ def bind_models(db: peewee.Database) -> Models:
             table_name = "walstate_message"
             indexes = ((("job", "key"), True), (("job", "topic", "id"), False))
 
-    return Models(Meta_, Job, Step, Journal, Once, Message)
+    class Schedule(Base):
+        # Schema 9: a schedule's progress, the latest slot that got its job or was passed over
+        # (statemachine/schedules.py); advanced in the transaction that creates the slot's job.
+        name = peewee.TextField(primary_key=True)
+        last_slot = peewee.FloatField()
+        updated_at = peewee.FloatField()
+
+        class Meta:
+            table_name = "walstate_schedule"
+
+    return Models(Meta_, Job, Step, Journal, Once, Message, Schedule)
 
 
 @dataclass(frozen=True)
@@ -236,6 +256,10 @@ def ensure_schema(
                     "`walstate upgrade DB` (or by opening it with an Engine), then retry",
                     path,
                 )
+            # Foreign keys off while tables are made or rebuilt (a rebuild drops a parent table,
+            # which would cascade into its children); apply() checks them before the commit.
+            # The pragma is a no-op inside a transaction: it is set before BEGIN, restored after.
+            conn.execute("PRAGMA foreign_keys=OFF")
             # EXCLUSIVE: in WAL mode it is the write lock (readers go on); taken
             # up front, so two openers never both decide to upgrade.
             conn.execute("BEGIN EXCLUSIVE")
@@ -255,6 +279,8 @@ def ensure_schema(
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+            finally:
+                conn.execute("PRAGMA foreign_keys=ON")
             rows = _meta(conn) or {}
     except (sqlite3.Error, peewee.PeeweeException) as exc:
         raise translate(exc, path, "reading walstate's schema") from exc

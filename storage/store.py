@@ -7,7 +7,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from .connection import Durability, open_database
+from .connection import DEFAULT_FILE_MODE, Durability, open_database
 from .errors import ConfigurationError
 from .reads import Reader
 from .schema import bind_models, ensure_schema
@@ -34,6 +34,9 @@ class Store:
     give their steps the same idempotency keys. Raises ConfigurationError if
     the file already exists with another id. Production files must keep their
     random ids: the id is what tells two databases' idempotency keys apart.
+
+    ``file_mode``: the permission bits of a file this creates (default 0o600,
+    owner only; ``-wal`` and ``-shm`` get the same); ``None``: the umask's.
     """
 
     def __init__(
@@ -46,13 +49,14 @@ class Store:
         group_commit: bool = True,
         sync_interval: float | None = DEFAULT_SYNC_INTERVAL,
         database_id: str | None = None,
+        file_mode: int | None = DEFAULT_FILE_MODE,
     ) -> None:
         self.path = os.fspath(path)
         self.durability = durability
         self.readonly = readonly
         syncing = sync_interval is not None and durability == "normal" and not readonly
         self.db = open_database(self.path, durability=durability, busy_timeout=busy_timeout, readonly=readonly,
-                                autocheckpoint=BACKSTOP_PAGES if syncing else None)
+                                autocheckpoint=BACKSTOP_PAGES if syncing else None, file_mode=file_mode)
         try:
             self.models = bind_models(self.db)
             schema = ensure_schema(self.db, self.models, self.path, create=not readonly, database_id=database_id)

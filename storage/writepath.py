@@ -966,5 +966,42 @@ class WritePath:
             except self.db.driver_errors as exc:
                 raise self.db.translate(exc, self.path, doing) from exc
 
+    # -- schedules (issue 26.5): a schedule's progress advances with its slot's job ----------
+
+    _ADVANCE = (
+        "INSERT INTO walstate_schedule (name, last_slot, updated_at) VALUES (?, ?, ?) "
+        "ON CONFLICT (name) DO UPDATE SET last_slot=excluded.last_slot, updated_at=excluded.updated_at "
+        "WHERE walstate_schedule.last_slot < excluded.last_slot"
+    )
+
+    def create_scheduled(self, schedule: str, slot: float, workflow: str, key: str, context: str,
+                         steps: Sequence[tuple[str, str, int]], version: int = 1,
+                         fingerprint: str | None = None) -> int | None:
+        """Create the job of ``schedule``'s ``slot`` and advance its progress to it, in one transaction.
+
+        Returns the job's id, or None when the schedule's progress is already
+        at or past ``slot`` (another process made the job, or passed the slot
+        over): nothing is written then. A job that already has ``key`` is
+        kept (not made twice) and the progress still advances.
+        """
+        with self._lock:
+            try:
+                with self._own_transaction() as conn:
+                    now = self.clock()
+                    if conn.execute(self._ADVANCE, (schedule, slot, now)).rowcount != 1:
+                        return None
+                    row = conn.execute("SELECT id FROM walstate_job WHERE workflow=? AND key=?",
+                                       (workflow, key)).fetchone()
+                    if row is not None:
+                        return int(row[0])
+                    return self._insert_job(conn, workflow, key, context, steps, version, fingerprint, now)
+            except self.db.driver_errors as exc:
+                raise self.db.translate(exc, self.path, f"creating the {key!r} job of schedule {schedule!r}") from exc
+
+    def pass_slot(self, schedule: str, slot: float) -> bool:
+        """Advance ``schedule``'s progress to ``slot`` without a job (a missed slot); False if it was there already."""
+        return self._single(self._ADVANCE, (schedule, slot, self.clock()),
+                            f"recording the progress of schedule {schedule!r}") == 1
+
 
 __all__ = ["Change", "Claimed", "ContextPatch", "WritePath"]

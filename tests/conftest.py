@@ -180,7 +180,8 @@ def postgres_url() -> Iterator[str]:
         return
     if pgserver.find_bindir() is None:
         _no_postgres(f"no PostgreSQL server: install Debian's postgresql or set {POSTGRES_URL_ENV}")
-    server = pgserver.start()
+    # The watchdog stops the cluster should this process die without its teardown (SIGKILL).
+    server = pgserver.start(watchdog=True)
     session = os.getpid()
     # Also at exit, should the session end without its teardown; not in a forked child.
     atexit.register(lambda: os.getpid() == session and server.stop())

@@ -8,6 +8,12 @@ Used two ways:
   files live in DIR, ``url DIR`` prints it again, ``stop DIR`` stops it and removes DIR
   (.ci/run does this, before the virtual environment exists).
 
+``start(watchdog=True)`` (what the test session uses) ties the cluster to the process that started
+it, however that process ends (SIGKILL included): a small watchdog process (``pgserver.py watch
+DIR``, in a session of its own) holds the read end of a pipe whose write end only the starter
+holds, and stops the cluster and removes DIR when the pipe reaches end-of-file (the kernel closes
+the starter's end when it dies) or when the watchdog finds itself re-parented.
+
 Only the standard library is used (the server is driven by ``initdb``, ``pg_ctl`` and ``pg_isready``),
 so the system ``python3`` can run it without psycopg.
 
@@ -19,9 +25,11 @@ tests run as root the server runs as ``postgres`` (or ``nobody``) through ``runu
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 import pwd
+import select
 import shutil
 import socket
 import subprocess
@@ -129,6 +137,9 @@ class Server:
     port: int
     bindir: Path
     user: str | None
+    #: With ``start(watchdog=True)``: the write end of the watchdog's pipe, and the watchdog.
+    watchdog_fd: int | None = None
+    watchdog: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
@@ -142,6 +153,15 @@ class Server:
     def stop(self) -> None:
         """Stop the server (immediate: its data is thrown away) and remove its directory."""
         stop(self.root)
+        if self.watchdog_fd is not None and self.watchdog is not None:
+            fd = self.watchdog_fd
+            object.__setattr__(self, "watchdog_fd", None)  # once: the number may name another file later
+            os.close(fd)  # the watchdog sees end-of-file, finds nothing left to stop, and exits
+            try:
+                self.watchdog.wait(60)
+            except subprocess.TimeoutExpired:
+                self.watchdog.kill()
+                self.watchdog.wait()
 
 
 def _run(user: str | None, bindir: Path, tool: str, *args: str, cwd: Path, timeout: float = 120) -> None:
@@ -155,7 +175,7 @@ def _run(user: str | None, bindir: Path, tool: str, *args: str, cwd: Path, timeo
 
 
 def start(root: str | Path | None = None, *, settings: dict[str, str] | None = None, durable: bool = False,
-          timeout: float = 60) -> Server:
+          timeout: float = 60, watchdog: bool = False) -> Server:
     """Create and start a new cluster in ``root`` (a new temporary directory if None); return it running.
 
     ``root`` must not exist yet or be empty, and the server's user must be able to reach it (its
@@ -163,7 +183,8 @@ def start(root: str | Path | None = None, *, settings: dict[str, str] | None = N
     ``durable``. ``settings`` replace :data:`TEST_SETTINGS` (the port, the socket directory and
     listen_addresses are always set); ``durable`` uses :data:`DURABLE_SETTINGS` instead (fsync on,
     ``synchronous_commit=on``: what the benchmarks measure against). Raises :class:`ServerError` with the server's
-    log when something fails; nothing is left running then.
+    log when something fails; nothing is left running then. ``watchdog`` stops the cluster when the
+    calling process dies, however it dies (see the module docstring).
     """
     bindir = find_bindir()
     if bindir is None:
@@ -210,10 +231,41 @@ def start(root: str | Path | None = None, *, settings: dict[str, str] | None = N
         _wait_ready(server, time.monotonic() + timeout)
         (base / "url").write_text(server.url + "\n", encoding="utf-8")
         (base / "bindir").write_text(str(bindir) + "\n", encoding="utf-8")
+        if watchdog:
+            server = _watch(server)
         return server
     except BaseException:
         stop(base)
         raise
+
+
+def _watch(server: Server) -> Server:
+    """``server`` with a watchdog process that stops it once this process is gone."""
+    read, write = os.pipe()  # not inheritable: no other child of ours holds the write end
+    try:
+        # A session of its own: a signal to our process group (Ctrl-C, a CI runner's kill) does
+        # not reach it before it has done its work.
+        proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "watch", str(server.root)], stdin=read,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    except BaseException:
+        os.close(write)
+        raise
+    finally:
+        os.close(read)
+    return dataclasses.replace(server, watchdog_fd=write, watchdog=proc)
+
+
+def watch(root: str | Path) -> None:
+    """The watchdog: wait for end-of-file on stdin (or to be re-parented), then stop the cluster in ``root``."""
+    parent = os.getppid()
+    while True:
+        ready, _, _ = select.select([0], [], [], 1.0)
+        if ready:
+            if not os.read(0, 4096):
+                break  # the starter closed its end, or died (the kernel closed it)
+        elif os.getppid() != parent:
+            break  # the starter is gone (a forked child of it may still hold the pipe)
+    stop(root)
 
 
 def _wait_ready(server: Server, deadline: float) -> None:
@@ -261,8 +313,8 @@ def url(root: str | Path) -> str:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2 or argv[0] not in ("start", "stop", "url"):
-        print("usage: python3 tests/pgserver.py start|stop|url DIR", file=sys.stderr)
+    if len(argv) != 2 or argv[0] not in ("start", "stop", "url", "watch"):
+        print("usage: python3 tests/pgserver.py start|stop|url|watch DIR", file=sys.stderr)
         return 2
     command, root = argv
     try:
@@ -270,6 +322,8 @@ def main(argv: list[str]) -> int:
             print(start(root).url)
         elif command == "stop":
             stop(root)
+        elif command == "watch":
+            watch(root)
         else:
             print(url(root))
     except (ServerError, OSError) as exc:

@@ -277,6 +277,9 @@ def test_every_option_of_every_command_has_help_text() -> None:
 def test_an_app_factory_that_fails_is_one_line_error_not_a_traceback(tmp_path: Path) -> None:
     (tmp_path / "badapp.py").write_text("def make(a, b):\n    return None\n")
     db = str(tmp_path / "x.db")
+    from walstate.storage import Store
+
+    Store(db).close()  # the file is checked before the app is loaded: a missing one is refused first
     done = subprocess.run([str(Path(sys.executable).parent / "walstate"), "jobs", db, "--app", "badapp:make"],
                           capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)})
     assert done.returncode == 1 and "Traceback" not in done.stderr
@@ -365,3 +368,77 @@ def test_describe_wait_reads_as_english_for_a_sleep_a_message_and_both() -> None
     assert describe_wait({"topic": None, "wake_at": at}) == f"sleeps until {_when(at)}"  # was "waits for until"
     assert describe_wait({"topic": "paid", "wake_at": None}) == "waits for a message on 'paid'"
     assert describe_wait({"topic": "paid", "wake_at": at}) == f"waits for a message on 'paid' or until {_when(at)}"
+
+
+@pytest.mark.parametrize("command", [["jobs", "{db}"], ["show", "{db}", "1"]])
+def test_a_read_command_with_an_app_never_creates_a_missing_file(tmp_path: Path, command: list[str]) -> None:
+    # The app's factory opened an Engine on the path, which made the file.
+    missing = tmp_path / "MISSING.db"
+    done = walstate(*[a.format(db=missing) for a in command], "--app", "tests.cli_app:make_engine")
+    assert done.returncode == 1 and "no such file" in done.stderr, done.stderr
+    assert sorted(os.listdir(tmp_path)) == []
+
+
+@pytest.mark.parametrize("command", [["jobs", "{db}"], ["show", "{db}", "4"]])
+def test_a_read_command_with_an_app_leaves_a_schema_1_file_at_schema_1(tmp_path: Path, command: list[str]) -> None:
+    import shutil
+
+    from tests.test_migrations import FIXTURE
+
+    old = tmp_path / "old.db"
+    shutil.copyfile(FIXTURE, old)
+    before = digest(str(old))
+    done = walstate(*[a.format(db=old) for a in command], "--app", "tests.cli_app:make_engine")
+    assert done.returncode == 1 and "walstate upgrade" in done.stderr, done.stderr
+    assert digest(str(old)) == before
+    assert sorted(os.listdir(tmp_path)) == ["old.db"]
+
+
+def test_a_read_command_leaves_no_wal_or_shm_beside_a_closed_file(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.db"
+    from tests.cli_app import make_engine
+
+    make_engine(str(path)).close()
+    assert sorted(os.listdir(tmp_path)) == ["jobs.db"]
+    for command in (["jobs", str(path)], ["jobs", str(path), "--app", "tests.cli_app:make_engine"]):
+        done = walstate(*command)
+        assert done.returncode == 0, done.stderr
+        assert sorted(os.listdir(tmp_path)) == ["jobs.db"], command
+
+
+def test_upgrade_refuses_another_applications_sqlite_file_unless_told_to_create_the_tables(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from walstate.cli import EXIT_ERROR, main
+
+    app = tmp_path / "app.db"
+    with sqlite3.connect(app) as conn:
+        conn.execute("CREATE TABLE orders (id INTEGER PRIMARY KEY)")
+    conn.close()
+    before = digest(str(app))
+    assert main(["upgrade", str(app)]) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "another application" in err and "orders" in err and "--create" in err, err
+    assert digest(str(app)) == before
+    assert main(["upgrade", "--create", str(app), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["created"] is True
+    conn = sqlite3.connect(app)
+    assert conn.execute("SELECT count(*) FROM orders").fetchone() == (0,)  # the app's table is kept
+    assert conn.execute("SELECT value FROM walstate_meta WHERE key='schema_version'").fetchone() is not None
+    conn.close()
+
+
+def test_retry_of_a_job_that_is_already_pending_says_nothing_was_requeued_and_exits_non_zero(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.cli_app import Shop, make_engine
+    from walstate.cli import EXIT_ERROR, main
+
+    path = str(tmp_path / "jobs.db")
+    with make_engine(path) as engine:
+        job = engine.submit("shop", Shop(name="ann"))
+    history = len(make_engine(path).history(job))
+    assert main(["retry", path, str(job)]) == EXIT_ERROR
+    captured = capsys.readouterr()
+    assert "pending already" in captured.err and "nothing was requeued" in captured.err, captured
+    assert "requeued:" not in captured.out
+    with make_engine(path) as engine:
+        assert engine.status(job).state == "pending" and len(engine.history(job)) == history

@@ -110,3 +110,58 @@ def test_walstate_adds_its_tables_to_an_application_database_and_leaves_user_ver
     names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert {"menus", "walstate_job", "walstate_step", "walstate_journal", "walstate_once"} <= names
     conn.close()
+
+
+def test_a_new_database_and_its_wal_and_shm_are_readable_by_their_owner_only(tmp_path: Path) -> None:
+    # With the umask's 0644, every local user could read every context, output and message.
+    from walstate import Engine
+
+    old = os.umask(0o022)
+    try:
+        private, shared = str(tmp_path / "private.db"), str(tmp_path / "shared.db")
+        with Engine(private) as e, Engine(shared, file_mode=None) as f:
+            e.store.read.jobs()
+            f.store.read.jobs()
+            for suffix in ("", "-wal", "-shm"):
+                assert os.stat(private + suffix).st_mode & 0o777 == 0o600, suffix
+                assert os.stat(shared + suffix).st_mode & 0o777 == 0o644, suffix  # asked for: the umask's
+    finally:
+        os.umask(old)
+
+
+def test_an_existing_file_keeps_the_mode_its_owner_gave_it(tmp_path: Path) -> None:
+    path = tmp_path / "kept.db"
+    Store(str(path)).close()
+    path.chmod(0o640)
+    Store(str(path)).close()
+    assert path.stat().st_mode & 0o777 == 0o640
+
+
+def test_a_read_only_open_leaves_no_wal_or_shm_behind_and_no_byte_of_the_file_changed(tmp_path: Path) -> None:
+    path = str(tmp_path / "closed.db")
+    Store(path).close()
+    assert not os.path.exists(path + "-wal")  # cleanly closed: nothing beside it
+    data, stamp = Path(path).read_bytes(), os.stat(path).st_mtime_ns
+    store = Store(path, readonly=True)
+    store.read.jobs()
+    store.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["closed.db"]
+    assert Path(path).read_bytes() == data and os.stat(path).st_mtime_ns == stamp
+
+
+def test_a_read_only_open_beside_a_live_writer_reads_its_commits_and_leaves_its_wal_alone(tmp_path: Path) -> None:
+    from walstate.storage.reads import Reader  # noqa: F401  (the store's reader is what is used)
+
+    path = str(tmp_path / "live.db")
+    writer = Store(path)
+    try:
+        conn = sqlite3.connect(path)
+        conn.execute("INSERT INTO walstate_meta (key, value) VALUES ('probe', '1')")
+        conn.commit()
+        conn.close()
+        reader = Store(path, readonly=True)
+        assert reader.read.database_id() == writer.database_id
+        reader.close()
+        assert os.path.exists(path + "-wal")  # the writer's: still open, still there
+    finally:
+        writer.close()

@@ -80,6 +80,9 @@ def schema_of(path: str) -> dict[str, Any]:
         shape[table] = {
             "columns": conn.execute(f"PRAGMA table_xinfo({table})").fetchall(),
             "foreign_keys": conn.execute(f"PRAGMA foreign_key_list({table})").fetchall(),
+            # Schema 7: AUTOINCREMENT is in the table's text only (PRAGMA table_xinfo does not show it).
+            "autoincrement": "AUTOINCREMENT" in conn.execute(
+                "SELECT upper(sql) FROM sqlite_master WHERE name=?", (table,)).fetchone()[0],
         }
     for name, table, sql in conn.execute(
         "SELECT name, tbl_name, sql FROM sqlite_master WHERE type='index' AND tbl_name LIKE 'walstate_%'"

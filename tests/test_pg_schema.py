@@ -18,7 +18,7 @@ import pytest
 
 from walstate import MigrationFailed, SchemaTooNew, SchemaTooOld
 from walstate.storage import SCHEMA_VERSION, Store
-from walstate.storage.pg_schema import PG_MIGRATIONS, SCHEMA_LOCK_KEY, ensure_pg_schema, redact
+from walstate.storage.pg_schema import PG_MIGRATIONS, ensure_pg_schema, lock_key, redact
 
 if TYPE_CHECKING:
     import psycopg
@@ -223,7 +223,8 @@ def test_a_failed_postgres_migration_rolls_back_and_names_the_version(pg_databas
     import psycopg
 
     with psycopg.connect(pg_database, autocommit=True) as other:
-        assert other.execute("SELECT pg_try_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY,)).fetchone() == (True,)
+        key = lock_key("schema", "public")
+        assert other.execute("SELECT pg_try_advisory_xact_lock(%s)", (key,)).fetchone() == (True,)
 
 
 @pytest.mark.postgres
@@ -275,3 +276,29 @@ def test_redact_removes_passwords_from_urls_and_connection_strings() -> None:
         "postgresql://app@h/db?password=***&application_name=w")
     assert redact("host=h user=app password='s3 cret' dbname=jobs") == "host=h user=app password=*** dbname=jobs"
     assert redact("postgresql://h/db") == "postgresql://h/db"
+
+
+def redundant_indexes(shape: dict[str, Any]) -> list[str]:
+    """Non-unique, non-partial indexes whose columns are the leading columns of another index or the primary key."""
+    found = []
+    for table, info in shape.items():
+        wider = [cols for _, cols, where in info["indexes"].values() if where is None] + [info["primary_key"]]
+        for name, (unique, cols, where) in info["indexes"].items():
+            if not unique and where is None and any(len(w) > len(cols) and w[:len(cols)] == cols for w in wider):
+                found.append(f"{table}.{name}")
+    return sorted(found)
+
+
+def test_no_sqlite_index_repeats_the_leading_columns_of_another_in_a_fresh_or_upgraded_file(tmp_path: Path) -> None:
+    # journal_job_id and step_job_id cost 17% of a file of 1M jobs for nothing (issue 27.14).
+    fresh, old = str(tmp_path / "fresh.db"), str(tmp_path / "old.db")
+    shutil.copyfile(FIXTURE, old)
+    for path in (fresh, old):
+        Store(path).close()
+        assert redundant_indexes(sqlite_shape(path)) == [], path
+
+
+@pytest.mark.postgres
+def test_no_postgres_index_repeats_the_leading_columns_of_another(pg: psycopg.Connection[Any]) -> None:
+    ensure_pg_schema(pg, "test")
+    assert redundant_indexes(pg_shape(pg)) == []

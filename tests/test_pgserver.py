@@ -64,3 +64,69 @@ def test_a_durable_server_keeps_fsync_and_synchronous_commit_on_with_its_data_on
         assert datadir is not None and not str(datadir[0]).startswith("/dev/shm")
     finally:
         server.stop()
+
+
+HOLD = """
+import time
+
+import psycopg
+
+
+def test_hold(postgres_url):
+    with psycopg.connect(postgres_url) as conn:
+        row = conn.execute("SHOW data_directory").fetchone()
+    with open({report!r}, "w") as f:
+        f.write(row[0])
+    time.sleep(600)
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie nobody reaped: gone too
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.slow
+def test_a_sigkilled_pytest_run_leaves_no_postgres_cluster_running(tmp_path: Any) -> None:
+    # Four clusters of killed runs were found still running; the session's cluster must go
+    # with the pytest process that started it, however it dies.
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from . import pgserver
+
+    if pgserver.find_bindir() is None:
+        pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl) to start a cluster with")
+    root = Path(__file__).resolve().parent.parent
+    report = tmp_path / "datadir"
+    (tmp_path / "test_hold.py").write_text(HOLD.format(report=str(report)))
+    env = {k: v for k, v in os.environ.items() if k != "WALSTATE_TEST_POSTGRES"}
+    env["PYTHONPATH"] = str(root)
+    child = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "-p", "no:cacheprovider",
+                              "--rootdir", str(tmp_path), str(tmp_path / "test_hold.py")],
+                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (report.exists() and report.read_text()):
+            assert time.monotonic() < deadline and child.poll() is None, "the child run never reached its test"
+            time.sleep(0.1)
+        datadir = Path(report.read_text())
+        postmaster = int((datadir / "postmaster.pid").read_text().split()[0])
+        assert not _gone(postmaster)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(30)
+    deadline = time.monotonic() + 120
+    try:
+        while not (_gone(postmaster) and not datadir.parent.exists()):
+            assert time.monotonic() < deadline, f"cluster {datadir} (postmaster {postmaster}) outlived its pytest run"
+            time.sleep(0.1)
+    finally:
+        pgserver.stop(datadir.parent)  # nothing left to do when the test passes; else no cluster of ours stays

@@ -128,7 +128,7 @@ def test_step_changes_send_no_notification_only_new_released_and_messaged_jobs_d
     store = open_store(pg_database)
     listener = psycopg.connect(pg_database.replace("postgres://", "postgresql://"), autocommit=True)
     try:
-        listener.execute("LISTEN walstate")
+        listener.execute('LISTEN "walstate:public"')  # the channel of walstate's tables in schema public
         step = new_step(store, owner="me")  # creates a job (one notification) and claims it (none)
         assert len(list(listener.notifies(timeout=2, stop_after=1))) == 1
         step.start()  # step changes: no notification
@@ -303,3 +303,64 @@ def test_a_role_that_may_not_create_tables_is_told_which_grant_it_needs(pg_datab
     finally:
         with psycopg.connect(pg_database, autocommit=True) as admin:
             admin.execute(f'DROP ROLE "{role}"')
+
+
+def two_schemas(pg_database: str) -> tuple[str, str]:
+    import psycopg
+
+    with psycopg.connect(pg_database, autocommit=True) as admin:
+        admin.execute("CREATE SCHEMA app_a")
+        admin.execute("CREATE SCHEMA app_b")
+    return (pg_database + "?options=-csearch_path%3Dapp_a", pg_database + "?options=-csearch_path%3Dapp_b")
+
+
+def test_a_submit_in_one_schema_wakes_no_worker_of_an_app_in_another_schema_of_the_database(
+        pg_database: str) -> None:
+    # LISTEN/NOTIFY channels are per database: apps in two schemas woke each other's workers.
+    import psycopg
+
+    url_a, url_b = two_schemas(pg_database)
+    flow = noop_flow()
+    with Engine(url_a) as a, Engine(url_b) as b:
+        a.register(flow)
+        b.store.read.data_version()  # b's listener is connected and listening
+        side: Any = getattr(b.store, "_side")
+        with side.lock:
+            (listened,) = side.conn.execute("SELECT pg_listening_channels()").fetchone()
+        a.submit(flow, Ctx())  # committed: its notification (if any reached b) is queued before the probe
+        with psycopg.connect(pg_database, autocommit=True) as other:
+            other.execute("SELECT pg_notify(%s, 'probe')", (listened,))
+        with side.lock:
+            got = [n.payload for n in side.conn.notifies(timeout=30, stop_after=1)]
+            while got[-1] != "probe":
+                got += [n.payload for n in side.conn.notifies(timeout=30, stop_after=1)]
+        assert got == ["probe"], f"b, listening on {listened!r}, also got a's notification"
+
+
+def test_claims_under_limits_in_one_schema_do_not_wait_for_those_of_an_app_in_another_schema(
+        pg_database: str) -> None:
+    # Advisory locks are per database: one app's claim lock made the other's claims wait.
+    url_a, url_b = two_schemas(pg_database)
+    a, b = open_store(url_a), open_store(url_b, busy_timeout=1.0)
+    try:
+        with a.db.atomic():
+            a.write._lock_claims(a.db.raw())  # a's limited claim holds its lock, in a's transaction
+            got = b.write.claim_runnable(owner="me", lease_expires=time.time() + 60, limit=1, workflows=["w"],
+                                         now=time.time(), limits={"w": 1})
+        assert got == []  # b's claim went ahead (with one shared key it waited, then failed busy)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_schema_creation_in_one_schema_does_not_wait_for_another_schemas_upgrade(pg_database: str) -> None:
+    import psycopg
+
+    from walstate.storage.pg_schema import lock_key
+
+    url_a, url_b = two_schemas(pg_database)
+    with psycopg.connect(url_a.replace("?options=-csearch_path%3Dapp_a", ""), autocommit=True) as holder:
+        with holder.transaction():
+            holder.execute("SELECT pg_advisory_xact_lock(%s)", (lock_key("schema", "app_a"),))
+            store = open_store(url_b, busy_timeout=1.0)  # creates app_b's tables at once
+            store.close()

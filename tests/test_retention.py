@@ -232,3 +232,54 @@ def test_walstate_prune_deletes_old_finished_jobs_and_a_dry_run_leaves_the_file_
     bad = walstate("prune", db_path, "--older-than", "30 days")
     assert bad.returncode == 2 and "not a duration" in bad.stderr
     assert json.loads(walstate("prune", db_path, "--older-than", "0s", "--json").stdout)["jobs"] == 3
+
+
+keyed = Workflow("keyed", context=Ctx, phases=["p"])
+
+
+@keyed.step(phase="p")
+def charge(ctx: Ctx, step: StepContext) -> dict[str, Any]:
+    return {"token": step.idempotency_key}
+
+
+@pytest.mark.backends
+def test_pruning_the_newest_job_never_hands_its_id_or_idempotency_key_to_a_later_job(db_path: str) -> None:
+    # A provider that deduplicates by key (as payment APIs do) would answer bob's charge with
+    # alice's, and an operator's `cancel 1` or a late webhook would reach the wrong job.
+    seen_ids: set[int] = set()
+    seen_keys: set[str | None] = set()
+    for _ in range(3):  # a new engine each time: the rule survives reopening the database
+        with Engine(db_path, workers=1) as engine:
+            engine.register(keyed)
+            job = engine.submit(keyed, Ctx())
+            key = engine.run(job).context.token
+            assert job not in seen_ids and key not in seen_keys
+            seen_ids.add(job)
+            seen_keys.add(key)
+            age(db_path, [job], 2 * DAY)
+            assert engine.prune(DAY) == 1  # the newest job, and with it the highest id in the table
+    assert len(seen_ids) == 3
+
+
+def test_a_schema_1_file_upgraded_in_place_never_reuses_a_pruned_jobs_id(tmp_path: Path) -> None:
+    import shutil
+
+    from .test_migrations import FIXTURE
+
+    path = str(tmp_path / "old.db")
+    shutil.copyfile(FIXTURE, path)
+    with Engine(path, workers=1) as engine:  # upgrades it, rebuilding walstate_job with every row
+        assert [r.id for r in engine.store.read.jobs()][:1] == [6]
+        engine.register(keyed)
+        job = engine.submit(keyed, Ctx())
+        engine.run(job)
+        age(path, [job], 2 * DAY)
+        engine.prune(DAY)  # the fixture's old finished jobs go too; 3, 4 and 5 (unfinished or failed) stay
+        assert engine.store.read.job(job) is None
+        assert engine.submit(keyed, Ctx()) == job + 1
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
+    # The rebuild cascaded into no child row: the kept jobs still have their steps and journal.
+    assert conn.execute("SELECT count(DISTINCT job_id) FROM walstate_step WHERE job_id IN (3, 4, 5)").fetchone() == (3,)
+    assert conn.execute("SELECT count(DISTINCT job_id) FROM walstate_journal WHERE job_id IN (3, 4)").fetchone() == (2,)
+    conn.close()

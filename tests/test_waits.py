@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import re
@@ -360,6 +361,114 @@ def test_two_worker_processes_with_one_schedule_make_exactly_one_job_per_slot(db
             p.wait(30)
     assert len(keys) == len(set(keys))  # one job per slot, though both processes ran the schedule
     assert is_postgres_url(db_path) or os.path.exists(db_path)
+
+
+def keys_of(db_path: str, workflow: str = "tick") -> list[str]:
+    conn = connect(db_path)
+    keys = [str(r[0]) for r in conn.execute("SELECT key FROM walstate_job WHERE workflow=? ORDER BY id", (workflow,))]
+    conn.close()
+    return keys
+
+
+def test_restarts_and_prunes_never_make_a_second_job_for_a_slot(db_path: str) -> None:
+    # The latest slot lived in memory only: every worker start submitted it again, and only the
+    # job key (which prune deletes) kept it from running twice (a daily report sent per restart).
+    clock = Clock(1_800_000_000.0)  # a minute boundary
+    made: list[str] = []
+    for restart in range(4):
+        with Engine(db_path, clock=clock) as e:
+            e.schedule(tick_flow(), cron="*/5 * * * *", context=Ctx())
+            e._submit_due()
+            e._submit_due()
+            for row in e.store.read.jobs(workflow="tick"):
+                made.append(str(row.key))
+                e.run(row.id)
+            e.prune(0)
+            assert e.store.read.jobs(workflow="tick") == []  # every job is gone, its key with it
+        if restart == 2:
+            clock.now += 300  # the next slot: it gets its job, once
+    assert made == ["schedule:tick:2027-01-15T08:00:00Z", "schedule:tick:2027-01-15T08:05:00Z"]
+
+
+def test_a_check_that_comes_late_submits_every_slot_since_the_last_one_not_only_the_latest(db_path: str) -> None:
+    clock = Clock(1_800_000_000.0)
+    with Engine(db_path, clock=clock) as e:
+        e.schedule(tick_flow(), cron="* * * * * *", context=Ctx())
+        e._submit_due()
+        clock.now += 5.5  # a worker busy committing for 5.5 s: five slots came meanwhile
+        e._submit_due()
+        assert keys_of(db_path) == [f"schedule:tick:2027-01-15T08:00:0{s}Z" for s in range(6)]
+
+
+def test_slots_older_than_the_grace_are_missed_latest_runs_the_newest_of_them_and_skip_none(db_path: str) -> None:
+    clock = Clock(1_800_000_000.0)
+    with Engine(db_path, clock=clock) as e:
+        e.schedule(tick_flow(), cron="*/5 * * * *", context=Ctx())
+        other = Workflow("tock", context=Ctx, phases=["p"])
+        other.step(phase="p", name="s")(lambda ctx, step: None)
+        e.schedule(other, cron="*/5 * * * *", context=Ctx(), missed="skip", grace=30)
+        e._submit_due()
+        clock.now += 3600 + 10  # an hour of downtime; the 09:00 slot is 10 s old, within both graces
+        e._submit_due()
+        clock.now += 300 + 50  # 09:05 is 50 s old: on time for tick (60 s), missed for tock (30 s)
+        e._submit_due()
+        clock.now += 3 * 3600  # three hours more: tick runs the newest missed slot, tock nothing
+        e._submit_due()
+        e._submit_due()
+    assert keys_of(db_path) == [f"schedule:tick:2027-01-15T{t}:00Z" for t in ("08:00", "09:00", "09:05", "12:05")]
+    assert keys_of(db_path, "tock") == [f"schedule:tock:2027-01-15T{t}:00Z" for t in ("08:00", "09:00")]
+
+
+SCHEDULED_GRACE = """
+import sys
+sys.path.insert(0, {root!r})
+from tests.test_waits import tick_flow, Ctx
+from walstate import Engine
+e = Engine({db!r})
+e.schedule(tick_flow(), cron="* * * * * *", context=Ctx(), grace=3600)
+e.serve(2)
+"""
+
+
+@pytest.mark.slow
+def test_a_worker_stopped_killed_restarted_and_pruned_makes_exactly_one_job_per_slot_with_none_skipped(
+        db_path: str) -> None:
+    import signal
+
+    Engine(db_path).close()
+    code = SCHEDULED_GRACE.format(root=str(ROOT), db=db_path)
+    made: dict[int, str] = {}  # every job ever made (by id), across prunes
+
+    def wait_for_more(than: int) -> None:
+        deadline = time.monotonic() + 60
+        while True:
+            conn = connect(db_path)
+            made.update({int(i): str(k) for i, k in conn.execute("SELECT id, key FROM walstate_job WHERE workflow='tick'")})
+            conn.close()
+            if len(made) > than:
+                return
+            assert time.monotonic() < deadline, made
+            time.sleep(0.2)
+
+    for _ in range(3):
+        proc = subprocess.Popen([sys.executable, "-c", code])
+        try:
+            wait_for_more(len(made) + 1)
+            proc.send_signal(signal.SIGSTOP)  # a worker that cannot check for 2 s: its slots still come
+            time.sleep(2)
+            proc.send_signal(signal.SIGCONT)
+            wait_for_more(len(made) + 2)
+        finally:
+            proc.kill()
+            proc.wait(30)
+        wait_for_more(0)
+        with Engine(db_path) as e:
+            e.prune(0, states=("succeeded", "cancelled", "failed"))  # the next start must not make them again
+    keys = list(made.values())
+    assert len(keys) == len(set(keys)), sorted(keys)  # no slot made twice, though pruned and restarted
+    slots = sorted(dt.datetime.strptime(k[len("schedule:tick:"):], "%Y-%m-%dT%H:%M:%SZ")
+                   for k in keys)
+    assert [(b - a).total_seconds() for a, b in zip(slots, slots[1:])] == [1.0] * (len(slots) - 1)  # none skipped
 
 
 def test_a_wait_in_a_later_phase_gets_a_message_sent_after_the_job_parked(db_path: str) -> None:
