@@ -40,6 +40,7 @@ from .storage.errors import (
     VersionNotRegistered,
     WalstateError,
 )
+from .aio import EngineAsyncAPI
 from .runtime import JobHandle, Worker
 from .schedules import Missed, Schedule
 from .storage.versions import MigratedJob, migrate_job
@@ -147,7 +148,7 @@ class _Active:
             self.run.signal("close")
 
 
-class Engine:
+class Engine(EngineAsyncAPI):
     """Runs registered workflows durably in the database at ``path``.
 
     ``path`` is a SQLite file (WAL mode), or a ``postgresql://user@host/db``
@@ -171,6 +172,10 @@ class Engine:
     change is durable. ``sync_interval`` (seconds, ``None`` for off) bounds
     what a power cut can take from ``"normal"``: the WAL is fsynced in the
     background at most that often while it has unsynced commits.
+
+    Every operation that touches the database has an awaitable form for
+    asyncio apps, named with ``_async`` (``await engine.send_async(...)``,
+    ``status_async``, ``submit_async``...): see :class:`walstate.aio.EngineAsyncAPI`.
     """
 
     def __init__(

@@ -242,6 +242,18 @@ class JobHandle(Generic[C]):
             wait = 0.05 if deadline is None else max(0.0, min(0.05, deadline - time.monotonic()))
             engine._wait_for_an_end(wait)
 
+    async def status_async(self) -> JobStatus[C]:
+        """:meth:`status` for asyncio apps: the read happens in a worker thread."""
+        import asyncio
+
+        return await asyncio.to_thread(self.status)
+
+    async def done_async(self) -> bool:
+        """:meth:`done` for asyncio apps: the read happens in a worker thread."""
+        import asyncio
+
+        return await asyncio.to_thread(self.done)
+
     async def result_async(self, timeout: float | None = None) -> JobStatus[C]:
         """:meth:`result` for asyncio apps: never blocks the loop; cancelling the awaiting task leaves the job be."""
         from .aio import result_async
