@@ -373,7 +373,7 @@ def cmd_worker(args: argparse.Namespace, out: Out) -> int:
 
 def cmd_send(args: argparse.Namespace, out: Out) -> int:
     """Send a JSON message to a job (no app needed: the file is enough)."""
-    from .context import to_json
+    from .context import message_json
 
     try:
         payload = json.loads(args.payload)
@@ -381,7 +381,7 @@ def cmd_send(args: argparse.Namespace, out: Out) -> int:
         raise ConfigurationError(f"the payload is not JSON ({exc}); quote it for the shell, e.g. '{{\"id\": 1}}'") from exc
     store, _ = _open_existing(args.db)
     try:
-        _, new = store.write.send(args.job, args.topic, to_json(payload, "the payload"), args.key)
+        _, new = store.write.send(args.job, args.topic, message_json(payload, "the payload"), args.key)
     finally:
         store.close()
     out.line(f"sent {args.topic!r} to job {args.job}" if new else f"key {args.key!r} was sent before: nothing stored")

@@ -17,7 +17,7 @@ from typing import Any, Generic, cast, overload
 from pydantic import BaseModel, ValidationError
 
 from . import log, operator, ownership, views
-from .context import dump_context, to_json, validate_submission
+from .context import dump_context, message_json, validate_submission
 from .ownership import Clock
 from .runner import JobRun
 from .storage import TERMINAL_JOB_STATES, TERMINAL_STEP_STATES, Durability, JobRow, StepRow, retention
@@ -831,11 +831,20 @@ class Engine(EngineAsyncAPI):
         before the wait is kept until then. A parked job waiting for ``topic``
         becomes runnable at once, and an idle worker of this process is woken.
         A repeated ``key`` returns False even once the job has ended (a
-        webhook's retry of the message that ended it). Raises
-        :class:`UnknownJob`, :class:`JobFinished` (a new message to a job that
-        has ended) or :class:`OutputNotJSON`.
+        webhook's retry of the message that ended it).
+
+        ``True`` means exactly this: the message is new and committed, and the
+        next ``wait_for(topic)`` of the job that asks gets it. It does not mean
+        that a step waits for it now: a wait that has already timed out never
+        gets it (a retry of its step that reaches the wait again does), and a
+        message no wait asks for stays stored, unread, until the job is pruned.
+        Raises :class:`UnknownJob`, :class:`JobFinished` (a new message to a
+        job that has ended) or :class:`OutputNotJSON` (a payload that is not
+        JSON, or holds text that is not valid Unicode, such as a lone
+        surrogate: refused here, since it would fail every attempt of the step
+        that consumes it).
         """
-        text = to_json(payload, f"the payload of send({job_id}, {topic!r})")
+        text = message_json(payload, f"the payload of send({job_id}, {topic!r})")
         _, new = self.store.write.send(job_id, topic, text, key)
         worker = self._worker
         if worker is not None:
