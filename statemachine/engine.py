@@ -556,7 +556,8 @@ class Engine(EngineAsyncAPI):
         with ownership.Claiming(owner), self._active_lock:
             claims = self.store.write.claim_runnable(
                 owner=owner, lease_expires=self._heartbeat.lease_expires(), limit=limit, workflows=list(self._flows),
-                now=self.clock(), dead=dead, skip=[*worker.unrunnable, *self._active], limits=limits or None)
+                now=self.clock(), dead=dead, skip=[*worker.unrunnable, *self._active], limits=limits or None,
+                versions=self._registry.claimable())
             for workflow, prior_state, prior_owner, claimed in claims:
                 # Marked live before the batch's Claiming mark goes away.
                 live = ownership.LiveRun(owner, claimed.job_id)
@@ -575,7 +576,7 @@ class Engine(EngineAsyncAPI):
         active.thread = threading.get_ident()
         try:
             try:
-                # The job's own version (a worker claims by workflow name only). The claim returned
+                # The job's own version (a worker claims only versions it has or can migrate from). The claim returned
                 # what _plan checks: when its definition is registered here, unchanged, and the
                 # context validates, that is the plan, with no read of the job.
                 flow = self._registry.get(workflow, claimed.version)

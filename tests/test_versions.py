@@ -162,6 +162,35 @@ def test_a_job_of_an_unregistered_version_is_left_alone_and_reported_then_run_by
     assert calls == ["v2:one", "v2:two"]
 
 
+def test_a_worker_of_version_2_never_claims_the_version_1_jobs_it_cannot_run_but_claims_those_it_can_migrate(
+        db_path: str) -> None:
+    with engine_for(db_path, flow_of({"p": ["one"]}, 1)) as e:
+        old = [e.submit("w", Ctx(n=i)) for i in range(4)]
+    before = {job: rows(db_path, job) for job in old}
+    v2 = flow_of({"p": ["one", "two"]}, 2)
+    with engine_for(db_path, v2) as e:
+        new = e.submit("w", Ctx())
+        worker = e.start_worker(1)
+        # Claims go oldest first: a worker that claimed what it cannot run took every version-1 job
+        # (and released it, "cannot run here") before it got to this one.
+        assert e.handle(new).result(timeout=60).state == "succeeded"
+        e.stop_worker()
+        assert worker.claimed == 1 and worker.unrunnable == {}
+        # Nor does its worker see them as work (it would try a claim at every poll).
+        assert e.store.read.runnable_exists(["w"], e.clock(), (), [("w", 2)]) is False
+        assert e.store.read.runnable_exists(["w"], e.clock()) is True  # any version: the old jobs are there
+    assert {job: rows(db_path, job) for job in old} == before  # never claimed, never journalled
+    # A version that declares a migration from version 1 claims them, migrates and runs them.
+    v3 = flow_of({"p": ["one", "two"]}, 3)
+    v3.migrate(1, lambda ctx: ctx)
+    with engine_for(db_path, v3) as e:
+        with e.start_worker(2):
+            for job in old:
+                assert e.handle(job).result(timeout=60).version == 3
+        assert not any("cannot run here" in (r.note or "") for job in old for r in e.history(job))
+
+
+# -- migrations of in-flight jobs -------------------------------------------------------
 # -- migrations of in-flight jobs -------------------------------------------------------
 
 
