@@ -649,10 +649,12 @@ def load_flow(spec: str) -> Workflow[Any]:
 
 
 def _child_launcher(spec: str, context: BaseModel, path: str, workers: int, database_id: str | None,
-                    ledger: str | None) -> Callable[..., subprocess.Popen[bytes]]:
+                    ledger: str | None, messages: Mapping[str, Any] | None = None
+                    ) -> Callable[..., subprocess.Popen[bytes]]:
     def launch(action: str, kill_at: Crash | None = None) -> subprocess.Popen[bytes]:
         args = {"flow": spec, "context": context.model_dump_json(), "path": path, "workers": workers,
-                "action": action, "ledger": ledger, "kill_at": [kill_at.point, kill_at.nth] if kill_at else None}
+                "action": action, "ledger": ledger, "kill_at": [kill_at.point, kill_at.nth] if kill_at else None,
+                "messages": dict(messages or {})}
         paths = [p for p in sys.path if p and os.path.isdir(p)]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
         return subprocess.Popen([sys.executable, "-m", "walstate._crash_child", json.dumps(args)], env=env,
@@ -661,11 +663,16 @@ def _child_launcher(spec: str, context: BaseModel, path: str, workers: int, data
 
 
 def run_in_processes(flow: Workflow[Any], context: BaseModel, path: str, plan: Sequence[Crash], *, spec: str,
-                     workers: int = 1, database_id: str | None = DATABASE_ID, template: str | None = None) -> Outcome:
-    """Run the job in child processes, SIGKILLing each at its crash of ``plan``; a last child finishes it."""
+                     workers: int = 1, database_id: str | None = DATABASE_ID, template: str | None = None,
+                     messages: Mapping[str, Any] | None = None) -> Outcome:
+    """Run the job in child processes, SIGKILLing each at its crash of ``plan``; a last child finishes it.
+
+    Each child drives the job's durable waits as :func:`run_with_crashes` does (``messages`` sent,
+    sleeps reached by moving its clock), so a waiting job ends as it would crash-free.
+    """
     _new_file(path, database_id, template)
     ledger_file = path + ".attempts"
-    launch = _child_launcher(spec, context, path, workers, database_id, ledger_file)
+    launch = _child_launcher(spec, context, path, workers, database_id, ledger_file, messages)
     crashes = 0
     for crash in [*plan, None]:
         child = launch("run", crash)
@@ -925,7 +932,9 @@ def crash_test(flow: Workflow[Any] | str, context: BaseModel, directory: str | o
     ``races`` (default: every race of :data:`RACES`, but ``recover_process``
     only when the workflow is importable; ``()`` for crashes only).
     ``processes=True`` runs every attempt in a child process and SIGKILLs it at
-    its crash point (plans are then crashes only); the workflow must be
+    its crash point (plans are then crashes only; each child sends ``messages``
+    and moves its clock past sleeps as the in-process runs do, so waiting
+    workflows end as they would crash-free); the workflow must be
     importable (see :func:`flow_spec` for the rule). ``plans`` runs exactly
     these plans instead of Hypothesis's (how a failure is replayed); ``seed``
     fixes Hypothesis's seed. ``max_examples=None`` takes the active Hypothesis
@@ -985,7 +994,8 @@ def crash_test(flow: Workflow[Any] | str, context: BaseModel, directory: str | o
         if processes:
             assert spec is not None
             outcome = run_in_processes(wf, context, path, [f for f in plan if isinstance(f, Crash)], spec=spec,
-                                       workers=workers, database_id=database_id, template=template_arg)
+                                       workers=workers, database_id=database_id, template=template_arg,
+                                       messages=messages)
         else:
             outcome = run_with_crashes(wf, context, path, plan, workers=workers, database_id=database_id,
                                        template=template_arg, flow_spec=spec if "recover_process" in races else None,

@@ -235,6 +235,31 @@ def test_the_harness_crash_tests_a_workflow_that_sleeps_and_waits_for_a_message_
     assert _time.monotonic() - started < 60
 
 
+@pytest.mark.parametrize("processes", [False, True], ids=["in-process", "processes"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_correct_waiting_workflows_pass_and_a_planted_bug_after_a_wait_is_caught_in_both_modes(
+        tmp_path: Path, processes: bool, seed: int) -> None:
+    from .harness_flows import Paid
+
+    examples = 5 if processes else 15
+    # One step whose only line is a wait for a message, one that sleeps 30 s: both end succeeded.
+    paid = crash_test("tests.harness_flows:paid_flow", Paid(), tmp_path / "paid", processes=processes, races=(),
+                      max_examples=examples, seed=seed, messages={"paid": {"id": "ch_1"}})
+    nap = crash_test("tests.harness_flows:nap_flow", Paid(), tmp_path / "nap", processes=processes, races=(),
+                     max_examples=examples, seed=seed)
+    assert paid.examples == nap.examples == examples and paid.crashes > 0 and nap.crashes > 0
+    # The same wait followed by a row written outside the step's transaction: a crash after it doubles the row.
+    with pytest.raises(InvariantViolation, match=r"(?s)table 'payments'.*1 row\(s\) more"):
+        crash_test("tests.harness_flows:paid_insert_flow", Paid(), tmp_path / "bug", processes=processes, races=(),
+                   max_examples=examples, seed=seed, messages={"paid": {"id": "ch_1"}},
+                   points=("handler_after_effect",))
+    # And in-memory state between steps is still caught with a SIGKILL.
+    if processes:
+        with pytest.raises(InvariantViolation, match="final context differs"):
+            crash_test("tests.harness_flows:memory_flow", Memo(), tmp_path / "memory", processes=True, races=(),
+                       max_examples=examples, seed=seed, points=("handler_before_effect",))
+
+
 def test_a_worker_racing_the_run_never_runs_a_step_twice(tmp_path: Path) -> None:
     flow = Workflow("raced", context=Order, phases=["one", "two"])
     calls = Counter[str]()
