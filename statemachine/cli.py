@@ -539,6 +539,9 @@ def cmd_demo(args: argparse.Namespace, out: Out) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="walstate", description="Durable multi-phase jobs on SQLite WAL (DB: a file) or PostgreSQL (DB: a postgresql:// URL).")
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"walstate {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do (COMMAND -h for its options)")
 
     def add(name: str, fn: Callable[[argparse.Namespace, Out], int], help: str, db: bool = True,
