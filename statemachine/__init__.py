@@ -5,70 +5,92 @@ believed, with the job's typed context in the same transaction, so a process
 that dies at any instant resumes its jobs exactly once.
 """
 
-from .storage.errors import (
-    ConfigurationError,
-    ContextInvalid,
-    DatabaseBusy,
-    DatabaseError,
-    DatabaseFull,
-    DatabaseUnavailable,
-    DefinitionError,
-    EngineClosed,
-    InjectedCrash,
-    InvalidTransition,
-    JobCancelled,
-    JobFailed,
-    JobFinished,
-    JobOwned,
-    KeyConflict,
-    LeaseLost,
-    MigrationFailed,
-    MigrationRefused,
-    NotADatabase,
-    OutputNotJSON,
-    SchemaTooNew,
-    SchemaTooOld,
-    StaleState,
-    UnknownJob,
-    UsageError,
-    VersionNotRegistered,
-    WaitTimeout,
-    WalstateError,
-    WriteFailed,
-)
+from typing import TYPE_CHECKING as _TYPE_CHECKING
 
-from .storage.dedup import Deduper, guarded_update
+if _TYPE_CHECKING:
+    from typing import Any
 
-import importlib
-from typing import TYPE_CHECKING, Any
-
-from .context import StepContext, StepResult
-from .workflow import Retry, Workflow
-
-if TYPE_CHECKING:
+    from .storage.errors import (
+        ConfigurationError,
+        ContextInvalid,
+        DatabaseBusy,
+        DatabaseError,
+        DatabaseFull,
+        DatabaseUnavailable,
+        DefinitionError,
+        EngineClosed,
+        InjectedCrash,
+        InvalidTransition,
+        JobCancelled,
+        JobFailed,
+        JobFinished,
+        JobOwned,
+        KeyConflict,
+        LeaseLost,
+        MigrationFailed,
+        MigrationRefused,
+        NotADatabase,
+        OutputNotJSON,
+        SchemaTooNew,
+        SchemaTooOld,
+        StaleState,
+        UnknownJob,
+        UsageError,
+        VersionNotRegistered,
+        WaitTimeout,
+        WalstateError,
+        WriteFailed,
+    )
+    from .storage.dedup import Deduper, guarded_update
+    from .context import StepContext, StepResult
+    from .workflow import Retry, Workflow
     from .engine import Engine, JobId, JobStatus, MigrationReport, RecoveryReport, StepStatus, TransitionRecord
     from .aio import AsyncStepContext
     from .runtime import JobHandle, Worker
     from .views import JobPage, JobSummary
 
-_ENGINE_NAMES = ("Engine", "JobId", "JobStatus", "MigrationReport", "RecoveryReport", "StepStatus", "TransitionRecord")
-_RUNTIME_NAMES = ("JobHandle", "Worker")
-_AIO_NAMES = ("AsyncStepContext",)
-_VIEW_NAMES = ("JobPage", "JobSummary")
+    __version__: str
+
+#: Where each public name lives. Everything loads on first use: defining workflows does not pay for
+#: the engine (peewee, transitions, SQLite), and importing walstate (or its pytest plugin) loads
+#: nothing but this module.
+_HOMES = {
+    **dict.fromkeys(("ConfigurationError", "ContextInvalid", "DatabaseBusy", "DatabaseError", "DatabaseFull", "DatabaseUnavailable", "DefinitionError", "EngineClosed", "InjectedCrash", "InvalidTransition", "JobCancelled", "JobFailed", "JobFinished", "JobOwned", "KeyConflict", "LeaseLost", "MigrationFailed", "MigrationRefused", "NotADatabase", "OutputNotJSON", "SchemaTooNew", "SchemaTooOld", "StaleState", "UnknownJob", "UsageError", "VersionNotRegistered", "WaitTimeout", "WalstateError", "WriteFailed"), "storage.errors"),
+    **dict.fromkeys(("Deduper", "guarded_update"), "storage.dedup"),
+    **dict.fromkeys(("StepContext", "StepResult"), "context"),
+    **dict.fromkeys(("Retry", "Workflow"), "workflow"),
+    **dict.fromkeys(("Engine", "JobId", "JobStatus", "MigrationReport", "RecoveryReport", "StepStatus",
+                     "TransitionRecord"), "engine"),
+    **dict.fromkeys(("JobHandle", "Worker"), "runtime"),
+    **dict.fromkeys(("JobPage", "JobSummary"), "views"),
+    "AsyncStepContext": "aio",
+}
 
 
-def __getattr__(name: str) -> Any:
-    # The engine (and with it peewee, transitions and SQLite) loads on first
-    # use: defining workflows, or a `walstate --help`, does not pay for it.
-    homes = {**dict.fromkeys(_ENGINE_NAMES, "engine"), **dict.fromkeys(_RUNTIME_NAMES, "runtime"),
-             **dict.fromkeys(_VIEW_NAMES, "views"), **dict.fromkeys(_AIO_NAMES, "aio")}
-    if name in homes:
-        value = getattr(importlib.import_module(f".{homes[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'walstate' has no attribute {name!r}")
+def __getattr__(name: str) -> "Any":
+    import importlib
+
+    if name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            value: "Any" = version("walstate")
+        except PackageNotFoundError:  # run from a source tree that is not installed
+            value = "0+unknown"
+    elif name in _HOMES:
+        value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+    else:
+        raise AttributeError(f"module 'walstate' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*__all__, "__version__", "__doc__", "__name__", "__file__", "__path__"})
+
 
 __all__ = [
+    "__version__",
     "AsyncStepContext",
     "ConfigurationError",
     "ContextInvalid",

@@ -19,12 +19,21 @@ Cancelling the job (``engine.cancel``), a lost claim or a step ``timeout``
 cancels the handler's task: it sees ``asyncio.CancelledError`` at its next
 ``await``, and the attempt is recorded as cancelled.
 
-**The asyncio API.** :func:`run_async`, :func:`start_async` and
-:func:`result_async` (also as ``engine.run_async``, ``engine.start_async``
-and ``handle.result_async``) never block the calling loop: every SQLite
-operation runs in a worker thread (``asyncio.to_thread``) and the loop
-awaits its future. Cancelling the asyncio task that awaits a job does not
-cancel the job.
+**The asyncio API.** Every :class:`Engine` operation that touches the
+database has an awaitable form named after it with ``_async``:
+``submit_async``, ``send_async``, ``status_async``, ``cancel_async``,
+``retry_async``, ``jobs_async``, ``history_async``, ``recover_async``,
+``migrate_jobs_async``, ``prune_async``, ``handle_async``,
+``stop_worker_async``, ``close_async``, ``run_async`` and ``start_async``;
+on a :class:`JobHandle`, ``status_async``, ``done_async`` and
+``result_async``. Each takes the same arguments, returns the same value and
+raises the same errors as its blocking form, which it runs in a worker
+thread of the loop's default executor (``asyncio.to_thread``: a bounded
+pool, and the caller's ``contextvars`` go with it) while the loop only
+awaits its future: another process holding the file's write lock, or a
+``busy_timeout`` wait, never stalls the loop. Cancelling the awaiting task
+abandons the wait, not the operation: a ``send`` already under way still
+completes (or not) as one transaction, and a job awaited is not cancelled.
 """
 
 from __future__ import annotations
@@ -33,17 +42,23 @@ import asyncio
 import inspect
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
 from .context import StepContext
 
 if TYPE_CHECKING:
     import peewee
+    from pydantic import BaseModel
 
-    from .engine import Engine, JobStatus
+    from .engine import Engine, JobId, JobStatus, MigrationReport, RecoveryReport, TransitionRecord
     from .runtime import JobHandle
+    from .views import JobPage
+    from .workflow import Workflow
 
 T = TypeVar("T")
+M = TypeVar("M", bound="BaseModel")
 
 
 class AsyncStepContext:
@@ -168,3 +183,89 @@ async def result_async(handle: JobHandle[Any], timeout: float | None = None, *, 
         if deadline is not None and loop.time() >= deadline:
             raise TimeoutError(f"{handle.engine.path}: job {handle.id} has not ended within {timeout:g}s; it goes on")
         await asyncio.sleep(poll)
+
+
+class EngineAsyncAPI:
+    """The awaitable forms of :class:`Engine`'s operations (``engine.send_async(...)`` and so on).
+
+    Each runs its blocking namesake in a worker thread (``asyncio.to_thread``)
+    and awaits it: same arguments, same result, same errors; the event loop
+    is never blocked by the database (a lock another process holds, a busy
+    wait). :class:`Engine` inherits these; see the module docstring.
+    """
+
+    __slots__ = ()
+
+    def _engine(self) -> Engine:
+        return cast("Engine", self)
+
+    @overload
+    async def submit_async(self, workflow: Workflow[M], context: M | dict[str, Any], *, key: str | None = None,
+                           version: int | None = None) -> JobId[M]: ...
+
+    @overload
+    async def submit_async(self, workflow: str, context: BaseModel | dict[str, Any], *, key: str | None = None,
+                           version: int | None = None) -> JobId[Any]: ...
+
+    async def submit_async(self, workflow: Workflow[Any] | str, context: BaseModel | dict[str, Any], *,
+                           key: str | None = None, version: int | None = None) -> JobId[Any]:
+        """:meth:`Engine.submit`, awaitable: the commit happens in a worker thread."""
+        submit = cast(Any, self._engine().submit)
+        job_id: JobId[Any] = await asyncio.to_thread(submit, workflow, context, key=key, version=version)
+        return job_id
+
+    async def send_async(self, job_id: int, topic: str, payload: Any, *, key: str | None = None) -> bool:
+        """:meth:`Engine.send`, awaitable (same return value: see there what ``True`` means)."""
+        return await asyncio.to_thread(self._engine().send, job_id, topic, payload, key=key)
+
+    @overload
+    async def status_async(self, job_id: JobId[M]) -> JobStatus[M]: ...
+
+    @overload
+    async def status_async(self, job_id: int) -> JobStatus[Any]: ...
+
+    async def status_async(self, job_id: int) -> JobStatus[Any]:
+        """:meth:`Engine.status`, awaitable."""
+        return await asyncio.to_thread(self._engine().status, job_id)
+
+    async def cancel_async(self, job_id: int, *, wait: float = 30.0) -> list[str]:
+        """:meth:`Engine.cancel`, awaitable (its ``wait`` for the run to stop happens off the loop too)."""
+        return await asyncio.to_thread(self._engine().cancel, job_id, wait=wait)
+
+    async def retry_async(self, job_id: int, step: str | None = None) -> list[str]:
+        """:meth:`Engine.retry`, awaitable."""
+        return await asyncio.to_thread(self._engine().retry, job_id, step)
+
+    async def jobs_async(self, state: str | None = None, workflow: str | None = None, limit: int = 50,
+                         offset: int = 0) -> JobPage:
+        """:meth:`Engine.jobs`, awaitable."""
+        return await asyncio.to_thread(self._engine().jobs, state, workflow, limit, offset)
+
+    async def history_async(self, job_id: int, step: str | None = None) -> list[TransitionRecord]:
+        """:meth:`Engine.history`, awaitable."""
+        return await asyncio.to_thread(self._engine().history, job_id, step)
+
+    async def recover_async(self) -> RecoveryReport:
+        """:meth:`Engine.recover`, awaitable (the jobs it resumes run in the worker thread)."""
+        return await asyncio.to_thread(self._engine().recover)
+
+    async def migrate_jobs_async(self, workflow: str | None = None) -> MigrationReport:
+        """:meth:`Engine.migrate_jobs`, awaitable."""
+        return await asyncio.to_thread(self._engine().migrate_jobs, workflow)
+
+    async def prune_async(self, older_than: float | timedelta, states: Sequence[str] = ("succeeded", "cancelled"),
+                          **options: Any) -> int:
+        """:meth:`Engine.prune`, awaitable (``batch=``, ``dry_run=`` as there)."""
+        return await asyncio.to_thread(self._engine().prune, older_than, states, **options)
+
+    async def handle_async(self, job_id: int) -> JobHandle[Any]:
+        """:meth:`Engine.handle`, awaitable (it reads the job to check that it exists)."""
+        return await asyncio.to_thread(self._engine().handle, job_id)
+
+    async def stop_worker_async(self, *, drain: bool = True, grace: float = 30.0) -> None:
+        """:meth:`Engine.stop_worker`, awaitable (the drain is waited for off the loop)."""
+        await asyncio.to_thread(self._engine().stop_worker, drain=drain, grace=grace)
+
+    async def close_async(self, grace: float = 30.0) -> None:
+        """:meth:`Engine.close`, awaitable (runs in flight are waited for off the loop)."""
+        await asyncio.to_thread(self._engine().close, grace)

@@ -408,7 +408,7 @@ def cmd_worker(args: argparse.Namespace, out: Out) -> int:
 
 def cmd_send(args: argparse.Namespace, out: Out) -> int:
     """Send a JSON message to a job (no app needed: the file is enough)."""
-    from .context import to_json
+    from .context import message_json
 
     try:
         payload = json.loads(args.payload)
@@ -416,7 +416,7 @@ def cmd_send(args: argparse.Namespace, out: Out) -> int:
         raise ConfigurationError(f"the payload is not JSON ({exc}); quote it for the shell, e.g. '{{\"id\": 1}}'") from exc
     store, _ = _open_existing(args.db)
     try:
-        _, new = store.write.send(args.job, args.topic, to_json(payload, "the payload"), args.key)
+        _, new = store.write.send(args.job, args.topic, message_json(payload, "the payload"), args.key)
     finally:
         store.close()
     out.line(f"sent {args.topic!r} to job {args.job}" if new else f"key {args.key!r} was sent before: nothing stored")
@@ -574,6 +574,9 @@ def cmd_demo(args: argparse.Namespace, out: Out) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="walstate", description="Durable multi-phase jobs on SQLite WAL (DB: a file) or PostgreSQL (DB: a postgresql:// URL).")
+    from . import __version__
+
+    p.add_argument("--version", action="version", version=f"walstate {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help="what to do (COMMAND -h for its options)")
 
     def add(name: str, fn: Callable[[argparse.Namespace, Out], int], help: str, db: bool = True,

@@ -34,6 +34,24 @@ def to_json(value: Any, what: str) -> str:
                             "strings, numbers, booleans, None or pydantic models") from exc
 
 
+def message_json(payload: Any, what: str) -> str:
+    """:func:`to_json` for a message's payload, which must also be valid Unicode text (no lone surrogate).
+
+    A payload that a step could not store again (in its context, its output
+    or a once() record) would fail every attempt of the step that consumes it:
+    refused at the send, with :class:`OutputNotJSON`, before anything is stored.
+    """
+    text = to_json(payload, what)
+    if "\\u" in text:  # only escapes can hide a lone surrogate: check the text they stand for
+        try:
+            json.dumps(json.loads(text), ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise OutputNotJSON(f"{what} holds a lone surrogate ({exc.object[exc.start:exc.end]!r} at character "
+                                f"{exc.start}), which is not Unicode text; send valid text (decode the bytes it "
+                                "came from with errors='replace', say)") from exc
+    return text
+
+
 def context_merger(model: type[BaseModel], where: str) -> Callable[[dict[str, Any]], str]:
     """Build the validator that turns a merged context dict into stored JSON text."""
 

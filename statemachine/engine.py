@@ -17,7 +17,7 @@ from typing import Any, Generic, cast, overload
 from pydantic import BaseModel, ValidationError
 
 from . import log, operator, ownership, views
-from .context import dump_context, to_json, validate_submission
+from .context import dump_context, message_json, validate_submission
 from .ownership import Clock
 from .runner import JobRun
 from .storage import TERMINAL_JOB_STATES, TERMINAL_STEP_STATES, Durability, JobRow, StepRow, retention
@@ -41,6 +41,7 @@ from .storage.errors import (
     VersionNotRegistered,
     WalstateError,
 )
+from .aio import EngineAsyncAPI
 from .runtime import JobHandle, Worker
 from .schedules import DEFAULT_GRACE, Missed, Schedule
 from .storage.versions import MigratedJob, migrate_job
@@ -148,7 +149,7 @@ class _Active:
             self.run.signal("close")
 
 
-class Engine:
+class Engine(EngineAsyncAPI):
     """Runs registered workflows durably in the database at ``path``.
 
     ``path`` is a SQLite file (WAL mode), or a ``postgresql://user@host/db``
@@ -176,6 +177,10 @@ class Engine:
     owner only (0o600) by default, since contexts, outputs and messages are
     in it (SQLite gives ``-wal`` and ``-shm`` the same); ``None`` leaves it to
     the umask. An existing file keeps its mode.
+
+    Every operation that touches the database has an awaitable form for
+    asyncio apps, named with ``_async`` (``await engine.send_async(...)``,
+    ``status_async``, ``submit_async``...): see :class:`walstate.aio.EngineAsyncAPI`.
     """
 
     def __init__(
@@ -558,7 +563,8 @@ class Engine:
         with ownership.Claiming(owner), self._active_lock:
             claims = self.store.write.claim_runnable(
                 owner=owner, lease_expires=self._heartbeat.lease_expires(), limit=limit, workflows=list(self._flows),
-                now=self.clock(), dead=dead, skip=[*worker.unrunnable, *self._active], limits=limits or None)
+                now=self.clock(), dead=dead, skip=[*worker.unrunnable, *self._active], limits=limits or None,
+                versions=self._registry.claimable())
             for workflow, prior_state, prior_owner, claimed in claims:
                 # Marked live before the batch's Claiming mark goes away.
                 live = ownership.LiveRun(owner, claimed.job_id)
@@ -577,7 +583,7 @@ class Engine:
         active.thread = threading.get_ident()
         try:
             try:
-                # The job's own version (a worker claims by workflow name only). The claim returned
+                # The job's own version (a worker claims only versions it has or can migrate from). The claim returned
                 # what _plan checks: when its definition is registered here, unchanged, and the
                 # context validates, that is the plan, with no read of the job.
                 flow = self._registry.get(workflow, claimed.version)
@@ -849,11 +855,20 @@ class Engine:
         before the wait is kept until then. A parked job waiting for ``topic``
         becomes runnable at once, and an idle worker of this process is woken.
         A repeated ``key`` returns False even once the job has ended (a
-        webhook's retry of the message that ended it). Raises
-        :class:`UnknownJob`, :class:`JobFinished` (a new message to a job that
-        has ended) or :class:`OutputNotJSON`.
+        webhook's retry of the message that ended it).
+
+        ``True`` means exactly this: the message is new and committed, and the
+        next ``wait_for(topic)`` of the job that asks gets it. It does not mean
+        that a step waits for it now: a wait that has already timed out never
+        gets it (a retry of its step that reaches the wait again does), and a
+        message no wait asks for stays stored, unread, until the job is pruned.
+        Raises :class:`UnknownJob`, :class:`JobFinished` (a new message to a
+        job that has ended) or :class:`OutputNotJSON` (a payload that is not
+        JSON, or holds text that is not valid Unicode, such as a lone
+        surrogate: refused here, since it would fail every attempt of the step
+        that consumes it).
         """
-        text = to_json(payload, f"the payload of send({job_id}, {topic!r})")
+        text = message_json(payload, f"the payload of send({job_id}, {topic!r})")
         _, new = self.store.write.send(job_id, topic, text, key)
         worker = self._worker
         if worker is not None:

@@ -152,7 +152,7 @@ class Worker:
                     if current != version:
                         version, changed = current, True
                     if changed or next_wake is None:
-                        earliest = read.next_wake(list(self.engine._flows))
+                        earliest = read.next_wake(list(self.engine._flows), self.engine._registry.claimable())
                         next_wake = math.inf if earliest is None else earliest
                     now = time.monotonic()
                     dead: list[tuple[int, int]] = []
@@ -179,13 +179,20 @@ class Worker:
         engine = self.engine
         now = engine.clock()
         flows = engine._flows
-        return [(job_id, epoch) for job_id, epoch, workflow, owner, lease in engine.store.read.owned_unfinished()
+        dead = [(job_id, epoch) for job_id, epoch, workflow, owner, lease in engine.store.read.owned_unfinished()
                 if workflow in flows and job_id not in self.unrunnable
                 and not ownership.owner_alive(owner, job_id, lease, now)]
+        if not dead:
+            return dead
+        # Of versions this engine can run only (the claim would skip the others anyway: do not ask it to).
+        versions = set(engine._registry.claimable())
+        rows = [engine.store.read.job(job_id) for job_id, _ in dead]
+        return [d for d, row in zip(dead, rows) if row is not None and (row.workflow, row.version) in versions]
 
     def _claim(self, free: int, dead: list[tuple[int, int]]) -> None:
         engine = self.engine
-        if not dead and not engine.store.read.runnable_exists(list(engine._flows), engine.clock(), list(self.unrunnable)):
+        if not dead and not engine.store.read.runnable_exists(list(engine._flows), engine.clock(), list(self.unrunnable),
+                                                              engine._registry.claimable()):
             return
         self.claimed += engine._claim_batch(free, dead, self)
 
@@ -241,6 +248,18 @@ class JobHandle(Generic[C]):
                                    f"(it is {row.state}); it goes on")
             wait = 0.05 if deadline is None else max(0.0, min(0.05, deadline - time.monotonic()))
             engine._wait_for_an_end(wait)
+
+    async def status_async(self) -> JobStatus[C]:
+        """:meth:`status` for asyncio apps: the read happens in a worker thread."""
+        import asyncio
+
+        return await asyncio.to_thread(self.status)
+
+    async def done_async(self) -> bool:
+        """:meth:`done` for asyncio apps: the read happens in a worker thread."""
+        import asyncio
+
+        return await asyncio.to_thread(self.done)
 
     async def result_async(self, timeout: float | None = None) -> JobStatus[C]:
         """:meth:`result` for asyncio apps: never blocks the loop; cancelling the awaiting task leaves the job be."""

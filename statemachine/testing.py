@@ -35,7 +35,9 @@ for them are :class:`Race` (a new action per runtime entry point) and
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
+import logging
 import os
 import shutil
 import sqlite3
@@ -77,7 +79,7 @@ from .storage.errors import (
 )
 from .storage.faults import POINTS, Crash, Injector, install
 
-from .context import StepContext
+from .context import StepContext, Suspend
 from .aio import AsyncStepContext
 from .engine import Engine
 from .fsm import STEP
@@ -188,8 +190,10 @@ class Attempt:
     completed: bool = False      # the handler returned (its effects are done) rather than raised
     once_used: bool = False      # it called step.once()
     once_calls: int = 0          # ... and this many once() functions actually ran
-    keyed: bool = False          # it read step.idempotency_key (handed to an outside service)
+    keyed: bool = False          # it read step.idempotency_key (reading alone protects nothing)
     pid: int = 0
+    suspended: bool = False      # it suspended in a durable wait (the code before the wait ran)
+    key_passed: bool = False     # it passed the key, as an argument, to a function call (see _KeyWatch)
 
 
 class _Ledger:
@@ -229,12 +233,67 @@ class _Ledger:
 
 _KEY = StepContext.__dict__["idempotency_key"]
 
+#: Calls into these are not "passing the key to an effect": walstate itself, and logging it.
+_NOT_EFFECTS = tuple(os.path.dirname(m.__file__ or "") + os.sep for m in (sys.modules["walstate"], logging))
+_RESUMABLE = inspect.CO_COROUTINE | inspect.CO_GENERATOR | inspect.CO_ASYNC_GENERATOR | inspect.CO_ITERABLE_COROUTINE
+
+
+def _holds(value: Any, key: str, depth: int = 2) -> bool:
+    if value is key:
+        return True
+    if depth and isinstance(value, dict):
+        return any(_holds(v, key, depth - 1) for v in value.values())
+    if depth and isinstance(value, (list, tuple, set)):
+        return any(_holds(v, key, depth - 1) for v in value)
+    return False
+
+
+class _KeyWatch:
+    """What the harness can see protecting an effect: the step's key passed to a function call.
+
+    While a handler runs, a profile hook (its thread only) looks at the
+    arguments of every Python function the handler calls, directly or deeper,
+    outside walstate and ``logging``: the key object itself, or in a dict,
+    list or tuple argument (two levels deep), counts as passed. Only reading
+    the key, logging it, formatting it into another string or closing over it
+    does not: the harness cannot see it reach the effect. (A key handed only
+    to a C function is not seen either: give it to your client's Python API.)
+    """
+
+    def __init__(self, rec: Attempt, key: str) -> None:
+        self.rec = rec
+        self.key = key
+
+    def _profile(self, frame: Any, event: str, arg: Any) -> None:
+        if event != "call":
+            return
+        code = frame.f_code
+        if code.co_filename.startswith(_NOT_EFFECTS) or (code.co_flags & _RESUMABLE and frame.f_lasti > 0):
+            return  # walstate or logging, or a coroutine resuming (its locals are not arguments)
+        if self.rec.key_passed:
+            return  # nothing more to learn
+        n = code.co_argcount + code.co_kwonlyargcount + bool(code.co_flags & inspect.CO_VARARGS) + bool(
+            code.co_flags & inspect.CO_VARKEYWORDS)
+        local = frame.f_locals
+        if any(_holds(local.get(name), self.key) for name in code.co_varnames[:n]):
+            self.rec.key_passed = True
+
+    @contextmanager
+    def watching(self) -> Iterator[None]:
+        previous = sys.getprofile()
+        sys.setprofile(self._profile)
+        try:
+            yield
+        finally:
+            sys.setprofile(previous)
+
 
 class _Observed(StepContext):
-    """The StepContext a wrapped handler sees: it notes once() calls and reads of idempotency_key."""
+    """The StepContext a wrapped handler sees: it notes once() calls, reads of idempotency_key and passes of it."""
 
-    __slots__ = ("_rec",)
+    __slots__ = ("_rec", "_watch")
     _rec: Attempt
+    _watch: _KeyWatch
 
     @property
     def idempotency_key(self) -> str:
@@ -247,6 +306,8 @@ class _Observed(StepContext):
         _KEY.__set__(self, value)
 
     def once(self, name: str, fn: Callable[[], T]) -> T:
+        if name.startswith("__walstate_"):  # a durable wait's own record, not an effect
+            return super().once(name, fn)
         self._rec.once_used = True
 
         def counted() -> T:
@@ -256,7 +317,7 @@ class _Observed(StepContext):
         return super().once(name, counted)
 
 
-def _observe(step: StepContext, rec: Attempt) -> StepContext:
+def _observe(step: StepContext, rec: Attempt) -> _Observed:
     obs = object.__new__(_Observed)
     # Every slot of the runner's StepContext, whatever slots later versions add.
     for name in StepContext.__slots__:
@@ -266,6 +327,7 @@ def _observe(step: StepContext, rec: Attempt) -> StepContext:
         except AttributeError:
             pass  # a slot the runner left unset
     obs._rec = rec
+    obs._watch = _KeyWatch(rec, _KEY.__get__(step, StepContext))
     return obs
 
 
@@ -276,9 +338,12 @@ def _observing(flow: Workflow[Any], ledger: _Ledger) -> Iterator[_Ledger]:
     for name, d in originals.items():
         def wrapped(ctx: Any, step: StepContext, _fn: Callable[..., Any] = d.fn, _name: str = name) -> Any:
             rec = ledger.enter(_name, step.attempt)
+            obs = _observe(step, rec)
             try:
-                result = _fn(ctx, _observe(step, rec))
-            except BaseException:
+                with obs._watch.watching():
+                    result = _fn(ctx, obs)
+            except BaseException as exc:
+                rec.suspended = isinstance(exc, Suspend)
                 ledger.exit(rec, completed=False)
                 raise
             ledger.exit(rec, completed=True)
@@ -286,9 +351,13 @@ def _observing(flow: Workflow[Any], ledger: _Ledger) -> Iterator[_Ledger]:
         async def awrapped(ctx: Any, step: AsyncStepContext, _fn: Callable[..., Any] = d.fn,
                            _name: str = name) -> Any:
             rec = ledger.enter(_name, step.attempt)
+            obs = _observe(step._sc, rec)
             try:
-                result = await _fn(ctx, AsyncStepContext(_observe(step._sc, rec)))
-            except BaseException:
+                # The attempt's event loop runs this task alone, in this thread: the hook sees its calls.
+                with obs._watch.watching():
+                    result = await _fn(ctx, AsyncStepContext(obs))
+            except BaseException as exc:
+                rec.suspended = isinstance(exc, Suspend)
                 ledger.exit(rec, completed=False)
                 raise
             ledger.exit(rec, completed=True)
@@ -649,10 +718,12 @@ def load_flow(spec: str) -> Workflow[Any]:
 
 
 def _child_launcher(spec: str, context: BaseModel, path: str, workers: int, database_id: str | None,
-                    ledger: str | None) -> Callable[..., subprocess.Popen[bytes]]:
+                    ledger: str | None, messages: Mapping[str, Any] | None = None
+                    ) -> Callable[..., subprocess.Popen[bytes]]:
     def launch(action: str, kill_at: Crash | None = None) -> subprocess.Popen[bytes]:
         args = {"flow": spec, "context": context.model_dump_json(), "path": path, "workers": workers,
-                "action": action, "ledger": ledger, "kill_at": [kill_at.point, kill_at.nth] if kill_at else None}
+                "action": action, "ledger": ledger, "kill_at": [kill_at.point, kill_at.nth] if kill_at else None,
+                "messages": dict(messages or {})}
         paths = [p for p in sys.path if p and os.path.isdir(p)]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
         return subprocess.Popen([sys.executable, "-m", "walstate._crash_child", json.dumps(args)], env=env,
@@ -661,11 +732,16 @@ def _child_launcher(spec: str, context: BaseModel, path: str, workers: int, data
 
 
 def run_in_processes(flow: Workflow[Any], context: BaseModel, path: str, plan: Sequence[Crash], *, spec: str,
-                     workers: int = 1, database_id: str | None = DATABASE_ID, template: str | None = None) -> Outcome:
-    """Run the job in child processes, SIGKILLing each at its crash of ``plan``; a last child finishes it."""
+                     workers: int = 1, database_id: str | None = DATABASE_ID, template: str | None = None,
+                     messages: Mapping[str, Any] | None = None) -> Outcome:
+    """Run the job in child processes, SIGKILLing each at its crash of ``plan``; a last child finishes it.
+
+    Each child drives the job's durable waits as :func:`run_with_crashes` does (``messages`` sent,
+    sleeps reached by moving its clock), so a waiting job ends as it would crash-free.
+    """
     _new_file(path, database_id, template)
     ledger_file = path + ".attempts"
-    launch = _child_launcher(spec, context, path, workers, database_id, ledger_file)
+    launch = _child_launcher(spec, context, path, workers, database_id, ledger_file, messages)
     crashes = 0
     for crash in [*plan, None]:
         child = launch("run", crash)
@@ -822,9 +898,11 @@ def check_rows(rows: Mapping[str, Counter[tuple[Any, ...]]], reference: Mapping[
         diff = list(extra) + list(missing)
         named = sorted({s for s in flow.steps for row in diff for v in row
                         if isinstance(v, str) and (v == s or v.endswith(f":{s}"))})
-        repeated = sorted(s for s, n in outcome.completions.items() if n > 1 and not flow.steps[s].transactional)
+        runs = Counter(a.step for a in _runs(outcome.attempts))
+        repeated = sorted(s for s, n in runs.items() if n > 1 and not flow.steps[s].transactional)
         who = (f"written by step {', '.join(map(repr, named))}" if named else
-               f"the step cannot be told from the rows; non-transactional steps that ran more than once: {repeated}")
+               f"the step cannot be told from the rows; non-transactional steps that ran more than once (a resume "
+               f"after a wait runs the code before it again): {repeated}")
         counts = [f"{sum(extra.values())} row(s) more" + (f" {dict(extra)}" if extra else ""),
                   f"{sum(missing.values())} row(s) missing" + (f" {dict(missing)}" if missing else "")]
         _fail(f"table {table!r} differs from the crash-free run: {', '.join(counts)}; {who}; "
@@ -840,51 +918,99 @@ class StepEffects:
 
     invocations: int = 0          # handler calls, over all examples
     most_completions: int = 0     # most times its handler returned in one example
-    protection: str = "none"      # "transactional", "once", "idempotency_key" or "none" (as last seen repeated)
+    most_runs: int = 0            # most times its handler returned or suspended in a wait in one example
+    protection: str = "none"      # "transactional", "idempotency_key", "once" or "none" (as last seen repeated)
     once_calls: int = 0           # most times once() functions actually ran in one example
 
 
 @dataclass
 class CrashReport:
-    """What :func:`crash_test` ran and found."""
+    """What :func:`crash_test` ran and found.
+
+    A *run* of a step is a handler call that returned or suspended in a
+    durable wait: either way the code it went through (before the wait) did
+    its effects. What the harness counts as protecting a repeated run's
+    outside effects is what it can see: ``transactional=True`` (the repeated
+    writes rolled back), the step's ``idempotency_key`` passed as an argument
+    to a function call (``"idempotency_key"``: the service that gets it can
+    recognise the repeat; merely reading, logging or formatting the key does
+    not count), or ``step.once()`` (``"once"``: it does not call again what it
+    recorded, but calls again when the process dies between the call and its
+    record, so strict mode wants the key passed too).
+    """
 
     examples: int = 0
     crashes: int = 0
     races: int = 0
-    #: step -> largest number of times its handler completed in one example, for steps whose repeats were
-    #: *not* protected (not transactional, no once(), never read idempotency_key): their outside effects
+    #: step -> largest number of runs in one example, for steps that ran more often than in the crash-free
+    #: run with *no* protection (not transactional, no once(), the key never passed): their outside effects
     #: ran that many times.
     repeated_effects: dict[str, int] = field(default_factory=dict)
     #: step -> the plan of the example that showed its largest unprotected repeat (replay it with plans=).
     repeat_plans: dict[str, tuple[Fault, ...]] = field(default_factory=dict)
-    #: Per step: invocations and how repeats were absorbed (transactional rollback, once(), idempotency key).
+    #: Per step: invocations and how repeats were absorbed (transactional rollback, idempotency key, once()).
     steps: dict[str, StepEffects] = field(default_factory=dict)
+    #: step -> runs in the crash-free reference run, for steps that ran more than once there with their
+    #: effects not protected by a transaction or the key: the code before a durable wait runs again on every
+    #: resume, crash or not, so an effect there (a counter bumped, a row inserted, a mail sent) repeats in
+    #: every run and the reference itself holds it twice. (A step whose code before the wait does nothing
+    #: shows here too, harmlessly.)
+    reruns: dict[str, int] = field(default_factory=dict)
+    #: Steps that called step.once() without passing their idempotency_key to a function call (strict fails).
+    once_without_key: list[str] = field(default_factory=list)
 
 
-def _account(report: CrashReport, flow: Workflow[Any], outcome: Outcome) -> list[str]:
-    """Add one example's attempts to ``report``; return the steps whose unprotected effects repeated."""
+def _runs(calls: Sequence[Attempt]) -> list[Attempt]:
+    """The calls that did their effects: returned, or suspended in a wait (the code before it ran)."""
+    return [a for a in calls if a.completed or a.suspended]
+
+
+def _protection(transactional: bool, runs: Sequence[Attempt]) -> str:
+    if transactional:
+        return "transactional"  # the repeated attempts' writes rolled back with them
+    if all(a.key_passed for a in runs):
+        return "idempotency_key"
+    if all(a.once_used or a.key_passed for a in runs):
+        return "once"
+    return "none"
+
+
+def _reruns(flow: Workflow[Any], outcome: Outcome) -> dict[str, int]:
+    """Steps that ran more than once in a crash-free ``outcome`` with effects no transaction or key protects."""
+    out = {}
+    for name, d in flow.steps.items():
+        runs = _runs([a for a in outcome.attempts if a.step == name])
+        if len(runs) > 1 and _protection(d.transactional, runs) not in ("transactional", "idempotency_key"):
+            out[name] = len(runs)
+    return out
+
+
+def _account(report: CrashReport, flow: Workflow[Any], outcome: Outcome,
+             baseline: Mapping[str, int] | None = None) -> list[str]:
+    """Add one example's attempts to ``report``; return the steps whose unprotected effects repeated.
+
+    ``baseline``: each step's runs in the crash-free run (a step that waits runs again on each resume);
+    a step repeated when it ran more often than that (and more than once).
+    """
     unprotected = []
     for name, d in flow.steps.items():
         calls = [a for a in outcome.attempts if a.step == name]
         done = [a for a in calls if a.completed]
+        runs = _runs(calls)
         acc = report.steps.setdefault(name, StepEffects())
         acc.invocations += len(calls)
         acc.once_calls = max(acc.once_calls, sum(a.once_calls for a in calls))
-        if len(done) > acc.most_completions:
-            acc.most_completions = len(done)
-        if len(done) < 2:
+        acc.most_completions = max(acc.most_completions, len(done))
+        acc.most_runs = max(acc.most_runs, len(runs))
+        if any(a.once_used and not a.key_passed for a in calls) and name not in report.once_without_key:
+            report.once_without_key.append(name)
+        if len(runs) <= max(1, (baseline or {}).get(name, 1)):
             continue
-        if d.transactional:
-            acc.protection = "transactional"  # the repeated attempts' writes rolled back with them
-        elif all(a.once_used for a in done):
-            acc.protection = "once"
-        elif all(a.once_used or a.keyed for a in done):
-            acc.protection = "idempotency_key"
-        else:
-            acc.protection = "none"
+        acc.protection = _protection(d.transactional, runs)
+        if acc.protection == "none":
             unprotected.append(name)
-            if len(done) > report.repeated_effects.get(name, 0):
-                report.repeated_effects[name] = len(done)
+            if len(runs) > report.repeated_effects.get(name, 0):
+                report.repeated_effects[name] = len(runs)
                 report.repeat_plans[name] = outcome.plan
     return unprotected
 
@@ -925,19 +1051,26 @@ def crash_test(flow: Workflow[Any] | str, context: BaseModel, directory: str | o
     ``races`` (default: every race of :data:`RACES`, but ``recover_process``
     only when the workflow is importable; ``()`` for crashes only).
     ``processes=True`` runs every attempt in a child process and SIGKILLs it at
-    its crash point (plans are then crashes only); the workflow must be
+    its crash point (plans are then crashes only; each child sends ``messages``
+    and moves its clock past sleeps as the in-process runs do, so waiting
+    workflows end as they would crash-free); the workflow must be
     importable (see :func:`flow_spec` for the rule). ``plans`` runs exactly
     these plans instead of Hypothesis's (how a failure is replayed); ``seed``
     fixes Hypothesis's seed. ``max_examples=None`` takes the active Hypothesis
     profile's.
 
     Raises :class:`InvariantViolation` (via Hypothesis, with the minimal plan
-    and a seed to replay it) on the first violation, and also when a step's
-    outside effects repeated unprotected if ``strict``. Returns a
-    :class:`CrashReport`: ``repeated_effects`` names the steps whose handler
-    completed more than once with no protection (not transactional, no
-    ``step.once()``, never read ``step.idempotency_key``), with the plan that
-    showed it.
+    and a seed to replay it) on the first violation, and with ``strict`` also
+    when a step's outside effects repeated unprotected, or a step calls
+    ``step.once()`` without passing its key to a call. Returns a
+    :class:`CrashReport` (see there what the harness counts as protection):
+    ``repeated_effects`` names the steps that ran more often than in the
+    crash-free run with no protection (not transactional, no ``step.once()``,
+    ``step.idempotency_key`` never passed to a function call), with the plan
+    that showed it; ``reruns`` the steps that ran more than once even in the
+    crash-free run (the code before a durable wait runs again on resume);
+    ``once_without_key`` the steps whose ``once()`` a crash between its call
+    and its record would repeat.
     """
     spec: str | None
     if isinstance(flow, str):
@@ -976,6 +1109,8 @@ def crash_test(flow: Workflow[Any] | str, context: BaseModel, directory: str | o
                                      template=template_arg, messages=messages)
     points = [p for p in points if reach.hits[p]] or list(points)
     ref_rows = app_rows(ref_path, tables)
+    report.reruns = _reruns(flow, reference)
+    baseline = Counter(a.step for a in _runs(reference.attempts))
     counter = iter(range(1 << 30))
     wf = flow
 
@@ -985,7 +1120,8 @@ def crash_test(flow: Workflow[Any] | str, context: BaseModel, directory: str | o
         if processes:
             assert spec is not None
             outcome = run_in_processes(wf, context, path, [f for f in plan if isinstance(f, Crash)], spec=spec,
-                                       workers=workers, database_id=database_id, template=template_arg)
+                                       workers=workers, database_id=database_id, template=template_arg,
+                                       messages=messages)
         else:
             outcome = run_with_crashes(wf, context, path, plan, workers=workers, database_id=database_id,
                                        template=template_arg, flow_spec=spec if "recover_process" in races else None,
@@ -994,7 +1130,7 @@ def crash_test(flow: Workflow[Any] | str, context: BaseModel, directory: str | o
         report.crashes += outcome.crashes
         report.races += outcome.races
         try:
-            unprotected = _account(report, wf, outcome)
+            unprotected = _account(report, wf, outcome, baseline)
             if outcome.race_errors:
                 _fail(f"a racer met an error no correct run raises: {outcome.race_errors}")
             check_invariants(path, wf, outcome.job_id, reference, compare=compare)
@@ -1003,7 +1139,12 @@ def crash_test(flow: Workflow[Any] | str, context: BaseModel, directory: str | o
                 check_rows(app_rows(path, tables), ref_rows, outcome, wf)
             if strict and unprotected:
                 _fail(f"the outside effects of step(s) {unprotected} ran more than once (no transactional=True, "
-                      "no step.once(), idempotency_key never read); wrap the outside call in step.once()")
+                      "no step.once(), step.idempotency_key never passed to a call); pass the key to the outside "
+                      "service (and wrap the call in step.once(), or make the step transactional)")
+            if strict and report.once_without_key:
+                _fail(f"step(s) {report.once_without_key} call step.once() without passing step.idempotency_key "
+                      "to the call: a process that dies between the call and its record calls it again; pass the "
+                      "key to the outside service inside the once() too")
         except InvariantViolation as exc:
             raise InvariantViolation(f"{exc}\n  plan: {list(plan)!r}\n  replay: crash_test(..., plans=[{list(plan)!r}])"
                                      ) from None

@@ -104,6 +104,16 @@ class Registry:
                 return flow, m
         return None
 
+    def claimable(self) -> list[tuple[str, int]]:
+        """The ``(workflow, version)`` pairs of jobs this registry can run: each registered version, and each
+        version a registered newer one declares a migration from (running such a job migrates it first)."""
+        pairs = set()
+        for name, have in self.versions.items():
+            for version, flow in have.items():
+                pairs.add((name, version))
+                pairs.update((name, old) for old in flow.migrations if old < version)
+        return sorted(pairs)
+
     def resolve(self, row: JobRow, steps: Callable[[], list[StepRow]], where: str) -> Plan:
         """The definition stored job ``row`` runs on here, or a typed error saying why it cannot.
 

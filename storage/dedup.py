@@ -29,8 +29,10 @@ class Deduper:
     :meth:`run_once` calls ``fn`` the first time a key is seen within its TTL
     and returns whether it ran. Concurrent callers with the same key wait for
     the one running ``fn``. If ``fn`` raises, the key is not recorded, so the
-    next call tries again. ``clock`` is injectable for tests (monotonic
-    seconds).
+    next call tries again; given ``conn=`` (the connection ``fn`` writes on),
+    neither is it while ``conn`` is still inside a transaction after ``fn``:
+    a write that has not committed (and may yet roll back) is not done.
+    ``clock`` is injectable for tests (monotonic seconds).
     """
 
     def __init__(self, max_entries: int = 1000, ttl: float = 300.0,
@@ -66,8 +68,12 @@ class Deduper:
                 break
             seen.popitem(last=False)
 
-    def run_once(self, key: Hashable, fn: Callable[[], Any]) -> bool:
-        """Call ``fn`` unless ``key`` was done within the TTL; return whether it ran."""
+    def run_once(self, key: Hashable, fn: Callable[[], Any], *, conn: Any = None) -> bool:
+        """Call ``fn`` unless ``key`` was done within the TTL; return whether it ran.
+
+        The key is recorded only when ``fn`` returned and, if ``conn`` is
+        given, ``conn`` has no transaction open (its write is committed).
+        """
         while True:
             with self._lock:
                 self._expire(self._clock())
@@ -87,6 +93,12 @@ class Deduper:
                 del self._running[key]
             running.set()
             raise
+        if conn is not None and getattr(conn, "in_transaction", False):
+            # Not committed: the next call tries again (a guarded write then changes nothing twice).
+            with self._lock:
+                del self._running[key]
+            running.set()
+            return True
         with self._lock:
             self._seen[key] = self._clock() + self.ttl
             self._seen.move_to_end(key)
@@ -121,10 +133,19 @@ def guarded_update(conn: sqlite3.Connection, table: str, values: Mapping[str, An
     changes tenant 7 only while its phase is still missing, and a repeated
     call changes 0 rows. Identifiers must be plain names; values are always
     bound as parameters.
+
+    It commits the transaction its ``UPDATE`` opened (Python's ``sqlite3`` in
+    its default mode opens one before any ``UPDATE``), so the row is stored
+    when it returns. Inside a transaction the caller had already opened it
+    commits nothing: that transaction is the caller's to commit or roll back.
     """
     if not values or not where:
         raise ConfigurationError("guarded_update needs at least one value to set and one condition")
     sets = ", ".join(f"{_ident(k)}=?" for k in values)
     conds = " AND ".join(f"{_ident(k)} IS ?" for k in where)
     sql = "UPDATE " + _ident(table) + " SET " + sets + " WHERE " + conds
-    return int(conn.execute(sql, (*values.values(), *where.values())).rowcount)
+    own = not conn.in_transaction
+    changed = int(conn.execute(sql, (*values.values(), *where.values())).rowcount)
+    if own and conn.in_transaction:
+        conn.commit()
+    return changed

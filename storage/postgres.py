@@ -520,6 +520,8 @@ class PgWritePath(WritePath):
         "AND id NOT IN (SELECT json_array_elements_text(%s::json)::bigint) "
         "AND ((owner IS NULL AND (wake_at IS NULL OR wake_at <= %s)) "
         "OR (id, epoch) IN (SELECT (d->>0)::bigint, (d->>1)::bigint FROM json_array_elements(%s::json) AS d)) "
+        "AND (NOT EXISTS (SELECT 1 FROM json_array_elements_text(%s::json)) "
+        "OR workflow || '@' || CAST(version AS TEXT) IN (SELECT json_array_elements_text(%s::json))) "
         "ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED"
     )
 

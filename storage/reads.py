@@ -78,6 +78,18 @@ class JournalRow:
     note: str | None
 
 
+#: The rows of the ``(workflow, version)`` pairs given as a JSON list of ``"name@version"`` (two
+#: parameters, the same list; an empty list: any version). The version is an integer, so the last
+#: ``@`` separates it even in a name holding ``@``.
+_OF_VERSIONS = ("AND (NOT EXISTS (SELECT 1 FROM json_each(?)) "
+                "OR workflow || '@' || CAST(version AS TEXT) IN (SELECT value FROM json_each(?)))")
+
+
+def version_pairs(versions: Sequence[tuple[str, int]]) -> str:
+    """The JSON parameter of :data:`_OF_VERSIONS` (and of the claim's same filter) for these pairs."""
+    return json.dumps(sorted(f"{name}@{int(version)}" for name, version in versions))
+
+
 _JOB_COLS = ("id, workflow, key, state, context, error, owner, lease_expires, created_at, updated_at, epoch, "
              "cancel_requested, wake_at, version, fingerprint")
 _STEP_COLS = ("id, job_id, name, phase, position, state, attempt, output, error, updated_at, failures, interruptions, "
@@ -179,21 +191,27 @@ class Reader:
                                      "('pending', 'running') AND owner IS NOT NULL")
         return [(int(r[0]), int(r[1]), str(r[2]), str(r[3]), None if r[4] is None else float(r[4])) for r in rows]
 
-    def runnable_exists(self, workflows: Sequence[str], now: float, skip: Sequence[int] = ()) -> bool:
-        """Whether an unowned unfinished job is due: a cheap read before a claim takes the write lock."""
+    def runnable_exists(self, workflows: Sequence[str], now: float, skip: Sequence[int] = (),
+                        versions: Sequence[tuple[str, int]] = ()) -> bool:
+        """Whether an unowned unfinished job is due: a cheap read before a claim takes the write lock.
+
+        ``versions``: of these ``(workflow, version)`` pairs only (empty: any version).
+        """
+        pairs = version_pairs(versions)
         rows = self._rows("SELECT 1 FROM walstate_job WHERE state IN ('pending', 'running') AND owner IS NULL AND "
                           "(wake_at IS NULL OR wake_at <= ?) AND workflow IN (SELECT value FROM json_each(?)) "
-                          "AND id NOT IN (SELECT CAST(value AS INTEGER) FROM json_each(?)) LIMIT 1",
-                          (now, json.dumps(list(workflows)), json.dumps(list(skip))))
+                          "AND id NOT IN (SELECT CAST(value AS INTEGER) FROM json_each(?)) " + _OF_VERSIONS + " LIMIT 1",
+                          (now, json.dumps(list(workflows)), json.dumps(list(skip)), pairs, pairs))
         return bool(rows)
 
-    def next_wake(self, workflows: Sequence[str]) -> float | None:
-        """The earliest wake-up time of a parked job of ``workflows`` (None: none parked)."""
+    def next_wake(self, workflows: Sequence[str], versions: Sequence[tuple[str, int]] = ()) -> float | None:
+        """The earliest wake-up time of a parked job of ``workflows`` (None: none parked); ``versions`` as above."""
         # In wake-up order through the parked jobs' own index: the first of ours ends the walk.
+        pairs = version_pairs(versions)
         rows: list[Any] = self._rows(
             "SELECT wake_at FROM walstate_job INDEXED BY job_parked_wake_at WHERE state IN ('pending', 'running') "
             "AND owner IS NULL AND wake_at IS NOT NULL AND workflow IN (SELECT value FROM json_each(?)) "
-            "ORDER BY wake_at LIMIT 1", (json.dumps(list(workflows)),))
+            + _OF_VERSIONS + " ORDER BY wake_at LIMIT 1", (json.dumps(list(workflows)), pairs, pairs))
         return float(rows[0][0]) if rows else None
 
     def message_topics(self, job_id: int) -> set[str]:

@@ -32,7 +32,7 @@ from typing import Any
 from . import faults
 from .connection import WriteLocked
 from .errors import JobFinished, LeaseLost, StaleState, UnknownJob
-from .reads import STEPS_OF_JOB, STEPS_OF_JOBS, StepRow
+from .reads import STEPS_OF_JOB, STEPS_OF_JOBS, StepRow, version_pairs
 
 JSONMerge = Callable[[dict[str, Any]], str]
 #: A connection with sqlite3's small API (``execute``, ``executemany``, ``in_transaction``):
@@ -686,6 +686,9 @@ class WritePath:
         "WHERE state IN ('pending', 'running') AND workflow IN (SELECT value FROM json_each(?)) "
         "AND id NOT IN (SELECT CAST(value AS INTEGER) FROM json_each(?)) AND ((owner IS NULL AND (wake_at IS NULL OR wake_at <= ?)) "
         "OR (id, epoch) IN (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))) "
+        # Only the (workflow, version) pairs the caller can run ("name@version"; an empty list: any version).
+        "AND (NOT EXISTS (SELECT 1 FROM json_each(?)) "
+        "OR workflow || '@' || CAST(version AS TEXT) IN (SELECT value FROM json_each(?))) "
         "ORDER BY id LIMIT ?"
     )
     _RUNNING_PER_WORKFLOW = (
@@ -709,6 +712,7 @@ class WritePath:
         dead: Sequence[tuple[int, int]] = (),
         skip: Sequence[int] = (),
         limits: dict[str, int] | None = None,
+        versions: Sequence[tuple[str, int]] = (),
     ) -> list[tuple[str, str, str | None, Claimed]]:
         """Claim up to ``limit`` runnable jobs of ``workflows`` for ``owner``, atomically.
 
@@ -719,14 +723,18 @@ class WritePath:
         WHERE id IN (…) RETURNING`` that bumps each epoch; each claim is
         journalled and the claimed jobs' sub-steps are read in the same
         transaction. Returns ``(workflow, state before, owner before, Claimed)``
-        per job, oldest first.
+        per job, oldest first. ``versions``: claim only jobs of these
+        ``(workflow, version)`` pairs (the caller's registered versions and
+        those it can migrate from), so a worker never claims a job only to
+        release it; empty: any version.
         """
         if limit < 1 or not workflows:
             return []
         faults.point("before_begin")
 
         def claim(conn: Conn, stamp: float) -> list[tuple[str, str, str | None, Claimed]]:
-            return self._claim_runnable(conn, owner, lease_expires, limit, workflows, now, dead, skip, limits, stamp)
+            return self._claim_runnable(conn, owner, lease_expires, limit, workflows, now, dead, skip, limits, stamp,
+                                        versions)
 
         if self._GROUP_CLAIMS and self.group_commit and self._leader and self.db.transaction_depth() == 0:
             # Others are committing: claim in their next transaction (one commit, one fsync under
@@ -754,12 +762,15 @@ class WritePath:
 
     def _claim_runnable(self, conn: Conn, owner: str, lease_expires: float, limit: int, workflows: Sequence[str],
                         now: float, dead: Sequence[tuple[int, int]], skip: Sequence[int],
-                        limits: dict[str, int] | None, stamp: float) -> list[tuple[str, str, str | None, Claimed]]:
+                        limits: dict[str, int] | None, stamp: float,
+                        versions: Sequence[tuple[str, int]] = ()) -> list[tuple[str, str, str | None, Claimed]]:
         """The statements of :meth:`claim_runnable`, inside the caller's transaction; ``[]`` when none is runnable."""
         names = json.dumps(list(workflows))
         extra = sum(limits.values()) if limits else 0
+        pairs = version_pairs(versions)
         rows = conn.execute(self._RUNNABLE, (names, json.dumps(list(skip)), now,
-                                             json.dumps([list(d) for d in dead]), limit + extra)).fetchall()
+                                             json.dumps([list(d) for d in dead]), pairs, pairs,
+                                             limit + extra)).fetchall()
         if limits:
             self._lock_claims(conn)
             running = dict(conn.execute(self._RUNNING_PER_WORKFLOW, (json.dumps(list(limits)),)).fetchall())

@@ -169,3 +169,30 @@ def test_mypy_knows_the_context_type_of_a_submitted_job_and_the_result_type_of_o
     assert 'Revealed type is "refused.Order"' in _on_line(mypy_output, 23), mypy_output
     assert 'Revealed type is "Any"' in _on_line(mypy_output, 24), mypy_output
     assert re.search(r'Revealed type is "(builtins\.)?int"', _on_line(mypy_output, 27)), mypy_output
+
+
+def test_walstate_version_dir_and_help_show_the_public_api_and_the_plugin_imports_nothing_heavy() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pydoc\n"
+        "import walstate.pytest_plugin\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith(('walstate.', 'pydantic', 'peewee', 'transitions')))\n"
+        "assert loaded == ['walstate.pytest_plugin'], loaded\n"
+        "import walstate\n"
+        "names = dir(walstate)\n"
+        "assert {'Engine', 'JobStatus', 'JobHandle', 'Workflow', 'WalstateError', '__version__'} <= set(names), names\n"
+        "assert not {'Any', 'TYPE_CHECKING', 'importlib'} & set(names), names\n"
+        "text = pydoc.render_doc(walstate, renderer=pydoc.plaintext)\n"
+        "assert 'class Engine' in text and 'class JobHandle' in text and 'class JobStatus' in text\n"
+        "assert 'TYPE_CHECKING' not in text and 'importlib' not in text\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    version = subprocess.run([sys.executable, "-m", "walstate", "--version"], capture_output=True, text=True,
+                             timeout=120)
+    import walstate
+
+    assert version.returncode == 0 and version.stdout.strip() == f"walstate {walstate.__version__}", version
+    assert walstate.__version__[0].isdigit()

@@ -144,3 +144,19 @@ def test_guarded_update_refuses_identifiers_that_are_not_plain_names(tmp_path: P
     conn = tenants_db(tmp_path)
     with pytest.raises(ConfigurationError, match="identifier"):
         guarded_update(conn, "tenant; DROP TABLE tenant", {"onboarding_phase": "x"}, {"id": 1})
+
+
+def test_a_deduper_given_the_connection_records_no_key_whose_write_has_not_committed(tmp_path: Path) -> None:
+    conn = tenants_db(tmp_path)
+    dedup = Deduper()
+    conn.execute("BEGIN")  # the caller's own transaction: guarded_update commits nothing inside it
+    assert dedup.run_once(1, lambda: guarded_update(conn, "tenant", {"onboarding_phase": "COMPLETED"},
+                                                    {"id": 1, "onboarding_phase": None}), conn=conn) is True
+    assert 1 not in dedup  # not committed yet: not done
+    conn.execute("ROLLBACK")
+    assert dedup.run_once(1, lambda: guarded_update(conn, "tenant", {"onboarding_phase": "COMPLETED"},
+                                                    {"id": 1, "onboarding_phase": None}), conn=conn) is True
+    assert 1 in dedup
+    other = sqlite3.connect(tmp_path / "app.db")
+    assert other.execute("SELECT onboarding_phase FROM tenant WHERE id=1").fetchone()[0] == "COMPLETED"
+    other.close()

@@ -35,9 +35,12 @@ def test_the_harness_reports_an_outside_call_without_once_that_a_crash_repeats(t
         charges.append(ctx.customer)  # an outside call with no key and no once(): a repeat charges twice
         return {"charged": "ch_1"}
 
+    def mail(key: str) -> str:
+        return "sent"
+
     @flow.step(phase="notify")
     def email(ctx: Order, step: StepContext) -> dict[str, Any]:
-        step.once("send", lambda: "sent")
+        step.once("send", lambda: mail(step.idempotency_key))
         return {"emailed": True}
 
     # A crash between charge's call and its commit re-runs it: the report says so, with the plan.
@@ -107,6 +110,79 @@ def test_ids_from_an_idempotent_outside_service_stored_in_the_context_are_not_fl
     report = crash_test(flow, Order(), tmp_path / "repeat", plans=[[Crash("handler_after_effect", 1)]])
     assert report.repeated_effects == {}
     assert report.steps["user"].most_completions >= 2 and report.steps["user"].protection == "idempotency_key"
+
+
+def test_a_step_that_only_reads_and_logs_its_key_is_not_protected_and_strict_fails_on_it(tmp_path: Path) -> None:
+    import logging
+
+    flow = Workflow("mails", context=Order, phases=["notify"])
+    emails: list[str] = []
+    service: dict[str, str] = {}
+
+    @flow.step(phase="notify")
+    def notify(ctx: Order, step: StepContext) -> None:
+        logging.getLogger("app").info("sending with key %s", step.idempotency_key)  # read and logged only
+        print(f"key {step.idempotency_key}")
+        emails.append(ctx.customer)  # a non-idempotent e-mail
+
+    crash = [[Crash("handler_after_effect", 1)]]
+    report = crash_test(flow, Order(), tmp_path / "logged", plans=crash)
+    assert report.repeated_effects == {"notify": 2} and report.steps["notify"].protection == "none"
+    with pytest.raises(InvariantViolation, match=r"(?s)\['notify'\] ran more than once.*never passed"):
+        crash_test(flow, Order(), tmp_path / "strict", plans=crash, strict=True)
+    # The key passed to the service (here in a dict argument, as a header): protected.
+    keyed = Workflow("keyed", context=Order, phases=["notify"])
+
+    def post(url: str, headers: dict[str, str]) -> str:
+        return service.setdefault(headers["Idempotency-Key"], f"mail-{len(service)}")
+
+    @keyed.step(phase="notify")
+    def notify_keyed(ctx: Order, step: StepContext) -> None:
+        post("https://mail.invalid/send", headers={"Idempotency-Key": step.idempotency_key})
+
+    report = crash_test(keyed, Order(), tmp_path / "keyed", plans=crash, strict=True)
+    assert report.repeated_effects == {} and report.steps["notify_keyed"].protection == "idempotency_key"
+
+
+def test_strict_mode_flags_once_without_the_key_and_passes_once_given_the_key(tmp_path: Path) -> None:
+    def mail(to: str, key: str | None = None) -> str:
+        return f"mail to {to}"
+
+    bare = Workflow("bare", context=Order, phases=["notify"])
+
+    @bare.step(phase="notify")
+    def email(ctx: Order, step: StepContext) -> None:
+        step.once("send", lambda: mail(ctx.customer))  # a crash between the call and its record repeats it
+
+    plans = [[Crash("before_once_record", 1)]]
+    report = crash_test(bare, Order(), tmp_path / "bare", plans=plans)
+    assert report.once_without_key == ["email"] and report.repeated_effects == {}
+    with pytest.raises(InvariantViolation, match=r"(?s)\['email'\] call step.once\(\) without passing "
+                                                 r"step.idempotency_key.*dies between the call and its record"):
+        crash_test(bare, Order(), tmp_path / "strict", plans=plans, strict=True)
+    keyed = Workflow("keyed", context=Order, phases=["notify"])
+
+    @keyed.step(phase="notify")
+    def email_keyed(ctx: Order, step: StepContext) -> None:
+        step.once("send", lambda: mail(ctx.customer, key=step.idempotency_key))
+
+    report = crash_test(keyed, Order(), tmp_path / "keyed", plans=plans, strict=True)
+    assert report.once_without_key == [] and report.steps["email_keyed"].once_calls == 2
+
+
+def test_a_counter_bumped_before_a_wait_is_reported_as_run_twice_by_the_crash_free_run(tmp_path: Path) -> None:
+    flow = Workflow("counted", context=Order, phases=["wait"])
+
+    @flow.step(phase="wait")
+    def hook(ctx: Order, step: StepContext) -> dict[str, Any]:
+        step.execute("CREATE TABLE IF NOT EXISTS visits (customer TEXT)")
+        step.execute("INSERT INTO visits VALUES (?)", (ctx.customer,))  # before the wait: again on each resume
+        return {"charged": step.wait_for("paid")["id"]}
+
+    report = crash_test(flow, Order(), tmp_path, plans=[[]], messages={"paid": {"id": "ch_1"}})
+    assert report.reruns == {"hook": 2} and report.steps["hook"].most_runs == 2
+    # Not a repeat a crash caused (the reference run has it too), so not a repeated effect.
+    assert report.repeated_effects == {}
 
 
 def test_transactional_and_once_protected_steps_are_not_flagged(tmp_path: Path) -> None:
@@ -233,6 +309,31 @@ def test_the_harness_crash_tests_a_workflow_that_sleeps_and_waits_for_a_message_
                         messages={"confirmed": {"ok": True}})
     assert report.crashes > 0
     assert _time.monotonic() - started < 60
+
+
+@pytest.mark.parametrize("processes", [False, True], ids=["in-process", "processes"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_correct_waiting_workflows_pass_and_a_planted_bug_after_a_wait_is_caught_in_both_modes(
+        tmp_path: Path, processes: bool, seed: int) -> None:
+    from .harness_flows import Paid
+
+    examples = 5 if processes else 15
+    # One step whose only line is a wait for a message, one that sleeps 30 s: both end succeeded.
+    paid = crash_test("tests.harness_flows:paid_flow", Paid(), tmp_path / "paid", processes=processes, races=(),
+                      max_examples=examples, seed=seed, messages={"paid": {"id": "ch_1"}})
+    nap = crash_test("tests.harness_flows:nap_flow", Paid(), tmp_path / "nap", processes=processes, races=(),
+                     max_examples=examples, seed=seed)
+    assert paid.examples == nap.examples == examples and paid.crashes > 0 and nap.crashes > 0
+    # The same wait followed by a row written outside the step's transaction: a crash after it doubles the row.
+    with pytest.raises(InvariantViolation, match=r"(?s)table 'payments'.*1 row\(s\) more"):
+        crash_test("tests.harness_flows:paid_insert_flow", Paid(), tmp_path / "bug", processes=processes, races=(),
+                   max_examples=examples, seed=seed, messages={"paid": {"id": "ch_1"}},
+                   points=("handler_after_effect",))
+    # And in-memory state between steps is still caught with a SIGKILL.
+    if processes:
+        with pytest.raises(InvariantViolation, match="final context differs"):
+            crash_test("tests.harness_flows:memory_flow", Memo(), tmp_path / "memory", processes=True, races=(),
+                       max_examples=examples, seed=seed, points=("handler_before_effect",))
 
 
 def test_a_worker_racing_the_run_never_runs_a_step_twice(tmp_path: Path) -> None:

@@ -41,6 +41,22 @@ def test_the_readme_backfill_example_writes_once(tmp_path: Path) -> None:
     assert len(updates) == 1
 
 
+def test_the_readme_backfill_example_stores_the_row_on_a_default_sqlite3_connection(tmp_path: Path) -> None:
+    scope: dict[str, object] = {"__name__": "readme"}
+    exec(compile(next(b for b in BLOCKS if "guarded_update" in b), "README.md", "exec"), scope)
+    setup = sqlite3.connect(tmp_path / "t.db", isolation_level=None)
+    setup.execute("CREATE TABLE tenant (id INTEGER PRIMARY KEY, onboarding_phase TEXT, completed_steps INT)")
+    setup.execute("INSERT INTO tenant VALUES (1, NULL, 9)")
+    setup.close()
+    conn = sqlite3.connect(tmp_path / "t.db")  # Python's default: a transaction opens before each UPDATE
+    for _ in range(3):
+        assert scope["effective_phase"](conn, 1) == "COMPLETED"  # type: ignore[operator]
+    other = sqlite3.connect(tmp_path / "t.db")
+    assert other.execute("SELECT onboarding_phase FROM tenant WHERE id=1").fetchone()[0] == "COMPLETED"
+    other.close()
+    conn.close()
+
+
 def test_the_readme_worked_example_finds_a_doubled_row_and_the_fix_passes(tmp_path: Path) -> None:
     scope: dict[str, object] = {"__name__": "readme"}
     exec(compile(BLOCKS[0], "README.md", "exec"), scope)  # "Use it": flow, Onboarding, StepContext

@@ -162,6 +162,34 @@ def test_a_job_of_an_unregistered_version_is_left_alone_and_reported_then_run_by
     assert calls == ["v2:one", "v2:two"]
 
 
+def test_a_worker_of_version_2_never_claims_the_version_1_jobs_it_cannot_run_but_claims_those_it_can_migrate(
+        db_path: str) -> None:
+    with engine_for(db_path, flow_of({"p": ["one"]}, 1)) as e:
+        old = [e.submit("w", Ctx(n=i)) for i in range(4)]
+    before = {job: rows(db_path, job) for job in old}
+    v2 = flow_of({"p": ["one", "two"]}, 2)
+    with engine_for(db_path, v2) as e:
+        new = e.submit("w", Ctx())
+        worker = e.start_worker(1)
+        # Claims go oldest first: a worker that claimed what it cannot run took every version-1 job
+        # (and released it, "cannot run here") before it got to this one.
+        assert e.handle(new).result(timeout=60).state == "succeeded"
+        e.stop_worker()
+        assert worker.claimed == 1 and worker.unrunnable == {}
+        # Nor does its worker see them as work (it would try a claim at every poll).
+        assert e.store.read.runnable_exists(["w"], e.clock(), (), [("w", 2)]) is False
+        assert e.store.read.runnable_exists(["w"], e.clock()) is True  # any version: the old jobs are there
+    assert {job: rows(db_path, job) for job in old} == before  # never claimed, never journalled
+    # A version that declares a migration from version 1 claims them, migrates and runs them.
+    v3 = flow_of({"p": ["one", "two"]}, 3)
+    v3.migrate(1, lambda ctx: ctx)
+    with engine_for(db_path, v3) as e:
+        with e.start_worker(2):
+            for job in old:
+                assert e.handle(job).result(timeout=60).version == 3
+        assert not any("cannot run here" in (r.note or "") for job in old for r in e.history(job))
+
+
 # -- migrations of in-flight jobs -------------------------------------------------------
 
 
@@ -195,6 +223,32 @@ def test_a_migration_that_adds_and_removes_steps_moves_the_job_in_one_journalled
         assert e.run(job).state == "succeeded"
         assert e.status(job).steps["old"].state == "succeeded"
     assert calls[:2] == ["v2:keep", "v2:new"]  # prep and old did not run again
+
+
+def test_a_migration_adding_a_step_to_a_phase_before_one_the_job_has_begun_is_refused_naming_the_step(
+        db_path: str) -> None:
+    calls: list[str] = []
+    with engine_for(db_path, flow_of({"p1": ["a"], "p2": ["b"], "p3": ["c"]}, 1, calls)) as e:
+        job = e.submit("w", Ctx())
+    for step in ("a", "b"):  # phases p1 and p2 done before the deploy, p3 not begun
+        finish_step(db_path, job, step)
+    before = rows(db_path, job)
+    v2 = flow_of({"p1": ["a", "late"], "p2": ["b"], "p3": ["c"]}, 2, calls)
+    v2.migrate(1, lambda ctx: ctx)
+    with engine_for(db_path, v2) as e:
+        # 'late' could only run after phase p2, which has run: phases would no longer run in order.
+        with pytest.raises(MigrationRefused, match=r"adds step 'late' to phase 'p1', but the job has begun the "
+                                                   r"later phase 'p2' \(step 'b' is succeeded\).*Nothing changed"):
+            e.run(job)
+        report = e.migrate_jobs()
+        assert list(report) == [] and "'late'" in report.skipped[job]
+    assert rows(db_path, job) == before and calls == []
+    # Added to the last phase the job has begun (or a later one), the step runs before the job goes on.
+    v3 = flow_of({"p1": ["a"], "p2": ["b", "late"], "p3": ["c"]}, 3, calls)
+    v3.migrate(1, lambda ctx: ctx)
+    with engine_for(db_path, v3) as e:
+        assert e.run(job).state == "succeeded"
+    assert calls == ["v3:late", "v3:c"]
 
 
 def test_a_migration_is_refused_when_a_removed_step_is_unfinished_and_nothing_changes(db_path: str) -> None:

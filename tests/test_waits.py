@@ -191,6 +191,57 @@ def test_send_refuses_unknown_and_finished_jobs_and_payloads_that_are_not_json(d
             e.send(job, "t", 1)
 
 
+def test_a_payload_with_a_lone_surrogate_is_refused_at_the_send_and_never_reaches_the_step(db_path: str) -> None:
+    flow = Workflow("w", context=Ctx, phases=["p"])
+
+    @flow.step(phase="p")
+    def hook(ctx: Ctx, step: StepContext) -> dict[str, Any]:
+        return {"paid": step.wait_for("paid")["id"]}
+
+    with Engine(db_path) as e:
+        e.register(flow)
+        job = e.submit(flow, Ctx())
+        for payload in ({"id": "ch_\ud800"}, ["\udfff"], "x\ud83d"):
+            with pytest.raises(OutputNotJSON, match=r"the payload of send\(1, 'paid'\) holds a lone surrogate"):
+                e.send(job, "paid", payload, key="k")
+        # Nothing was stored (not even the key): a valid message with that key is new, and the step gets it.
+        assert e.send(job, "paid", {"id": "ch_\u00e9\U0001f600"}, key="k") is True
+        assert e.run(job).context.paid == "ch_\u00e9\U0001f600"
+    done = subprocess.run([sys.executable, "-m", "walstate", "send", db_path, "1", "paid", '{"id": "\\ud800"}'],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode != 0 and "lone surrogate" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_send_returns_true_for_a_message_stored_after_its_wait_timed_out_and_the_message_stays_unread(
+        db_path: str) -> None:
+    clock = Clock()
+    flow = Workflow("w", context=Ctx, phases=["p", "q"])
+
+    @flow.step(phase="p")
+    def hook(ctx: Ctx, step: StepContext) -> dict[str, Any]:
+        try:
+            return {"paid": step.wait_for("paid", timeout=60)["id"]}
+        except WaitTimeout:
+            return {"paid": "timed out"}
+
+    @flow.step(phase="q")
+    def later(ctx: Ctx, step: StepContext) -> dict[str, Any]:
+        return {"n": 1 if step.wait_for("go") else 0}
+
+    with Engine(db_path, clock=clock) as e:
+        e.register(flow)
+        job = e.submit(flow, Ctx())
+        assert e.run(job).steps["hook"].state == "waiting"
+        clock.now += 61
+        assert e.run(job).steps["later"].state == "waiting"
+        # True: new and committed, for the job's next wait on the topic; the timed-out wait never reads it.
+        assert e.send(job, "paid", {"id": "late"}, key="late") is True
+        assert e.send(job, "paid", {"id": "late"}, key="late") is False
+        assert e.send(job, "go", True) is True
+        status = e.run(job)
+        assert status.state == "succeeded" and status.context.paid == "timed out" and status.context.n == 1
+
+
 def test_a_webhook_retried_after_its_message_ended_the_job_is_a_duplicate_not_an_error(db_path: str) -> None:
     flow = Workflow("w", context=Ctx, phases=["p"])
 
