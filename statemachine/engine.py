@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import threading
 import time
@@ -24,6 +25,7 @@ from .storage import TERMINAL_JOB_STATES, TERMINAL_STEP_STATES, Durability, JobR
 from .storage.contract import Storage, open_store
 from .storage.writepath import Claimed
 from .storage.retention import DEFAULT_BATCH
+from .storage.retrying import DEFAULT_HOLD_WARNING, DEFAULT_PATIENCE
 from .storage.errors import (
     ConfigurationError,
     ContextInvalid,
@@ -171,6 +173,17 @@ class Engine:
     change is durable. ``sync_interval`` (seconds, ``None`` for off) bounds
     what a power cut can take from ``"normal"``: the WAL is fsynced in the
     background at most that often while it has unsynced commits.
+
+    Transient refusals (a busy or locked database, a serialization failure,
+    a lost PostgreSQL session) are the library's to retry. A run's own
+    writes (its sub-steps' moves, ``once()`` records, waits) keep trying for
+    as long as the run holds its claim, each attempt fenced by it; a
+    handler that returned is not called again for it. Other writes
+    (``submit``, ``send``, ``cancel``'s request, ``run``'s claim) keep trying
+    for ``patience`` seconds, then raise :class:`DatabaseBusy`.
+    ``hold_warning`` (seconds, ``None`` for never): a transactional step
+    that holds SQLite's only writer for longer is named in a WARNING on
+    ``walstate.storage``.
     """
 
     def __init__(
@@ -184,15 +197,25 @@ class Engine:
         group_commit: bool = True,
         clock: Clock = time.time,
         sync_interval: float | None = 0.1,
+        patience: float = DEFAULT_PATIENCE,
+        hold_warning: float | None = DEFAULT_HOLD_WARNING,
     ) -> None:
         if workers < 1:
             raise ConfigurationError(f"workers must be >= 1, not {workers}")
         if not lease > 0:
             raise ConfigurationError(f"lease must be > 0 seconds, not {lease}")
+        if not 0 <= patience < math.inf:
+            raise ConfigurationError(f"patience must be a number of seconds >= 0, not {patience}")
+        if hold_warning is not None and not 0 <= hold_warning < math.inf:
+            raise ConfigurationError(f"hold_warning must be a number of seconds >= 0 (or None), not {hold_warning}")
         # sync_interval: see Store (bounds what a power cut can take from durability="normal").
         self.store: Storage = open_store(path, durability=durability, busy_timeout=busy_timeout,
                                          group_commit=group_commit, sync_interval=sync_interval)
         self.path = self.store.path
+        retry = self.store.write.retry
+        retry.patience = patience
+        retry.claim_patience = math.inf  # until the claim is lost or the engine closes
+        self.store.write.hold_warning = hold_warning
         self.workers = workers
         self.lease = lease
         self.clock = clock = self.store.synced(clock)
@@ -520,6 +543,12 @@ class Engine:
             if "shutdown" not in run.reasons:
                 raise
             outcome = "released"  # the engine released it when its grace ran out
+        except Exception as exc:
+            # A lasting database error (full, failing) or a bug: the run cannot go on. Its claim is
+            # given back, journalled with the reason, so the next claim is a plain one: never a
+            # takeover of a job from this engine's own live identity.
+            self._give_back(job_id, flow.name, owner, job, exc)
+            raise
         finally:
             self._heartbeat.remove(claim)
         if outcome == "parked":
@@ -538,6 +567,17 @@ class Engine:
         if not report:
             return None
         return self._finished(self._row(job_id))
+
+    def _give_back(self, job_id: int, workflow: str, owner: str, job: LiveJob, exc: Exception) -> None:
+        """Release the claim of a run that stopped on an error (best effort: the lease expires otherwise)."""
+        if job.owner is None:
+            return  # its last commit released it already
+        why = f"released: the run stopped on {type(exc).__name__}: {exc}"
+        try:
+            if self.store.write.release(job_id, owner, job.epoch, why):
+                log.job_left_alone(job_id, workflow, why)  # log
+        except WalstateError as failed:
+            log.job_left_alone(job_id, workflow, f"{why}; releasing it failed too ({failed})")  # log
 
     # -- the runtime -------------------------------------------------------------
 
@@ -933,6 +973,9 @@ class Engine:
         for _, active in actives:
             if active.thread != me:
                 active.done.wait(max(0.0, deadline - time.monotonic()))
+        # Grace is over: a write still waiting for a busy database gives up (its run's claim is released below,
+        # or expires).
+        self.store.write.retry.stop()
         for job_id, active in actives:
             if not active.done.is_set() and active.thread != me:
                 with contextlib.suppress(WalstateError):  # the file may be failing: its lease expires anyway
