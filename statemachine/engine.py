@@ -568,13 +568,22 @@ class Engine:
             return None
         return self._finished(self._row(job_id))
 
+    #: Seconds a job whose run stopped on a lasting error waits before a worker claims it again.
+    GIVE_BACK_PAUSE = 2.0
+
     def _give_back(self, job_id: int, workflow: str, owner: str, job: LiveJob, exc: Exception) -> None:
-        """Release the claim of a run that stopped on an error (best effort: the lease expires otherwise)."""
+        """Release the claim of a run that stopped on an error, runnable again after a pause.
+
+        Best effort (should the database refuse this too, the lease expires). The pause keeps a
+        lasting error (a full disk) from becoming a loop of claims; the step that was running
+        when the run stopped is retried then, counted as an interrupted attempt.
+        """
         if job.owner is None:
             return  # its last commit released it already
         why = f"released: the run stopped on {type(exc).__name__}: {exc}"
         try:
-            if self.store.write.release(job_id, owner, job.epoch, why):
+            if self.store.write.park(job_id, owner, job.epoch, self.clock() + self.GIVE_BACK_PAUSE, (), why,
+                                     patience=self.store.write.retry.patience):
                 log.job_left_alone(job_id, workflow, why)  # log
         except WalstateError as failed:
             log.job_left_alone(job_id, workflow, f"{why}; releasing it failed too ({failed})")  # log
@@ -774,8 +783,9 @@ class Engine:
             return
         run.signal("shutdown")
         owner, epoch = run.job.owner, run.job.epoch
+        # Once: the grace is over, and should the database be busy, the lease expires anyway.
         if owner is not None and self.store.write.release(
-                job_id, owner, epoch, "released: shut down before its steps in flight finished"):
+                job_id, owner, epoch, "released: shut down before its steps in flight finished", patience=0.0):
             log.job_left_alone(job_id, run.flow.name, "released at shutdown with steps in flight")  # log
 
     def _finished(self, row: JobRow) -> JobStatus[Any]:

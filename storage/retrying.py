@@ -35,6 +35,11 @@ from .errors import DatabaseError
 
 log = logging.getLogger("walstate.storage")
 
+
+def fields(job: int | None = None, step: str | None = None) -> dict[str, Any]:
+    """The ``extra`` fields every walstate log record carries (see ``walstate.log``)."""
+    return {"walstate_job": job, "walstate_workflow": None, "walstate_step": step, "walstate_attempt": None}
+
 T = TypeVar("T")
 Kind = Literal["busy", "lost"]
 
@@ -81,15 +86,17 @@ class Perseverance:
         self._stop.wait(max(0.0, min(MAX_PAUSE, 0.01 * 2 ** min(tries, 10), left)))
 
     def run(self, attempt: Callable[[], T], doing: str, *, fenced: bool, lost_ok: bool = False,
-            retryable: Callable[[], bool] | None = None) -> T:
+            retryable: Callable[[], bool] | None = None, patience: float | None = None) -> T:
         """``attempt()``, tried again while it raises a transient :class:`DatabaseError`.
 
         ``fenced``: the write is conditioned on a run's claim (``claim_patience``
         applies, else ``patience``). ``lost_ok``: repeating it after a lost
         session is safe. ``retryable()``, asked after a failure, may forbid a
-        retry (a transactional step whose handler already ran).
+        retry (a transactional step whose handler already ran). ``patience``
+        overrides how long this one write keeps trying.
         """
-        patience = self.claim_patience if fenced else self.patience
+        if patience is None:
+            patience = self.claim_patience if fenced else self.patience
         began: float | None = None
         tries = 0
         while True:
@@ -107,7 +114,7 @@ class Perseverance:
                     if tries == 0 and patience == 0:
                         raise
                     log.warning("%s: gave up %s after %d attempts over %.1fs (%s)", self.path, doing, tries + 1,
-                                waited, exc)
+                                waited, exc, extra=fields())
                     raise type(exc)(f"{exc} (tried {tries + 1} times over {waited:.1f}s"
                                     + ("; the engine is closing)" if self._stop.is_set() else
                                        f", the patience of {patience:g}s; raise Engine(patience=...))"),
@@ -116,15 +123,15 @@ class Perseverance:
                     self.db.close()  # a new session on the next attempt
                 if tries == 0:
                     log.warning("%s: %s was refused (%s); trying again (%s)", self.path, doing, exc,
-                                "the run keeps its claim" if fenced else f"for up to {patience:g}s")
+                                "the run keeps its claim" if fenced else f"for up to {patience:g}s", extra=fields())
                 tries += 1
                 self.pause(tries, patience - waited)
                 continue
             if tries:
                 assert began is not None
                 log.warning("%s: %s written after %d attempts over %.1fs", self.path, doing, tries + 1,
-                            time.monotonic() - began)
+                            time.monotonic() - began, extra=fields())
             return result
 
 
-__all__ = ["DEFAULT_HOLD_WARNING", "DEFAULT_PATIENCE", "Perseverance"]
+__all__ = ["DEFAULT_HOLD_WARNING", "DEFAULT_PATIENCE", "Perseverance", "fields"]

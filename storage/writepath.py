@@ -35,7 +35,7 @@ from . import faults
 from .connection import WriteLocked
 from .errors import JobFinished, LeaseLost, StaleState, UnknownJob
 from .reads import STEPS_OF_JOB, STEPS_OF_JOBS, StepRow
-from .retrying import DEFAULT_HOLD_WARNING, Perseverance
+from .retrying import DEFAULT_HOLD_WARNING, Perseverance, fields
 
 log = logging.getLogger("walstate.storage")
 
@@ -341,10 +341,12 @@ class WritePath:
         held = time.monotonic() - since
         if self.hold_warning is None or held < self.hold_warning or self.db.dialect != "sqlite":
             return
-        what = ", ".join(f"step {c.step!r} of job {c.job_id}" for c in changes if c.kind == "step") or "a transactional step"
+        steps = [c for c in changes if c.kind == "step"]
+        what = ", ".join(f"step {c.step!r} of job {c.job_id}" for c in steps) or "a transactional step"
         log.warning("%s: %s held the database's only writer for %.1fs (hold_warning=%gs): every other writer of "
                     "the file, in every process, waited meanwhile; keep transactional steps short and make no "
-                    "outside calls from them", self.path, what, held, self.hold_warning)
+                    "outside calls from them", self.path, what, held, self.hold_warning,
+                    extra=fields(steps[0].job_id, steps[0].step) if steps else fields())
 
     def _commit_grouped(self, request: _Request) -> None:
         """Leader/follower group commit: whoever finds no leader writes the whole queue.
@@ -442,8 +444,9 @@ class WritePath:
                     if len(expired) == len(batch):
                         raise
                     for r in expired:  # each raises to its caller now; the leader's own raises on return
-                        r.error = self.db.translate(exc, self.path, "writing a state change" if r.fenced else
-                                                    "creating a job")
+                        r.error = self.db.translate(exc, self.path, (
+                            "writing a state change" if r.fenced else "creating a job or claiming jobs") +
+                            f" (tried {tries + 1} times over {waited:.1f}s, the patience of {retry.patience:g}s)")
                         r.done = True
                         if r.wake is not None:
                             r.wake.release()
@@ -453,7 +456,7 @@ class WritePath:
                     self._queue = []
                 if tries == 0:
                     log.warning("%s: a commit of %d changes was refused (%s); trying again (the runs keep their "
-                                "claims)", self.path, sum(len(r.changes) for r in batch), exc)
+                                "claims)", self.path, sum(len(r.changes) for r in batch), exc, extra=fields())
                 tries += 1
                 retry.pause(tries, math.inf)
                 for r in batch:
@@ -911,14 +914,17 @@ class WritePath:
                 raise self.db.translate(exc, self.path, f"renewing the lease on job {job_id}") from exc
         return None if row is None else bool(row[0])
 
-    def release(self, job_id: int, owner: str, epoch: int, note: str, *, undo_start: bool = False) -> bool:
+    def release(self, job_id: int, owner: str, epoch: int, note: str, *, undo_start: bool = False,
+                patience: float | None = None) -> bool:
         """Give up ``owner``'s claim on an unfinished job (shutdown); journalled. False if already lost.
 
         ``undo_start`` puts a job the claim started back to ``pending`` (a claim
         that ran nothing, such as a worker's claim of a job it cannot run).
+        ``patience``: seconds to keep trying a busy database (by default, as
+        long as the claim holds).
         """
         return self.retry.run(lambda: self._release(job_id, owner, epoch, note, undo_start), f"releasing job {job_id}",
-                              fenced=True, lost_ok=True)
+                              fenced=True, lost_ok=True, patience=patience)
 
     def _release(self, job_id: int, owner: str, epoch: int, note: str, undo_start: bool) -> bool:
         with self._lock:
@@ -939,7 +945,8 @@ class WritePath:
             except self.db.driver_errors as exc:
                 raise self.db.translate(exc, self.path, f"releasing job {job_id}") from exc
 
-    def park(self, job_id: int, owner: str, epoch: int, wake_at: float, topics: Sequence[str], note: str) -> bool:
+    def park(self, job_id: int, owner: str, epoch: int, wake_at: float, topics: Sequence[str], note: str, *,
+             patience: float | None = None) -> bool:
         """Release a job whose steps wait, to be claimed again at ``wake_at`` or when a message arrives.
 
         A message already sent for one of ``topics`` makes it runnable at once:
@@ -947,7 +954,7 @@ class WritePath:
         between them. False if the claim was already lost.
         """
         return self.retry.run(lambda: self._park(job_id, owner, epoch, wake_at, topics, note), f"parking job {job_id}",
-                              fenced=True, lost_ok=True)
+                              fenced=True, lost_ok=True, patience=patience)
 
     def _park(self, job_id: int, owner: str, epoch: int, wake_at: float, topics: Sequence[str], note: str) -> bool:
         with self._lock:

@@ -164,6 +164,38 @@ def test_a_transactional_step_of_another_process_holding_the_file_never_makes_a_
                    for _, _, note in journal(db_path, handle.id))
 
 
+@pytest.mark.sqlite_only
+def test_a_run_that_stops_on_a_lasting_error_gives_its_claim_back_and_is_never_taken_over_from_itself(
+        db_path: str, caplog: pytest.LogCaptureFixture) -> None:
+    runs: list[int] = []
+
+    def body(step: StepContext) -> None:
+        runs.append(step.attempt)
+        if len(runs) == 1:  # the completion of this attempt is refused: not a transient reason
+            conn = connect(db_path, timeout=10)
+            conn.execute("CREATE TRIGGER refuse BEFORE UPDATE ON walstate_step WHEN NEW.state='succeeded' "
+                         "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END")
+            conn.commit()
+            conn.close()
+
+    flow = one_step(body)
+    caplog.set_level(logging.INFO, logger="walstate")
+    with Engine(db_path, lease=30) as engine:
+        handle = engine.start(flow, Ctx())
+        poll(lambda: any(note and note.startswith("released: the run stopped on WriteFailed")
+                         for _, _, note in journal(db_path, handle.id)), "the run to give its claim back")
+        conn = connect(db_path, timeout=10)
+        conn.execute("DROP TRIGGER refuse")
+        conn.commit()
+        conn.close()
+        assert handle.result(timeout=120).state == "succeeded"
+    rows = journal(db_path, handle.id)
+    assert [note for step, state, note in rows if step is None and state == "running" and note
+            and note.startswith("claimed")] == ["claimed", "claimed"], rows
+    assert "taken over" not in caplog.text
+    assert len(runs) == 2
+
+
 # -- item 2: once() is fenced ----------------------------------------------------------------------------
 
 
@@ -278,7 +310,15 @@ def test_once_sleep_and_wait_for_wait_for_a_writer_held_past_busy_timeout_and_th
         assert inside.wait(60)
         held.append(holder(HOLD))
         assert handle.result(timeout=120).state == "succeeded"
+    assert_no_second_run(db_path, job)
     check_invariants(db_path, flow, job)
+
+
+def assert_no_second_run(db: str, job: int) -> None:
+    """No attempt of the job failed, was interrupted or taken over: every claim was a plain one."""
+    rows = journal(db, job)
+    assert not [r for r in rows if r[1] in ("retrying", "failed")], rows
+    assert not [r for r in rows if r[2] and ("found dead" in r[2] or "interrupted" in r[2])], rows
 
 
 @pytest.mark.postgres
@@ -324,6 +364,7 @@ def test_once_sleep_and_wait_for_survive_the_workers_sessions_being_terminated(
         finally:
             conn.close()
         assert state == "succeeded"
+    assert_no_second_run(db_path, job)
     check_invariants(db_path, flow, job)
 
 
