@@ -105,7 +105,7 @@ class AsyncStepContext:
             value = fn()
             holder.append(await value if inspect.isawaitable(value) else value)
 
-        stored = self._sc._reader.once(self._sc.job_id, self._sc.step, name)
+        stored = self._sc._stored(name)  # also checks the claim before fn is called
         if stored is None:
             await produce()
         result: T = self._sc.once(name, lambda: holder[0])

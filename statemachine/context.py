@@ -214,8 +214,12 @@ class StepContext:
         back as a list, a pydantic model as a dict). If the process dies after
         ``fn`` returns but before the record is written, ``fn`` runs again:
         give it this step's ``idempotency_key`` to make that harmless.
+
+        Fenced like every write of a run: a run that lost its claim (another
+        run took the job over) gets :class:`LeaseLost` instead of calling
+        ``fn``, and never stores a record.
         """
-        stored = self._reader.once(self.job_id, self.step, name)
+        stored = self._stored(name)
         if stored is None:
             text = to_json(fn(), f"once({name!r}) of step {self.step!r}")
             # Remembered before it is written: if this attempt's transaction
@@ -223,9 +227,21 @@ class StepContext:
             # back, the runner stores it with the failed attempt, because the
             # outside effect did happen.
             self.recorded.append((self.step, name, text))
-            stored = self._writer.record_once(self.job_id, self.step, name, text)
+            owner, epoch = self._fence
+            # Fenced: a run superseded while fn ran stores nothing (LeaseLost).
+            stored = self._writer.record_once(self.job_id, self.step, name, text, owner=owner, epoch=epoch)
         result: T = json.loads(stored)
         return result
+
+    def _stored(self, name: str) -> str | None:
+        """once(``name``)'s stored result, or None; raises LeaseLost if this run no longer holds its claim.
+
+        The claim is checked before ``fn`` is called: a run superseded while it
+        was stopped (past its lease) calls nothing. (A run stopped between this
+        check and the call still calls it; its record is then refused.)
+        """
+        owner, epoch = self._fence
+        return self._writer.once_lookup(self.job_id, self.step, name, owner, epoch)
 
     # -- durable waits ------------------------------------------------------------
     #

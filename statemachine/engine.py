@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import threading
 import time
@@ -25,6 +26,7 @@ from .storage.connection import DEFAULT_FILE_MODE
 from .storage.contract import Storage, open_store
 from .storage.writepath import Claimed
 from .storage.retention import DEFAULT_BATCH
+from .storage.retrying import DEFAULT_HOLD_WARNING, DEFAULT_PATIENCE
 from .storage.errors import (
     ConfigurationError,
     ContextInvalid,
@@ -181,6 +183,17 @@ class Engine(EngineAsyncAPI):
     Every operation that touches the database has an awaitable form for
     asyncio apps, named with ``_async`` (``await engine.send_async(...)``,
     ``status_async``, ``submit_async``...): see :class:`walstate.aio.EngineAsyncAPI`.
+
+    Transient refusals (a busy or locked database, a serialization failure,
+    a lost PostgreSQL session) are the library's to retry. A run's own
+    writes (its sub-steps' moves, ``once()`` records, waits) keep trying for
+    as long as the run holds its claim, each attempt fenced by it; a
+    handler that returned is not called again for it. Other writes
+    (``submit``, ``send``, ``cancel``'s request, ``run``'s claim) keep trying
+    for ``patience`` seconds, then raise :class:`DatabaseBusy`.
+    ``hold_warning`` (seconds, ``None`` for never): a transactional step
+    that holds SQLite's only writer for longer is named in a WARNING on
+    ``walstate.storage``.
     """
 
     def __init__(
@@ -195,16 +208,26 @@ class Engine(EngineAsyncAPI):
         clock: Clock = time.time,
         sync_interval: float | None = 0.1,
         file_mode: int | None = DEFAULT_FILE_MODE,
+        patience: float = DEFAULT_PATIENCE,
+        hold_warning: float | None = DEFAULT_HOLD_WARNING,
     ) -> None:
         if workers < 1:
             raise ConfigurationError(f"workers must be >= 1, not {workers}")
         if not lease > 0:
             raise ConfigurationError(f"lease must be > 0 seconds, not {lease}")
+        if not 0 <= patience < math.inf:
+            raise ConfigurationError(f"patience must be a number of seconds >= 0, not {patience}")
+        if hold_warning is not None and not 0 <= hold_warning < math.inf:
+            raise ConfigurationError(f"hold_warning must be a number of seconds >= 0 (or None), not {hold_warning}")
         # sync_interval: see Store (bounds what a power cut can take from durability="normal").
         self.store: Storage = open_store(path, durability=durability, busy_timeout=busy_timeout,
                                          group_commit=group_commit, sync_interval=sync_interval,
                                          file_mode=file_mode)
         self.path = self.store.path
+        retry = self.store.write.retry
+        retry.patience = patience
+        retry.claim_patience = math.inf  # until the claim is lost or the engine closes
+        self.store.write.hold_warning = hold_warning
         self.workers = workers
         self.lease = lease
         self.clock = clock = self.store.synced(clock)
@@ -532,6 +555,12 @@ class Engine(EngineAsyncAPI):
             if "shutdown" not in run.reasons:
                 raise
             outcome = "released"  # the engine released it when its grace ran out
+        except Exception as exc:
+            # A lasting database error (full, failing) or a bug: the run cannot go on. Its claim is
+            # given back, journalled with the reason, so the next claim is a plain one: never a
+            # takeover of a job from this engine's own live identity.
+            self._give_back(job_id, flow.name, owner, job, exc)
+            raise
         finally:
             self._heartbeat.remove(claim)
         if outcome == "parked":
@@ -550,6 +579,26 @@ class Engine(EngineAsyncAPI):
         if not report:
             return None
         return self._finished(self._row(job_id))
+
+    #: Seconds a job whose run stopped on a lasting error waits before a worker claims it again.
+    GIVE_BACK_PAUSE = 2.0
+
+    def _give_back(self, job_id: int, workflow: str, owner: str, job: LiveJob, exc: Exception) -> None:
+        """Release the claim of a run that stopped on an error, runnable again after a pause.
+
+        Best effort (should the database refuse this too, the lease expires). The pause keeps a
+        lasting error (a full disk) from becoming a loop of claims; the step that was running
+        when the run stopped is retried then, counted as an interrupted attempt.
+        """
+        if job.owner is None:
+            return  # its last commit released it already
+        why = f"released: the run stopped on {type(exc).__name__}: {exc}"
+        try:
+            if self.store.write.park(job_id, owner, job.epoch, self.clock() + self.GIVE_BACK_PAUSE, (), why,
+                                     patience=self.store.write.retry.patience):
+                log.job_left_alone(job_id, workflow, why)  # log
+        except WalstateError as failed:
+            log.job_left_alone(job_id, workflow, f"{why}; releasing it failed too ({failed})")  # log
 
     # -- the runtime -------------------------------------------------------------
 
@@ -763,8 +812,9 @@ class Engine(EngineAsyncAPI):
             return
         run.signal("shutdown")
         owner, epoch = run.job.owner, run.job.epoch
+        # Once: the grace is over, and should the database be busy, the lease expires anyway.
         if owner is not None and self.store.write.release(
-                job_id, owner, epoch, "released: shut down before its steps in flight finished"):
+                job_id, owner, epoch, "released: shut down before its steps in flight finished", patience=0.0):
             log.job_left_alone(job_id, run.flow.name, "released at shutdown with steps in flight")  # log
 
     def _finished(self, row: JobRow) -> JobStatus[Any]:
@@ -971,6 +1021,9 @@ class Engine(EngineAsyncAPI):
         for _, active in actives:
             if active.thread != me:
                 active.done.wait(max(0.0, deadline - time.monotonic()))
+        # Grace is over: a write still waiting for a busy database gives up (its run's claim is released below,
+        # or expires).
+        self.store.write.retry.stop()
         for job_id, active in actives:
             if not active.done.is_set() and active.thread != me:
                 with contextlib.suppress(WalstateError):  # the file may be failing: its lease expires anyway

@@ -18,6 +18,10 @@ Loggers and levels:
 * ``walstate.fsm``: DEBUG for every committed transition; WARNING for a write
   the database refused (stale state, lost lease, busy, full): memory kept its
   state.
+* ``walstate.storage`` (written by ``storage/``, which cannot import this
+  module): WARNING for a write refused for a transient reason and tried again
+  (when it starts waiting, when it lands or gives up), and for a
+  transactional step that held SQLite's only writer past ``hold_warning``.
 
 Every record carries the same ``extra`` fields, ``None`` where they do not
 apply, so structured handlers can rely on them: ``walstate_job`` (job id),

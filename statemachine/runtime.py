@@ -179,8 +179,12 @@ class Worker:
         engine = self.engine
         now = engine.clock()
         flows = engine._flows
+        # This engine's own claims: its runs give back what they stop running, so one left behind (its
+        # release failed too) is taken only once its lease has run out, never while the run may live.
+        me = engine.owner
         dead = [(job_id, epoch) for job_id, epoch, workflow, owner, lease in engine.store.read.owned_unfinished()
                 if workflow in flows and job_id not in self.unrunnable
+                and (owner != me or lease is None or lease <= now)
                 and not ownership.owner_alive(owner, job_id, lease, now)]
         if not dead:
             return dead

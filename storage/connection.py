@@ -89,6 +89,11 @@ class WriteLocked(peewee.Database):
         """An application's statement with ``?`` placeholders, spelled for this database (see ``StepContext.execute``)."""
         return sql
 
+    def transient(self, exc: BaseException) -> str | None:
+        """``"busy"`` when the driver error ``exc`` refused a write that may simply be tried again (nothing was
+        written), ``"lost"`` when the session went away (outcome unknown), None for anything lasting."""
+        return "busy" if isinstance(translate(exc, "", ""), DatabaseBusy) else None
+
     def begin(self, *args: Any, **kwargs: Any) -> None:
         self.write_lock.acquire()
         try:

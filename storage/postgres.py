@@ -239,19 +239,33 @@ class WalstatePgDatabase(WriteLocked, peewee.PostgresqlDatabase):
     def portable(self, sql: str) -> str:
         return qmark_to_format(sql)
 
+    def transient(self, exc: BaseException) -> str | None:
+        cause = _cause(exc)
+        if str(getattr(cause, "sqlstate", "") or "") in _RETRY:
+            return "busy"
+        conn = getattr(self, "_state").conn  # this thread's session, as peewee keeps it
+        if psycopg is not None and isinstance(cause, psycopg.OperationalError) and (
+                conn is None or _connection_lost(cause, conn)):
+            return "lost"
+        return None
+
 
 # SQLSTATE classes and codes (PostgreSQL's Appendix A).
 _RETRY = {"40001": "serialization failure", "40P01": "deadlock", "55P03": "lock not available",
           "57014": "statement timeout"}
 
 
+def _cause(exc: BaseException) -> BaseException:
+    """The driver's own error behind ``exc`` (peewee re-raises it as its own, with the original as its first argument)."""
+    if isinstance(exc, peewee.PeeweeException):
+        inner = exc.args[0] if exc.args and isinstance(exc.args[0], BaseException) else None
+        return exc.__cause__ or inner or exc.__context__ or exc
+    return exc
+
+
 def translate(exc: BaseException, where: str, doing: str) -> DatabaseError:
     """Map a psycopg (or peewee-wrapped) error to walstate's hierarchy, with an actionable message."""
-    cause: BaseException = exc
-    if isinstance(exc, peewee.PeeweeException):
-        # peewee re-raises the driver's error as its own, with the original as its first argument.
-        inner = exc.args[0] if exc.args and isinstance(exc.args[0], BaseException) else None
-        cause = exc.__cause__ or inner or exc.__context__ or exc
+    cause = _cause(exc)
     code = str(getattr(cause, "sqlstate", "") or "")
     text = str(cause).strip()
     if code in _RETRY:

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
+import math
 import sqlite3
 import threading
 import time
@@ -32,7 +34,6 @@ from typing import Any
 from . import faults
 from .connection import WriteLocked
 from .errors import JobFinished, LeaseLost, StaleState, UnknownJob
-from .reads import STEPS_OF_JOB, STEPS_OF_JOBS, StepRow, version_pairs
 
 JSONMerge = Callable[[dict[str, Any]], str]
 #: A connection with sqlite3's small API (``execute``, ``executemany``, ``in_transaction``):
@@ -110,10 +111,12 @@ class Claimed:
 class _Request:
     """One caller's changes waiting for a group commit."""
 
-    __slots__ = ("changes", "done", "error", "wake", "insert", "result")
+    __slots__ = ("changes", "done", "error", "wake", "insert", "result", "fenced")
 
     def __init__(self, changes: Sequence[Change], insert: Callable[[Conn, float], Any] | None = None) -> None:
         self.changes = changes
+        #: Whether a run's claim fences it (its changes): it then keeps trying a busy database longer.
+        self.fenced = insert is None
         #: A job creation or a claim joining the batch (see create_job, claim_runnable): run first,
         #: what it returns kept in ``result``.
         self.insert = insert
@@ -195,6 +198,10 @@ class WritePath:
         self.group_commit = group_commit
         #: Where journal times and ``updated_at`` come from (PostgreSQL: the server's clock).
         self.clock = clock
+        #: Retries of transient refusals (busy, locked, a lost session): see storage.retrying.
+        self.retry = Perseverance(db, path)
+        #: Seconds a transactional step may hold SQLite's only writer before a WARNING names it (None: never).
+        self.hold_warning: float | None = DEFAULT_HOLD_WARNING
         self._reset_locks()
         #: Batch sizes written by group commit (for benchmarks): count of batches, of changes.
         self.batches = 0
@@ -211,6 +218,7 @@ class WritePath:
     def after_fork_in_child(self) -> None:
         """A forked child starts with no queue, no leader and fresh locks (threads do not survive fork)."""
         self._reset_locks()
+        self.retry.after_fork_in_child()
 
     @property
     def _lock(self) -> threading.RLock:
@@ -298,20 +306,43 @@ class WritePath:
         if self.group_commit and effect is None and self.db.transaction_depth() == 0:
             self._commit_grouped(_Request(changes))
         else:
-            with self._lock:
-                try:
-                    # A transactional step's effect runs the handler's own writes: on its thread's
-                    # connection, where its ``step.db`` is; anything else on the shared writer.
-                    with self._own_transaction() if effect is None else self._transaction() as conn:
-                        if effect is not None:
-                            changes = [*changes, *effect()]
-                        now = self.clock()
-                        for change in changes:
-                            self._apply(conn, change, now)
-                        faults.point("before_commit")
-                except self.db.driver_errors as exc:
-                    raise self.db.translate(exc, self.path, "writing a state change") from exc
+            begun: list[float] = []  # when a transactional step's handler started (under the write lock)
+
+            def write() -> None:
+                nonlocal changes
+                with self._lock:
+                    try:
+                        # A transactional step's effect runs the handler's own writes: on its thread's
+                        # connection, where its ``step.db`` is; anything else on the shared writer.
+                        with self._own_transaction() if effect is None else self._transaction() as conn:
+                            if effect is not None:
+                                begun.append(time.monotonic())
+                                try:
+                                    changes = [*changes, *effect()]
+                                finally:
+                                    self._held(begun[0], changes)
+                            now = self.clock()
+                            for change in changes:
+                                self._apply(conn, change, now)
+                            faults.point("before_commit")
+                    except self.db.driver_errors as exc:
+                        raise self.db.translate(exc, self.path, "writing a state change") from exc
+
+            # Tried again only while no handler has run: a transactional step's handler runs once per attempt.
+            self.retry.run(write, "writing a state change", fenced=True, retryable=lambda: not begun)
         faults.point("after_commit")
+
+    def _held(self, since: float, changes: Sequence[Change]) -> None:
+        """A WARNING when a transactional step held SQLite's only writer (every process's) for too long."""
+        held = time.monotonic() - since
+        if self.hold_warning is None or held < self.hold_warning or self.db.dialect != "sqlite":
+            return
+        steps = [c for c in changes if c.kind == "step"]
+        what = ", ".join(f"step {c.step!r} of job {c.job_id}" for c in steps) or "a transactional step"
+        log.warning("%s: %s held the database's only writer for %.1fs (hold_warning=%gs): every other writer of "
+                    "the file, in every process, waited meanwhile; keep transactional steps short and make no "
+                    "outside calls from them", self.path, what, held, self.hold_warning,
+                    extra=fields(steps[0].job_id, steps[0].step) if steps else fields())
 
     def _commit_grouped(self, request: _Request) -> None:
         """Leader/follower group commit: whoever finds no leader writes the whole queue.
@@ -349,8 +380,7 @@ class WritePath:
         self._last_batch = len(batch)
         crash: BaseException | None = None
         try:
-            with self._lock:
-                self._write_batch(batch)
+            self._write_persevering(batch)
         except self.db.driver_errors as exc:
             error = self.db.translate(exc, self.path, "writing a state change")
             for r in batch:
@@ -373,6 +403,7 @@ class WritePath:
             for r in batch:
                 if r.wake is not None:
                     r.wake.release()
+                    r.wake = None
             if following is not None:
                 assert following.wake is not None
                 following.wake.release()
@@ -380,6 +411,55 @@ class WritePath:
             raise crash
         if request.error is not None:
             raise request.error
+
+    def _write_persevering(self, batch: list[_Request]) -> None:
+        """Write ``batch`` (the leader holds it); a busy database's refusal is written again.
+
+        Requests no claim fences (job creations) give up after ``retry.patience``
+        (each raises DatabaseBusy to its caller at once); the run's changes keep
+        trying for ``retry.claim_patience``. Callers that queue meanwhile join
+        the batch. The journal rows of changes written after a wait say so.
+        """
+        tries = 0
+        began = 0.0
+        notes: dict[int, str | None] = {}
+        while True:
+            try:
+                with self._lock:
+                    self._write_batch(batch)
+                return
+            except self.db.driver_errors as exc:
+                retry = self.retry
+                if retry.kind(exc) != "busy" or retry.stopped:
+                    raise
+                now = time.monotonic()
+                began = now if tries == 0 else began
+                waited = now - began
+                with self._queue_lock:
+                    expired = [r for r in batch if waited >= (retry.claim_patience if r.fenced else retry.patience)]
+                    if len(expired) == len(batch):
+                        raise
+                    for r in expired:  # each raises to its caller now; the leader's own raises on return
+                        r.error = self.db.translate(exc, self.path, (
+                            "writing a state change" if r.fenced else "creating a job or claiming jobs") +
+                            f" (tried {tries + 1} times over {waited:.1f}s, the patience of {retry.patience:g}s)")
+                        r.done = True
+                        if r.wake is not None:
+                            r.wake.release()
+                            r.wake = None
+                    batch[:] = [r for r in batch if r not in expired]
+                    batch.extend(self._queue)  # whoever queued meanwhile lands in the same commit
+                    self._queue = []
+                if tries == 0:
+                    log.warning("%s: a commit of %d changes was refused (%s); trying again (the runs keep their "
+                                "claims)", self.path, sum(len(r.changes) for r in batch), exc, extra=fields())
+                tries += 1
+                retry.pause(tries, math.inf)
+                for r in batch:
+                    for c in r.changes:
+                        base = notes.setdefault(id(c), c.note)
+                        c.note = (f"{base}; " if base else "") + \
+                            f"written after the database was busy for {time.monotonic() - began:.1f}s"
 
     def _write_batch(self, batch: list[_Request]) -> None:
         self.batches += 1
@@ -606,6 +686,12 @@ class WritePath:
                                                                       fingerprint, now))
             self._commit_grouped(request)
             return request.result, None
+        # Busy refusals only: a creation whose session was lost may have committed (a second job).
+        return self.retry.run(lambda: self._create_job(workflow, key, context, steps, version, fingerprint),
+                              f"creating a {workflow!r} job", fenced=False)
+
+    def _create_job(self, workflow: str, key: str | None, context: str, steps: Sequence[tuple[str, str, int]],
+                    version: int, fingerprint: str | None) -> tuple[int, str | None]:
         with self._lock:
             try:
                 with self._own_transaction() as conn:
@@ -659,6 +745,15 @@ class WritePath:
         """
         # The claim is a write like any other: crash tests reach it through the same fault points.
         faults.point("before_begin")
+        # Busy refusals only: a claim whose session was lost may have committed, and the CAS would then miss.
+        claimed = self.retry.run(lambda: self._claim(job_id, state, epoch, owner, lease_expires, note),
+                                 f"claiming job {job_id}", fenced=False)
+        if claimed is not None:
+            faults.point("after_commit")
+        return claimed
+
+    def _claim(self, job_id: int, state: str, epoch: int, owner: str, lease_expires: float,
+               note: str) -> Claimed | None:
         with self._lock:
             try:
                 with self._own_transaction() as conn:
@@ -674,7 +769,6 @@ class WritePath:
                     faults.point("before_commit")
             except self.db.driver_errors as exc:
                 raise self.db.translate(exc, self.path, f"claiming job {job_id}") from exc
-        faults.point("after_commit")
         return claimed
 
     # Runnable: pending or unfinished with no owner, or with an owner the caller
@@ -827,12 +921,19 @@ class WritePath:
                 raise self.db.translate(exc, self.path, f"renewing the lease on job {job_id}") from exc
         return None if row is None else bool(row[0])
 
-    def release(self, job_id: int, owner: str, epoch: int, note: str, *, undo_start: bool = False) -> bool:
+    def release(self, job_id: int, owner: str, epoch: int, note: str, *, undo_start: bool = False,
+                patience: float | None = None) -> bool:
         """Give up ``owner``'s claim on an unfinished job (shutdown); journalled. False if already lost.
 
         ``undo_start`` puts a job the claim started back to ``pending`` (a claim
         that ran nothing, such as a worker's claim of a job it cannot run).
+        ``patience``: seconds to keep trying a busy database (by default, as
+        long as the claim holds).
         """
+        return self.retry.run(lambda: self._release(job_id, owner, epoch, note, undo_start), f"releasing job {job_id}",
+                              fenced=True, lost_ok=True, patience=patience)
+
+    def _release(self, job_id: int, owner: str, epoch: int, note: str, undo_start: bool) -> bool:
         with self._lock:
             try:
                 with self._own_transaction() as conn:
@@ -851,13 +952,18 @@ class WritePath:
             except self.db.driver_errors as exc:
                 raise self.db.translate(exc, self.path, f"releasing job {job_id}") from exc
 
-    def park(self, job_id: int, owner: str, epoch: int, wake_at: float, topics: Sequence[str], note: str) -> bool:
+    def park(self, job_id: int, owner: str, epoch: int, wake_at: float, topics: Sequence[str], note: str, *,
+             patience: float | None = None) -> bool:
         """Release a job whose steps wait, to be claimed again at ``wake_at`` or when a message arrives.
 
         A message already sent for one of ``topics`` makes it runnable at once:
         ``send`` and ``park`` both take the write lock, so no wake-up is lost
         between them. False if the claim was already lost.
         """
+        return self.retry.run(lambda: self._park(job_id, owner, epoch, wake_at, topics, note), f"parking job {job_id}",
+                              fenced=True, lost_ok=True, patience=patience)
+
+    def _park(self, job_id: int, owner: str, epoch: int, wake_at: float, topics: Sequence[str], note: str) -> bool:
         with self._lock:
             try:
                 with self._own_transaction() as conn:
@@ -887,6 +993,11 @@ class WritePath:
         same transaction. Raises :class:`UnknownJob`, or :class:`JobFinished` for
         a new message to a job that has ended.
         """
+        # A message without a key whose session was lost may have been stored: not sent again.
+        return self.retry.run(lambda: self._send(job_id, topic, payload, key), f"sending {topic!r} to job {job_id}",
+                              fenced=False, lost_ok=key is not None)
+
+    def _send(self, job_id: int, topic: str, payload: str, key: str | None) -> tuple[int, bool]:
         with self._lock:
             try:
                 with self._own_transaction() as conn:
@@ -922,16 +1033,27 @@ class WritePath:
         delivered exactly once, to the first wait that asks. None: no message yet.
         """
         faults.point("before_consume")
+        # Safe to repeat after a lost session: a consume that landed left its once() record.
+        consumed = self.retry.run(lambda: self._consume(job_id, step, name, topic, owner, epoch),
+                                  f"consuming {topic!r} for step {step!r} of job {job_id}", fenced=True, lost_ok=True)
+        if consumed is not None and consumed[1]:
+            faults.point("after_consume")
+        return None if consumed is None else consumed[0]
+
+    def _consume(self, job_id: int, step: str, name: str, topic: str, owner: str | None,
+                 epoch: int) -> tuple[str, bool] | None:
+        """``(payload, consumed now)``, or None when no message is there."""
         with self._lock:
             try:
                 with self._own_transaction() as conn:
-                    known = conn.execute("SELECT result FROM walstate_once WHERE job_id=? AND step=? AND name=?",
-                                         (job_id, step, name)).fetchone()
-                    if known is not None:
-                        return str(known[0])
+                    # The claim first: a superseded run learns nothing, not even what the live run consumed.
                     if conn.execute(self._OWNED, (job_id, owner, epoch)).fetchone() is None:
                         raise LeaseLost(f"{self.path}: job {job_id}: this run lost its claim; it may not consume "
                                         f"messages of {topic!r}")
+                    known = conn.execute("SELECT result FROM walstate_once WHERE job_id=? AND step=? AND name=?",
+                                         (job_id, step, name)).fetchone()
+                    if known is not None:
+                        return str(known[0]), False
                     message = conn.execute(
                         "SELECT id, payload FROM walstate_message WHERE job_id=? AND topic=? AND consumed_by IS NULL "
                         "ORDER BY id LIMIT 1", (job_id, topic)).fetchone()
@@ -942,8 +1064,7 @@ class WritePath:
                     payload = str(message[1])
             except self.db.driver_errors as exc:
                 raise self.db.translate(exc, self.path, f"consuming {topic!r} for step {step!r} of job {job_id}") from exc
-        faults.point("after_consume")
-        return payload
+        return payload, True
 
     def request_cancel(self, job_id: int) -> bool:
         """Ask whoever runs the unfinished job to cancel it; False if it is already finished."""
@@ -953,12 +1074,54 @@ class WritePath:
             f"requesting the cancellation of job {job_id}",
         ) == 1
 
-    def record_once(self, job_id: int, step: str, name: str, result: str) -> str:
-        """Store a ``once()`` result unless one exists; return the stored JSON text."""
+    _ONCE_LOOKUP = (
+        "SELECT (SELECT result FROM walstate_once WHERE job_id=? AND step=? AND name=?), "
+        "(SELECT count(*) FROM walstate_job WHERE id=? AND owner IS ? AND epoch=?)"
+    )
+
+    def once_lookup(self, job_id: int, step: str, name: str, owner: str | None, epoch: int) -> str | None:
+        """The stored ``once()`` result of (job, step, ``name``), or None: then its function may be called.
+
+        One read, which also checks that the run (``owner``, ``epoch``) still
+        holds its claim: a superseded run gets :class:`LeaseLost`, never a
+        value (not even the one the live run stored), and calls nothing.
+        """
+        def look() -> tuple[Any, ...]:
+            try:
+                return tuple(self.db.raw().execute(self._ONCE_LOOKUP, (job_id, step, name, job_id, owner, epoch)).fetchone())
+            except self.db.driver_errors as exc:
+                raise self.db.translate(exc, self.path, f"reading once({name!r}) of step {step!r}") from exc
+
+        stored, owned = self.retry.run(look, f"reading once({name!r}) of step {step!r} of job {job_id}", fenced=True,
+                                       lost_ok=True)
+        if not owned:
+            raise LeaseLost(f"{self.path}: job {job_id}: this run lost its claim on the job (claim epoch {epoch} is "
+                            f"over); once({name!r}) of step {step!r} was not called")
+        return None if stored is None else str(stored)
+
+    def record_once(self, job_id: int, step: str, name: str, result: str, *, owner: str | None = None,
+                    epoch: int | None = None) -> str:
+        """Store a ``once()`` result unless one exists; return the stored JSON text.
+
+        With ``epoch`` (and ``owner``), fenced: stored only while that run
+        still holds its claim, checked in the same transaction; otherwise
+        :class:`LeaseLost` and nothing is stored.
+        """
         faults.point("before_once_record")
+        stored = self.retry.run(lambda: self._record_once(job_id, step, name, result, owner, epoch),
+                                f"recording once({name!r}) of step {step!r} of job {job_id}", fenced=True, lost_ok=True)
+        faults.point("after_once_record")
+        return stored
+
+    def _record_once(self, job_id: int, step: str, name: str, result: str, owner: str | None,
+                     epoch: int | None) -> str:
         with self._lock:
             try:
                 with self._own_transaction() as conn:
+                    if epoch is not None and conn.execute(self._OWNED, (job_id, owner, epoch)).fetchone() is None:
+                        raise LeaseLost(f"{self.path}: job {job_id}: this run lost its claim on the job (claim epoch "
+                                        f"{epoch} is over); the result of once({name!r}) of step {step!r} is not "
+                                        "recorded")
                     conn.execute(self._ONCE, (job_id, step, name, result, self.clock()))
                     stored = conn.execute(
                         "SELECT result FROM walstate_once WHERE job_id=? AND step=? AND name=?",
@@ -966,10 +1129,13 @@ class WritePath:
                     ).fetchone()[0]
             except self.db.driver_errors as exc:
                 raise self.db.translate(exc, self.path, f"recording once({name!r}) of step {step!r}") from exc
-        faults.point("after_once_record")
         return str(stored)
 
     def _single(self, sql: str, params: tuple[Any, ...], doing: str) -> int:
+        # Its one statement is safe to repeat (request_cancel's is).
+        return self.retry.run(lambda: self._single_once(sql, params, doing), doing, fenced=False, lost_ok=True)
+
+    def _single_once(self, sql: str, params: tuple[Any, ...], doing: str) -> int:
         with self._lock:
             try:
                 with self._own_transaction() as conn:

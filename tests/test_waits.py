@@ -265,7 +265,7 @@ def test_a_webhook_retried_after_its_message_ended_the_job_is_a_duplicate_not_an
 def test_send_to_a_file_another_writer_holds_is_a_typed_error_naming_what_it_was_sending(db_path: str) -> None:
     flow = Workflow("w", context=Ctx, phases=["p"])
     flow.step(phase="p", name="s")(lambda ctx, step: None)
-    with Engine(db_path, busy_timeout=0.05) as e:
+    with Engine(db_path, busy_timeout=0.05, patience=0.2) as e:  # a send waits out its patience first
         e.register(flow)
         job = e.submit(flow, Ctx())
         other = sqlite3.connect(db_path, isolation_level=None)
