@@ -34,6 +34,10 @@ from typing import Any
 from . import faults
 from .connection import WriteLocked
 from .errors import JobFinished, LeaseLost, StaleState, UnknownJob
+from .reads import STEPS_OF_JOB, STEPS_OF_JOBS, StepRow, version_pairs
+from .retrying import DEFAULT_HOLD_WARNING, Perseverance, fields
+
+log = logging.getLogger("walstate.storage")
 
 JSONMerge = Callable[[dict[str, Any]], str]
 #: A connection with sqlite3's small API (``execute``, ``executemany``, ``in_transaction``):
