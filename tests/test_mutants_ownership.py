@@ -437,14 +437,17 @@ def test_an_idle_worker_claims_a_job_another_connection_commits_at_its_next_poll
         worker = Worker(e, 1, scan=3600.0).start()  # no scan: only the data version can tell
         try:
             wait_until(lambda: seen.polls() >= 3)
+            before = len(seen.statements)
             with Engine(db_path) as other:  # its own connection, as another process would have
                 other.register(flow)
                 job = int(other.submit("w", Ctx()))
-            mark = len(seen.statements)
-            wait_until(lambda: e.status(job).state == "succeeded", timeout=5.0)
-            after = seen.statements[mark:]
-            claim_at = next(i for i, s in enumerate(after) if s.upper().startswith("UPDATE WALSTATE_JOB SET OWNER"))
-            assert sum(1 for s in after[:claim_at] if s.strip().upper() == "PRAGMA DATA_VERSION") <= 2
+                mark = len(seen.statements)  # the submit has committed
+            wait_until(lambda: e.status(job).state == "succeeded", timeout=60.0)
+            claim_at = next(i for i, s in enumerate(seen.statements) if i >= before
+                            and s.upper().startswith("UPDATE WALSTATE_JOB SET OWNER"))
+            # Claimed before the submit returned here, or at most two polls after it (never by a scan).
+            polls = sum(1 for s in seen.statements[mark:claim_at] if s.strip().upper() == "PRAGMA DATA_VERSION")
+            assert polls <= 2
         finally:
             # Built by hand, the worker is not the engine's: the engine's end-of-job call never reaches it,
             # so it would wait out a drain for a job that has ended. Nothing runs: stop without one.
