@@ -46,12 +46,14 @@ from .context import StepContext, StepResult
 from .workflow import Retry, Workflow
 
 if TYPE_CHECKING:
-    from .engine import Engine, JobId, JobStatus, MigrationReport, RecoveryReport, StepStatus, TransitionRecord
+    from .engine import (Engine, JobId, JobStatus, MigrationReport, OwnerStatus, RecoveryReport, StepStatus,
+                         TransitionRecord)
     from .aio import AsyncStepContext
     from .runtime import JobHandle, Worker
     from .views import JobPage, JobSummary
 
-_ENGINE_NAMES = ("Engine", "JobId", "JobStatus", "MigrationReport", "RecoveryReport", "StepStatus", "TransitionRecord")
+_ENGINE_NAMES = ("Engine", "JobId", "JobStatus", "MigrationReport", "OwnerStatus", "RecoveryReport", "StepStatus",
+                 "TransitionRecord")
 _RUNTIME_NAMES = ("JobHandle", "Worker")
 _AIO_NAMES = ("AsyncStepContext",)
 _VIEW_NAMES = ("JobPage", "JobSummary")
@@ -98,6 +100,7 @@ __all__ = [
     "MigrationReport",
     "NotADatabase",
     "OutputNotJSON",
+    "OwnerStatus",
     "RecoveryReport",
     "Retry",
     "SchemaTooNew",

@@ -177,7 +177,7 @@ class Worker:
     def _dead_owned(self) -> list[tuple[int, int]]:
         """``(id, epoch)`` of unfinished jobs of our workflows whose owner is dead (by pid here, else by lease)."""
         engine = self.engine
-        now = engine.clock()
+        now = engine.lease_clock()
         flows = engine._flows
         return [(job_id, epoch) for job_id, epoch, workflow, owner, lease in engine.store.read.owned_unfinished()
                 if workflow in flows and job_id not in self.unrunnable

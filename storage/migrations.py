@@ -106,6 +106,11 @@ MIGRATIONS: dict[int, Migration] = {
         'CREATE INDEX IF NOT EXISTS "job_parked_wake_at" ON "walstate_job" ("wake_at") '
         "WHERE (((\"state\" IN ('pending', 'running')) AND (\"owner\" IS NULL)) AND (\"wake_at\" IS NOT NULL))",
     ],
+    # Ownership: when the claim was last renewed (taken or renewed, on the lease clock), so that
+    # `walstate show` can say how long ago a hung owner last renewed it.
+    7: [
+        "ALTER TABLE walstate_job ADD COLUMN renewed_at REAL",
+    ],
 }
 
 

@@ -116,6 +116,9 @@ PG_MIGRATIONS: dict[int, Sequence[str]] = {
         'CREATE INDEX "job_parked_wake_at" ON "walstate_job" ("wake_at") '
         "WHERE (((\"state\" IN ('pending', 'running')) AND (\"owner\" IS NULL)) AND (\"wake_at\" IS NOT NULL))",
     ],
+    7: [
+        'ALTER TABLE "walstate_job" ADD COLUMN "renewed_at" DOUBLE PRECISION',
+    ],
 }
 
 

@@ -93,6 +93,8 @@ def bind_models(db: peewee.Database) -> Models:
         # fingerprint of that definition (NULL for jobs older than schema 5).
         version = peewee.IntegerField(default=1, constraints=[peewee.SQL("DEFAULT 1")])
         fingerprint = peewee.TextField(null=True)
+        # Schema 7: when the claim was last taken or renewed (lease clock); kept after a release.
+        renewed_at = peewee.FloatField(null=True)
 
         class Meta:
             table_name = "walstate_job"

@@ -189,12 +189,14 @@ class WritePath:
     _OWNED = "SELECT 1 FROM walstate_job WHERE id=? AND owner IS ? AND epoch=?"
 
     def __init__(self, db: WriteLocked, path: str, *, group_commit: bool = True,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, lease_clock: Callable[[], float] | None = None) -> None:
         self.db = db
         self.path = path
         self.group_commit = group_commit
         #: Where journal times and ``updated_at`` come from (PostgreSQL: the server's clock).
         self.clock = clock
+        #: What ``renewed_at`` is stamped with: the store's lease clock (see :mod:`.leaseclock`).
+        self.lease_clock = clock if lease_clock is None else lease_clock
         self._reset_locks()
         #: Batch sizes written by group commit (for benchmarks): count of batches, of changes.
         self.batches = 0
@@ -640,7 +642,7 @@ class WritePath:
         return job_id
 
     _CLAIM = (
-        "UPDATE walstate_job SET owner=?, lease_expires=?, epoch=epoch+1, updated_at=?, wake_at=NULL, "
+        "UPDATE walstate_job SET owner=?, lease_expires=?, renewed_at=?, epoch=epoch+1, updated_at=?, wake_at=NULL, "
         "state=CASE state WHEN 'pending' THEN 'running' ELSE state END "
         "WHERE id=? AND epoch=? AND state=? AND state IN ('pending', 'running') RETURNING epoch, context, "
         "cancel_requested"
@@ -663,7 +665,8 @@ class WritePath:
             try:
                 with self._own_transaction() as conn:
                     now = self.clock()
-                    row = conn.execute(self._CLAIM, (owner, lease_expires, now, job_id, epoch, state)).fetchone()
+                    row = conn.execute(self._CLAIM, (owner, lease_expires, self.lease_clock(), now, job_id, epoch,
+                                                     state)).fetchone()
                     faults.point("after_update")
                     if row is None:
                         return None
@@ -693,7 +696,8 @@ class WritePath:
         "AND workflow IN (SELECT value FROM json_each(?)) GROUP BY workflow"
     )
     _CLAIM_MANY = (
-        "UPDATE walstate_job SET owner=?, lease_expires=?, epoch=epoch+1, updated_at=?, state='running', wake_at=NULL "
+        "UPDATE walstate_job SET owner=?, lease_expires=?, renewed_at=?, epoch=epoch+1, updated_at=?, state='running', "
+        "wake_at=NULL "
         "WHERE id IN (SELECT CAST(value AS INTEGER) FROM json_each(?)) RETURNING id, epoch, context, cancel_requested, "
         "version, fingerprint"
     )
@@ -778,7 +782,8 @@ class WritePath:
         if not rows:
             return []
         before = {int(r[0]): (str(r[1]), str(r[3]), r[4]) for r in rows}
-        claimed = conn.execute(self._CLAIM_MANY, (owner, lease_expires, stamp, json.dumps(list(before)))).fetchall()
+        claimed = conn.execute(self._CLAIM_MANY, (owner, lease_expires, self.lease_clock(), stamp,
+                                                  json.dumps(list(before)))).fetchall()
         faults.point("after_update")
         conn.executemany(self._JOURNAL, [
             (job_id, None, before[job_id][0], "running", 0, stamp,
@@ -808,9 +813,9 @@ class WritePath:
             try:
                 with self._own_transaction() as conn:
                     row = conn.execute(
-                        "UPDATE walstate_job SET lease_expires=? WHERE id=? AND owner=? AND epoch=? "
+                        "UPDATE walstate_job SET lease_expires=?, renewed_at=? WHERE id=? AND owner=? AND epoch=? "
                         "RETURNING cancel_requested",
-                        (lease_expires, job_id, owner, epoch),
+                        (lease_expires, self.lease_clock(), job_id, owner, epoch),
                     ).fetchone()
             except self.db.driver_errors as exc:
                 raise self.db.translate(exc, self.path, f"renewing the lease on job {job_id}") from exc
@@ -837,6 +842,36 @@ class WritePath:
                     conn.execute(self._JOURNAL, (job_id, None, "running", row[0], 0, now, note))
                     self._wake(conn)
                     return True
+            except self.db.driver_errors as exc:
+                raise self.db.translate(exc, self.path, f"releasing job {job_id}") from exc
+
+    def force_release(self, job_id: int, note: str) -> tuple[str, int] | None:
+        """Take the claim away from whoever holds the unfinished job (an operator's act); journalled.
+
+        Clears the owner and lease and bumps the epoch in one transaction, so
+        the run that held it (hung, or believed dead) can write nothing more and
+        stops at its next renewal; the job is runnable again. Returns the
+        ``(owner, epoch)`` it took the claim from, or None when nobody held it
+        (a finished job is left as it is). The journal row is ``note`` followed
+        by who held it. Raises :class:`UnknownJob`.
+        """
+        with self._lock:
+            try:
+                with self._own_transaction() as conn:
+                    now = self.clock()
+                    if conn.execute(self._LOCK_JOB, (job_id,)).fetchone() is None:
+                        raise UnknownJob(f"{self.path}: no job {job_id}")
+                    held = conn.execute("SELECT state, owner, epoch FROM walstate_job WHERE id=?", (job_id,)).fetchone()
+                    state, owner, epoch = str(held[0]), held[1], int(held[2])
+                    if owner is None or state not in ("pending", "running"):
+                        return None
+                    conn.execute(
+                        "UPDATE walstate_job SET owner=NULL, lease_expires=NULL, epoch=epoch+1, updated_at=? "
+                        "WHERE id=? AND owner=? AND epoch=?", (now, job_id, owner, epoch))
+                    conn.execute(self._JOURNAL, (job_id, None, state, state, 0, now,
+                                                 f"{note} (taken from {owner}, epoch {epoch})"))
+                    self._wake(conn)
+                    return str(owner), epoch
             except self.db.driver_errors as exc:
                 raise self.db.translate(exc, self.path, f"releasing job {job_id}") from exc
 
