@@ -865,9 +865,10 @@ class WritePath:
                     state, owner, epoch = str(held[0]), held[1], int(held[2])
                     if owner is None or state not in ("pending", "running"):
                         return None
-                    conn.execute(
-                        "UPDATE walstate_job SET owner=NULL, lease_expires=NULL, epoch=epoch+1, updated_at=? "
-                        "WHERE id=? AND owner=? AND epoch=?", (now, job_id, owner, epoch))
+                    # The row was read under this transaction's lock (SQLite's one writer; PostgreSQL's
+                    # FOR UPDATE): no condition is needed to know it is still as read.
+                    conn.execute("UPDATE walstate_job SET owner=NULL, lease_expires=NULL, epoch=epoch+1, updated_at=? "
+                                 "WHERE id=?", (now, job_id))
                     conn.execute(self._JOURNAL, (job_id, None, state, state, 0, now,
                                                  f"{note} (taken from {owner}, epoch {epoch})"))
                     self._wake(conn)
