@@ -111,6 +111,12 @@ MIGRATIONS: dict[int, Migration] = {
     7: [
         "ALTER TABLE walstate_job ADD COLUMN renewed_at REAL",
     ],
+    # Claims take the job runnable longest first: by when it last became runnable (``updated_at``:
+    # created, released, parked, requeued), not by id, walking this index in that order.
+    8: [
+        'CREATE INDEX IF NOT EXISTS "job_runnable_since" ON "walstate_job" ("updated_at") '
+        "WHERE (\"state\" IN ('pending', 'running'))",
+    ],
 }
 
 

@@ -119,6 +119,10 @@ PG_MIGRATIONS: dict[int, Sequence[str]] = {
     7: [
         'ALTER TABLE "walstate_job" ADD COLUMN "renewed_at" DOUBLE PRECISION',
     ],
+    8: [
+        'CREATE INDEX "job_runnable_since" ON "walstate_job" ("updated_at") '
+        "WHERE (\"state\" IN ('pending', 'running'))",
+    ],
 }
 
 

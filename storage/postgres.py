@@ -517,7 +517,7 @@ class PgWritePath(WritePath):
         "AND id NOT IN (SELECT json_array_elements_text(%s::json)::bigint) "
         "AND ((owner IS NULL AND (wake_at IS NULL OR wake_at <= %s)) "
         "OR (id, epoch) IN (SELECT (d->>0)::bigint, (d->>1)::bigint FROM json_array_elements(%s::json) AS d)) "
-        "ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED"
+        "ORDER BY updated_at, id LIMIT %s FOR UPDATE SKIP LOCKED"
     )
 
     #: Row by row: a multi-row UPDATE … FROM (VALUES …) would need a cast per column, and a

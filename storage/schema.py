@@ -164,6 +164,8 @@ def bind_models(db: peewee.Database) -> Models:
     # ... and their look for the next wake-up of a parked job walks parked jobs in wake-up order.
     Job.add_index(Job.index(Job.wake_at, name="job_parked_wake_at").where(
         Job.state.in_(UNFINISHED_JOB_STATES) & Job.owner.is_null() & Job.wake_at.is_null(False)))
+    # Schema 8: claims walk unfinished jobs by when they last became runnable (migrations.py).
+    Job.add_index(Job.index(Job.updated_at, name="job_runnable_since").where(Job.state.in_(UNFINISHED_JOB_STATES)))
     class Message(Base):
         id = peewee.AutoField()
         job = peewee.ForeignKeyField(Job, column_name="job_id", on_delete="CASCADE")

@@ -684,12 +684,15 @@ class WritePath:
     # found dead (by pid on this host, by lease elsewhere: ownership.owner_alive)
     # at the epoch it read, so a job claimed since is not taken. The state
     # literals match the partial index.
+    # Oldest runnable first: by when the job last became runnable (``updated_at``: created, released,
+    # parked, requeued; a parked job woken by its time or a message keeps its park time), so a job that
+    # becomes runnable again and again never starves those waiting longer; id breaks ties.
     _RUNNABLE = (
-        "SELECT id, state, epoch, workflow, owner FROM walstate_job "
+        "SELECT id, state, epoch, workflow, owner FROM walstate_job INDEXED BY job_runnable_since "
         "WHERE state IN ('pending', 'running') AND workflow IN (SELECT value FROM json_each(?)) "
         "AND id NOT IN (SELECT CAST(value AS INTEGER) FROM json_each(?)) AND ((owner IS NULL AND (wake_at IS NULL OR wake_at <= ?)) "
         "OR (id, epoch) IN (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))) "
-        "ORDER BY id LIMIT ?"
+        "ORDER BY updated_at, id LIMIT ?"
     )
     _RUNNING_PER_WORKFLOW = (
         "SELECT workflow, count(*) FROM walstate_job WHERE state='running' AND owner IS NOT NULL "
@@ -722,8 +725,10 @@ class WritePath:
         running across every process, and claims them with one ``UPDATE …
         WHERE id IN (…) RETURNING`` that bumps each epoch; each claim is
         journalled and the claimed jobs' sub-steps are read in the same
-        transaction. Returns ``(workflow, state before, owner before, Claimed)``
-        per job, oldest first.
+        transaction. Jobs are taken runnable longest first (by when each last
+        became runnable: created, released, parked or requeued), not lowest id
+        first. Returns ``(workflow, state before, owner before, Claimed)`` per
+        job, by id.
         """
         if limit < 1 or not workflows:
             return []

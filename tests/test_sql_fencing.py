@@ -210,3 +210,30 @@ def test_a_migration_that_a_claim_overtakes_between_its_read_and_its_write_chang
         assert (after.version, after.owner, after.epoch) == (1, OTHER, taken[0])
     finally:
         other.close()
+
+
+# -- item 11: claims take the job runnable longest first ----------------------------------------------
+
+
+def claim_one(store: Storage) -> tuple[int, int]:
+    [(_, _, _, got)] = store.write.claim_runnable(owner=ME, lease_expires=1e12, limit=1, workflows=["w"], now=0.0)
+    return got.job_id, got.epoch
+
+
+def test_a_claim_takes_the_job_runnable_longest_not_the_lowest_id(db_path: str, store: Storage) -> None:
+    old, b, c = new_job(db_path), new_job(db_path), new_job(db_path)
+    epoch = take(store, old, ME)
+    assert store.write.release(old, ME, epoch, "released: runnable again, after b and c")
+    assert [claim_one(store)[0] for _ in range(3)] == [b, c, old]
+
+
+def test_a_job_that_becomes_runnable_again_and_again_does_not_starve_newer_pending_jobs(
+        db_path: str, store: Storage) -> None:
+    # One worker slot: each claimed job is given back at once (a retried job, runnable again every time).
+    jobs = [new_job(db_path) for _ in range(4)]
+    claimed = []
+    for _ in range(12):
+        job, epoch = claim_one(store)
+        claimed.append(job)
+        assert store.write.release(job, ME, epoch, "runnable again")
+    assert claimed == jobs * 3, claimed  # round robin: every job waits behind each other one once
