@@ -51,6 +51,11 @@ DEAD_EPOCH = re.compile(r"(?<=\(id, epoch\) IN \(SELECT )(json_extract\(value, '
                         r"(\(d->>1\)::bigint)")
 #: Statements of writepath.py that PostgreSQL replaces with its own (see PgWritePath), or never runs.
 PG_OVERRIDES = {"_UPDATE_STEP", "_OWNED", "_RUNNABLE", "_update_steps"}
+#: Conditions that cannot matter on one backend, and why (the mutant is reported as equivalent there).
+EQUIVALENT = {
+    ("_MOVE_JOB", "sqlite"): "equivalent: the migration reads the epoch and writes under one BEGIN IMMEDIATE, "
+                             "so no claim comes between (PostgreSQL's READ COMMITTED lets one: tested there)",
+}
 
 
 @dataclass
@@ -143,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", help="only mutants whose name contains this")
     p.add_argument("--backend", choices=["sqlite", "postgres"], help="only this backend")
     p.add_argument("--list", action="store_true", help="list the mutants and exit")
+    p.add_argument("--tests", nargs="+", default=TESTS, metavar="FILE", help="test files to run (default: %(default)s)")
     args = p.parse_args(argv)
     mutants = [m for m in find_mutants() if args.only is None or args.only in m.name]
     if args.list:
@@ -157,13 +163,17 @@ def main(argv: list[str] | None = None) -> int:
             if backend not in m.backends():
                 results[backend] = "n/a"
                 continue
+            if (m.where, backend) in EQUIVALENT:
+                results[backend] = EQUIVALENT[(m.where, backend)].split(":")[0]
+                print(f"{m.name} [{backend}]: {EQUIVALENT[(m.where, backend)]}", flush=True)
+                continue
             if args.backend and backend != args.backend:
                 results[backend] = "(not run)"
                 continue
             with tempfile.TemporaryDirectory(prefix="walstate-sql-mutant-") as tmp:
                 package_copy(Path(tmp), m)
                 check_importable(Path(tmp))
-                result, took = run_tests(Path(tmp), backend, TESTS)
+                result, took = run_tests(Path(tmp), backend, args.tests)
             survived += result == "SURVIVED" or not result.startswith("killed")
             results[backend] = f"{result} ({took:.0f}s)"
             print(f"{m.name} [{backend}]: {results[backend]}", flush=True)
