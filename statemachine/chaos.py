@@ -36,7 +36,7 @@ from typing import Any, Protocol
 from .context import StepContext, Suspend
 from .engine import Engine
 from .history import EFFECT_TABLE, HistoryReport, Ledger, check_history, read_ledgers
-from .storage.errors import ConfigurationError, WalstateError
+from .storage.errors import ConfigurationError, DatabaseBusy, DatabaseUnavailable, JobFinished, WriteFailed
 from .storage.postgres import is_postgres_url
 from .workflow import Workflow
 
@@ -208,7 +208,10 @@ def run_chaos(app: str, db: str, workload: Workload, directory: str | os.PathLik
         run.ledger.append("phase", name="settle")  # type: ignore[union-attr]
         deadline = time.monotonic() + settle
         for c in clients:
-            c.popen.wait(max(1.0, deadline - time.monotonic()))
+            try:
+                c.popen.wait(max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                break  # the check says which acknowledged jobs did not end
         _settle(db, base / "ledger", deadline)
     finally:
         _stop_all(run)
@@ -390,8 +393,9 @@ class _Recorded:
         where = {"job": self._base["job"], "step": self._base["step"], "name": name}
 
         def called() -> Any:
+            start = time.monotonic()
             value = fn()
-            self._ledger.append("once_fn", **where, call=self._base["call"], value=value)
+            self._ledger.append("once_fn", **where, call=self._base["call"], start=start, value=value)
             return value
 
         value = self._step.once(name, called)
@@ -486,11 +490,11 @@ def _child(argv: Sequence[str]) -> int:
 
 
 def _retrying(deadline: float, fn: Callable[[], Any]) -> Any:
-    """``fn()`` until it returns without a walstate error (a busy file, a restarting server), or raise at ``deadline``."""
+    """``fn()`` until it returns without a transient error (a busy file, a restarting server), or raise at ``deadline``."""
     while True:
         try:
             return fn()
-        except WalstateError:
+        except (DatabaseBusy, DatabaseUnavailable, WriteFailed):
             if time.monotonic() > deadline or _stopping:
                 raise
             time.sleep(0.1)
@@ -519,7 +523,10 @@ def _clients(role: str, engine: Engine, plan: list[dict[str, Any]], ledger: Ledg
                     time.sleep(0.1)
             time.sleep(rng.uniform(0, 2 * pace))
             job_id = ids[item["key"]]
-            new = _retrying(deadline, lambda: engine.send(job_id, topic, payload, key=key))
+            try:
+                new = _retrying(deadline, lambda: engine.send(job_id, topic, payload, key=key))
+            except JobFinished:
+                continue  # the job ended without waiting for it (the checker says why it ended so)
             ledger.append("send", job=job_id, topic=topic, key=key, payload=payload, new=bool(new))
 
 

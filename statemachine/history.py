@@ -10,7 +10,8 @@ one clock for every process of the machine). The kinds:
 - ``send`` ``{job, topic, key, payload, new}``: ``send()`` returned (``new``: True; False: stored by an earlier try);
 - ``enter`` / ``exit`` ``{job, step, workflow, attempt, epoch, outcome}``: a handler was
   called / ended (``outcome``: ``returned``, ``raised``, ``suspended``, ``aborted``);
-- ``once_fn`` ``{job, step, name, value}``: a ``once()`` function ran and returned ``value`` (the outside call);
+- ``once_fn`` ``{job, step, name, call, start, value}``: a ``once()`` function ran from ``start`` and returned
+  ``value`` (the outside call);
 - ``once`` ``{job, step, name, value}``: ``once()`` returned ``value`` to the handler;
 - ``received`` ``{job, step, topic, value}``: ``wait_for()`` returned a message;
 - ``effect`` ``{job, step, attempt}``: a transactional step wrote its marker row;
@@ -338,20 +339,28 @@ def _check_once(report: HistoryReport, lines: Sequence[Mapping[str, Any]], losse
         if r["kind"] in ("once_fn", "once"):
             (ran if r["kind"] == "once_fn" else got)[(int(r["job"]), str(r["step"]), str(r["name"]))].append(r)
     for (job, step, name), rs in ran.items():
+        rs.sort(key=lambda r: float(r["start"]))
+        # Legitimate only when the earlier caller lost its claim after it began its call (a kill or a stop
+        # in the middle of the outside call is a crash there), before the later call began.
         for a, b in zip(rs, rs[1:]):
-            if losses.lost(int(a["pid"]), float(a["t"]), float(b["t"])) is None:
+            if losses.lost(int(a["pid"]), float(a["start"]), float(b["start"])) is None:
                 report.violations.append(Violation(
                     "once-called-twice", f"job {job} step {step!r}: once({name!r})'s function ran in pid {a['pid']} "
                     f"and again in pid {b['pid']}, though the first caller never lost its claim",
                     (_line(a), _line(b), *db.journal_of(job, step))))
     entered = {(int(r["pid"]), int(r["call"])): float(r["t"]) for r in lines if r["kind"] == "enter"}
+    # When each once() returned to its caller: its record was written (or found) by then.
+    returned = {(int(r["pid"]), str(r["name"]), json.dumps(r["value"], sort_keys=True)): float(r["t"])
+                for r in lines if r["kind"] == "once"}
     for (job, step, name), rs in ran.items():
         stored = db.once.get((job, step, name))
         if stored is None:
             continue
         makers = [r for r in rs if r["value"] == json.loads(stored)]
-        stale = [(r, why) for r in makers for why in [losses.lost(int(r["pid"]), entered.get(
-            (int(r["pid"]), int(r["call"])), float(r["t"])), float(r["t"]))] if why is not None]
+        stale = [(r, why) for r in makers for why in [losses.lost(
+            int(r["pid"]), entered.get((int(r["pid"]), int(r["call"])), float(r["start"])),
+            returned.get((int(r["pid"]), name, json.dumps(r["value"], sort_keys=True)), float(r["t"])))]
+            if why is not None]
         if makers and len(stale) == len(makers):
             report.violations.append(Violation(
                 "superseded-write-committed", f"job {job} step {step!r}: the stored once({name!r}) record was made by "

@@ -148,7 +148,7 @@ def _break(breaks: set[str]) -> None:
             return json.loads(stored)
 
         def record_once(self: WritePath, job_id: int, step: str, name: str, result: str) -> str:
-            with self._own_transaction() as conn:
+            with self._lock, self._own_transaction() as conn:
                 conn.execute(WritePath._ONCE, (job_id, step, name, result, time.time()))
                 row = conn.execute("SELECT result FROM walstate_once WHERE job_id=? AND step=? AND name=?",
                                    (job_id, step, name)).fetchone()
