@@ -61,7 +61,9 @@ class Workload:
 
 @dataclass(frozen=True)
 class Nemeses:
-    """How many of each fault the run applies, one at a time, ``gap`` seconds apart (drawn uniformly).
+    """How many of each fault the run applies, one at a time, spread over the run and ``gap`` seconds apart at least.
+
+    Kills and stops mostly (4 in 5) hit a worker that is inside a handler.
 
     ``stop_for`` is how long a SIGSTOP lasts (default: 1.5 times the lease,
     capped below SQLite's busy timeout by the caller's choice of lease);
@@ -230,7 +232,12 @@ def _apply(run: _Run, rng: random.Random, n: Nemeses, lease: float, duration: fl
     hang_at = time.monotonic() + duration / 3 if n.hang else None
     hung: _Proc | None = None
     while time.monotonic() < end and (any(todo.values()) or (hang_at is not None and hung is None)):
-        time.sleep(rng.uniform(*n.gap))
+        # Spread over the duration (the work arrives over it too), never closer than ``gap`` allows.
+        spread = (end - time.monotonic()) / (sum(todo.values()) + 1)
+        pause = max(rng.uniform(*n.gap), rng.uniform(0.5, 1.5) * spread)
+        if hang_at is not None and hung is None:
+            pause = min(pause, max(n.gap[0], hang_at - time.monotonic()))
+        time.sleep(pause)
         if hang_at is not None and hung is None and time.monotonic() >= hang_at:
             hung = _hang(run)
             continue
@@ -243,6 +250,9 @@ def _apply(run: _Run, rng: random.Random, n: Nemeses, lease: float, duration: fl
             continue
         todo[action] -= 1
         target = rng.choice(ready) if ready else None
+        if action in ("kill", "stop") and rng.random() < 0.8:
+            busy = _inside(run, ready)  # mostly a worker inside a handler: a kill there is the one that tests most
+            target = rng.choice(busy) if busy else target
         if action == "kill" and target is not None:
             ledger.append("nemesis", action="kill", target=target.popen.pid)
             target.popen.kill()
@@ -270,16 +280,22 @@ def _apply(run: _Run, rng: random.Random, n: Nemeses, lease: float, duration: fl
     return hung
 
 
+def _inside(run: _Run, procs: Sequence[_Proc]) -> list[_Proc]:
+    """Those of ``procs`` that are inside a handler now, by their ledgers."""
+    open_calls: set[tuple[int, int]] = set()
+    for p in procs:
+        for r in read_ledgers(run.directory / "ledger", f"worker-{p.popen.pid}"):
+            if r["kind"] == "enter":
+                open_calls.add((int(r["pid"]), int(r["call"])))
+            elif r["kind"] == "exit":
+                open_calls.discard((int(r["pid"]), int(r["call"])))
+    inside = {pid for pid, _ in open_calls}
+    return [p for p in procs if p.popen.pid in inside]
+
+
 def _hang(run: _Run) -> _Proc | None:
     """SIGSTOP, for good, a worker that is inside a handler now (by the ledgers); None if none is."""
-    open_calls: set[tuple[int, int]] = set()
-    for r in read_ledgers(run.directory / "ledger", "worker-*"):
-        if r["kind"] == "enter":
-            open_calls.add((int(r["pid"]), int(r["call"])))
-        elif r["kind"] == "exit":
-            open_calls.discard((int(r["pid"]), int(r["call"])))
-    inside = {pid for pid, _ in open_calls}
-    live = [p for p in run.workers(ready=True) if p.popen.pid in inside]
+    live = _inside(run, run.workers(ready=True))
     if not live:
         return None
     target = live[0]
@@ -328,16 +344,22 @@ def _settle(db: str, ledger_dir: Path, deadline: float) -> None:
 
 
 def _stop_all(run: _Run) -> None:
+    """SIGTERM every process and wait for it; a hung one (stopped for good) is killed last, once the rest are gone."""
     for p in run.procs:
-        if p.popen.poll() is None:
-            if p.stopped:
-                p.popen.kill()
-            else:
-                p.popen.terminate()
+        if p.popen.poll() is None and not p.stopped:
+            p.popen.terminate()
     for p in run.procs:
+        if p.stopped:
+            continue
         try:
             p.popen.wait(30)
         except subprocess.TimeoutExpired:
+            p.popen.kill()
+            p.popen.wait()
+    for p in run.procs:
+        if p.stopped and p.popen.poll() is None:
+            assert run.ledger is not None
+            run.ledger.append("nemesis", action="kill", target=p.popen.pid)
             p.popen.kill()
             p.popen.wait()
 

@@ -15,7 +15,7 @@ one clock for every process of the machine). The kinds:
 - ``once`` ``{job, step, name, value}``: ``once()`` returned ``value`` to the handler;
 - ``received`` ``{job, step, topic, value}``: ``wait_for()`` returned a message;
 - ``effect`` ``{job, step, attempt}``: a transactional step wrote its marker row;
-- ``nemesis`` ``{action, target, seconds}``: ``kill``, ``stop`` (``seconds``: how long), ``clock``,
+- ``nemesis`` ``{action, target, seconds}``: ``kill``, ``stop`` (``seconds``: how long), ``hang`` (stopped for good), ``clock``,
   ``pg_restart``, ``pg_terminate``; ``spawn`` ``{target}``: a worker process started.
 
 :func:`check_history` reads the ledgers and the database and returns a
@@ -144,6 +144,8 @@ class _Losses:
                 self.kills.setdefault(int(r["target"]), float(r["t"]))
             elif r["kind"] == "nemesis" and r["action"] == "stop" and float(r["seconds"]) > lease:
                 self.stops[int(r["target"])].append((float(r["t"]), float(r["seconds"])))
+            elif r["kind"] == "nemesis" and r["action"] == "hang":  # stopped for good
+                self.stops[int(r["target"])].append((float(r["t"]), float("inf")))
 
     def lost(self, pid: int, after: float, before: float) -> str | None:
         """Why ``pid`` lost its claims between ``after`` and ``before`` (None: it did not)."""
