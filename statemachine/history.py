@@ -350,24 +350,29 @@ def _check_once(report: HistoryReport, lines: Sequence[Mapping[str, Any]], losse
                     "once-called-twice", f"job {job} step {step!r}: once({name!r})'s function ran in pid {a['pid']} "
                     f"and again in pid {b['pid']}, though the first caller never lost its claim",
                     (_line(a), _line(b), *db.journal_of(job, step))))
-    entered = {(int(r["pid"]), int(r["call"])): float(r["t"]) for r in lines if r["kind"] == "enter"}
-    # When each once() returned to its caller: its record was written (or found) by then.
+    # A record is a superseded run's when a run of a later epoch had entered the job before it was written.
+    enters = [r for r in lines if r["kind"] == "enter" and r.get("epoch") is not None]
+    entry = {(int(r["pid"]), int(r["call"])): r for r in enters}
     returned = {(int(r["pid"]), str(r["name"]), json.dumps(r["value"], sort_keys=True)): float(r["t"])
                 for r in lines if r["kind"] == "once"}
     for (job, step, name), rs in ran.items():
         stored = db.once.get((job, step, name))
         if stored is None:
             continue
-        makers = [r for r in rs if r["value"] == json.loads(stored)]
-        stale = [(r, why) for r in makers for why in [losses.lost(
-            int(r["pid"]), entered.get((int(r["pid"]), int(r["call"])), float(r["start"])),
-            returned.get((int(r["pid"]), name, json.dumps(r["value"], sort_keys=True)), float(r["t"])))]
-            if why is not None]
-        if makers and len(stale) == len(makers):
-            report.violations.append(Violation(
-                "superseded-write-committed", f"job {job} step {step!r}: the stored once({name!r}) record was made by "
-                f"a run that had lost its claim before its call ({stale[0][1]})",
-                (_line(stale[0][0]), *db.journal_of(job, step))))
+        for maker in (r for r in rs if r["value"] == json.loads(stored)):
+            mine = entry.get((int(maker["pid"]), int(maker["call"])))
+            written = returned.get((int(maker["pid"]), name, json.dumps(maker["value"], sort_keys=True)))
+            if mine is None or written is None:
+                continue
+            later = [e for e in enters if int(e["job"]) == job and int(e["epoch"]) > int(mine["epoch"])
+                     and float(mine["t"]) < float(e["t"]) < written]
+            if later:
+                report.violations.append(Violation(
+                    "superseded-write-committed", f"job {job} step {step!r}: the stored once({name!r}) record was "
+                    f"written by the run of epoch {mine['epoch']} (pid {maker['pid']}) after a run of epoch "
+                    f"{later[0]['epoch']} (pid {later[0]['pid']}) had taken the job over",
+                    (_line(mine), _line(later[0]), _line(maker), *db.journal_of(job, step))))
+                break
     for (job, step, name), rs in got.items():
         stored = db.once.get((job, step, name))
         if stored is None:
