@@ -188,7 +188,7 @@ def check_history(target: str, ledger_dir: str | os.PathLike[str], *, lease: flo
     _count(report, lines, db)
     _check_jobs(report, lines, db, expect)
     _check_messages(report, lines, db)
-    _check_runs(report, lines, losses)
+    _check_runs(report, lines, losses, db)
     _check_once(report, lines, losses, db)
     _check_effects(report, lines, db, set(transactional))
     _check_limits(report, lines, losses, limits or {})
@@ -303,11 +303,11 @@ def _runs(lines: Sequence[Mapping[str, Any]]) -> dict[tuple[int, str], list[tupl
     return out
 
 
-def _check_runs(report: HistoryReport, lines: Sequence[Mapping[str, Any]], losses: _Losses) -> None:
+def _check_runs(report: HistoryReport, lines: Sequence[Mapping[str, Any]], losses: _Losses, db: _Database) -> None:
     """A handler ran again only after its earlier call ended or that call's claim was lost; attempts never went down."""
     for (job, step), calls in _runs(lines).items():
         for (a, a_exit), (b, _) in zip(calls, calls[1:]):
-            evidence = (_line(a), *([_line(a_exit)] if a_exit else []), _line(b))
+            evidence = (_line(a), *([_line(a_exit)] if a_exit else []), _line(b), *db.journal_of(job, step))
             if int(b["attempt"]) < int(a["attempt"]):
                 report.violations.append(Violation("attempts-went-down", f"job {job} step {step!r}: attempt "
                                                    f"{b['attempt']} after attempt {a['attempt']}", evidence))

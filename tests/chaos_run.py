@@ -59,7 +59,7 @@ def run(name: str, db: str, server: chaos_app.PgServer | None, directory: Path, 
         seed: int) -> bool:
     started = time.monotonic()
     # Long enough for every nemesis at the mean gap, plus the stops themselves and the restarts.
-    duration = (nemeses.kills + nemeses.stops + nemeses.clock_jumps + nemeses.terminations) * 0.6 \
+    duration = (nemeses.kills + nemeses.stops + nemeses.clock_jumps + nemeses.terminations) * 1.0 \
         + nemeses.stops * 3.0 + nemeses.restarts * 5.0
     report = run_chaos("tests.chaos_app:make_engine", db, workload(jobs), directory, workers=4, seed=seed,
                        nemeses=nemeses, duration=duration, settle=300.0, server=server)
