@@ -8,7 +8,7 @@ catch it:
                          only, not by the epoch it found it at; with a scan that is slow to claim
                          (``slow-scan``, switched on with it) a job another worker claimed
                          meanwhile is taken from that live run.
-``slow-scan``            a worker claims what its dead-owner scan found 0.3 s later (harmless alone:
+``slow-scan``            a worker claims what its dead-owner scan found 0.6 s later (harmless alone:
                          the epoch makes a stale scan match nothing).
 ``rerun-on-busy``        the first completion write of each plain step in a process fails with
                          DatabaseBusy before writing, and the run gives the job up (issue 26 item 1's
@@ -20,7 +20,7 @@ catch it:
 
 ``WALSTATE_CHAOS_FOREIGN=1`` makes each process look like another host (its own boot id): owners
 are then judged by their lease alone, as between containers. ``WALSTATE_CHAOS_LEASE`` sets the
-lease (seconds, default 2).
+lease (seconds, default 2); ``WALSTATE_CHAOS_SLOW`` adds seconds to every handler.
 """
 
 from __future__ import annotations
@@ -43,6 +43,10 @@ from walstate.storage.writepath import WritePath
 from walstate.substep import SubStep
 
 
+#: Seconds every handler's work takes beyond its usual (``WALSTATE_CHAOS_SLOW``): jobs still run when a breakage strikes.
+SLOW = float(os.environ.get("WALSTATE_CHAOS_SLOW", "0"))
+
+
 class Order(BaseModel):
     n: int = 0
     charge: Any = None
@@ -54,7 +58,7 @@ order = Workflow("chaos_order", context=Order, phases=["pay", "ship"])
 
 @order.step(phase="pay")
 def charge(ctx: Order, step: StepContext) -> dict[str, Any]:
-    time.sleep(random.uniform(0.05, 0.3))  # the work before the outside call
+    time.sleep(random.uniform(0.05, 0.3) + SLOW)  # the work before the outside call
     receipt = step.once("charge", lambda: {"pid": os.getpid(), "token": uuid.uuid4().hex, "key": step.idempotency_key})
     time.sleep(random.uniform(0.0, 0.05))
     return {"charge": receipt}
@@ -72,7 +76,7 @@ def wait(ctx: Order, step: StepContext) -> dict[str, Any]:
 
 @order.step(phase="ship")
 def nap(ctx: Order, step: StepContext) -> None:
-    time.sleep(random.uniform(0.05, 0.3))
+    time.sleep(random.uniform(0.05, 0.3) + SLOW)
 
 
 capped = Workflow("chaos_capped", context=Order, phases=["only"], concurrency=2)
@@ -80,7 +84,7 @@ capped = Workflow("chaos_capped", context=Order, phases=["only"], concurrency=2)
 
 @capped.step(phase="only")
 def work(ctx: Order, step: StepContext) -> None:
-    time.sleep(random.uniform(0.1, 0.4))
+    time.sleep(random.uniform(0.1, 0.4) + SLOW)
 
 
 def make_engine(path: str, clock: Callable[[], float] = time.time) -> Engine:
@@ -121,7 +125,7 @@ def _break(breaks: set[str]) -> None:
 
         def slow_claim(self: Worker, free: int, dead: list[tuple[int, int]]) -> None:
             if dead:
-                time.sleep(0.3)
+                time.sleep(0.6)  # longer than the scan period: every other worker's next scan finds the same dead owner
             claim(self, free, dead)
 
         Worker._claim = slow_claim  # type: ignore[method-assign]

@@ -65,12 +65,13 @@ def target(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> tupl
 def chaos(target: tuple[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, breaks: str = "",
           jobs: int = 18, seed: int = 1, **kw: Any) -> HistoryReport:
     monkeypatch.setenv("WALSTATE_CHAOS_BREAK", breaks)
-    for name in ("WALSTATE_CHAOS_FOREIGN", "WALSTATE_CHAOS_LEASE"):
+    for name in ("WALSTATE_CHAOS_FOREIGN", "WALSTATE_CHAOS_LEASE", "WALSTATE_CHAOS_SLOW"):
         if name in kw:
             monkeypatch.setenv(name, str(kw.pop(name)))
     db, server = target
     kw.setdefault("duration", 15.0)
     kw.setdefault("settle", 90.0)
+    kw.setdefault("concurrency", 2)
     return run_chaos(APP, db, workload(jobs), tmp_path / "run", workers=3, seed=seed, server=server, **kw)
 
 
@@ -94,7 +95,9 @@ def test_the_checker_catches_a_completion_write_found_busy_and_run_again(target:
 
 def test_the_checker_catches_a_claim_that_ignores_the_epoch(target: tuple[str, Any], tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    report = chaos(target, tmp_path, monkeypatch, breaks="claim-ignores-epoch", jobs=24, nemeses=Nemeses(kills=10))
+    # Slow handlers and free slots: the job a stale scan takes is still running, and another worker can take it.
+    report = chaos(target, tmp_path, monkeypatch, breaks="claim-ignores-epoch", jobs=18, concurrency=4,
+                   nemeses=Nemeses(kills=10), WALSTATE_CHAOS_SLOW=0.5)
     # The live run it was taken from was still in its handler (two live runs), or had returned (run again).
     assert report.rules_broken() & {"two-live-runs", "re-run-after-return"}, str(report)
 
@@ -104,7 +107,8 @@ def test_a_slow_dead_owner_scan_alone_breaks_no_rule(target: tuple[str, Any], tm
     """The control of the control above: the same slow scan with the epoch checked is harmless."""
     if target[1] is not None:
         pytest.skip("one backend is enough for the control of a control")
-    chaos(target, tmp_path, monkeypatch, breaks="slow-scan", jobs=24, nemeses=Nemeses(kills=10)).raise_on_violation()
+    chaos(target, tmp_path, monkeypatch, breaks="slow-scan", jobs=18, concurrency=4, nemeses=Nemeses(kills=10),
+          WALSTATE_CHAOS_SLOW=0.5).raise_on_violation()
 
 
 def test_the_checker_reports_the_jobs_a_hung_owner_keeps(target: tuple[str, Any], tmp_path: Path,
@@ -118,14 +122,16 @@ def test_the_checker_reports_the_jobs_a_hung_owner_keeps(target: tuple[str, Any]
 # -- runs that need the fixes of issue 26 ---------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="issue 26 item 8: a terminated session or a restart inside once()/sleep()/"
-                                       "wait_for() fails the job")
+# Not strict: today's failure needs a killed session to be met first by once(), sleep() or wait_for(),
+# which most runs of this size do but not all. Make it a plain test once item 8 is fixed.
+@pytest.mark.xfail(strict=False, reason="issue 26 items 8 and 1: a terminated session or a restart inside once()/"
+                                        "sleep()/wait_for() fails the job, or a write it breaks becomes a re-run")
 def test_postgresql_restarts_and_killed_sessions_break_no_rule(target: tuple[str, Any], tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     if target[1] is None:
         pytest.skip("server restarts and session kills are PostgreSQL's")
     chaos(target, tmp_path, monkeypatch, duration=25.0,
-          nemeses=Nemeses(kills=3, restarts=2, terminations=10, gap=(0.3, 1.2))).raise_on_violation()
+          nemeses=Nemeses(kills=3, restarts=2, terminations=15, gap=(0.3, 1.2))).raise_on_violation()
 
 
 @pytest.mark.xfail(strict=True, reason="issue 26 item 7: a hung owner on the same host keeps its jobs forever")
