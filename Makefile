@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: demo test test-postgres test-deep typecheck bench mutmut clean
+.PHONY: demo test test-postgres test-deep chaos typecheck bench mutmut clean
 
 # The package is installed editable in "strict" mode: a tree of links that
 # maps statemachine/ -> walstate/ and storage/ -> walstate/storage/, which is
@@ -31,6 +31,13 @@ test-postgres: $(VENV)/.installed-test
 
 test-deep: $(VENV)/.installed-test
 	WALSTATE_HYPOTHESIS_PROFILE=deep $(PY) -m pytest -q
+
+# The big chaos run (minutes; not part of `test`): worker processes of tests/chaos_app.py under
+# >= 1,000 SIGKILLs plus SIGSTOPs, clock jumps, 5 PostgreSQL restarts and killed sessions, then the
+# history checked (walstate.testing.run_chaos). CHAOS_ARGS passes options, e.g. '--scale 0.2 --seed 7'.
+CHAOS_ARGS ?=
+chaos: $(VENV)/.installed-test
+	$(PY) -m tests.chaos_run $(CHAOS_ARGS)
 
 # The peer (DBOS) and the chart (matplotlib) are optional: if they cannot be
 # installed, the suite says so and measures the rest.

@@ -1185,3 +1185,11 @@ def crash_test(flow: Workflow[Any] | str, context: BaseModel, directory: str | o
         scenario = hypothesis_seed(seed)(scenario)
     scenario()
     return report
+
+
+# The chaos run and the history checker (their own modules), public here.
+from .chaos import ChaosJob, Nemeses, ServerControl, Workload, run_chaos  # noqa: E402
+from .history import HistoryReport, HistoryViolation, Ledger, Violation, check_history  # noqa: E402
+
+__all__ += ["ChaosJob", "HistoryReport", "HistoryViolation", "Ledger", "Nemeses", "ServerControl", "Violation",
+            "Workload", "check_history", "run_chaos"]

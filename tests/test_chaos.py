@@ -1,0 +1,155 @@
+"""The chaos run and the history checker (walstate.testing.run_chaos / check_history), and their negative controls.
+
+A small run on each backend must have no violation on today's code; each negative control puts a
+known defect back in the worker processes (tests/chaos_app.py, ``WALSTATE_CHAOS_BREAK``) and the
+checker must name it. The xfail tests are runs that need fixes of issue 26 (named in each reason):
+the lead flips them when those land. ``make chaos`` runs the big version (tests/chaos_run.py).
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.parse
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import chaos_app, pgserver
+from walstate.testing import ChaosJob, HistoryReport, Nemeses, Workload, run_chaos
+
+pytestmark = [pytest.mark.backends, pytest.mark.slow]
+
+APP = "tests.chaos_app:make_engine"
+
+
+def workload(n: int) -> Workload:
+    """``n`` jobs: two of three are orders (an outside call, a transactional step, a message), one is capped."""
+    jobs = [ChaosJob(chaos_app.capped, {"n": i}) if i % 3 == 2 else
+            ChaosJob(chaos_app.order, {"n": i}, messages=(("go", {"m": i}),)) for i in range(n)]
+    return Workload(jobs)
+
+
+@pytest.fixture(scope="module")
+def chaos_server() -> Iterator[Any]:
+    """A PostgreSQL server of this module's own, which its runs may stop and restart."""
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        pytest.skip("psycopg is not installed")
+    if pgserver.find_bindir() is None:
+        pytest.skip("no PostgreSQL server binaries")
+    server = pgserver.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def target(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> tuple[str, Any]:
+    """(database, server control): a SQLite file, or a new database on this module's server."""
+    if backend == "sqlite":
+        return str(tmp_path / "chaos.db"), None
+    import psycopg
+
+    server = request.getfixturevalue("chaos_server")
+    name = f"chaos_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server.url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')  # a name made here, not input
+    return urllib.parse.urlsplit(server.url)._replace(path=f"/{name}").geturl(), chaos_app.PgServer(server)
+
+
+def chaos(target: tuple[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, breaks: str = "",
+          jobs: int = 18, seed: int = 1, **kw: Any) -> HistoryReport:
+    monkeypatch.setenv("WALSTATE_CHAOS_BREAK", breaks)
+    for name in ("WALSTATE_CHAOS_FOREIGN", "WALSTATE_CHAOS_LEASE", "WALSTATE_CHAOS_SLOW"):
+        if name in kw:
+            monkeypatch.setenv(name, str(kw.pop(name)))
+    db, server = target
+    kw.setdefault("duration", 15.0)
+    kw.setdefault("settle", 90.0)
+    kw.setdefault("concurrency", 2)
+    return run_chaos(APP, db, workload(jobs), tmp_path / "run", workers=3, seed=seed, server=server, **kw)
+
+
+def test_a_small_chaos_run_of_kills_stops_and_clock_jumps_breaks_no_rule(target: tuple[str, Any], tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # duration bounds the nemeses; they end sooner once all are applied (on a fast machine, long before).
+    report = chaos(target, tmp_path, monkeypatch, nemeses=Nemeses(kills=6, stops=2, clock_jumps=2))
+    report.raise_on_violation()
+    assert report.counts["kills"] >= 1 and report.counts["jobs"] == 18, str(report)
+    assert report.counts["jobs succeeded"] == 18
+
+
+# -- negative controls: a broken build must be caught -------------------------------------------
+
+
+def test_the_checker_catches_a_completion_write_found_busy_and_run_again(target: tuple[str, Any], tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    report = chaos(target, tmp_path, monkeypatch, breaks="rerun-on-busy", jobs=6, duration=5.0, nemeses=Nemeses())
+    assert "re-run-after-return" in report.rules_broken(), str(report)
+
+
+def test_the_checker_catches_a_claim_that_ignores_the_epoch(target: tuple[str, Any], tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # Slow handlers and free slots: the job a stale scan takes is still running, and another worker can take it.
+    report = chaos(target, tmp_path, monkeypatch, breaks="claim-ignores-epoch", jobs=18, concurrency=4,
+                   nemeses=Nemeses(kills=10), WALSTATE_CHAOS_SLOW=0.5)
+    # The live run it was taken from was still in its handler (two live runs), or had returned (run again).
+    assert report.rules_broken() & {"two-live-runs", "re-run-after-return"}, str(report)
+
+
+def test_a_slow_dead_owner_scan_alone_breaks_no_rule(target: tuple[str, Any], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The control of the control above: the same slow scan with the epoch checked is harmless."""
+    if target[1] is not None:
+        pytest.skip("one backend is enough for the control of a control")
+    chaos(target, tmp_path, monkeypatch, breaks="slow-scan", jobs=18, concurrency=4, nemeses=Nemeses(kills=10),
+          WALSTATE_CHAOS_SLOW=0.5).raise_on_violation()
+
+
+def test_the_checker_reports_the_jobs_a_hung_owner_keeps(target: tuple[str, Any], tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    report = chaos(target, tmp_path, monkeypatch, breaks="pid-liveness", jobs=9, duration=9.0, settle=12.0,
+                   nemeses=Nemeses(hang=True), WALSTATE_CHAOS_LEASE=1)
+    assert report.counts["hang"] == 1, str(report)
+    assert "job-stuck" in report.rules_broken(), str(report)
+
+
+# -- runs that need the fixes of issue 26 ---------------------------------------------------------
+
+
+# Not strict: today's failure needs a killed session to be met first by once(), sleep() or wait_for(),
+# which most runs of this size do but not all. Make it a plain test once item 8 is fixed.
+@pytest.mark.xfail(strict=False, reason="issue 26 items 8 and 1: a terminated session or a restart inside once()/"
+                                        "sleep()/wait_for() fails the job, or a write it breaks becomes a re-run")
+def test_postgresql_restarts_and_killed_sessions_break_no_rule(target: tuple[str, Any], tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    if target[1] is None:
+        pytest.skip("server restarts and session kills are PostgreSQL's")
+    chaos(target, tmp_path, monkeypatch, duration=25.0,
+          nemeses=Nemeses(kills=3, restarts=2, terminations=15, gap=(0.3, 1.2))).raise_on_violation()
+
+
+@pytest.mark.xfail(strict=True, reason="issue 26 item 7: a hung owner on the same host keeps its jobs forever")
+def test_a_worker_stopped_for_good_loses_its_jobs_to_the_others(target: tuple[str, Any], tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    if target[1] is None:
+        pytest.skip("on SQLite a process stopped inside a write transaction stops every writer (issue 26 item 15)")
+    chaos(target, tmp_path, monkeypatch, jobs=9, duration=9.0, settle=40.0, nemeses=Nemeses(hang=True),
+          WALSTATE_CHAOS_LEASE=1).raise_on_violation()
+
+
+def test_a_report_names_its_seed_counts_and_evidence(tmp_path: Path) -> None:
+    from walstate.testing import Violation
+
+    report = HistoryReport(7, "x.db")
+    report.counts.update({"kills": 3, "jobs": 2})
+    assert str(report) == "chaos history of x.db (seed 7): jobs 2, kills 3\nno violation"
+    report.violations.append(Violation("job-stuck", "job 1 is still 'running'", ("ledger {}",)))
+    with pytest.raises(AssertionError, match=r"(?s)seed 7.*\[job-stuck\] job 1 is still 'running'\n    ledger \{\}"):
+        report.raise_on_violation()
+    assert os.environ.get("WALSTATE_CHAOS_BREAK", "") == ""
