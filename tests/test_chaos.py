@@ -2,8 +2,8 @@
 
 A small run on each backend must have no violation on today's code; each negative control puts a
 known defect back in the worker processes (tests/chaos_app.py, ``WALSTATE_CHAOS_BREAK``) and the
-checker must name it. The xfail tests are runs that need fixes of issue 26 (named in each reason):
-the lead flips them when those land. ``make chaos`` runs the big version (tests/chaos_run.py).
+checker must name it. The PostgreSQL restarts and the worker stopped for good failed before issue 26's
+fixes of busy writes (items 1, 8) and hung owners (item 7). ``make chaos`` runs the big version (tests/chaos_run.py).
 """
 
 from __future__ import annotations
@@ -119,13 +119,9 @@ def test_the_checker_reports_the_jobs_a_hung_owner_keeps(target: tuple[str, Any]
     assert "job-stuck" in report.rules_broken(), str(report)
 
 
-# -- runs that need the fixes of issue 26 ---------------------------------------------------------
+# -- runs that the fixes of issue 26 made pass (items 1, 7, 8) ----------------------------------------
 
 
-# Not strict: today's failure needs a killed session to be met first by once(), sleep() or wait_for(),
-# which most runs of this size do but not all. Make it a plain test once item 8 is fixed.
-@pytest.mark.xfail(strict=False, reason="issue 26 items 8 and 1: a terminated session or a restart inside once()/"
-                                        "sleep()/wait_for() fails the job, or a write it breaks becomes a re-run")
 def test_postgresql_restarts_and_killed_sessions_break_no_rule(target: tuple[str, Any], tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     if target[1] is None:
@@ -134,7 +130,6 @@ def test_postgresql_restarts_and_killed_sessions_break_no_rule(target: tuple[str
           nemeses=Nemeses(kills=3, restarts=2, terminations=15, gap=(0.3, 1.2))).raise_on_violation()
 
 
-@pytest.mark.xfail(strict=True, reason="issue 26 item 7: a hung owner on the same host keeps its jobs forever")
 def test_a_worker_stopped_for_good_loses_its_jobs_to_the_others(target: tuple[str, Any], tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     if target[1] is None:
