@@ -528,11 +528,13 @@ def cmd_watch(args: argparse.Namespace, out: Out) -> int:
         finally:
             store.close()
         ended = job["state"] in TERMINAL_JOB_STATES
+        # When what is shown became true: a finished job's end, else the moment this read saw it.
+        at = job["updated_at"] if ended else time.time()
         if out.as_json:
             # JSON lines: one object per change, flushed at once so a pipe's reader sees it now.
             now = _progress(job)
             if now != last:
-                out.stream.write(json.dumps({"at": time.time(), **now}) + "\n")
+                out.stream.write(json.dumps({"at": at, **now}) + "\n")
                 out.stream.flush()
             last = now
         else:
@@ -550,7 +552,7 @@ def cmd_watch(args: argparse.Namespace, out: Out) -> int:
                 text += "".join(f"  ({s['name']} {describe_wait(s['waits_for'])})" for p in job["phases"]
                                 for s in p["steps"] if s.get("waits_for"))
                 if text != last:
-                    out.line(f"{_when(time.time())}  {job['state']:<10} {text}")
+                    out.line(f"{_when(at)}  {job['state']:<10} {text}")
                     out.stream.flush()
             last = text
             if ended and out.stream.isatty():

@@ -185,6 +185,18 @@ def test_watch_never_shows_a_failed_phase_like_a_finished_one(tmp_path: Path) ->
     assert "pay 0/1 (1 failed)  ship 0/1 (1 cancelled)" in failed.stdout, failed.stdout
 
 
+def test_watch_of_a_finished_job_stamps_it_with_when_it_ended_not_the_current_time(tmp_path: Path) -> None:
+    db = _job_db(tmp_path / "old.db", ["old"])
+    ended = 1_000_000_000.0  # the job ended in September 2001
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE walstate_job SET updated_at=? WHERE id=1", (ended,))
+    conn.close()
+    [line] = walstate("watch", db, "1", "--json").stdout.splitlines()
+    assert json.loads(line)["at"] == ended
+    text = walstate("watch", db, "1").stdout
+    assert text.startswith(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ended)) + "  succeeded "), text
+
+
 def test_watch_json_streams_one_flushed_json_line_per_change_until_the_job_ends(tmp_path: Path) -> None:
     db = str(tmp_path / "w.db")
     gate = tmp_path / "ship-may-end"
