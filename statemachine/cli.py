@@ -112,6 +112,15 @@ def _cut(text: str, width: int) -> str:
     return text if len(text) <= width else text[:width - 1] + "~"
 
 
+def _key_cell(key: str | None, width: int) -> str:
+    """A job's key in ``width`` columns: a schedule's job as ``schedule NAME @ SLOT``, its name cut, never its slot."""
+    slot = views.schedule_of_key(key)
+    if slot is None:
+        return _cut(key or "-", width)
+    room = max(2, width - len("schedule  @ ") - len(slot[1]))
+    return f"schedule {_cut(slot[0], room)} @ {slot[1]}"
+
+
 def _blocker(spec: str | None, db: str) -> Callable[[Storage, JobRow], tuple[str, str] | None]:
     """With ``--app``: for an unfinished job that app could not run, (a short note, the full reason)."""
     if spec is None:
@@ -173,10 +182,12 @@ def cmd_jobs(args: argparse.Namespace, out: Out) -> int:
                   for j in page]
         out.json({"jobs": listed, "offset": page.offset, "limit": page.limit, "next_offset": page.next_offset})
         return 0
-    out.line(f"{'ID':>5}  {'WORKFLOW':<10} {'KEY':<10} {'STATE':<9} {'VER':>3} {'PHASE':<8} {'UPDATED':<11}  STEPS")
+    # KEY: 10 columns, wider (up to 44) for a page with a schedule's job, shown as `schedule NAME @ SLOT`.
+    kw = max([10, *(min(44, len(views.readable_key(j.key))) for j in page if views.schedule_of_key(j.key))])
+    out.line(f"{'ID':>5}  {'WORKFLOW':<10} {'KEY':<{kw}} {'STATE':<9} {'VER':>3} {'PHASE':<8} {'UPDATED':<11}  STEPS")
     for j in page:
         note = f"  {notes[j.id][0]}" if j.id in notes else ""
-        out.line(f"{j.id:>5}  {_cut(j.workflow, 10):<10} {_cut(j.key or '-', 10):<10} {out.state(j.state, 9)} "
+        out.line(f"{j.id:>5}  {_cut(j.workflow, 10):<10} {_key_cell(j.key, kw):<{kw}} {out.state(j.state, 9)} "
                  f"{j.version:>3} {_cut(j.phase or '-', 8):<8} {_when(j.updated_at)[5:16]:<11}  {j.progress}{note}")
     if not page:
         out.line("(no jobs)" if page.offset == 0 else f"(no jobs after the first {page.offset})")

@@ -244,6 +244,30 @@ def _job_db(path: Path, keys: list[str]) -> str:
     return str(path)
 
 
+def test_jobs_shows_a_scheduled_jobs_key_as_its_schedule_and_slot(tmp_path: Path) -> None:
+    from tests.cli_app import Shop, flow, make_engine
+
+    db = str(tmp_path / "s.db")
+    e = make_engine(db)
+    e.schedule(flow, cron="* * * * *", context=Shop(name="hourly"), name="nightly-shop")
+    with e.start_worker(1):  # its first check of the schedule submits the latest slot's job
+        deadline = time.monotonic() + 60
+        while not e.jobs():
+            assert time.monotonic() < deadline, "the schedule submitted no job"
+            time.sleep(0.02)
+    e.submit("shop", Shop(name="plain"), key="plain")
+    [_, scheduled] = e.jobs()
+    e.close()
+    slot = scheduled.key[len("schedule:nightly-shop:"):]  # type: ignore[index]
+    assert scheduled.key == f"schedule:nightly-shop:{slot}" and slot.endswith("Z")
+    lines = walstate("jobs", db).stdout.splitlines()
+    assert lines[0].split()[:3] == ["ID", "WORKFLOW", "KEY"]
+    assert any(f" shop       schedule nightly-shop @ {slot} " in l for l in lines), lines
+    assert any(" plain " in l for l in lines) and all(len(l) <= 120 for l in lines)
+    page = json.loads(walstate("jobs", db, "--json").stdout)
+    assert {j["key"] for j in page["jobs"]} == {scheduled.key, "plain"}  # --json keeps the key as stored
+
+
 def test_jobs_pages_with_limit_and_offset_and_says_where_the_next_page_starts(tmp_path: Path) -> None:
     db = _job_db(tmp_path / "p.db", [f"k{i}" for i in range(1, 8)])
     first = walstate("jobs", db, "--limit", "3")
