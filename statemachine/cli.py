@@ -349,11 +349,16 @@ def _load_app(spec: str) -> Any:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ConfigurationError(f"--app takes MODULE:ATTR (e.g. myapp.jobs:engine), not {spec!r}")
-    sys.path.insert(0, os.getcwd())
+    # The current directory is searched too, but last, after the installed packages: a stray file
+    # in it (json.py, pydantic.py) cannot shadow a module walstate or the app imports (README).
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.append(cwd)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigurationError(f"cannot import {module_name!r} for --app: {exc}") from exc
+        raise ConfigurationError(f"cannot import {module_name!r} for --app: {exc} (looked on sys.path, then in "
+                                 f"the current directory {cwd})") from exc
     try:
         return getattr(module, attr)
     except AttributeError:

@@ -185,6 +185,31 @@ def test_watch_never_shows_a_failed_phase_like_a_finished_one(tmp_path: Path) ->
     assert "pay 0/1 (1 failed)  ship 0/1 (1 cancelled)" in failed.stdout, failed.stdout
 
 
+def test_app_searches_the_current_directory_after_the_installed_packages_not_before(tmp_path: Path) -> None:
+    from tests.cli_app import make_engine
+
+    installed, here = tmp_path / "site", tmp_path / "project"
+    installed.mkdir()
+    here.mkdir()
+    (installed / "shadowme.py").write_text("WHO = 'installed'\n")
+    (here / "shadowme.py").write_text("WHO = 'a stray file of the current directory'\n")
+    (here / "pathapp.py").write_text(
+        "import os, shadowme\n"
+        "from tests.cli_app import make_engine as make\n"
+        "open(os.environ['SEEN'], 'w').write(shadowme.WHO)\n")
+    db = str(tmp_path / "p.db")
+    make_engine(db).close()
+    seen = tmp_path / "seen"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(installed), str(ROOT)]), "SEEN": str(seen)}
+    listed = subprocess.run([str(WALSTATE), "jobs", db, "--app", "pathapp:make"], capture_output=True, text=True,
+                            timeout=60, cwd=here, env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert seen.read_text() == "installed"  # the app itself was found in the current directory
+    missing = subprocess.run([str(WALSTATE), "jobs", db, "--app", "nowhere_app:make"], capture_output=True,
+                             text=True, timeout=60, cwd=here, env=env)
+    assert missing.returncode == 1 and f"then in the current directory {here}" in missing.stderr
+
+
 def test_watch_of_a_finished_job_stamps_it_with_when_it_ended_not_the_current_time(tmp_path: Path) -> None:
     db = _job_db(tmp_path / "old.db", ["old"])
     ended = 1_000_000_000.0  # the job ended in September 2001
