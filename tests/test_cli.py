@@ -377,6 +377,29 @@ def test_walstate_worker_shows_what_it_meets_on_stderr_unless_told_not_to(tmp_pa
     assert ("card declined" in shown) == (level == "warning"), shown
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("slow", ["import", "factory"])
+def test_a_worker_stopped_while_it_still_loads_its_app_exits_0_with_one_line_and_no_traceback(
+        tmp_path: Path, slow: str, sig: signal.Signals) -> None:
+    db, ready = tmp_path / "jobs.db", tmp_path / "loading"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WALSTATE_SLOW_APP": slow, "WALSTATE_SLOW_APP_READY": str(ready)}
+    with subprocess.Popen([str(WALSTATE), "worker", str(db), "--app", "tests.slow_app:make_engine"], cwd=ROOT,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as worker:
+        try:
+            deadline = time.monotonic() + 60
+            while not ready.exists():  # the app is being loaded now, and stays so until stopped
+                assert worker.poll() is None and time.monotonic() < deadline, worker.communicate()
+                time.sleep(0.02)
+            worker.send_signal(sig)
+            out, err = worker.communicate(timeout=60)
+        finally:
+            worker.kill() if worker.poll() is None else None
+    assert worker.returncode == 0, (out, err)
+    assert err == "" and out == f"worker stopped: {sig.name} while loading tests.slow_app:make_engine, " \
+                                "before claiming any job\n"
+    assert not db.exists()  # nothing was started: not even the file
+
+
 @pytest.mark.parametrize("command", [["retry", "{db}", "1"], ["cancel", "{db}", "1"], ["send", "{db}", "1", "paid", "{{}}"],
                                      ["prune", "{db}", "--older-than", "1d"], ["upgrade", "{db}"]])
 def test_a_command_that_writes_never_creates_a_file_from_a_mistyped_path(tmp_path: Path, command: list[str],
