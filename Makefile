@@ -42,7 +42,8 @@ bench: $(VENV)/.installed-test
 	  echo "bench extra (dbos, matplotlib) not installed: peer figures and the chart are skipped"
 	$(PY) -m benchmarks
 
-# Mutation testing of the write path, ownership, engine, runner and operator
+# Mutation testing of the write path, ownership, engine, runner and operator, then the
+# hand-made SQL mutants (tests/sql_mutants.py: every owner/epoch condition weakened in turn)
 # (see [tool.mutmut] in pyproject.toml for why it runs in .mutmut/). The
 # staging tree is rebuilt every time so new or removed source files follow;
 # mutmut itself keeps its results in .mutmut/mutants/ and retests only what
@@ -57,6 +58,8 @@ mutmut: $(VENV)/.installed-test $(VENV)/.installed-mutation
 	cd .mutmut && WALSTATE_HYPOTHESIS_PROFILE=mutation $(CURDIR)/$(VENV)/bin/mutmut run --max-children 2 $(MUTMUT_ARGS)
 	cd .mutmut && $(CURDIR)/$(VENV)/bin/mutmut results > results.txt; \
 	  echo "survivors and timeouts: .mutmut/results.txt; inspect one with: cd .mutmut && ../$(VENV)/bin/mutmut show NAME"
+	# mutmut never mutates SQL: the owner/epoch conditions of the statements, weakened one at a time.
+	$(PY) tests/sql_mutants.py | tee .mutmut/sql_mutants.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis build *.egg-info .mutmut

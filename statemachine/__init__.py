@@ -44,7 +44,7 @@ if _TYPE_CHECKING:
     from .storage.dedup import Deduper, guarded_update
     from .context import StepContext, StepResult
     from .workflow import Retry, Workflow
-    from .engine import Engine, JobId, JobStatus, MigrationReport, RecoveryReport, StepStatus, TransitionRecord
+    from .engine import Engine, JobId, JobStatus, MigrationReport, OwnerStatus, RecoveryReport, StepStatus, TransitionRecord
     from .aio import AsyncStepContext
     from .runtime import JobHandle, Worker
     from .views import JobPage, JobSummary
@@ -59,7 +59,7 @@ _HOMES = {
     **dict.fromkeys(("Deduper", "guarded_update"), "storage.dedup"),
     **dict.fromkeys(("StepContext", "StepResult"), "context"),
     **dict.fromkeys(("Retry", "Workflow"), "workflow"),
-    **dict.fromkeys(("Engine", "JobId", "JobStatus", "MigrationReport", "RecoveryReport", "StepStatus",
+    **dict.fromkeys(("Engine", "JobId", "JobStatus", "MigrationReport", "OwnerStatus", "RecoveryReport", "StepStatus",
                      "TransitionRecord"), "engine"),
     **dict.fromkeys(("JobHandle", "Worker"), "runtime"),
     **dict.fromkeys(("JobPage", "JobSummary"), "views"),
@@ -120,6 +120,7 @@ __all__ = [
     "MigrationReport",
     "NotADatabase",
     "OutputNotJSON",
+    "OwnerStatus",
     "RecoveryReport",
     "Retry",
     "SchemaTooNew",

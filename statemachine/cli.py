@@ -28,6 +28,7 @@ from .storage.reads import JobRow
 from .storage.postgres import is_postgres_url, redact
 
 from . import operator, views
+from .ownership import describe_owner
 from .fsm import STEP
 
 EXIT_ERROR = 1
@@ -208,6 +209,34 @@ def describe_wait(wait: dict[str, Any]) -> str:
     return "waits"
 
 
+def describe_holder(held: dict[str, Any]) -> str:
+    """One line on who holds a job's claim (host, pid) and when its lease was last renewed."""
+    now = held["lease_clock_now"]
+    renewed, expires = held["lease_renewed_at"], held["lease_expires"]
+    line = f"held by host {held['host'] or '?'} pid {held['pid'] if held['pid'] is not None else '?'}"
+    if renewed is not None:
+        line += f", lease renewed {_when(renewed)} ({max(0.0, now - renewed):.1f}s ago)"
+    if expires is not None:
+        line += (f", expires in {expires - now:.1f}s" if expires > now
+                 else f", expired {now - expires:.1f}s ago")
+    return line
+
+
+def cmd_release(args: argparse.Namespace, out: Out) -> int:
+    store, _ = _open_existing(args.db)
+    try:
+        taken = store.write.force_release(args.job, "released by an operator (walstate release)")
+    finally:
+        store.close()
+    if taken is None:
+        out.line(f"job {args.job}: nobody holds it (unclaimed or finished); nothing to release")
+    else:
+        who = describe_owner(taken[0])
+        out.line(f"job {args.job} released from host {who.host or '?'} pid {who.pid if who.pid is not None else '?'} "
+                 f"(epoch {taken[1]}): that run can write nothing more; a worker or `walstate recover` runs it again")
+    return 0
+
+
 def cmd_show(args: argparse.Namespace, out: Out) -> int:
     store = _open(args.db)  # before the app, as in cmd_jobs
     try:
@@ -227,6 +256,8 @@ def cmd_show(args: argparse.Namespace, out: Out) -> int:
              f"{out.state(job['state'])}  {job['progress']}")
     if job.get("note"):
         out.line(f"  {job['note']}: {job['blocked']}")
+    if job.get("held_by"):
+        out.line(f"  {describe_holder(job['held_by'])}")
     if job["error"]:
         out.line(f"  error: {job['error']}")
     for phase in job["phases"]:
@@ -663,6 +694,8 @@ def parser() -> argparse.ArgumentParser:
     retry = add("retry", cmd_retry, "put a failed job (or one failed sub-step) back to run", job=True)
     retry.add_argument("step", metavar="STEP", nargs="?", help="only this sub-step")
     add("cancel", cmd_cancel, "cancel a job and its unfinished sub-steps", job=True)
+    add("release", cmd_release, "take a job's claim from its owner, live or hung (fencing out that run); the job "
+        "is runnable again", job=True)
     upgrade = add("upgrade", cmd_upgrade, "upgrade a file written by an older walstate to this one's schema, in place",
                   as_json=True)
     upgrade.add_argument("--create", action="store_true",

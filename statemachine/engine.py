@@ -77,6 +77,23 @@ class StepStatus:
 
 
 @dataclass(frozen=True)
+class OwnerStatus:
+    """Who holds an unfinished job's claim: the host and pid its owner token names, and its lease.
+
+    ``renewed_at`` (when the claim was last taken or renewed) and
+    ``lease_expires`` are on the store's lease clock, which keeps close to
+    Unix time. An owner whose lease has been expired for
+    ``walstate.ownership.HUNG_GRACE`` seconds is judged hung and loses the job.
+    """
+
+    token: str
+    host: str | None
+    pid: int | None
+    renewed_at: float | None
+    lease_expires: float | None
+
+
+@dataclass(frozen=True)
 class JobStatus(Generic[C]):
     """A job as stored. ``context`` is an instance of the workflow's model ``C`` when the workflow is registered
     on the engine (otherwise the stored JSON as a dict, and the status is a ``JobStatus[Any]``)."""
@@ -92,6 +109,8 @@ class JobStatus(Generic[C]):
     updated_at: float
     #: The version of the workflow the job runs on (see :class:`Workflow`).
     version: int = 1
+    #: Who holds the job's claim now (None: nobody).
+    owner: OwnerStatus | None = None
 
 
 @dataclass(frozen=True)
@@ -165,11 +184,14 @@ class Engine(EngineAsyncAPI):
     processes that cannot check this one's liveness directly (another host,
     container or pid namespace); a heartbeat renews it every ``lease / 3``
     while a run lives, however long its handlers take. ``clock`` (wall-clock
-    seconds) is what leases are measured with; tests inject one. On
-    PostgreSQL it is corrected to the server's clock, so hosts whose clocks
-    disagree still agree on when a lease expires (an injected clock once, at
-    start, unless it is over an hour off: then it is a test's simulated time
-    and is used as it is).
+    seconds) is what wake-ups (``step.sleep``) and schedules are measured
+    with; tests inject one. On PostgreSQL it is corrected to the server's
+    clock (an injected clock once, at start, unless it is over an hour off:
+    then it is a test's simulated time and is used as it is). Leases are
+    never measured with it but with the store's lease clock
+    (:attr:`lease_clock`: CLOCK_BOOTTIME on SQLite, the server's clock followed
+    on the monotonic clock on PostgreSQL), so no step of one engine's clock
+    makes another's live lease look expired.
     ``group_commit`` lets parallel sub-steps' changes share one commit (one
     fsync under ``"full"``); each trigger still returns only after its own
     change is durable. ``sync_interval`` (seconds, ``None`` for off) bounds
@@ -236,7 +258,11 @@ class Engine(EngineAsyncAPI):
         self._registry = Registry()
         self._flows: dict[str, Workflow[Any]] = self._registry.newest
         self._threads = ThreadCache()
-        self._heartbeat = ownership.Heartbeat(lease, self.store.write.renew, clock, self.store.read.cancel_requested)
+        #: Leases are set and judged on the store's lease clock, never on ``clock``: a step of this
+        #: engine's clock must not make other engines' leases look expired (see ownership.HUNG_GRACE).
+        self.lease_clock = self.store.lease_clock
+        self._heartbeat = ownership.Heartbeat(lease, self.store.write.renew, self.lease_clock,
+                                              self.store.read.cancel_requested)
         self._active: dict[int, _Active] = {}
         self._active_lock = threading.Lock()
         self._closing = False
@@ -451,7 +477,7 @@ class Engine(EngineAsyncAPI):
         """Apply ``plan``'s migration to the unowned (or dead-owned) job ``row``; None if it moved on first."""
         migration, target = plan.migration, plan.flow
         assert migration is not None
-        if row.owner is not None and ownership.owner_alive(row.owner, row.id, row.lease_expires, self.clock()):
+        if row.owner is not None and ownership.owner_alive(row.owner, row.id, row.lease_expires, self.lease_clock()):
             raise JobOwned(f"{self.path}: job {row.id} is being run by {row.owner}; it is migrated once that run "
                            "has stopped")
         where = f"{self.path}: job {row.id} ({row.workflow}), migrating from version {row.version} to {target.version}"
@@ -514,7 +540,8 @@ class Engine(EngineAsyncAPI):
         # Marked live *before* the claim commits, so that another engine of
         # this process never sees our claim with no live run behind it.
         with ownership.LiveRun(owner, job_id):
-            if row.owner is not None and ownership.owner_alive(row.owner, job_id, row.lease_expires, self.clock()):
+            if row.owner is not None and ownership.owner_alive(row.owner, job_id, row.lease_expires,
+                                                               self.lease_clock()):
                 log.job_left_alone(job_id, row.workflow, f"{row.owner} is running it")  # log
                 raise JobOwned(f"{self.path}: job {job_id} is being run by {row.owner}; not taking it over")
             note = "claimed" if row.owner is None else f"claimed from {row.owner} (epoch {row.epoch}), found dead"
@@ -848,7 +875,7 @@ class Engine(EngineAsyncAPI):
             with self._active_lock:
                 if row.id in self._active:
                     continue  # this engine is running it right now
-            if row.owner is not None and ownership.owner_alive(row.owner, row.id, row.lease_expires, self.clock()):
+            if row.owner is not None and ownership.owner_alive(row.owner, row.id, row.lease_expires, self.lease_clock()):
                 continue
             if row.owner is None and row.wake_at is not None and row.wake_at > self.clock():
                 continue  # parked: its steps wait for a time or a message that has not come
@@ -898,7 +925,7 @@ class Engine(EngineAsyncAPI):
                 raise JobOwned(f"{self.path}: job {job_id} is still running; it will be cancelled once its handlers "
                                f"in flight return (waited {wait:g}s)")
             return [s.name for s in self.store.read.steps(job_id) if s.state == "cancelled" and s.name not in before]
-        return operator.cancel(self.store, job_id, wait=wait, clock=self.clock)
+        return operator.cancel(self.store, job_id, wait=wait, clock=self.lease_clock)
 
     def send(self, job_id: int, topic: str, payload: Any, *, key: str | None = None) -> bool:
         """Send ``payload`` (JSON) on ``topic`` to job ``job_id``; return whether it was stored (False: a known ``key``).
@@ -927,6 +954,31 @@ class Engine(EngineAsyncAPI):
         if worker is not None:
             worker.wake()
         return new
+
+    def force_release(self, job_id: int) -> str | None:
+        """Take job ``job_id``'s claim from whoever holds it, live or not; return that owner's token (None: nobody).
+
+        For an owner you know is stuck (stopped, hung in a handler) and do not
+        want to wait :data:`walstate.ownership.HUNG_GRACE` past its lease for:
+        the claim's epoch is bumped in one journalled commit, so every later
+        write of that run is refused; its heartbeat finds the claim lost and
+        its handlers see ``step.cancelled`` (a stopped process: once it
+        continues). The job is runnable again at once; the steps that run had
+        in flight are retried, journalled as interrupted. A finished job is
+        left as it is (None). Raises :class:`UnknownJob`.
+        """
+        taken = self.store.write.force_release(job_id, "released by an operator")
+        if taken is None:
+            self._row(job_id)  # UnknownJob for a job that does not exist
+            return None
+        with self._active_lock:
+            active = self._active.get(job_id)
+        if active is not None and active.run is not None and taken[0] == self.owner:
+            active.run.signal("lost")  # our own run: told now, not at its next renewal
+        worker = self._worker
+        if worker is not None:
+            worker.wake()
+        return taken[0]
 
     def retry(self, job_id: int, step: str | None = None) -> list[str]:
         """Requeue a failed or cancelled job (or one failed ``step``) with a fresh retry budget.
@@ -966,8 +1018,12 @@ class Engine(EngineAsyncAPI):
             s.name: StepStatus(s.name, s.state, s.phase, s.attempt, None if s.output is None else json.loads(s.output), s.error)
             for s in self.store.read.steps(row.id)
         }
+        holder = None
+        if row.owner is not None:
+            who = ownership.describe_owner(row.owner)
+            holder = OwnerStatus(row.owner, who.host, who.pid, row.renewed_at, row.lease_expires)
         return JobStatus(row.id, row.workflow, row.key, row.state, context, steps, row.error, row.created_at,
-                         row.updated_at, row.version)
+                         row.updated_at, row.version, holder)
 
     def jobs(self, state: str | None = None, workflow: str | None = None, limit: int = 50,
              offset: int = 0) -> views.JobPage:

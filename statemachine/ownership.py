@@ -14,6 +14,14 @@ Anywhere else (another host, another container, another boot) only the
 lease counts, and a heartbeat renews it every lease/3 while the run lives,
 however long a handler takes.
 
+A live pid is not enough on its own: a process that is stopped (SIGSTOP, a
+debugger, a paused container) or whose heartbeat thread hangs keeps its pid
+but renews nothing. An owner whose lease has been expired for
+:data:`HUNG_GRACE` seconds is judged dead whatever its pid says; its claim
+is taken, and its later writes are refused (fencing). Leases are set and
+judged on the store's lease clock (``Storage.lease_clock``), never on an
+engine's own clock, so a step of one engine's wall clock takes no live job.
+
 After ``fork()`` the child computes its own identity (``os.register_at_fork``)
 and forgets the parent's live runs, so it never writes under the parent's
 claims and judges the parent like any other process.
@@ -145,11 +153,18 @@ class LiveRun:
             _live_runs.discard(self.key)
 
 
+#: Seconds a lease may stay expired before an owner whose process lives on this host is judged hung
+#: (stopped, or its heartbeat stuck) and loses its jobs: the owner renewed nothing for its lease plus this.
+HUNG_GRACE = 10.0
+
+
 def owner_alive(owner: str | None, job_id: int, lease_expires: float | None, now: float) -> bool:
     """Whether the run named by ``owner`` may still be running job ``job_id``.
 
-    ``now`` comes from the caller's clock and is compared with the lease only
-    when the owner's process cannot be checked directly.
+    ``now`` is the store's lease clock (``Storage.lease_clock``). An owner
+    whose process cannot be checked directly lives while its lease is
+    valid; one whose process lives on this host, until its lease has been
+    expired for :data:`HUNG_GRACE` seconds (a hung owner loses its jobs).
     """
     if owner is None:
         return False
@@ -171,7 +186,31 @@ def owner_alive(owner: str | None, job_id: int, lease_expires: float | None, now
     if stat is None or stat[0] in ("Z", "X"):
         return False  # gone, or killed and not yet reaped: a zombie runs nothing
     # A reused pid started at another time: the owner is gone.
-    return not (stat[1] and parts[4] and stat[1] != parts[4])
+    if stat[1] and parts[4] and stat[1] != parts[4]:
+        return False
+    # Its process lives, but a lease nobody renewed past the grace wins over the pid: it is hung.
+    return lease_expires is None or now < lease_expires + HUNG_GRACE
+
+
+@dataclass(frozen=True)
+class OwnerInfo:
+    """Who holds a job, read from its owner token: ``host`` and ``pid`` (``None`` for a token walstate cannot read)."""
+
+    token: str
+    host: str | None
+    pid: int | None
+
+
+def describe_owner(owner: str) -> OwnerInfo:
+    """The host and pid an owner token names."""
+    parts = owner.split("|")
+    if len(parts) != 6:
+        return OwnerInfo(owner, None, None)
+    try:
+        pid: int | None = int(parts[3])
+    except ValueError:
+        pid = None
+    return OwnerInfo(owner, parts[2] or None, pid)
 
 
 class Claim:

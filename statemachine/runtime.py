@@ -177,7 +177,7 @@ class Worker:
     def _dead_owned(self) -> list[tuple[int, int]]:
         """``(id, epoch)`` of unfinished jobs of our workflows whose owner is dead (by pid here, else by lease)."""
         engine = self.engine
-        now = engine.clock()
+        now = engine.lease_clock()
         flows = engine._flows
         # This engine's own claims: its runs give back what they stop running, so one left behind (its
         # release failed too) is taken only once its lease has run out, never while the run may live.

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from .ownership import describe_owner
 from .storage import Storage, TERMINAL_JOB_STATES, TERMINAL_STEP_STATES, UNFINISHED_JOB_STATES
 from .storage.errors import UnknownJob, UsageError
 from .storage.reads import JobRow, StepCount, StepRow
@@ -199,8 +200,13 @@ def job_detail(store: Storage, job_id: int) -> dict[str, Any]:
              "output": None if s.output is None else json.loads(s.output),
              "started_at": started.get(s.name), "finished_at": finished.get(s.name)}
             for s in steps if s.phase == phase]})
+    held_by = None
+    if row.owner is not None:
+        who = describe_owner(row.owner)
+        held_by = {"host": who.host, "pid": who.pid, "lease_renewed_at": row.renewed_at,
+                   "lease_expires": row.lease_expires, "lease_clock_now": store.lease_clock()}
     return {**summarize(row, steps).as_dict(), "fingerprint": row.fingerprint, "owner": row.owner,
-            "context": json.loads(row.context), "phases": phases}
+            "held_by": held_by, "context": json.loads(row.context), "phases": phases}
 
 
 def history(store: Storage, job_id: int, step: str | None = None) -> list[dict[str, Any]]:

@@ -57,8 +57,13 @@ class Storage(Protocol):
         """Schema versions this open upgraded the database through."""
         ...
 
+    @property
+    def lease_clock(self) -> Callable[[], float]:
+        """What leases are set and judged with: a clock every process agrees on and no wall-clock step moves."""
+        ...
+
     def synced(self, local: Callable[[], float]) -> Callable[[], float]:
-        """``local`` as leases and wake-ups must use it (on PostgreSQL: corrected to the server's clock)."""
+        """``local`` as wake-ups must use it (on PostgreSQL: corrected to the server's clock); leases use ``lease_clock``."""
         ...
 
     def close(self) -> None:

@@ -132,6 +132,17 @@ MIGRATIONS: dict[int, Migration] = {
         'CREATE TABLE IF NOT EXISTS "walstate_schedule" ("name" TEXT NOT NULL PRIMARY KEY, '
         '"last_slot" REAL NOT NULL, "updated_at" REAL NOT NULL)',
     ],
+    # Ownership: when the claim was last renewed (taken or renewed, on the lease clock), so that
+    # `walstate show` can say how long ago a hung owner last renewed it.
+    10: [
+        "ALTER TABLE walstate_job ADD COLUMN renewed_at REAL",
+    ],
+    # Claims take the job runnable longest first: by when it last became runnable (``updated_at``:
+    # created, released, parked, requeued), not by id, walking this index in that order.
+    11: [
+        'CREATE INDEX IF NOT EXISTS "job_runnable_since" ON "walstate_job" ("updated_at") '
+        "WHERE (\"state\" IN ('pending', 'running'))",
+    ],
 }
 
 

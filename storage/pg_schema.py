@@ -161,6 +161,13 @@ PG_MIGRATIONS: dict[int, Sequence[str]] = {
         'CREATE TABLE "walstate_schedule" ("name" TEXT NOT NULL PRIMARY KEY, '
         '"last_slot" DOUBLE PRECISION NOT NULL, "updated_at" DOUBLE PRECISION NOT NULL)',
     ],
+    10: [
+        'ALTER TABLE "walstate_job" ADD COLUMN "renewed_at" DOUBLE PRECISION',
+    ],
+    11: [
+        'CREATE INDEX "job_runnable_since" ON "walstate_job" ("updated_at") '
+        "WHERE (\"state\" IN ('pending', 'running'))",
+    ],
 }
 
 

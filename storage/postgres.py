@@ -541,7 +541,7 @@ class PgWritePath(WritePath):
         "OR (id, epoch) IN (SELECT (d->>0)::bigint, (d->>1)::bigint FROM json_array_elements(%s::json) AS d)) "
         "AND (NOT EXISTS (SELECT 1 FROM json_array_elements_text(%s::json)) "
         "OR workflow || '@' || CAST(version AS TEXT) IN (SELECT json_array_elements_text(%s::json))) "
-        "ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED"
+        "ORDER BY updated_at, id LIMIT %s FOR UPDATE SKIP LOCKED"
     )
 
     #: Row by row: a multi-row UPDATE … FROM (VALUES …) would need a cast per column, and a
@@ -705,19 +705,23 @@ class PgStore:
             self.schema = walstate_schema(self.db.connection()) or "public"
             self._side.listen = channel(self.schema)
             self.clock = ServerClock(time.time, self._side.offset)
+            #: What leases are set and judged with: the server's clock followed on this host's monotonic
+            #: clock, so a step of this host's wall clock moves no lease (see :mod:`.leaseclock`).
+            self.lease_clock = ServerClock(time.monotonic, self._side.offset)
         except BaseException:
             self.db.close()
             self._side.close()
             raise
         self.read = PgReader(self.db, self.path, self._side)
-        self.write = PgWritePath(self.db, self.path, group_commit=group_commit, clock=self.clock)
+        self.write = PgWritePath(self.db, self.path, group_commit=group_commit, clock=self.clock,
+                                 lease_clock=self.lease_clock)
         self.write.scope(self.schema)
         from .store import _stores
 
         _stores.add(self)
 
     def synced(self, local: Callable[[], float]) -> Callable[[], float]:
-        """``local`` corrected to the server's clock: what leases and wake-ups are measured with.
+        """``local`` corrected to the server's clock: what wake-ups and schedules are measured with (leases: ``lease_clock``).
 
         For the default ``time.time`` the offset is measured again every 30 s.
         A clock an application injects is corrected once, when the engine
@@ -743,6 +747,7 @@ class PgStore:
         self.write.after_fork_in_child()
         self._side.after_fork_in_child()
         self.clock.after_fork_in_child()
+        self.lease_clock.after_fork_in_child()
 
 
 __all__ = ["PgStore", "ServerClock", "WalstatePgDatabase", "is_postgres_url", "pg_sql", "redact", "translate"]

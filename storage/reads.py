@@ -34,6 +34,8 @@ class JobRow:
     #: The workflow version the job runs on, and its definition's fingerprint (None: made before schema 5).
     version: int = 1
     fingerprint: str | None = None
+    #: When the claim was last taken or renewed, on the lease clock (None: never, or before schema 10).
+    renewed_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +93,7 @@ def version_pairs(versions: Sequence[tuple[str, int]]) -> str:
 
 
 _JOB_COLS = ("id, workflow, key, state, context, error, owner, lease_expires, created_at, updated_at, epoch, "
-             "cancel_requested, wake_at, version, fingerprint")
+             "cancel_requested, wake_at, version, fingerprint, renewed_at")
 _STEP_COLS = ("id, job_id, name, phase, position, state, attempt, output, error, updated_at, failures, interruptions, "
               "wake_at, wait_topic")
 _JOURNAL_COLS = "id, job_id, step, from_state, to_state, attempt, at, note"

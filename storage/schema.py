@@ -102,6 +102,8 @@ def bind_models(db: peewee.Database) -> Models:
         # fingerprint of that definition (NULL for jobs older than schema 5).
         version = peewee.IntegerField(default=1, constraints=[peewee.SQL("DEFAULT 1")])
         fingerprint = peewee.TextField(null=True)
+        # Schema 10: when the claim was last taken or renewed (lease clock); kept after a release.
+        renewed_at = peewee.FloatField(null=True)
 
         class Meta:
             table_name = "walstate_job"
@@ -172,6 +174,8 @@ def bind_models(db: peewee.Database) -> Models:
     # ... and their look for the next wake-up of a parked job walks parked jobs in wake-up order.
     Job.add_index(Job.index(Job.wake_at, name="job_parked_wake_at").where(
         Job.state.in_(UNFINISHED_JOB_STATES) & Job.owner.is_null() & Job.wake_at.is_null(False)))
+    # Schema 11: claims walk unfinished jobs by when they last became runnable (migrations.py).
+    Job.add_index(Job.index(Job.updated_at, name="job_runnable_since").where(Job.state.in_(UNFINISHED_JOB_STATES)))
     class Message(Base):
         id = peewee.AutoField()
         job = peewee.ForeignKeyField(Job, column_name="job_id", on_delete="CASCADE", index=False)  # see Step.job

@@ -9,6 +9,7 @@ from typing import Any
 
 from .connection import DEFAULT_FILE_MODE, Durability, open_database
 from .errors import ConfigurationError
+from .leaseclock import sqlite_lease_clock
 from .reads import Reader
 from .schema import bind_models, ensure_schema
 from .syncer import BACKSTOP_PAGES, DEFAULT_SYNC_INTERVAL, WalSyncer
@@ -66,11 +67,16 @@ class Store:
             self.database_id = schema.database_id
             #: Schema versions this open upgraded the file through (empty when it was current).
             self.migrated = schema.applied
+            try:
+                #: What leases are set and judged with (never an engine's clock): see :mod:`.leaseclock`.
+                self.lease_clock = sqlite_lease_clock(self.db.connection(), write=not readonly)
+            except self.db.driver_errors as exc:
+                raise self.db.translate(exc, self.path, "reading the file's lease clock") from exc
         except BaseException:
             self.db.close()
             raise
         self.read = Reader(self.db, self.path)
-        self.write = WritePath(self.db, self.path, group_commit=group_commit)
+        self.write = WritePath(self.db, self.path, group_commit=group_commit, lease_clock=self.lease_clock)
         _stores.add(self)
         self.syncer: WalSyncer | None = None
         if syncing:
@@ -82,7 +88,7 @@ class Store:
                 raise
 
     def synced(self, local: Callable[[], float]) -> Callable[[], float]:
-        """``local`` unchanged: every process on one file reads the same machine's clock."""
+        """``local`` unchanged: every process on one file reads the same machine's clock (leases: ``lease_clock``)."""
         return local
 
     def close(self) -> None:

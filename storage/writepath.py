@@ -196,7 +196,7 @@ class WritePath:
     _OWNED = "SELECT 1 FROM walstate_job WHERE id=? AND owner IS ? AND epoch=?"
 
     def __init__(self, db: WriteLocked, path: str, *, group_commit: bool = True,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, lease_clock: Callable[[], float] | None = None) -> None:
         self.db = db
         self.path = path
         self.group_commit = group_commit
@@ -206,6 +206,8 @@ class WritePath:
         self.retry = Perseverance(db, path)
         #: Seconds a transactional step may hold SQLite's only writer before a WARNING names it (None: never).
         self.hold_warning: float | None = DEFAULT_HOLD_WARNING
+        #: What ``renewed_at`` is stamped with: the store's lease clock (see :mod:`.leaseclock`).
+        self.lease_clock = clock if lease_clock is None else lease_clock
         self._reset_locks()
         #: Batch sizes written by group commit (for benchmarks): count of batches, of changes.
         self.batches = 0
@@ -730,7 +732,7 @@ class WritePath:
         return job_id
 
     _CLAIM = (
-        "UPDATE walstate_job SET owner=?, lease_expires=?, epoch=epoch+1, updated_at=?, wake_at=NULL, "
+        "UPDATE walstate_job SET owner=?, lease_expires=?, renewed_at=?, epoch=epoch+1, updated_at=?, wake_at=NULL, "
         "state=CASE state WHEN 'pending' THEN 'running' ELSE state END "
         "WHERE id=? AND epoch=? AND state=? AND state IN ('pending', 'running') RETURNING epoch, context, "
         "cancel_requested"
@@ -762,7 +764,8 @@ class WritePath:
             try:
                 with self._own_transaction() as conn:
                     now = self.clock()
-                    row = conn.execute(self._CLAIM, (owner, lease_expires, now, job_id, epoch, state)).fetchone()
+                    row = conn.execute(self._CLAIM, (owner, lease_expires, self.lease_clock(), now, job_id, epoch,
+                                                     state)).fetchone()
                     faults.point("after_update")
                     if row is None:
                         return None
@@ -779,22 +782,26 @@ class WritePath:
     # found dead (by pid on this host, by lease elsewhere: ownership.owner_alive)
     # at the epoch it read, so a job claimed since is not taken. The state
     # literals match the partial index.
+    # Oldest runnable first: by when the job last became runnable (``updated_at``: created, released,
+    # parked, requeued; a parked job woken by its time or a message keeps its park time), so a job that
+    # becomes runnable again and again never starves those waiting longer; id breaks ties.
     _RUNNABLE = (
-        "SELECT id, state, epoch, workflow, owner FROM walstate_job "
+        "SELECT id, state, epoch, workflow, owner FROM walstate_job INDEXED BY job_runnable_since "
         "WHERE state IN ('pending', 'running') AND workflow IN (SELECT value FROM json_each(?)) "
         "AND id NOT IN (SELECT CAST(value AS INTEGER) FROM json_each(?)) AND ((owner IS NULL AND (wake_at IS NULL OR wake_at <= ?)) "
         "OR (id, epoch) IN (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))) "
         # Only the (workflow, version) pairs the caller can run ("name@version"; an empty list: any version).
         "AND (NOT EXISTS (SELECT 1 FROM json_each(?)) "
         "OR workflow || '@' || CAST(version AS TEXT) IN (SELECT value FROM json_each(?))) "
-        "ORDER BY id LIMIT ?"
+        "ORDER BY updated_at, id LIMIT ?"
     )
     _RUNNING_PER_WORKFLOW = (
         "SELECT workflow, count(*) FROM walstate_job WHERE state='running' AND owner IS NOT NULL "
         "AND workflow IN (SELECT value FROM json_each(?)) GROUP BY workflow"
     )
     _CLAIM_MANY = (
-        "UPDATE walstate_job SET owner=?, lease_expires=?, epoch=epoch+1, updated_at=?, state='running', wake_at=NULL "
+        "UPDATE walstate_job SET owner=?, lease_expires=?, renewed_at=?, epoch=epoch+1, updated_at=?, state='running', "
+        "wake_at=NULL "
         "WHERE id IN (SELECT CAST(value AS INTEGER) FROM json_each(?)) RETURNING id, epoch, context, cancel_requested, "
         "version, fingerprint"
     )
@@ -820,8 +827,10 @@ class WritePath:
         running across every process, and claims them with one ``UPDATE …
         WHERE id IN (…) RETURNING`` that bumps each epoch; each claim is
         journalled and the claimed jobs' sub-steps are read in the same
-        transaction. Returns ``(workflow, state before, owner before, Claimed)``
-        per job, oldest first. ``versions``: claim only jobs of these
+        transaction. Jobs are taken runnable longest first (by when each last
+        became runnable: created, released, parked or requeued), not lowest id
+        first. Returns ``(workflow, state before, owner before, Claimed)`` per
+        job, by id. ``versions``: claim only jobs of these
         ``(workflow, version)`` pairs (the caller's registered versions and
         those it can migrate from), so a worker never claims a job only to
         release it; empty: any version.
@@ -887,7 +896,8 @@ class WritePath:
         if not rows:
             return []
         before = {int(r[0]): (str(r[1]), str(r[3]), r[4]) for r in rows}
-        claimed = conn.execute(self._CLAIM_MANY, (owner, lease_expires, stamp, json.dumps(list(before)))).fetchall()
+        claimed = conn.execute(self._CLAIM_MANY, (owner, lease_expires, self.lease_clock(), stamp,
+                                                  json.dumps(list(before)))).fetchall()
         faults.point("after_update")
         conn.executemany(self._JOURNAL, [
             (job_id, None, before[job_id][0], "running", 0, stamp,
@@ -917,9 +927,9 @@ class WritePath:
             try:
                 with self._own_transaction() as conn:
                     row = conn.execute(
-                        "UPDATE walstate_job SET lease_expires=? WHERE id=? AND owner=? AND epoch=? "
+                        "UPDATE walstate_job SET lease_expires=?, renewed_at=? WHERE id=? AND owner=? AND epoch=? "
                         "RETURNING cancel_requested",
-                        (lease_expires, job_id, owner, epoch),
+                        (lease_expires, self.lease_clock(), job_id, owner, epoch),
                     ).fetchone()
             except self.db.driver_errors as exc:
                 raise self.db.translate(exc, self.path, f"renewing the lease on job {job_id}") from exc
@@ -953,6 +963,37 @@ class WritePath:
                     conn.execute(self._JOURNAL, (job_id, None, "running", row[0], 0, now, note))
                     self._wake(conn)
                     return True
+            except self.db.driver_errors as exc:
+                raise self.db.translate(exc, self.path, f"releasing job {job_id}") from exc
+
+    def force_release(self, job_id: int, note: str) -> tuple[str, int] | None:
+        """Take the claim away from whoever holds the unfinished job (an operator's act); journalled.
+
+        Clears the owner and lease and bumps the epoch in one transaction, so
+        the run that held it (hung, or believed dead) can write nothing more and
+        stops at its next renewal; the job is runnable again. Returns the
+        ``(owner, epoch)`` it took the claim from, or None when nobody held it
+        (a finished job is left as it is). The journal row is ``note`` followed
+        by who held it. Raises :class:`UnknownJob`.
+        """
+        with self._lock:
+            try:
+                with self._own_transaction() as conn:
+                    now = self.clock()
+                    if conn.execute(self._LOCK_JOB, (job_id,)).fetchone() is None:
+                        raise UnknownJob(f"{self.path}: no job {job_id}")
+                    held = conn.execute("SELECT state, owner, epoch FROM walstate_job WHERE id=?", (job_id,)).fetchone()
+                    state, owner, epoch = str(held[0]), held[1], int(held[2])
+                    if owner is None or state not in ("pending", "running"):
+                        return None
+                    # The row was read under this transaction's lock (SQLite's one writer; PostgreSQL's
+                    # FOR UPDATE): no condition is needed to know it is still as read.
+                    conn.execute("UPDATE walstate_job SET owner=NULL, lease_expires=NULL, epoch=epoch+1, updated_at=? "
+                                 "WHERE id=?", (now, job_id))
+                    conn.execute(self._JOURNAL, (job_id, None, state, state, 0, now,
+                                                 f"{note} (taken from {owner}, epoch {epoch})"))
+                    self._wake(conn)
+                    return str(owner), epoch
             except self.db.driver_errors as exc:
                 raise self.db.translate(exc, self.path, f"releasing job {job_id}") from exc
 

@@ -1,6 +1,7 @@
 """Processes for the ownership tests: ``python -m tests.proc_owner ACTION DB [ARG]``.
 
-``hold``      run one job whose first step holds for ``WALSTATE_HOLD`` seconds (a long handler), with
+``hold``      run one job whose first step holds for ``WALSTATE_HOLD`` seconds (a long handler; with
+              ``WALSTATE_WATCH_CANCEL`` it stops early when it sees ``step.cancelled``), with
               ``WALSTATE_LEASE``; the tests run it in another pid namespace or under another host name
               (``WALSTATE_HOSTNAME``), kill it, and recover its job from outside.
 ``fork-kill`` / ``fork-zombie``
@@ -60,7 +61,12 @@ def effect(step: StepContext, tag: str) -> None:
 @flow.step(phase="hold", name="held")
 def held(ctx: Ctx, step: StepContext) -> dict[str, Any]:
     effect(step, "start")
-    time.sleep(HOLD)  # the handler's own work, however long it takes
+    if os.environ.get("WALSTATE_WATCH_CANCEL"):
+        # A handler that stops when told: up to HOLD seconds, or until step.cancelled.
+        if step.cancelled.wait(HOLD):
+            effect(step, "cancelled")
+    else:
+        time.sleep(HOLD)  # the handler's own work, however long it takes
     effect(step, "end")
     return {"held": ctx.held + 1}
 

@@ -32,7 +32,7 @@ from walstate import (
     StepResult,
     Workflow,
 )
-from walstate.ownership import Identity, _proc_stat, owner_alive
+from walstate.ownership import HUNG_GRACE, Identity, _proc_stat, owner_alive
 from walstate.testing import check_invariants
 
 from .helpers import wait_until
@@ -136,7 +136,8 @@ def test_every_run_claims_the_job_with_a_new_epoch(db_path: str) -> None:
         assert e.store.read.job(job).owner is None
 
 
-def test_the_claim_sets_a_lease_in_the_future_and_the_end_releases_it(db_path: str) -> None:
+def test_the_claim_sets_a_lease_on_the_lease_clock_not_the_engines_clock_and_the_end_releases_it(
+        db_path: str) -> None:
     gate = Gate()
     flow = gated_flow(gate)
     now = [1000.0]
@@ -145,7 +146,10 @@ def test_the_claim_sets_a_lease_in_the_future_and_the_end_releases_it(db_path: s
         t, _ = background(e.run, job)
         assert gate.entered.wait(10)
         row = e.store.read.job(job)
-        assert row.owner == e.owner and row.lease_expires == pytest.approx(1030.0)
+        # The injected clock says 1000; leases are measured on the store's lease clock (close to Unix time).
+        assert row.owner == e.owner and row.lease_expires is not None and row.renewed_at is not None
+        assert row.renewed_at <= e.lease_clock() and row.lease_expires == pytest.approx(row.renewed_at + 30.0, abs=1.0)
+        assert abs(row.renewed_at - time.time()) < 3600
         gate.release.set()
         t.join(10)
         row = e.store.read.job(job)
@@ -171,15 +175,19 @@ def test_an_owner_from_another_boot_or_namespace_is_judged_by_its_lease_only() -
     assert not owner_alive(other_ns, 1, lease_expires=99.0, now=100.0)
 
 
-def test_an_owner_on_this_host_is_judged_by_its_pid_whatever_its_lease() -> None:
+def test_an_owner_on_this_host_is_judged_by_its_pid_until_its_lease_is_expired_past_the_grace() -> None:
     me = Identity.current()
     # This process, but no live run of that job: dead, even with a valid lease.
     assert not owner_alive(me.token("x"), 7, lease_expires=1e12, now=0.0)
-    # pid 1 of this namespace lives: alive even with an expired lease.
+    # pid 1 of this namespace lives: alive with an expired lease, within the grace ...
     stat = _proc_stat(1)
     assert stat is not None
     init = Identity(me.boot_id, me.pid_ns, me.host, 1, stat[1])
-    assert owner_alive(init.token("x"), 7, lease_expires=0.0, now=1e12)
+    assert owner_alive(init.token("x"), 7, lease_expires=100.0, now=100.0 + HUNG_GRACE - 0.01)
+    assert owner_alive(init.token("x"), 7, lease_expires=None, now=1e12)  # a lease never set: only the pid counts
+    # ... and hung once its lease has been expired for the grace: a live pid does not save it.
+    assert not owner_alive(init.token("x"), 7, lease_expires=100.0, now=100.0 + HUNG_GRACE)
+    assert not owner_alive(init.token("x"), 7, lease_expires=0.0, now=1e12)
     # A pid that started at another time is a reused pid: the owner is gone.
     reused = Identity(me.boot_id, me.pid_ns, me.host, 1, "1")
     assert not owner_alive(reused.token("x"), 7, lease_expires=1e12, now=0.0)
