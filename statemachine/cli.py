@@ -113,6 +113,15 @@ def _cut(text: str, width: int) -> str:
     return text if len(text) <= width else text[:width - 1] + "~"
 
 
+def _key_cell(key: str | None, width: int) -> str:
+    """A job's key in ``width`` columns: a schedule's job as ``schedule NAME @ SLOT``, its name cut, never its slot."""
+    slot = views.schedule_of_key(key)
+    if slot is None:
+        return _cut(key or "-", width)
+    room = max(2, width - len("schedule  @ ") - len(slot[1]))
+    return f"schedule {_cut(slot[0], room)} @ {slot[1]}"
+
+
 def _blocker(spec: str | None, db: str) -> Callable[[Storage, JobRow], tuple[str, str] | None]:
     """With ``--app``: for an unfinished job that app could not run, (a short note, the full reason)."""
     if spec is None:
@@ -174,10 +183,12 @@ def cmd_jobs(args: argparse.Namespace, out: Out) -> int:
                   for j in page]
         out.json({"jobs": listed, "offset": page.offset, "limit": page.limit, "next_offset": page.next_offset})
         return 0
-    out.line(f"{'ID':>5}  {'WORKFLOW':<10} {'KEY':<10} {'STATE':<9} {'VER':>3} {'PHASE':<8} {'UPDATED':<11}  STEPS")
+    # KEY: 10 columns, wider (up to 44) for a page with a schedule's job, shown as `schedule NAME @ SLOT`.
+    kw = max([10, *(min(44, len(views.readable_key(j.key))) for j in page if views.schedule_of_key(j.key))])
+    out.line(f"{'ID':>5}  {'WORKFLOW':<10} {'KEY':<{kw}} {'STATE':<9} {'VER':>3} {'PHASE':<8} {'UPDATED':<11}  STEPS")
     for j in page:
         note = f"  {notes[j.id][0]}" if j.id in notes else ""
-        out.line(f"{j.id:>5}  {_cut(j.workflow, 10):<10} {_cut(j.key or '-', 10):<10} {out.state(j.state, 9)} "
+        out.line(f"{j.id:>5}  {_cut(j.workflow, 10):<10} {_key_cell(j.key, kw):<{kw}} {out.state(j.state, 9)} "
                  f"{j.version:>3} {_cut(j.phase or '-', 8):<8} {_when(j.updated_at)[5:16]:<11}  {j.progress}{note}")
     if not page:
         out.line("(no jobs)" if page.offset == 0 else f"(no jobs after the first {page.offset})")
@@ -369,11 +380,16 @@ def _load_app(spec: str) -> Any:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ConfigurationError(f"--app takes MODULE:ATTR (e.g. myapp.jobs:engine), not {spec!r}")
-    sys.path.insert(0, os.getcwd())
+    # The current directory is searched too, but last, after the installed packages: a stray file
+    # in it (json.py, pydantic.py) cannot shadow a module walstate or the app imports (README).
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.append(cwd)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigurationError(f"cannot import {module_name!r} for --app: {exc}") from exc
+        raise ConfigurationError(f"cannot import {module_name!r} for --app: {exc} (looked on sys.path, then in "
+                                 f"the current directory {cwd})") from exc
     try:
         return getattr(module, attr)
     except AttributeError:
@@ -408,9 +424,43 @@ def _app_engine(args: argparse.Namespace) -> Any:
     return engine
 
 
+class _StoppedWhileLoading(BaseException):
+    """A SIGTERM or SIGINT that came while ``walstate worker`` was still loading its app (see below)."""
+
+
+def _load_worker_app(args: argparse.Namespace, out: Out) -> Any:
+    """The worker's engine; ``None`` when SIGTERM or SIGINT came while the app was imported or built.
+
+    Until the app is loaded the worker has claimed nothing, so a stop request interrupts the import (or the
+    factory) at once: one line, exit 0, as a stop of a running worker, rather than the default death by signal.
+    """
+    loaded: list[bool] = []
+
+    def stop(signum: int, frame: object) -> None:
+        if not loaded:  # past the load, cmd_worker's own handlers take over
+            raise _StoppedWhileLoading(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        try:
+            engine = _app_engine(args)
+        finally:
+            loaded.append(True)
+    except _StoppedWhileLoading as stopped:
+        out.line(f"worker stopped: {signal.Signals(stopped.args[0]).name} while loading {args.app}, "
+                 "before claiming any job")
+        return None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return engine
+
+
 def cmd_worker(args: argparse.Namespace, out: Out) -> int:
     """Run a worker in the foreground; SIGTERM or SIGINT stop it gracefully (exit 0)."""
-    engine = _app_engine(args)
+    engine = _load_worker_app(args, out)
+    if engine is None:
+        return 0
     if args.log_level != "off" and not logging.getLogger().handlers:
         # What the worker meets (retries, interruptions, takeovers, errors it retries) goes to
         # stderr, unless the app configured logging itself when it was imported (just now).
@@ -559,11 +609,13 @@ def cmd_watch(args: argparse.Namespace, out: Out) -> int:
         finally:
             store.close()
         ended = job["state"] in TERMINAL_JOB_STATES
+        # When what is shown became true: a finished job's end, else the moment this read saw it.
+        at = job["updated_at"] if ended else time.time()
         if out.as_json:
             # JSON lines: one object per change, flushed at once so a pipe's reader sees it now.
             now = _progress(job)
             if now != last:
-                out.stream.write(json.dumps({"at": time.time(), **now}) + "\n")
+                out.stream.write(json.dumps({"at": at, **now}) + "\n")
                 out.stream.flush()
             last = now
         else:
@@ -581,7 +633,7 @@ def cmd_watch(args: argparse.Namespace, out: Out) -> int:
                 text += "".join(f"  ({s['name']} {describe_wait(s['waits_for'])})" for p in job["phases"]
                                 for s in p["steps"] if s.get("waits_for"))
                 if text != last:
-                    out.line(f"{_when(time.time())}  {job['state']:<10} {text}")
+                    out.line(f"{_when(at)}  {job['state']:<10} {text}")
                     out.stream.flush()
             last = text
             if ended and out.stream.isatty():

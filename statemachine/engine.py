@@ -597,8 +597,9 @@ class Engine(EngineAsyncAPI):
             log.job_parked(job_id, flow.name, wake_at, topics)  # log
             return self._status(self._row(job_id))
         if outcome == "released":
-            self.store.write.release(job_id, owner, job.epoch, "released: the engine was closed")
-            log.job_left_alone(job_id, flow.name, "released: the engine was closed")  # log
+            # Not when the shutdown released it already (the claim is gone: nothing is written).
+            if self.store.write.release(job_id, owner, job.epoch, "released: the engine was closed"):
+                log.job_released(job_id, flow.name, "the engine was closed", cut_short=False)  # log
             raise EngineClosed(f"{self.path}: the engine was closed during the run of job {job_id}; its "
                                "unfinished steps are left for another run")
         log.job_ended(job_id, flow.name, job.state,  # log
@@ -837,12 +838,14 @@ class Engine(EngineAsyncAPI):
         run = active.run
         if run is None:
             return
+        run.job.released = "released at shutdown"  # a late result refused from here on is expected
         run.signal("shutdown")
         owner, epoch = run.job.owner, run.job.epoch
         # Once: the grace is over, and should the database be busy, the lease expires anyway.
         if owner is not None and self.store.write.release(
                 job_id, owner, epoch, "released: shut down before its steps in flight finished", patience=0.0):
-            log.job_left_alone(job_id, run.flow.name, "released at shutdown with steps in flight")  # log
+            log.job_released(job_id, run.flow.name, "shut down before its steps in flight finished (the grace ran "  # log
+                             "out); the next run retries them", cut_short=True)
 
     def _finished(self, row: JobRow) -> JobStatus[Any]:
         status = self._status(row)

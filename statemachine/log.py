@@ -12,12 +12,16 @@ Loggers and levels:
   takeovers (a dead owner's job claimed) and refusals (a live owner's job left
   alone; a job whose workflow version is not registered here, "waiting for
   code version N", or whose definition or context changed, left for another
-  process; a refused migration).
-* ``walstate.runner``: WARNING for step retries, interrupted attempts and a
-  step that failed for good.
+  process; a refused migration); a job released at shutdown with steps still
+  in flight (WARNING) or when its engine closed (INFO).
+* ``walstate.runner``: WARNING for step retries, attempts interrupted by a
+  crash (or cut short by a run that stopped on an error) and a step that failed
+  for good; INFO for an attempt cut short by a shutdown (its grace ran out),
+  retried by the next run.
 * ``walstate.fsm``: DEBUG for every committed transition; WARNING for a write
   the database refused (stale state, lost lease, busy, full): memory kept its
-  state.
+  state; INFO for a late result of a run its shutdown released (the claim is
+  gone, as meant).
 * ``walstate.storage`` (written by ``storage/``, which cannot import this
   module): WARNING for a write refused for a transient reason and tried again
   (when it starts waiting, when it lands or gives up), and for a
@@ -113,6 +117,12 @@ def job_left_alone(job: int, workflow: str, why: str) -> None:
     ENGINE.warning("job %s (%s) left alone: %s", job, workflow, why, extra=fields(job, workflow))
 
 
+def job_released(job: int, workflow: str, why: str, *, cut_short: bool) -> None:
+    """A run gave its job back unfinished (shutdown, close): WARNING when steps in flight were cut short."""
+    ENGINE.log(logging.WARNING if cut_short else logging.INFO, "job %s (%s) released: %s", job, workflow, why,
+               extra=fields(job, workflow))
+
+
 def job_migrated(job: int, workflow: str, note: str) -> None:
     """A declared migration moved an in-flight job onto a newer version of its workflow."""
     ENGINE.info("job %s (%s) %s", job, workflow, note, extra=fields(job, workflow))
@@ -157,10 +167,12 @@ def step_failed(job: int, workflow: str, step: str, attempt: int, error: str) ->
                    extra=fields(job, workflow, step, attempt))
 
 
-def step_interrupted(job: int, workflow: str, step: str, attempt: int, giving_up: bool) -> None:
-    RUNNER.warning("job %s (%s) step %s attempt %d was interrupted (its process died)%s", job, workflow, step,
-                   attempt, "; interrupted too often, failing it" if giving_up else "; retrying it",
-                   extra=fields(job, workflow, step, attempt))
+def step_interrupted(job: int, workflow: str, step: str, attempt: int, giving_up: bool,
+                     what: str = "was interrupted (its process died)", crash: bool = True) -> None:
+    """A step found ``running`` by the next run: ``what`` happened to its attempt; INFO unless a crash or an error."""
+    RUNNER.log(logging.WARNING if crash or giving_up else logging.INFO, "job %s (%s) step %s attempt %d %s%s", job,
+               workflow, step, attempt, what, "; interrupted too often, failing it" if giving_up else "; retrying it",
+               extra=fields(job, workflow, step, attempt))
 
 
 # -- transitions (walstate.fsm) -----------------------------------------------------
@@ -177,5 +189,12 @@ def transition(obj: Any, trigger: str, source: str, dest: str) -> None:
 
 
 def write_refused(obj: Any, trigger: str, source: str, exc: BaseException) -> None:
+    job = getattr(obj, "job", None) or obj
+    released = getattr(job, "released", None)
+    if released is not None and type(exc).__name__ == "LeaseLost":
+        # The claim was given up on purpose (shutdown's grace ran out): refusing the late result is the plan.
+        FSM.info("%s: its late %r from %r was not recorded: the job was %s; the next run retries it",
+                 obj._describe(), trigger, source, released, extra=_of(obj))
+        return
     FSM.warning("%s: %r from %r was not written (%s: %s); its state in memory is unchanged", obj._describe(),
                 trigger, source, type(exc).__name__, exc, extra=_of(obj))

@@ -63,6 +63,8 @@ class JobRun:
         self.clock = clock
         # Topics with unconsumed messages, read once per run when a step waits.
         self._topics: set[str] | None = None
+        # Why steps were found running (read from the journal once, by the first such step).
+        self._why_running: tuple[str, str, bool] | None = None
         self.job = job
         self.steps = steps
         self.threads = threads
@@ -196,12 +198,31 @@ class JobRun:
         model: BaseModel = self.flow.context.model_validate_json(text)
         return model
 
+    def _left_running(self) -> tuple[str, str, bool]:
+        """Why this job's steps were left ``running``, from its journal: (for the step's error, for the log, a crash?).
+
+        This run's claim is the job's last journal row: "claimed from ..." when the previous owner
+        was found dead; a plain "claimed" follows a release, whose note says why it was given up.
+        """
+        notes = [r.note or "" for r in self.store.read.journal(self.job.id) if r.step is None]
+        if not notes or notes[-1].startswith("claimed from"):
+            return "was interrupted (the process running it died)", "was interrupted (its process died)", True
+        before = notes[-2] if len(notes) > 1 else ""
+        if before.startswith("released"):
+            what = f"was cut short ({before})"
+            return what, what, "shut down" not in before  # a run that stopped on an error is no graceful stop
+        what = "was interrupted (its run ended before it finished)"
+        return what, what, True
+
     def _interrupted(self, step: SubStep) -> None:
-        """A sub-step left ``running`` by a dead process: journal it and let it retry."""
+        """A sub-step left ``running`` by a dead process (or a run released unfinished): journal it and let it retry."""
         retry = self.flow.steps[step.name].retry
-        message = f"attempt {step.attempt} was interrupted (the process running it died)"
+        if self._why_running is None:
+            self._why_running = self._left_running()
+        stored, logged, crash = self._why_running
+        message = f"attempt {step.attempt} {stored}"
         giving_up = step.interruptions + 1 > retry.max_interruptions
-        log.step_interrupted(self.job.id, self.flow.name, step.name, step.attempt, giving_up)  # log
+        log.step_interrupted(self.job.id, self.flow.name, step.name, step.attempt, giving_up, logged, crash)  # log
         if giving_up:
             step.fail(error=f"{message}; interrupted {step.interruptions + 1} times, giving up", note="interrupted",
                       interrupted=True)

@@ -33,6 +33,7 @@ from typing import Any, Literal
 from croniter import croniter
 
 from .storage.errors import DefinitionError
+from .views import SLOT_FORMAT
 from .workflow import Workflow
 
 Missed = Literal["latest", "skip"]
@@ -90,5 +91,6 @@ class Schedule:
         return ([latest], None) if self.missed == "latest" else ([], latest)
 
     def key(self, slot: float) -> str:
-        stamp = dt.datetime.fromtimestamp(slot, tz=dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        """The key of the job of ``slot``: ``schedule:NAME:SLOT`` (read back by :func:`walstate.views.schedule_of_key`)."""
+        stamp = dt.datetime.fromtimestamp(slot, tz=dt.timezone.utc).strftime(SLOT_FORMAT)
         return f"schedule:{self.name}:{stamp}"

@@ -22,7 +22,7 @@ class RunAborted(BaseException):
 class LiveJob:
     """A job as this process sees it: id, its state, the owner token it writes under."""
 
-    __slots__ = ("id", "workflow", "state", "owner", "epoch", "write", "aborted")
+    __slots__ = ("id", "workflow", "state", "owner", "epoch", "write", "aborted", "released")
 
     def __init__(self, job_id: int, workflow: str, state: str, owner: str | None, write: WritePath,
                  epoch: int = 0) -> None:
@@ -34,6 +34,8 @@ class LiveJob:
         self.epoch = epoch
         self.write = write
         self.aborted: threading.Event | None = None
+        #: Why this run is giving its claim up on purpose (a shutdown), so that writes refused after it are expected.
+        self.released: str | None = None
 
     def _describe(self) -> str:
         return f"job {self.id} ({self.workflow})"

@@ -6,6 +6,7 @@ steps' stored rank, times from the journal.
 
 from __future__ import annotations
 
+import datetime
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -139,6 +140,34 @@ def _phases(steps: list[StepRow]) -> list[str]:
         if s.phase not in order:
             order.append(s.phase)
     return order
+
+
+#: How a schedule's job key ends: its slot, as :meth:`walstate.schedules.Schedule.key` writes it.
+SLOT_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+_SLOT_CHARS = len("2026-12-07T10:00:00Z")
+
+
+def schedule_of_key(key: str | None) -> tuple[str, str] | None:
+    """``(schedule name, slot)`` of a schedule's job, from its key ``schedule:NAME:SLOT``; ``None`` for other keys.
+
+    The slot is UTC, as stored: ``"2026-12-07T10:00:00Z"``.
+    """
+    if key is None or not key.startswith("schedule:") or len(key) < len("schedule:") + 2 + _SLOT_CHARS:
+        return None
+    name, sep, slot = key[len("schedule:"):-_SLOT_CHARS - 1], key[-_SLOT_CHARS - 1], key[-_SLOT_CHARS:]
+    try:
+        datetime.datetime.strptime(slot, SLOT_FORMAT)
+    except ValueError:
+        return None
+    return (name, slot) if sep == ":" and name else None
+
+
+def readable_key(key: str | None) -> str:
+    """A job's key as a person reads it: ``schedule NAME @ SLOT`` for a schedule's job, ``-`` for none."""
+    slot = schedule_of_key(key)
+    if slot is not None:
+        return f"schedule {slot[0]} @ {slot[1]}"
+    return "-" if key is None else key
 
 
 def waits_for(step: StepRow) -> dict[str, Any] | None:

@@ -267,7 +267,8 @@ def translate(exc: BaseException, where: str, doing: str) -> DatabaseError:
     """Map a psycopg (or peewee-wrapped) error to walstate's hierarchy, with an actionable message."""
     cause = _cause(exc)
     code = str(getattr(cause, "sqlstate", "") or "")
-    text = str(cause).strip()
+    # One line: libpq's messages span lines ("...Connection refused\n\tIs the server running...").
+    text = " ".join(str(cause).split())
     if code in _RETRY:
         return DatabaseBusy(f"{where}: {_RETRY[code]} ({text}) while {doing}; retry", where)
     if code == "53100":
@@ -286,9 +287,11 @@ def translate(exc: BaseException, where: str, doing: str) -> DatabaseError:
                                    "CREATE on the schema to make walstate's tables, then SELECT, INSERT, UPDATE and "
                                    "DELETE on them", where)
     if code.startswith(("08", "57P", "53")) or (psycopg is not None and isinstance(cause, psycopg.OperationalError)):
+        what = "cannot connect to the PostgreSQL server" if doing == "connecting" else \
+            "cannot reach the PostgreSQL server or lost the session"
         return DatabaseUnavailable(
-            f"{where}: cannot reach the PostgreSQL server or lost the session ({text}) while {doing}; check the "
-            "URL's host and port, and that the server runs and accepts connections from this host", where)
+            f"{where}: {what} ({text}) while {doing}; check the URL's host and port, and that the server runs "
+            "and accepts connections from this host", where)
     return WriteFailed(f"{where}: PostgreSQL error while {doing}: {text}", where)
 
 
@@ -317,7 +320,9 @@ def open_pg_database(url: str, *, busy_timeout: float = 5.0, readonly: bool = Fa
         error = translate(exc, where, "connecting")
         scrubbed = _scrub(str(error), url)
         if scrubbed == str(error):
-            raise error from exc
+            # The message holds the driver's words: no chained psycopg traceback under it (the
+            # driver's error stays reachable as __context__).
+            raise error from None
         # The driver quoted part of a password it misparsed (an unencoded '@'): neither the message
         # nor the chained driver error may show it.
         raise type(error)(scrubbed, where) from None

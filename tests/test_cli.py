@@ -185,6 +185,43 @@ def test_watch_never_shows_a_failed_phase_like_a_finished_one(tmp_path: Path) ->
     assert "pay 0/1 (1 failed)  ship 0/1 (1 cancelled)" in failed.stdout, failed.stdout
 
 
+def test_app_searches_the_current_directory_after_the_installed_packages_not_before(tmp_path: Path) -> None:
+    from tests.cli_app import make_engine
+
+    installed, here = tmp_path / "site", tmp_path / "project"
+    installed.mkdir()
+    here.mkdir()
+    (installed / "shadowme.py").write_text("WHO = 'installed'\n")
+    (here / "shadowme.py").write_text("WHO = 'a stray file of the current directory'\n")
+    (here / "pathapp.py").write_text(
+        "import os, shadowme\n"
+        "from tests.cli_app import make_engine as make\n"
+        "open(os.environ['SEEN'], 'w').write(shadowme.WHO)\n")
+    db = str(tmp_path / "p.db")
+    make_engine(db).close()
+    seen = tmp_path / "seen"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(installed), str(ROOT)]), "SEEN": str(seen)}
+    listed = subprocess.run([str(WALSTATE), "jobs", db, "--app", "pathapp:make"], capture_output=True, text=True,
+                            timeout=60, cwd=here, env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert seen.read_text() == "installed"  # the app itself was found in the current directory
+    missing = subprocess.run([str(WALSTATE), "jobs", db, "--app", "nowhere_app:make"], capture_output=True,
+                             text=True, timeout=60, cwd=here, env=env)
+    assert missing.returncode == 1 and f"then in the current directory {here}" in missing.stderr
+
+
+def test_watch_of_a_finished_job_stamps_it_with_when_it_ended_not_the_current_time(tmp_path: Path) -> None:
+    db = _job_db(tmp_path / "old.db", ["old"])
+    ended = 1_000_000_000.0  # the job ended in September 2001
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE walstate_job SET updated_at=? WHERE id=1", (ended,))
+    conn.close()
+    [line] = walstate("watch", db, "1", "--json").stdout.splitlines()
+    assert json.loads(line)["at"] == ended
+    text = walstate("watch", db, "1").stdout
+    assert text.startswith(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ended)) + "  succeeded "), text
+
+
 def test_watch_json_streams_one_flushed_json_line_per_change_until_the_job_ends(tmp_path: Path) -> None:
     db = str(tmp_path / "w.db")
     gate = tmp_path / "ship-may-end"
@@ -230,6 +267,30 @@ def _job_db(path: Path, keys: list[str]) -> str:
         e.run(e.submit("shop", Shop(name=key), key=key))
     e.close()
     return str(path)
+
+
+def test_jobs_shows_a_scheduled_jobs_key_as_its_schedule_and_slot(tmp_path: Path) -> None:
+    from tests.cli_app import Shop, flow, make_engine
+
+    db = str(tmp_path / "s.db")
+    e = make_engine(db)
+    e.schedule(flow, cron="* * * * *", context=Shop(name="hourly"), name="nightly-shop")
+    with e.start_worker(1):  # its first check of the schedule submits the latest slot's job
+        deadline = time.monotonic() + 60
+        while not e.jobs():
+            assert time.monotonic() < deadline, "the schedule submitted no job"
+            time.sleep(0.02)
+    e.submit("shop", Shop(name="plain"), key="plain")
+    [_, scheduled] = e.jobs()
+    e.close()
+    slot = scheduled.key[len("schedule:nightly-shop:"):]  # type: ignore[index]
+    assert scheduled.key == f"schedule:nightly-shop:{slot}" and slot.endswith("Z")
+    lines = walstate("jobs", db).stdout.splitlines()
+    assert lines[0].split()[:3] == ["ID", "WORKFLOW", "KEY"]
+    assert any(f" shop       schedule nightly-shop @ {slot} " in l for l in lines), lines
+    assert any(" plain " in l for l in lines) and all(len(l) <= 120 for l in lines)
+    page = json.loads(walstate("jobs", db, "--json").stdout)
+    assert {j["key"] for j in page["jobs"]} == {scheduled.key, "plain"}  # --json keeps the key as stored
 
 
 def test_jobs_pages_with_limit_and_offset_and_says_where_the_next_page_starts(tmp_path: Path) -> None:
@@ -314,6 +375,29 @@ def test_walstate_worker_shows_what_it_meets_on_stderr_unless_told_not_to(tmp_pa
             assert worker.wait(30) == 0
     shown = err.read_text()
     assert ("card declined" in shown) == (level == "warning"), shown
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("slow", ["import", "factory"])
+def test_a_worker_stopped_while_it_still_loads_its_app_exits_0_with_one_line_and_no_traceback(
+        tmp_path: Path, slow: str, sig: signal.Signals) -> None:
+    db, ready = tmp_path / "jobs.db", tmp_path / "loading"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WALSTATE_SLOW_APP": slow, "WALSTATE_SLOW_APP_READY": str(ready)}
+    with subprocess.Popen([str(WALSTATE), "worker", str(db), "--app", "tests.slow_app:make_engine"], cwd=ROOT,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as worker:
+        try:
+            deadline = time.monotonic() + 60
+            while not ready.exists():  # the app is being loaded now, and stays so until stopped
+                assert worker.poll() is None and time.monotonic() < deadline, worker.communicate()
+                time.sleep(0.02)
+            worker.send_signal(sig)
+            out, err = worker.communicate(timeout=60)
+        finally:
+            worker.kill() if worker.poll() is None else None
+    assert worker.returncode == 0, (out, err)
+    assert err == "" and out == f"worker stopped: {sig.name} while loading tests.slow_app:make_engine, " \
+                                "before claiming any job\n"
+    assert not db.exists()  # nothing was started: not even the file
 
 
 @pytest.mark.parametrize("command", [["retry", "{db}", "1"], ["cancel", "{db}", "1"], ["send", "{db}", "1", "paid", "{{}}"],

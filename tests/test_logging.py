@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
@@ -102,6 +109,61 @@ def test_a_failed_job_and_a_resumed_job_are_logged(db_path: str, caplog: pytest.
     assert interrupted.levelno == logging.WARNING and _fields(interrupted) == (job, "logged", "flaky", 1)
     (resumed,) = _records(caplog, "resumed")
     assert resumed.levelno == logging.INFO and "0 of 2" in resumed.getMessage()
+
+
+ROOT = Path(__file__).resolve().parent.parent
+_CRASH_WORDS = ("died", "crash", "dead", "left alone", "lost its claim", "Traceback")
+
+
+def _worker_until(db: str, env: dict[str, str], ready: Callable[[], bool]) -> list[str]:
+    """Run `walstate worker DB --app tests.slow_app:make_held --grace 0.2` until ``ready()``, SIGTERM it; its stderr."""
+    worker = subprocess.Popen([sys.executable, "-m", "walstate", "worker", db, "--app", "tests.slow_app:make_held",
+                               "--grace", "0.2", "--log-level", "info"], cwd=ROOT, env={**os.environ, **env},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not ready():
+            assert worker.poll() is None and time.monotonic() < deadline, worker.communicate()
+            time.sleep(0.02)
+        worker.send_signal(signal.SIGTERM)
+        _, err = worker.communicate(timeout=60)
+    finally:
+        worker.kill() if worker.poll() is None else None
+    assert worker.returncode == 0, err
+    return err.splitlines()
+
+
+def test_a_worker_sigtermed_with_a_step_in_flight_logs_a_release_not_a_crash_and_so_does_the_next_run(
+        tmp_path: Path) -> None:
+    from tests.slow_app import Ctx as HeldCtx, make_held
+
+    db = str(tmp_path / "jobs.db")
+    engine = make_held(db)
+    job = engine.submit("held", HeldCtx())
+    engine.close()
+    entered, gate = tmp_path / "entered", tmp_path / "gate"
+    env = {"PYTHONPATH": str(ROOT), "WALSTATE_HELD_ENTERED": str(entered), "WALSTATE_HELD_GATE": str(gate)}
+    # The grace (0.2 s) runs out with the step in flight: the job is released, its late result refused.
+    first = _worker_until(db, env, entered.exists)
+    assert not [l for l in first if any(w in l for w in _CRASH_WORDS)], first
+    assert [l.split(" walstate.", 1)[1] for l in first if " WARNING " in l or " ERROR " in l] == [
+        f"engine WARNING job {job} (held) released: shut down before its steps in flight finished (the grace ran "
+        "out); the next run retries them"], first
+
+    def succeeded() -> bool:
+        with sqlite3.connect(db) as conn:
+            state = conn.execute("SELECT state FROM walstate_job WHERE id=?", (job,)).fetchone()[0]
+        conn.close()
+        return bool(state == "succeeded")
+
+    gate.touch()
+    second = _worker_until(db, env, succeeded)
+    assert not [l for l in second if any(w in l for w in _CRASH_WORDS) or " WARNING " in l], second
+    assert any(f"runner INFO job {job} (held) step hold attempt 1 was cut short (released: shut down before its "
+               "steps in flight finished); retrying it" in l for l in second), second
+    with Engine(db) as e:
+        [retry] = [r for r in e.history(job) if r.step == "hold" and r.to_state == "retrying"]
+    assert retry.note == "interrupted"  # still counted as an interrupted attempt (max_interruptions)
 
 
 def test_with_the_root_logger_at_info_a_job_logs_no_transitions_records(

@@ -1049,9 +1049,10 @@ def test_a_run_released_when_the_shutdown_grace_runs_out_is_journalled_and_logge
         assert entered.wait(10)
         e.stop_worker(drain=False, grace=0.05)
         assert "released: shut down before its steps in flight finished" in [r.note for r in e.history(handle.id)]
-    [record] = [r for r in caplog.records if "released at shutdown" in r.getMessage()]
-    assert fields_of(record) == (handle.id, "w", None, None)
-    assert record.getMessage() == f"job {handle.id} (w) left alone: released at shutdown with steps in flight"
+    [record] = [r for r in caplog.records if "released: shut down" in r.getMessage()]
+    assert fields_of(record) == (handle.id, "w", None, None) and record.levelno == logging.WARNING
+    assert record.getMessage() == (f"job {handle.id} (w) released: shut down before its steps in flight finished "
+                                   "(the grace ran out); the next run retries them")
 
 
 def test_a_worker_gives_back_a_job_to_be_migrated_as_pending_then_runs_it_logged_as_started(

@@ -285,6 +285,22 @@ def test_a_refused_login_and_a_missing_database_say_so_rather_than_unreachable(p
     assert "pw@" not in str(caught.value)
 
 
+def test_an_unreachable_postgresql_url_is_one_typed_line_naming_it_without_its_password(tmp_path: Path) -> None:
+    # Port 1 of the loopback: nothing listens there, the refusal is immediate.
+    url = "postgresql://bob:s3cret@127.0.0.1:1/shop"
+    with pytest.raises(DatabaseUnavailable) as caught:
+        Engine(url)
+    message = str(caught.value)
+    assert "\n" not in message and "s3cret" not in message
+    assert message.startswith("postgresql://bob:***@127.0.0.1:1/shop: cannot connect to the PostgreSQL server (")
+    assert "check the URL's host and port" in message
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__  # no psycopg traceback under it
+    cli = subprocess.run([sys.executable, "-m", "walstate", "jobs", url], capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path)
+    assert cli.returncode == 1 and cli.stdout == ""
+    assert cli.stderr.count("\n") == 1 and cli.stderr == f"walstate: error: {message}\n"
+
+
 def test_a_role_that_may_not_create_tables_is_told_which_grant_it_needs(pg_database: str) -> None:
     import uuid
 
