@@ -119,7 +119,10 @@ class _Run:
         cmd = [sys.executable, "-m", "walstate.chaos", role, "--app", self.app, "--db", self.db, "--ledger",
                str(self.directory / "ledger"), "--ready", str(ready), "--concurrency", str(self.concurrency),
                "--jump", str(self.jump), *itertools.chain.from_iterable(("--flow", f) for f in self.flows), *extra]
-        popen = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        # WALSTATE_CHAOS_ROLE tells the app's factory it runs in a process of the run (worker, submit,
+        # send), not in the caller's, which also builds one engine to read the workflows.
+        popen = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                 env={**os.environ, "WALSTATE_CHAOS_ROLE": role})
         log.close()
         proc = _Proc(popen, role, ready)
         self.procs.append(proc)

@@ -88,10 +88,15 @@ def work(ctx: Order, step: StepContext) -> None:
 
 
 def make_engine(path: str, clock: Callable[[], float] = time.time) -> Engine:
-    """The chaos app's engine on ``path`` (both workflows registered), with the breakages the environment asks for."""
-    breaks = set(filter(None, os.environ.get("WALSTATE_CHAOS_BREAK", "").split(",")))
-    _break(breaks)
-    if os.environ.get("WALSTATE_CHAOS_FOREIGN") == "1":
+    """The chaos app's engine on ``path`` (both workflows registered), with the breakages the environment asks for.
+
+    Breakages and a foreign identity patch the library for the whole process: only in the processes
+    a chaos run starts (``WALSTATE_CHAOS_ROLE``), never in the test process that calls ``run_chaos``.
+    """
+    child = bool(os.environ.get("WALSTATE_CHAOS_ROLE"))
+    if child:
+        _break(set(filter(None, os.environ.get("WALSTATE_CHAOS_BREAK", "").split(","))))
+    if child and os.environ.get("WALSTATE_CHAOS_FOREIGN") == "1":
         me = ownership.identity()
         ownership._identity = ownership.Identity(f"chaos-{uuid.uuid4().hex[:8]}", me.pid_ns, me.host, me.pid, me.start)
     engine = Engine(path, workers=3, lease=float(os.environ.get("WALSTATE_CHAOS_LEASE", "2")), clock=clock)

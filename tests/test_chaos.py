@@ -72,7 +72,23 @@ def chaos(target: tuple[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPat
     kw.setdefault("duration", 15.0)
     kw.setdefault("settle", 90.0)
     kw.setdefault("concurrency", 2)
-    return run_chaos(APP, db, workload(jobs), tmp_path / "run", workers=3, seed=seed, server=server, **kw)
+    before = _library_state()
+    report = run_chaos(APP, db, workload(jobs), tmp_path / "run", workers=3, seed=seed, server=server, **kw)
+    # The breakages are the worker processes' own: this process's library is as it was.
+    assert _library_state() == before
+    return report
+
+
+def _library_state() -> tuple[Any, ...]:
+    """What the breakages of tests/chaos_app.py patch, as this process has it."""
+    from walstate import ownership
+    from walstate.runtime import Worker
+    from walstate.storage.postgres import PgWritePath
+    from walstate.storage.writepath import WritePath
+    from walstate.substep import SubStep
+
+    return (SubStep.succeed, WritePath._RUNNABLE, PgWritePath._RUNNABLE, Worker._claim, ownership.owner_alive,
+            ownership.identity())
 
 
 def test_a_small_chaos_run_of_kills_stops_and_clock_jumps_breaks_no_rule(target: tuple[str, Any], tmp_path: Path,
