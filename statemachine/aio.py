@@ -35,6 +35,7 @@ import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from . import checks
 from .context import StepContext
 
 if TYPE_CHECKING:
@@ -90,6 +91,7 @@ class AsyncStepContext:
             value = fn()
             holder.append(await value if inspect.isawaitable(value) else value)
 
+        checks.text(name, f"step {self._sc.step!r} of job {self._sc.job_id}: once()'s name")
         stored = self._sc._reader.once(self._sc.job_id, self._sc.step, name)
         if stored is None:
             await produce()

@@ -16,10 +16,10 @@ from typing import Any, Generic, cast, overload
 
 from pydantic import BaseModel, ValidationError
 
-from . import log, operator, ownership, views
+from . import checks, log, operator, ownership, views
 from .context import dump_context, to_json, validate_submission
 from .ownership import Clock
-from .runner import JobRun
+from .runner import JobRun, describe
 from .storage import TERMINAL_JOB_STATES, TERMINAL_STEP_STATES, Durability, JobRow, StepRow, retention
 from .storage.contract import Storage, open_store
 from .storage.writepath import Claimed
@@ -27,6 +27,7 @@ from .storage.retention import DEFAULT_BATCH
 from .storage.errors import (
     ConfigurationError,
     ContextInvalid,
+    DatabaseError,
     DefinitionError,
     EngineClosed,
     JobCancelled,
@@ -185,10 +186,12 @@ class Engine:
         clock: Clock = time.time,
         sync_interval: float | None = 0.1,
     ) -> None:
-        if workers < 1:
-            raise ConfigurationError(f"workers must be >= 1, not {workers}")
-        if not lease > 0:
-            raise ConfigurationError(f"lease must be > 0 seconds, not {lease}")
+        # Typed errors here, not a ValueError from the driver or an OverflowError from a later wait.
+        checks.count(workers, "workers", maximum=10_000, error=ConfigurationError)
+        checks.seconds(lease, "lease", error=ConfigurationError)
+        checks.seconds(busy_timeout, "busy_timeout", zero=True, error=ConfigurationError)
+        if sync_interval is not None:
+            checks.seconds(sync_interval, "sync_interval (or None)", error=ConfigurationError)
         # sync_interval: see Store (bounds what a power cut can take from durability="normal").
         self.store: Storage = open_store(path, durability=durability, busy_timeout=busy_timeout,
                                          group_commit=group_commit, sync_interval=sync_interval)
@@ -277,6 +280,8 @@ class Engine:
             self.register(workflow)  # a no-op when registered; another object of that name and version raises
             version = workflow.version
             workflow = workflow.name
+        if key is not None:
+            checks.text(key, f"{self.path}: submit({workflow!r}): the job key")
         flow = self._flow(workflow, version)
         model = validate_submission(flow.context, context, f"submit({workflow!r})")
         text = dump_context(flow.context, model, f"submit({workflow!r})")  # also refuses NaN and infinities
@@ -295,7 +300,7 @@ class Engine:
         return JobId(job_id)
 
     def _row(self, job_id: int) -> JobRow:
-        row = self.store.read.job(job_id)
+        row = self.store.read.job(checks.job_id(job_id, self.path))
         if row is None:
             raise UnknownJob(f"{self.path}: no job {job_id}")
         return row
@@ -328,6 +333,7 @@ class Engine:
         :class:`ContextInvalid` or :class:`MigrationRefused` when the job
         cannot run on this engine's definitions.
         """
+        job_id = checks.job_id(job_id, self.path)
         if self.store.db.transaction_depth() > 0:
             raise UsageError(
                 f"{self.path}: run({job_id}) inside an open transaction (a transactional step, or db.atomic()) "
@@ -520,6 +526,10 @@ class Engine:
             if "shutdown" not in run.reasons:
                 raise
             outcome = "released"  # the engine released it when its grace ran out
+        except Exception as exc:
+            # Not an outcome of the job's own: never leave the claim behind it.
+            self._abandon(run, owner, exc)
+            raise
         finally:
             self._heartbeat.remove(claim)
         if outcome == "parked":
@@ -538,6 +548,31 @@ class Engine:
         if not report:
             return None
         return self._finished(self._row(job_id))
+
+    def _abandon(self, run: JobRun, owner: str, exc: Exception) -> None:
+        """An unexpected error stopped ``run`` (no handler of it still executes): give up its claim cleanly.
+
+        A database error (the file failing, or busy past every retry) is not
+        the job's fault: the job is released, unfinished, for another run (a
+        step cut short is retried, journalled as interrupted). Anything else
+        would most likely happen again on every run: the job fails with the
+        error, as a step that ran out of attempts fails it, and an operator's
+        ``retry`` requeues it. Best effort: when even that write fails, the
+        claim is released if it can be; the caller re-raises ``exc``.
+        """
+        job = run.job
+        why = describe(exc)
+        with contextlib.suppress(WalstateError):
+            if not isinstance(exc, DatabaseError) and job.state == "running":
+                for step in run.steps.values():
+                    if step.state not in TERMINAL_STEP_STATES:
+                        step.cancel(note=f"the run stopped on an unexpected error ({why})")
+                job.fire("fail", error=f"the run stopped on an unexpected error: {why}", release=True)
+                log.job_ended(job.id, run.flow.name, "failed", why)  # log
+                return
+        with contextlib.suppress(WalstateError):
+            if self.store.write.release(job.id, owner, job.epoch, f"released: the run stopped on an error ({why})"):
+                log.job_left_alone(job.id, run.flow.name, f"released: the run stopped on an error ({why})")  # log
 
     # -- the runtime -------------------------------------------------------------
 
@@ -606,7 +641,7 @@ class Engine:
             pass  # the job's outcome is in the database
         except LeaseLost as exc:
             log.job_left_alone(job_id, workflow, str(exc))  # log
-        except Exception as exc:  # a bug, or the file failing: the job stays claimed until its owner is found dead
+        except Exception as exc:  # a bug, or the file failing: _execute has failed or released the job
             log.worker_error(exc)  # log
         finally:
             live.__exit__()
@@ -651,6 +686,10 @@ class Engine:
         An engine has one worker: when it already runs, this sets its
         ``concurrency`` (if given) and returns it.
         """
+        if concurrency is not None:
+            # Checked here: 0 used to mean "the default" silently.
+            checks.count(concurrency, "start_worker(concurrency=)", maximum=10_000, error=ConfigurationError)
+        checks.seconds(poll, "start_worker(poll=)", error=ConfigurationError)
         with self._worker_lock:
             if self._closing:
                 raise EngineClosed(f"{self.path}: the engine is closed; it starts no worker")
@@ -666,6 +705,7 @@ class Engine:
 
     def stop_worker(self, *, drain: bool = True, grace: float = 30.0) -> None:
         """Stop this engine's worker: no new claims; see :meth:`Worker.stop` for ``drain`` and ``grace``."""
+        checks.seconds(grace, "stop_worker(grace=)", zero=True)
         with self._worker_lock:
             worker = self._worker
         if worker is not None:
@@ -804,6 +844,8 @@ class Engine:
         to stop, then raises :class:`JobOwned` (the request stays). A job no
         live run holds is cancelled directly.
         """
+        job_id = checks.job_id(job_id, self.path)
+        checks.seconds(wait, "cancel(wait=)", zero=True)
         with self._active_lock:
             active = self._active.get(job_id)
         if active is not None and active.run is not None:
@@ -830,6 +872,10 @@ class Engine:
         :class:`UnknownJob`, :class:`JobFinished` (a new message to a job that
         has ended) or :class:`OutputNotJSON`.
         """
+        job_id = checks.job_id(job_id, self.path)
+        checks.text(topic, f"{self.path}: send() to job {job_id}: the topic")
+        if key is not None:
+            checks.text(key, f"{self.path}: send({job_id}, {topic!r}): the message key")
         text = to_json(payload, f"the payload of send({job_id}, {topic!r})")
         _, new = self.store.write.send(job_id, topic, text, key)
         worker = self._worker
@@ -894,6 +940,8 @@ class Engine:
     def history(self, job_id: int, step: str | None = None) -> list[TransitionRecord]:
         """The job's transition journal in commit order (optionally of one sub-step)."""
         self._row(job_id)
+        if step is not None:
+            checks.text(step, f"{self.path}: history({job_id}): the step")
         return [TransitionRecord(r.step, r.from_state, r.to_state, r.attempt, r.at, r.note)
                 for r in self.store.read.journal(job_id, step)]
 
@@ -908,6 +956,9 @@ class Engine:
         Only finished states are accepted (ConfigurationError otherwise);
         ``dry_run`` counts without deleting. A pruned job's key can be used again.
         """
+        age = older_than.total_seconds() if isinstance(older_than, timedelta) else older_than
+        checks.seconds(age, "prune(older_than=)", zero=True)
+        checks.count(batch, "prune(batch=)", maximum=1_000_000)
         return retention.prune(self.store.db, self.path, older_than, states, batch=batch, dry_run=dry_run)
 
     # -- lifecycle --------------------------------------------------------------
@@ -920,6 +971,7 @@ class Engine:
         its job for another process (journalled) and its ``run()`` raises
         :class:`EngineClosed`.
         """
+        checks.seconds(grace, "close(grace=)", zero=True)
         self._closing = True
         deadline = time.monotonic() + grace
         worker = self._worker
