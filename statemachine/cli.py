@@ -405,9 +405,9 @@ def cmd_worker(args: argparse.Namespace, out: Out) -> int:
         engine.stop_worker(drain=False, grace=args.grace)
         engine.close(grace=0)
     finally:
+        signal.set_wakeup_fd(previous_fd)  # before its pipe is closed
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        signal.set_wakeup_fd(previous_fd)
         os.close(wake_r)
         os.close(wake_w)
     out.line("worker stopped")
