@@ -185,12 +185,14 @@ class Workflow(Generic[C]):
         ``step.db`` writes commit exactly once. ``when(ctx)`` returning false
         skips the step.
 
-        ``timeout`` (seconds): an attempt that runs longer fails as timed out
-        (journalled, retried under ``retry``) and its handler is told through
-        ``step.cancelled``. Python cannot stop a thread: a handler that ignores
-        it keeps its thread until it returns, and its late result is not
-        recorded. Not allowed with ``transactional=True`` (the handler would
-        hold the write transaction past its timeout).
+        ``timeout`` (seconds, finite, at most a century): an attempt that runs
+        longer is marked timed out and its handler is told through
+        ``step.cancelled``; once the handler has returned, the attempt is
+        recorded as failed (``TimeoutError``; its late result is not recorded)
+        and retried under ``retry``. The next attempt never starts beside the
+        last one: Python cannot stop a thread, so a handler that ignores
+        ``step.cancelled`` delays it. Not allowed with ``transactional=True``
+        (the handler would hold the write transaction past its timeout).
 
         An ``async def`` handler receives an :class:`~walstate.aio.AsyncStepContext`
         (``await step.once(...)``, ``await step.sleep(...)``, ``await

@@ -414,3 +414,25 @@ def test_cli_arguments_that_are_not_utf8_are_one_line_usage_errors(cli_db: str, 
     assert len(err) == 1 and "is not valid Unicode text" in err[0] and "Traceback" not in err[0], err
     assert stored(cli_db) == before
 
+
+
+def test_a_six_field_cron_takes_the_seconds_last_as_the_readme_says() -> None:
+    import datetime as dt
+
+    from walstate.schedules import Schedule
+
+    def slots(cron: str, count: int) -> list[str]:
+        sched = Schedule("s", one_step(), cron, {})
+        at = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc).timestamp()
+        found = []
+        while len(found) < count:
+            at += 1
+            slot = sched.latest_slot(at)
+            stamp = dt.datetime.fromtimestamp(slot, tz=dt.timezone.utc).strftime("%H:%M:%S")
+            if stamp not in found:
+                found.append(stamp)
+        return found
+
+    assert "a sixth field, **last**, is the second" in (ROOT / "README.md").read_text()
+    assert slots("* * * * * */10", 3) == ["00:00:00", "00:00:10", "00:00:20"]  # every 10 seconds
+    assert slots("*/2 * * * * *", 3) == ["00:00:00", "00:00:01", "00:00:02"]  # every second of even minutes
