@@ -20,6 +20,7 @@ if _TYPE_CHECKING:
         DefinitionError,
         EngineClosed,
         InjectedCrash,
+        InvalidArgument,
         InvalidTransition,
         JobCancelled,
         JobFailed,
@@ -55,7 +56,7 @@ if _TYPE_CHECKING:
 #: the engine (peewee, transitions, SQLite), and importing walstate (or its pytest plugin) loads
 #: nothing but this module.
 _HOMES = {
-    **dict.fromkeys(("ConfigurationError", "ContextInvalid", "DatabaseBusy", "DatabaseError", "DatabaseFull", "DatabaseUnavailable", "DefinitionError", "EngineClosed", "InjectedCrash", "InvalidTransition", "JobCancelled", "JobFailed", "JobFinished", "JobOwned", "KeyConflict", "LeaseLost", "MigrationFailed", "MigrationRefused", "NotADatabase", "OutputNotJSON", "SchemaTooNew", "SchemaTooOld", "StaleState", "UnknownJob", "UsageError", "VersionNotRegistered", "WaitTimeout", "WalstateError", "WriteFailed"), "storage.errors"),
+    **dict.fromkeys(("ConfigurationError", "ContextInvalid", "DatabaseBusy", "DatabaseError", "DatabaseFull", "DatabaseUnavailable", "DefinitionError", "EngineClosed", "InjectedCrash", "InvalidArgument", "InvalidTransition", "JobCancelled", "JobFailed", "JobFinished", "JobOwned", "KeyConflict", "LeaseLost", "MigrationFailed", "MigrationRefused", "NotADatabase", "OutputNotJSON", "SchemaTooNew", "SchemaTooOld", "StaleState", "UnknownJob", "UsageError", "VersionNotRegistered", "WaitTimeout", "WalstateError", "WriteFailed"), "storage.errors"),
     **dict.fromkeys(("Deduper", "guarded_update"), "storage.dedup"),
     **dict.fromkeys(("StepContext", "StepResult"), "context"),
     **dict.fromkeys(("Retry", "Workflow"), "workflow"),
@@ -103,6 +104,7 @@ __all__ = [
     "Engine",
     "EngineClosed",
     "InjectedCrash",
+    "InvalidArgument",
     "InvalidTransition",
     "JobCancelled",
     "JobFailed",

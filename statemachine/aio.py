@@ -46,6 +46,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
+from . import checks
 from .context import StepContext
 
 if TYPE_CHECKING:
@@ -105,6 +106,7 @@ class AsyncStepContext:
             value = fn()
             holder.append(await value if inspect.isawaitable(value) else value)
 
+        checks.text(name, f"step {self._sc.step!r} of job {self._sc.job_id}: once()'s name")
         stored = self._sc._stored(name)  # also checks the claim before fn is called
         if stored is None:
             await produce()

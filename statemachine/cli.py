@@ -7,27 +7,28 @@ change it. Errors are one line on stderr and a non-zero exit code.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import json
 import os
 import pathlib
 import re
+import select
 import signal
 import sqlite3
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 from .storage import SCHEMA_VERSION, TERMINAL_JOB_STATES, UNFINISHED_JOB_STATES, Storage, open_store
-from .storage.errors import (ConfigurationError, ContextInvalid, DefinitionError, NotADatabase, SchemaTooOld,
-                             VersionNotRegistered, WalstateError)
+from .storage.errors import (ConfigurationError, ContextInvalid, DatabaseUnavailable, DefinitionError, NotADatabase,
+                             SchemaTooOld, VersionNotRegistered, WalstateError)
 from .storage.reads import JobRow
 from .storage.postgres import is_postgres_url, redact
 
-from . import operator, views
+from . import checks, operator, views
 from .ownership import describe_owner
 from .fsm import STEP
 
@@ -63,6 +64,10 @@ def _when(ts: float | None) -> str:
 
 
 def _open(path: str, readonly: bool = True) -> Storage:
+    if not is_postgres_url(path) and os.path.isdir(path):
+        # SQLite's own answer is "disk I/O error" (read-only) or "unable to open database file".
+        raise DatabaseUnavailable(f"{path} is a directory, not a walstate database file; give the path of the file "
+                                  f"(for example {os.path.join(path, 'app.db')})", path)
     return open_store(path, readonly=readonly)
 
 
@@ -332,18 +337,40 @@ def cmd_upgrade(args: argparse.Namespace, out: Out) -> int:
     return 0
 
 
-def _positive(text: str) -> int:
-    """An integer >= 1 (argparse type)."""
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+def _whole(text: str, minimum: int, maximum: int) -> int:
+    # ASCII digits only: str.isdigit() also accepts '²', which int() refuses.
+    if not re.fullmatch(r"[0-9]+", text.strip()) or not minimum <= int(text) <= maximum:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number from {minimum} to {maximum}")
     return int(text)
+
+
+def _positive(text: str) -> int:
+    """An integer >= 1 that a page of jobs can hold (argparse type)."""
+    return _whole(text, 1, views.MAX_PAGE)
 
 
 def _non_negative(text: str) -> int:
-    """An integer >= 0 (argparse type)."""
-    if not text.strip().isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    """An integer >= 0 that the database can take as an offset (argparse type)."""
+    return _whole(text, 0, checks.MAX_INT - views.MAX_PAGE - 1)
+
+
+def _job_id(text: str) -> int:
+    """A job id: a whole number from 1 to 2**63-1, the database's integer range (argparse type)."""
+    if not re.fullmatch(r"[0-9]+", text.strip()) or not 1 <= int(text) <= checks.MAX_INT:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a job id (a whole number from 1 to 2**63-1)")
     return int(text)
+
+
+def _seconds(zero: bool) -> Callable[[str], float]:
+    """Seconds: a finite number > 0 (>= 0 with ``zero``), at most a century (argparse type)."""
+    def parse(text: str) -> float:
+        try:
+            return checks.seconds(float(text), "it", zero=zero)
+        except (ValueError, WalstateError):  # not a number, NaN, an infinity, negative, too long
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds {'>= 0' if zero else '> 0'} "
+                                             f"(at most {checks.MAX_SECONDS:.0f}, a century)") from None
+    parse.__name__ = "seconds"
+    return parse
 
 
 _UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
@@ -351,10 +378,13 @@ _UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
 
 def duration(text: str) -> float:
     """Seconds in a duration like ``30d``, ``12h``, ``15m``, ``90s`` or ``1d12h`` (argparse type)."""
-    parts = re.findall(r"(\d+(?:\.\d+)?)([dhms])", text.strip().lower())
+    parts = re.findall(r"([0-9]+(?:\.[0-9]+)?)([dhms])", text.strip().lower())
     if not parts or "".join(n + u for n, u in parts) != text.strip().lower():
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 30d, 12h, 15m or 90s")
-    return sum(float(n) * _UNITS[u] for n, u in parts)
+    seconds = sum(float(n) * _UNITS[u] for n, u in parts)
+    if not seconds <= checks.MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"{text!r} is longer than a century ({checks.MAX_SECONDS / 86400:.0f}d)")
+    return seconds
 
 
 def cmd_prune(args: argparse.Namespace, out: Out) -> int:
@@ -466,23 +496,36 @@ def cmd_worker(args: argparse.Namespace, out: Out) -> int:
         # stderr, unless the app configured logging itself when it was imported (just now).
         logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                             format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    stop = threading.Event()
+    # A signal handler runs in the main thread between two bytecodes, possibly while that thread holds a
+    # lock (an Event.wait() in progress holds its Condition's lock): one that takes a lock can deadlock
+    # shutdown for good. So the handler only sets a flag, and the C-level wake-up fd (a self-pipe that
+    # Python writes the signal number to, async-signal-safe) wakes the main thread's select() at once.
+    stopping: list[int] = []
 
     def on_signal(signum: int, frame: object) -> None:
-        stop.set()
+        stopping.append(signum)  # a list append takes no lock a signal could interrupt
 
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    previous_fd = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         worker = engine.start_worker(args.concurrency)
         out.line(f"worker on {engine.path}: concurrency {worker.concurrency}, pid {os.getpid()}")
-        while not stop.wait(0.2):
-            pass
+        while not stopping:
+            select.select([wake_r], [], [], 1.0)
+            with contextlib.suppress(BlockingIOError):
+                os.read(wake_r, 512)
         out.line(f"stopping: no new claims; steps in flight get {args.grace:g}s, then the rest is released")
         engine.stop_worker(drain=False, grace=args.grace)
         engine.close(grace=0)
     finally:
+        signal.set_wakeup_fd(previous_fd)  # before its pipe is closed
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        os.close(wake_r)
+        os.close(wake_w)
     out.line("worker stopped")
     return 0
 
@@ -495,6 +538,9 @@ def cmd_send(args: argparse.Namespace, out: Out) -> int:
         payload = json.loads(args.payload)
     except json.JSONDecodeError as exc:
         raise ConfigurationError(f"the payload is not JSON ({exc}); quote it for the shell, e.g. '{{\"id\": 1}}'") from exc
+    except RecursionError:
+        raise ConfigurationError("the payload nests arrays or objects too deeply for Python's JSON parser "
+                                 "(hundreds of levels); send a flatter message") from None
     store, _ = _open_existing(args.db)
     try:
         _, new = store.write.send(args.job, args.topic, message_json(payload, "the payload"), args.key)
@@ -669,7 +715,7 @@ def parser() -> argparse.ArgumentParser:
         if db:
             sp.add_argument("db", metavar="DB", help="the walstate SQLite file, or a postgresql://user@host/db URL")
         if job:
-            sp.add_argument("job", metavar="JOB", type=int, help="job id")
+            sp.add_argument("job", metavar="JOB", type=_job_id, help="job id")
         if as_json:
             sp.add_argument("--json", action="store_true", help=json_help)
         sp.set_defaults(fn=fn)
@@ -707,7 +753,7 @@ def parser() -> argparse.ArgumentParser:
                        help="finished more than AGE ago: 30d, 12h, 15m, 90s")
     prune.add_argument("--states", default="succeeded,cancelled",
                        help="comma-separated finished states to delete (default: %(default)s; failed is allowed)")
-    prune.add_argument("--batch", type=int, default=200, help="jobs per transaction (default: %(default)s)")
+    prune.add_argument("--batch", type=_positive, default=200, help="jobs per transaction (default: %(default)s)")
     prune.add_argument("--dry-run", action="store_true", help="count what would be deleted; change nothing")
     send = add("send", cmd_send, "send a JSON message to a job's step.wait_for(TOPIC)", job=True)
     send.add_argument("topic", metavar="TOPIC", help="the topic the job waits for")
@@ -716,9 +762,9 @@ def parser() -> argparse.ArgumentParser:
     work = add("worker", cmd_worker, "run a worker in the foreground: claim and run jobs until SIGTERM/SIGINT")
     work.add_argument("--app", required=True, metavar="MODULE:ATTR",
                       help="your app's Engine (or a factory taking the database path), e.g. myapp.jobs:engine")
-    work.add_argument("--concurrency", type=int, default=None, metavar="N",
+    work.add_argument("--concurrency", type=_positive, default=None, metavar="N",
                       help="jobs run at once by this worker (default: the engine's workers)")
-    work.add_argument("--grace", type=float, default=30.0, metavar="S",
+    work.add_argument("--grace", type=_seconds(zero=True), default=30.0, metavar="S",
                       help="on SIGTERM/SIGINT, seconds steps in flight get to finish before the rest is released")
     work.add_argument("--log-level", choices=["debug", "info", "warning", "error", "off"], default="warning",
                       help="walstate's log records shown on stderr (default: warning: retries, interruptions, "
@@ -734,17 +780,33 @@ def parser() -> argparse.ArgumentParser:
                       help="what to draw (default: workflow with --app, else machine)")
     watch = add("watch", cmd_watch, "live progress per phase until the job ends (exit 0 if it succeeded, else 1)",
                 job=True, as_json=True, json_help="stream JSON lines: one object per change, the last when the job ends")
-    watch.add_argument("--interval", type=float, default=0.5, metavar="S",
+    watch.add_argument("--interval", type=_seconds(zero=False), default=0.5, metavar="S",
                        help="seconds between reads of the file (default: %(default)s)")
-    watch.add_argument("--timeout", type=float, default=None, metavar="S",
+    watch.add_argument("--timeout", type=_seconds(zero=True), default=None, metavar="S",
                        help="give up (exit 1) if the job has not ended after S seconds (default: wait forever)")
     demo = add("demo", cmd_demo, "run the crash-and-resume demo on a local SQLite file", db=False)
     demo.add_argument("--db", default="walstate-demo.db", help="database file (default: %(default)s)")
     return p
 
 
+def _not_text(args: argparse.Namespace) -> str | None:
+    """The first argument (but DB, a path: any bytes do) that is not valid text: bytes that are not UTF-8
+    reach Python as lone surrogates, which no database column can store; its one-line error."""
+    for name, value in vars(args).items():
+        if name != "db" and isinstance(value, str):
+            try:
+                checks.text(value, f"argument {name.upper()}", empty=True, error=ConfigurationError)
+            except ConfigurationError as exc:
+                return str(exc)
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    bad = _not_text(args)
+    if bad is not None:
+        print(f"walstate: error: {bad}", file=sys.stderr)
+        return EXIT_USAGE
     out = Out(sys.stdout, getattr(args, "json", False))
     try:
         return int(args.fn(args, out))

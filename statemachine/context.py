@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
-from .storage.errors import ContextInvalid, OutputNotJSON, WaitTimeout
+from . import checks
+from .storage.errors import ContextInvalid, InvalidArgument, OutputNotJSON, WaitTimeout
 
 if TYPE_CHECKING:
     import peewee
@@ -72,14 +73,29 @@ def dump_context(model: type[BaseModel], data: Any, where: str) -> str:
     try:
         value = data if isinstance(data, model) else model.model_validate(data)
         # pydantic writes NaN and infinities as null, which would not validate
-        # on the way back: refuse them here, before anything is stored.
+        # on the way back (or, in an Any field, would come back as None): refuse
+        # them here, before anything is stored, wherever they are nested.
         json.dumps(value.model_dump(mode="json"), allow_nan=False)
+        _refuse_non_finite(value.model_dump(), "the context")
         return value.model_dump_json()
     except ValidationError as exc:
         raise ContextInvalid(f"{where}: the context does not validate against {model.__name__}: {exc}") from exc
     except Exception as exc:
         raise ContextInvalid(f"{where}: the context cannot be stored as JSON ({type(exc).__name__}: {exc}); "
                              "use values JSON can hold (no NaN, infinity or lone surrogates)") from exc
+
+
+def _refuse_non_finite(value: Any, where: str) -> None:
+    """Raise ValueError for a NaN or infinite float anywhere in ``value`` (dicts, lists, tuples, sets)."""
+    stack = [(value, where)]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ValueError(f"{path} is {item!r}, which JSON cannot hold")
+        if isinstance(item, dict):
+            stack.extend((v, f"{path}[{k!r}]") for k, v in item.items())
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(item))
 
 
 def check_update_keys(model: type[BaseModel], update: dict[str, Any], where: str) -> None:
@@ -219,6 +235,7 @@ class StepContext:
         run took the job over) gets :class:`LeaseLost` instead of calling
         ``fn``, and never stores a record.
         """
+        checks.text(name, f"step {self.step!r} of job {self.job_id}: once()'s name")
         stored = self._stored(name)
         if stored is None:
             text = to_json(fn(), f"once({name!r}) of step {self.step!r}")
@@ -264,11 +281,16 @@ class StepContext:
         returns at once. A restart does not move the wake-up time. Code before
         the sleep runs again on resume: put its outside effects in ``once()``.
         """
+        seconds = checks.seconds(seconds, f"step {self.step!r} of job {self.job_id}: sleep()", zero=True)
         name = self._wait_name("sleep")
         return self._until(name, self.once(name, lambda: self._clock() + seconds))
 
     def sleep_until(self, timestamp: float) -> float:
         """Sleep durably until ``timestamp`` (a Unix time); see :meth:`sleep`."""
+        where = f"step {self.step!r} of job {self.job_id}: sleep_until()"
+        if isinstance(timestamp, bool) or not isinstance(timestamp, (int, float)) or not math.isfinite(timestamp):
+            raise InvalidArgument(f"{where} takes a Unix time (a finite number of seconds), not {timestamp!r}")
+        checks.seconds(max(0.0, float(timestamp) - self._clock()), f"{where}: the time until it", zero=True)
         name = self._wait_name("sleep")
         return self._until(name, self.once(name, lambda: float(timestamp)))
 
@@ -287,6 +309,10 @@ class StepContext:
         one arrives. With ``timeout`` (seconds, counted from the first time
         the handler got here), raises :class:`WaitTimeout` once it has passed.
         """
+        where = f"step {self.step!r} of job {self.job_id}: wait_for()"
+        checks.text(topic, f"{where}: the topic")
+        if timeout is not None:
+            timeout = checks.seconds(timeout, f"{where}: the timeout (or None)", zero=True)
         name = self._wait_name(f"wait_{topic}")
         owner, epoch = self._fence
         payload = self._writer.consume(self.job_id, self.step, name, topic, owner, epoch)

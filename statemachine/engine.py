@@ -17,10 +17,10 @@ from typing import Any, Generic, cast, overload
 
 from pydantic import BaseModel, ValidationError
 
-from . import log, operator, ownership, views
+from . import checks, log, operator, ownership, views
 from .context import dump_context, message_json, validate_submission
 from .ownership import Clock
-from .runner import JobRun
+from .runner import JobRun, describe
 from .storage import TERMINAL_JOB_STATES, TERMINAL_STEP_STATES, Durability, JobRow, StepRow, retention
 from .storage.connection import DEFAULT_FILE_MODE
 from .storage.contract import Storage, open_store
@@ -30,6 +30,7 @@ from .storage.retrying import DEFAULT_HOLD_WARNING, DEFAULT_PATIENCE
 from .storage.errors import (
     ConfigurationError,
     ContextInvalid,
+    DatabaseError,
     DefinitionError,
     EngineClosed,
     JobCancelled,
@@ -233,10 +234,12 @@ class Engine(EngineAsyncAPI):
         patience: float = DEFAULT_PATIENCE,
         hold_warning: float | None = DEFAULT_HOLD_WARNING,
     ) -> None:
-        if workers < 1:
-            raise ConfigurationError(f"workers must be >= 1, not {workers}")
-        if not lease > 0:
-            raise ConfigurationError(f"lease must be > 0 seconds, not {lease}")
+        # Typed errors here, not a ValueError from the driver or an OverflowError from a later wait.
+        checks.count(workers, "workers", maximum=10_000, error=ConfigurationError)
+        checks.seconds(lease, "lease", error=ConfigurationError)
+        checks.seconds(busy_timeout, "busy_timeout", zero=True, error=ConfigurationError)
+        if sync_interval is not None:
+            checks.seconds(sync_interval, "sync_interval (or None)", error=ConfigurationError)
         if not 0 <= patience < math.inf:
             raise ConfigurationError(f"patience must be a number of seconds >= 0, not {patience}")
         if hold_warning is not None and not 0 <= hold_warning < math.inf:
@@ -338,6 +341,8 @@ class Engine(EngineAsyncAPI):
             self.register(workflow)  # a no-op when registered; another object of that name and version raises
             version = workflow.version
             workflow = workflow.name
+        if key is not None:
+            checks.text(key, f"{self.path}: submit({workflow!r}): the job key")
         flow = self._flow(workflow, version)
         model = validate_submission(flow.context, context, f"submit({workflow!r})")
         text = dump_context(flow.context, model, f"submit({workflow!r})")  # also refuses NaN and infinities
@@ -356,7 +361,7 @@ class Engine(EngineAsyncAPI):
         return JobId(job_id)
 
     def _row(self, job_id: int) -> JobRow:
-        row = self.store.read.job(job_id)
+        row = self.store.read.job(checks.job_id(job_id, self.path))
         if row is None:
             raise UnknownJob(f"{self.path}: no job {job_id}")
         return row
@@ -389,6 +394,7 @@ class Engine(EngineAsyncAPI):
         :class:`ContextInvalid` or :class:`MigrationRefused` when the job
         cannot run on this engine's definitions.
         """
+        job_id = checks.job_id(job_id, self.path)
         if self.store.db.transaction_depth() > 0:
             raise UsageError(
                 f"{self.path}: run({job_id}) inside an open transaction (a transactional step, or db.atomic()) "
@@ -583,10 +589,9 @@ class Engine(EngineAsyncAPI):
                 raise
             outcome = "released"  # the engine released it when its grace ran out
         except Exception as exc:
-            # A lasting database error (full, failing) or a bug: the run cannot go on. Its claim is
-            # given back, journalled with the reason, so the next claim is a plain one: never a
-            # takeover of a job from this engine's own live identity.
-            self._give_back(job_id, flow.name, owner, job, exc)
+            # Not an outcome of the job's own: never leave the claim behind it (and never a
+            # takeover of a job from this engine's own live identity later).
+            self._abandon(run, owner, exc)
             raise
         finally:
             self._heartbeat.remove(claim)
@@ -607,6 +612,30 @@ class Engine(EngineAsyncAPI):
         if not report:
             return None
         return self._finished(self._row(job_id))
+
+    def _abandon(self, run: JobRun, owner: str, exc: Exception) -> None:
+        """An unexpected error stopped ``run`` (no handler of it still executes): give up its claim cleanly.
+
+        A database error (the file failing, or busy past every retry) is not
+        the job's fault: the job is given back, unfinished, for another run
+        after a pause (:meth:`_give_back`; a step cut short is retried,
+        journalled as interrupted). Anything else
+        would most likely happen again on every run: the job fails with the
+        error, as a step that ran out of attempts fails it, and an operator's
+        ``retry`` requeues it. Best effort: when even that write fails, the
+        claim is given back if it can be; the caller re-raises ``exc``.
+        """
+        job = run.job
+        why = describe(exc)
+        with contextlib.suppress(WalstateError):
+            if not isinstance(exc, DatabaseError) and job.state == "running":
+                for step in run.steps.values():
+                    if step.state not in TERMINAL_STEP_STATES:
+                        step.cancel(note=f"the run stopped on an unexpected error ({why})")
+                job.fire("fail", error=f"the run stopped on an unexpected error: {why}", release=True)
+                log.job_ended(job.id, run.flow.name, "failed", why)  # log
+                return
+        self._give_back(job.id, run.flow.name, owner, job, exc)
 
     #: Seconds a job whose run stopped on a lasting error waits before a worker claims it again.
     GIVE_BACK_PAUSE = 2.0
@@ -696,7 +725,7 @@ class Engine(EngineAsyncAPI):
             pass  # the job's outcome is in the database
         except LeaseLost as exc:
             log.job_left_alone(job_id, workflow, str(exc))  # log
-        except Exception as exc:  # a bug, or the file failing: the job stays claimed until its owner is found dead
+        except Exception as exc:  # a bug, or the file failing: _execute has failed or released the job
             log.worker_error(exc)  # log
         finally:
             live.__exit__()
@@ -757,6 +786,10 @@ class Engine(EngineAsyncAPI):
         An engine has one worker: when it already runs, this sets its
         ``concurrency`` (if given) and returns it.
         """
+        if concurrency is not None:
+            # Checked here: 0 used to mean "the default" silently.
+            checks.count(concurrency, "start_worker(concurrency=)", maximum=10_000, error=ConfigurationError)
+        checks.seconds(poll, "start_worker(poll=)", error=ConfigurationError)
         with self._worker_lock:
             if self._closing:
                 raise EngineClosed(f"{self.path}: the engine is closed; it starts no worker")
@@ -772,6 +805,7 @@ class Engine(EngineAsyncAPI):
 
     def stop_worker(self, *, drain: bool = True, grace: float = 30.0) -> None:
         """Stop this engine's worker: no new claims; see :meth:`Worker.stop` for ``drain`` and ``grace``."""
+        checks.seconds(grace, "stop_worker(grace=)", zero=True)
         with self._worker_lock:
             worker = self._worker
         if worker is not None:
@@ -913,6 +947,8 @@ class Engine(EngineAsyncAPI):
         to stop, then raises :class:`JobOwned` (the request stays). A job no
         live run holds is cancelled directly.
         """
+        job_id = checks.job_id(job_id, self.path)
+        checks.seconds(wait, "cancel(wait=)", zero=True)
         with self._active_lock:
             active = self._active.get(job_id)
         if active is not None and active.run is not None:
@@ -948,6 +984,10 @@ class Engine(EngineAsyncAPI):
         surrogate: refused here, since it would fail every attempt of the step
         that consumes it).
         """
+        job_id = checks.job_id(job_id, self.path)
+        checks.text(topic, f"{self.path}: send() to job {job_id}: the topic")
+        if key is not None:
+            checks.text(key, f"{self.path}: send({job_id}, {topic!r}): the message key")
         text = message_json(payload, f"the payload of send({job_id}, {topic!r})")
         _, new = self.store.write.send(job_id, topic, text, key)
         worker = self._worker
@@ -1041,6 +1081,8 @@ class Engine(EngineAsyncAPI):
     def history(self, job_id: int, step: str | None = None) -> list[TransitionRecord]:
         """The job's transition journal in commit order (optionally of one sub-step)."""
         self._row(job_id)
+        if step is not None:
+            checks.text(step, f"{self.path}: history({job_id}): the step")
         return [TransitionRecord(r.step, r.from_state, r.to_state, r.attempt, r.at, r.note)
                 for r in self.store.read.journal(job_id, step)]
 
@@ -1055,6 +1097,9 @@ class Engine(EngineAsyncAPI):
         Only finished states are accepted (ConfigurationError otherwise);
         ``dry_run`` counts without deleting. A pruned job's key can be used again.
         """
+        age = older_than.total_seconds() if isinstance(older_than, timedelta) else older_than
+        checks.seconds(age, "prune(older_than=)", zero=True)
+        checks.count(batch, "prune(batch=)", maximum=1_000_000)
         return retention.prune(self.store.db, self.path, older_than, states, batch=batch, dry_run=dry_run)
 
     # -- lifecycle --------------------------------------------------------------
@@ -1067,6 +1112,7 @@ class Engine(EngineAsyncAPI):
         its job for another process (journalled) and its ``run()`` raises
         :class:`EngineClosed`.
         """
+        checks.seconds(grace, "close(grace=)", zero=True)
         self._closing = True
         deadline = time.monotonic() + grace
         worker = self._worker

@@ -151,7 +151,8 @@ def job_unrunnable(job: int, workflow: str, why: str) -> None:
 
 def step_timed_out(job: int, workflow: str, step: str, attempt: int, timeout: float) -> None:
     RUNNER.warning("job %s (%s) step %s attempt %d timed out after %gs; its handler was told through "
-                   "step.cancelled", job, workflow, step, attempt, timeout, extra=fields(job, workflow, step, attempt))
+                   "step.cancelled, and the step goes on (retry or failure) once it returns", job, workflow, step,
+                   attempt, timeout, extra=fields(job, workflow, step, attempt))
 
 
 # -- sub-steps (walstate.runner) ----------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from . import checks
 from .fsm import JOB, STEP
 from .ownership import owner_alive
 from .storage import Change, JobRow, StepRow, Storage
@@ -25,7 +26,7 @@ Clock = Callable[[], float]
 
 
 def _load(store: Storage, job_id: int) -> tuple[JobRow, list[StepRow]]:
-    row = store.read.job(job_id)
+    row = store.read.job(checks.job_id(job_id, store.path))
     if row is None:
         raise UnknownJob(f"{store.path}: no job {job_id}")
     return row, store.read.steps(job_id)
@@ -97,6 +98,8 @@ def retry(store: Storage, job_id: int, step: str | None = None) -> list[str]:
     Returns the names of the steps requeued. The job then runs again under a
     worker, ``Engine.run``/``recover`` (or ``walstate recover``).
     """
+    if step is not None:
+        checks.text(step, f"{store.path}: job {job_id}: the step to retry")
     row, steps = _load(store, job_id)
     by_name = {s.name: s for s in steps}
     if step is not None and step not in by_name:

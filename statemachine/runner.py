@@ -26,7 +26,7 @@ from . import log
 from .aio import AsyncAttempt, AsyncStepContext
 from .context import StepContext, StepResult, Suspend, check_update_keys, context_merger, to_json
 from .substep import LiveJob, SubStep
-from .threads import ThreadCache
+from .threads import ThreadCache, deadlines
 from .workflow import StepDef, Workflow
 
 _TERMINAL = frozenset(TERMINAL_STEP_STATES)
@@ -507,30 +507,40 @@ class JobRun:
                 self._async_attempts.discard(attempt)
 
     def _call_with_timeout(self, d: StepDef, ctx: BaseModel, sc: StepContext) -> Any:
-        """Run the handler on a thread of its own and wait at most ``d.timeout`` seconds for it.
+        """Run the handler in this thread; past ``d.timeout`` seconds, tell it, and fail the attempt once it returns.
 
-        On timeout the attempt fails with ``TimeoutError`` and the handler is
-        told through ``step.cancelled``; its thread goes on until the handler
-        returns, and whatever it returns then is dropped.
+        The rule: one execution of a step at a time. When the time is up, the
+        attempt is marked timed out (logged) and the handler is told through
+        ``step.cancelled``; the run then waits for the handler to return, and
+        only then records the attempt as failed (``TimeoutError``, whatever the
+        handler returned or raised) and retries or fails the step. So the next
+        attempt never starts beside the last one, ``run()`` returns only once no
+        handler of the job executes, and a timeout costs no thread: the
+        process's one deadline thread does the telling.
         """
-        assert d.timeout is not None and self.threads is not None
-        outcome: list[tuple[bool, Any]] = []
+        assert d.timeout is not None
+        timeout = d.timeout
 
-        def target() -> None:
-            try:
-                outcome.append((True, d.fn(ctx, sc)))
-            except BaseException as exc:  # handed to the waiting thread
-                outcome.append((False, exc))
-
-        task = self.threads.submit(target)
-        if not task.wait(d.timeout):
+        def expire() -> None:
             sc.cancelled.set()
-            log.step_timed_out(self.job.id, self.flow.name, d.name, sc.attempt, d.timeout)  # log
-            raise TimeoutError(f"step {d.name!r} attempt {sc.attempt} timed out after {d.timeout:g}s")
-        ok, value = outcome[0]
-        if not ok:
-            raise value
-        return value
+            log.step_timed_out(self.job.id, self.flow.name, d.name, sc.attempt, timeout)  # log
+
+        timer = deadlines.add(timeout, expire)
+        try:
+            result = d.fn(ctx, sc)
+        except Exception as exc:
+            if timer.cancel():  # what it raised once told to stop is not the attempt's error: its timeout is
+                raise self._timed_out(d, sc, timeout) from exc
+            raise
+        finally:
+            fired = timer.cancel()
+        if fired:
+            raise self._timed_out(d, sc, timeout)  # what it returned late is not recorded
+        return result
+
+    @staticmethod
+    def _timed_out(d: StepDef, sc: StepContext, timeout: float) -> TimeoutError:
+        return TimeoutError(f"step {d.name!r} attempt {sc.attempt} timed out after {timeout:g}s")
 
     def _failed_attempt(self, d: StepDef, step: SubStep, error: str, once: tuple[tuple[str, str, str], ...],
                         *, final: bool = False) -> bool:

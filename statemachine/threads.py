@@ -9,7 +9,11 @@ before it exits, so many small jobs do not pay for thread creation each time.
 
 from __future__ import annotations
 
+import heapq
+import itertools
+import os
 import threading
+import time
 from collections.abc import Callable
 
 
@@ -108,3 +112,81 @@ class _Worker:
                 task._done.set()
             if not self.cache._park(self):
                 return
+
+
+def _nothing() -> None:
+    pass
+
+
+class Deadline:
+    """One registered deadline: :meth:`cancel` before it fires, and learn whether it did."""
+
+    __slots__ = ("at", "fn", "_lock", "_fired", "_cancelled")
+
+    def __init__(self, at: float, fn: Callable[[], None]) -> None:
+        self.at = at
+        self.fn = fn
+        self._lock = threading.Lock()
+        self._fired = False
+        self._cancelled = False
+
+    def fire(self) -> None:
+        with self._lock:  # cancel() waits for a call in progress, so it reports it
+            if self._cancelled:
+                return
+            self._fired = True
+            self.fn()
+
+    def cancel(self) -> bool:
+        """Make sure it will not fire; return whether it already has."""
+        with self._lock:
+            self._cancelled = True
+            self.fn = _nothing  # what it would have called is not kept alive until its time
+            return self._fired
+
+
+class Deadlines:
+    """One thread per process that calls each registered function when its time (``time.monotonic()``) comes.
+
+    Step timeouts use it: the handler runs in its run's own thread, and this
+    thread only tells it (``step.cancelled``) when its time is up, so a timeout
+    costs no thread of its own. The functions must be quick and must not raise.
+    """
+
+    def __init__(self) -> None:
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self._cv = threading.Condition(threading.Lock())
+        self._heap: list[tuple[float, int, Deadline]] = []
+        self._seq = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def add(self, delay: float, fn: Callable[[], None]) -> Deadline:
+        """Call ``fn`` in ``delay`` seconds unless the returned deadline is cancelled first."""
+        deadline = Deadline(time.monotonic() + delay, fn)
+        with self._cv:
+            heapq.heappush(self._heap, (deadline.at, next(self._seq), deadline))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="walstate-deadlines", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+        return deadline
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while True:
+                    while self._heap and self._heap[0][2]._cancelled:
+                        heapq.heappop(self._heap)  # returned in time: nothing to do
+                    now = time.monotonic()
+                    if self._heap and self._heap[0][0] <= now:
+                        due = heapq.heappop(self._heap)[2]
+                        break
+                    self._cv.wait(None if not self._heap else self._heap[0][0] - now)
+            due.fire()
+
+
+#: The process's deadline thread (started at the first deadline).
+deadlines = Deadlines()

@@ -13,11 +13,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from .ownership import describe_owner
+from . import checks
 from .storage import Storage, TERMINAL_JOB_STATES, TERMINAL_STEP_STATES, UNFINISHED_JOB_STATES
 from .storage.errors import UnknownJob, UsageError
 from .storage.reads import JobRow, StepCount, StepRow
 
 _TERMINAL = frozenset(TERMINAL_STEP_STATES)
+#: The most jobs one page holds.
+MAX_PAGE = 1_000_000_000
 _DONE_WELL = frozenset(("succeeded", "skipped"))
 JOB_STATES = UNFINISHED_JOB_STATES + TERMINAL_JOB_STATES
 # The order a progress line names sub-step states in: outcomes first, then what is still to come.
@@ -109,10 +112,11 @@ def job_page(store: Storage, *, state: str | None = None, workflow: str | None =
     """A page of jobs, newest first, in two reads whatever its size: the jobs, then their steps counted."""
     if state is not None and state not in JOB_STATES:
         raise UsageError(f"no job state {state!r}: choose one of {', '.join(JOB_STATES)}")
-    if limit < 1:
-        raise UsageError(f"limit must be >= 1, not {limit}")
-    if offset < 0:
-        raise UsageError(f"offset must be >= 0, not {offset}")
+    if workflow is not None:
+        checks.text(workflow, "the workflow to list")
+    # Bounded so that limit + 1 and the next page's offset stay 64-bit integers for the database.
+    limit = checks.count(limit, "limit", maximum=MAX_PAGE)
+    offset = checks.count(offset, "offset", minimum=0, maximum=checks.MAX_INT - MAX_PAGE - 1)
     # One row more than asked tells whether another page follows, in the same read.
     rows = store.read.jobs(state=state, workflow=workflow, limit=limit + 1, offset=offset)
     more = len(rows) > limit
@@ -179,6 +183,7 @@ def waits_for(step: StepRow) -> dict[str, Any] | None:
 
 
 def job_detail(store: Storage, job_id: int) -> dict[str, Any]:
+    job_id = checks.job_id(job_id, store.path)
     row = store.read.job(job_id)
     if row is None:
         raise UnknownJob(f"{store.path}: no job {job_id}")
@@ -210,6 +215,9 @@ def job_detail(store: Storage, job_id: int) -> dict[str, Any]:
 
 
 def history(store: Storage, job_id: int, step: str | None = None) -> list[dict[str, Any]]:
+    job_id = checks.job_id(job_id, store.path)
+    if step is not None:
+        checks.text(step, "the step whose history to show")
     if store.read.job(job_id) is None:
         raise UnknownJob(f"{store.path}: no job {job_id}")
     if step is not None and step not in {s.name for s in store.read.steps(job_id)}:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, overload
 
 from pydantic import BaseModel
 
+from . import checks
 from .storage.errors import DefinitionError
 
 if TYPE_CHECKING:
@@ -65,10 +66,16 @@ class Retry:
     max_interruptions: int = 10
 
     def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise DefinitionError(f"Retry.max_attempts must be >= 1, not {self.max_attempts}")
-        if self.backoff < 0 or self.max_backoff < 0 or self.jitter < 0:
-            raise DefinitionError("Retry backoff, max_backoff and jitter must be >= 0")
+        # Whole numbers in range, finite durations of at most a century: NaN or an infinity here
+        # would escape later from the retry's wait, with the job still claimed.
+        checks.count(self.max_attempts, "Retry.max_attempts", error=DefinitionError)
+        checks.count(self.max_interruptions, "Retry.max_interruptions", minimum=0, error=DefinitionError)
+        checks.seconds(self.backoff, "Retry.backoff", zero=True, error=DefinitionError)
+        checks.seconds(self.max_backoff, "Retry.max_backoff", zero=True, error=DefinitionError)
+        checks.ratio(self.jitter, "Retry.jitter", error=DefinitionError)
+        if self.jitter > 10:
+            raise DefinitionError(f"Retry.jitter is a fraction of the wait (0.1: up to 10% more), at most 10, "
+                                  f"not {self.jitter!r}")
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
@@ -141,6 +148,7 @@ class Workflow(Generic[C]):
     migrations: dict[int, MigrationDef] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
+        checks.text(self.name, "a workflow's name", error=DefinitionError)
         if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < 1:
             raise DefinitionError(f"workflow {self.name!r}: version must be an int >= 1, not {self.version!r}")
         self.phases = tuple(self.phases)
@@ -150,8 +158,10 @@ class Workflow(Generic[C]):
             raise DefinitionError(f"workflow {self.name!r} repeats a phase name: {list(self.phases)}")
         if not (isinstance(self.context, type) and issubclass(self.context, BaseModel)):
             raise DefinitionError(f"workflow {self.name!r}: context must be a pydantic BaseModel subclass")
-        if self.concurrency is not None and self.concurrency < 1:
-            raise DefinitionError(f"workflow {self.name!r}: concurrency must be >= 1 or None, not {self.concurrency}")
+        if self.concurrency is not None:
+            checks.count(self.concurrency, f"workflow {self.name!r}: concurrency (or None)", error=DefinitionError)
+        for phase in self.phases:
+            checks.text(phase, f"workflow {self.name!r}: a phase name", error=DefinitionError)
 
     def step(
         self,
@@ -175,12 +185,14 @@ class Workflow(Generic[C]):
         ``step.db`` writes commit exactly once. ``when(ctx)`` returning false
         skips the step.
 
-        ``timeout`` (seconds): an attempt that runs longer fails as timed out
-        (journalled, retried under ``retry``) and its handler is told through
-        ``step.cancelled``. Python cannot stop a thread: a handler that ignores
-        it keeps its thread until it returns, and its late result is not
-        recorded. Not allowed with ``transactional=True`` (the handler would
-        hold the write transaction past its timeout).
+        ``timeout`` (seconds, finite, at most a century): an attempt that runs
+        longer is marked timed out and its handler is told through
+        ``step.cancelled``; once the handler has returned, the attempt is
+        recorded as failed (``TimeoutError``; its late result is not recorded)
+        and retried under ``retry``. The next attempt never starts beside the
+        last one: Python cannot stop a thread, so a handler that ignores
+        ``step.cancelled`` delays it. Not allowed with ``transactional=True``
+        (the handler would hold the write transaction past its timeout).
 
         An ``async def`` handler receives an :class:`~walstate.aio.AsyncStepContext`
         (``await step.once(...)``, ``await step.sleep(...)``, ``await
@@ -188,8 +200,8 @@ class Workflow(Generic[C]):
         """
         if phase not in self.phases:
             raise DefinitionError(f"workflow {self.name!r}: unknown phase {phase!r}; phases are {list(self.phases)}")
-        if timeout is not None and not timeout > 0:
-            raise DefinitionError(f"workflow {self.name!r}: step timeout must be > 0 seconds, not {timeout}")
+        if timeout is not None:
+            checks.seconds(timeout, f"workflow {self.name!r}: a step's timeout (or None for no limit)", error=DefinitionError)
         if timeout is not None and transactional:
             # An async transactional step could be cancelled, but its writes would still
             # hold the transaction until the cancellation reaches an await: keep one rule.
@@ -198,6 +210,7 @@ class Workflow(Generic[C]):
 
         def register(fn: Any) -> Any:
             step_name: str = name or str(getattr(fn, "__name__", ""))
+            checks.text(step_name, f"workflow {self.name!r}: a step's name", error=DefinitionError)
             if step_name in self.steps:
                 raise DefinitionError(f"workflow {self.name!r}: step {step_name!r} is declared twice")
             self.steps[step_name] = StepDef(

@@ -20,7 +20,8 @@ from typing import Any
 
 from .errors import ConfigurationError
 
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# \Z, not $: "$" also matches before a trailing newline, which would let "tenant\n" through.
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 class Deduper:

@@ -165,6 +165,12 @@ class UsageError(WalstateError):
     transactional step's transaction); the message says what to do instead."""
 
 
+class InvalidArgument(UsageError):
+    """An argument's value cannot be used: NaN, an infinite or absurdly large duration, a count that is
+    not a whole number in range, text that is not valid Unicode (a lone surrogate) or holds a NUL.
+    Raised before anything is stored; the message names the argument and what it accepts."""
+
+
 class LeaseLost(WalstateError):
     """This process's claim on a job expired or was taken over; it must stop writing to it."""
 

@@ -295,7 +295,12 @@ def ensure_schema(
 
 
 def _version(rows: Mapping[str, str], path: str, target: int) -> int:
-    version = int(rows.get("schema_version", "0"))
+    text = str(rows.get("schema_version", "0"))
+    if not (text.isascii() and text.isdigit()):
+        # Written by walstate, it is a whole number: anything else ('1.0', '') is damage or another tool.
+        raise NotADatabase(f"{path}: walstate_meta's schema_version is {text!r}, not a whole number; the file is "
+                           "damaged or was not written by walstate", path)
+    version = int(text)
     if version > target:
         raise SchemaTooNew(
             f"{path}: written by a newer walstate (schema version {version}; this walstate reads up to "
