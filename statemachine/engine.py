@@ -1098,8 +1098,8 @@ class Engine(EngineAsyncAPI):
         ``dry_run`` counts without deleting. A pruned job's key can be used again.
         """
         age = older_than.total_seconds() if isinstance(older_than, timedelta) else older_than
-        checks.seconds(age, "prune(older_than=)", zero=True)
-        checks.count(batch, "prune(batch=)", maximum=1_000_000)
+        checks.seconds(age, "prune(older_than=)", zero=True, error=ConfigurationError)
+        checks.count(batch, "prune(batch=)", maximum=1_000_000, error=ConfigurationError)
         return retention.prune(self.store.db, self.path, older_than, states, batch=batch, dry_run=dry_run)
 
     # -- lifecycle --------------------------------------------------------------
