@@ -624,8 +624,10 @@ class PgWritePath(WritePath):
                     raise
                 time.sleep(random.uniform(0, 0.002 * 2 ** aborted))  # apart, so the two do not meet again
                 continue
-            except psycopg.OperationalError as exc:
-                if not _connection_lost(exc, self.db.connection()):
+            except (psycopg.OperationalError, peewee.OperationalError) as exc:
+                # A session lost in the batch, or one that could not be opened at all (the server
+                # restarting: peewee wraps that error). Not self.db.connection(): it would connect.
+                if self.db.transient(exc) != "lost":
                     raise
                 lost: BaseException = exc
             self.db.close()
@@ -635,7 +637,7 @@ class PgWritePath(WritePath):
                     conn = self.db.raw()
                     pending = [r for r in pending if not all(self._landed(conn, c) for c in r.changes)]
                     break
-                except psycopg.OperationalError as exc:
+                except (psycopg.OperationalError, peewee.OperationalError) as exc:
                     self.db.close()
                     lost = exc
                     if time.monotonic() >= deadline:

@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import subprocess
+import threading
 import sys
 import time
 from pathlib import Path
@@ -135,3 +136,58 @@ def test_a_worker_stopped_inside_a_commit_loses_its_row_locks_and_its_job_to_ano
         engine.close()
         os.killpg(child.pid, signal.SIGKILL)
         child.wait(timeout=30)
+
+
+# -- a server restart under a plain step's completion --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def own_server() -> Any:
+    """A PostgreSQL server of this module's own, which a test may stop and start again."""
+    from . import pgserver
+
+    if pgserver.find_bindir() is None:
+        pytest.skip("no PostgreSQL server binaries")
+    server = pgserver.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+restarted = Workflow("pg_restarted", context=Empty, phases=["only"])
+SERVER: dict[str, Any] = {}
+
+
+@restarted.step(phase="only")
+def note(ctx: Empty, step: StepContext) -> None:
+    from .chaos_app import PgServer
+
+    calls["runs"] += 1
+    if calls["runs"] == 1:
+        # An immediate stop ends every session (the engine's idle ones included); the server is
+        # back a moment later, while the completion of this step is being written.
+        control = PgServer(SERVER["server"])
+        control.stop_immediate()
+        threading.Thread(target=lambda: (time.sleep(0.5), control.start()), daemon=True).start()
+
+
+def test_a_server_restart_under_a_plain_steps_completion_is_waited_out_not_a_second_call(own_server: Any) -> None:
+    import urllib.parse
+    import uuid
+
+    name = f"restart_{uuid.uuid4().hex[:12]}"
+    sql(own_server.url, f'CREATE DATABASE "{name}"')  # a name made here, not input
+    url = urllib.parse.urlsplit(own_server.url)._replace(path=f"/{name}").geturl()
+    SERVER["server"] = own_server
+    calls.update(runs=0, charges=0)
+    engine = Engine(url, workers=1)
+    engine.register(restarted)
+    try:
+        job = engine.submit(restarted, {})
+        assert engine.run(job).state == "succeeded"
+        assert calls["runs"] == 1  # its handler returned once: the completion was written, not the step run again
+        assert sql(url, "SELECT count(*) FROM walstate_journal WHERE job_id=%s AND note LIKE '%%interrupted%%'",
+                   (job,)) == [(0,)]
+    finally:
+        engine.close()
