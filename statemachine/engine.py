@@ -253,6 +253,9 @@ class Engine(EngineAsyncAPI):
         retry.patience = patience
         retry.claim_patience = math.inf  # until the claim is lost or the engine closes
         self.store.write.hold_warning = hold_warning
+        # A process stopped inside a transaction must not keep its locks past the time its jobs are
+        # taken from it: PostgreSQL ends such a session then (see ownership.HUNG_GRACE).
+        self.store.write.limit_idle_transactions(lease + ownership.HUNG_GRACE)
         self.workers = workers
         self.lease = lease
         self.clock = clock = self.store.synced(clock)

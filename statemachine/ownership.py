@@ -22,6 +22,17 @@ is taken, and its later writes are refused (fencing). Leases are set and
 judged on the store's lease clock (``Storage.lease_clock``), never on an
 engine's own clock, so a step of one engine's wall clock takes no live job.
 
+A hung owner's locks go with its jobs. On PostgreSQL a process stopped inside
+a transaction (a claim holding the claims' advisory lock, a renewal or a
+step's compare-and-set holding its job's row) would keep those locks for as
+long as it is stopped, and other workers' ``FOR UPDATE SKIP LOCKED`` claims
+would pass its jobs by for good: the engine sets
+``idle_in_transaction_session_timeout`` of its sessions to its lease plus
+:data:`HUNG_GRACE` (``WritePath.limit_idle_transactions``), so the server ends
+that transaction by the time the owner is judged hung. (On SQLite a process
+stopped inside a write transaction stops every writer of the file until it
+continues: nothing outside can end it.)
+
 After ``fork()`` the child computes its own identity (``os.register_at_fork``)
 and forgets the parent's live runs, so it never writes under the parent's
 claims and judges the parent like any other process.

@@ -385,16 +385,33 @@ class JobRun:
             # Only a timeout sets one attempt's event alone; without one, what sets it (a cancel,
             # a lost claim, a shutdown) sets the run's: share that, saving an Event per attempt.
             cancelled = self.cancelled if d.timeout is None else self._attempt_event()
-            sc = StepContext(self.job.id, d.name, step.attempt, self._idempotency_key(d.name), self.store.db,
-                             self.store.read, self.store.write, cancelled, clock=self.clock,
-                             fence=(self.job.owner, self.job.epoch))
+            sc = self._step_context(d, step, cancelled)
             box: list[tuple[int, str]] = []
             try:
                 if d.transactional:
                     # The handler runs inside the transaction that records its completion.
                     def effect(change: Change) -> None:
-                        change.output, change.context = self._call(d, ctx, sc, box)
+                        nonlocal sc, ctx
+                        if begun:
+                            # The last transaction was rolled back by a transient refusal (the write path
+                            # runs it again): its writes are gone. The handler runs again from the start,
+                            # with the once() results of the last run stored again in this transaction.
+                            last, sc, ctx = sc, self._step_context(d, step, cancelled), self.context()
+                            sc.recorded.extend(last.recorded)
+                            for name_of_step, name, text in last.recorded:
+                                self.store.write.record_once(self.job.id, name_of_step, name, text,
+                                                             owner=self.job.owner, epoch=self.job.epoch)
+                            box.clear()
+                        begun.append(True)
+                        try:
+                            change.output, change.context = self._call(d, ctx, sc, box)
+                        except _HandlerRaised as raised:
+                            refusal = self.store.write.transient_refusal(raised.exc)
+                            if refusal is not None:
+                                raise refusal  # the write path's to retry, not the step's error
+                            raise
 
+                    begun: list[bool] = []
                     step.succeed(effect=effect)
                 else:
                     output, patch = self._call(d, ctx, sc, box)
@@ -419,6 +436,12 @@ class JobRun:
                 if cancelled is not self.cancelled:
                     with self._attempts_lock:
                         self._attempts.discard(cancelled)
+
+    def _step_context(self, d: StepDef, step: SubStep, cancelled: threading.Event) -> StepContext:
+        """What the handler of ``d`` is given for the current attempt of ``step``."""
+        return StepContext(self.job.id, d.name, step.attempt, self._idempotency_key(d.name), self.store.db,
+                           self.store.read, self.store.write, cancelled, clock=self.clock,
+                           fence=(self.job.owner, self.job.epoch))
 
     def _chained(self, name: str) -> SubStep | None:
         """The step the sequential loop runs after ``name``, to start in the same commit as its success; None if none.

@@ -188,6 +188,8 @@ class WalstatePgDatabase(WriteLocked, peewee.PostgresqlDatabase):
                     candidate.close()
         if conn is None:
             conn = super()._connect()  # type: ignore[misc]
+            if self._idle_limit_ms:
+                self._set_idle_limit(conn, self._idle_limit_ms)
         # The token lives as long as this thread's peewee state: when the thread
         # ends, the finalizer hands its connection to the pool (or closes it).
         token = self._wrapped.token = _ThreadToken()
@@ -211,6 +213,30 @@ class WalstatePgDatabase(WriteLocked, peewee.PostgresqlDatabase):
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
+
+    #: idle_in_transaction_session_timeout of walstate's sessions, in ms (0: the server's setting).
+    _idle_limit_ms = 0
+
+    def limit_idle_transactions(self, seconds: float) -> None:
+        """Set ``idle_in_transaction_session_timeout`` of every session of this database to ``seconds``.
+
+        A process stopped inside a transaction (SIGSTOP, a debugger, a paused
+        VM) holds its row and advisory locks until the server ends its
+        session, and PostgreSQL never does that by itself. Applied to this
+        thread's session and the pooled ones now, and to every session opened later.
+        """
+        ms = max(1, math.ceil(seconds * 1000))
+        with self._pool_lock:  # the pooled sessions are no thread's while they are in the pool
+            self._idle_limit_ms = ms
+            for conn in self._idle:
+                if not (conn.closed or conn.broken):
+                    self._set_idle_limit(conn, ms)
+        if not self.is_closed() and self.transaction_depth() == 0:
+            self._set_idle_limit(self.connection(), ms)
+
+    @staticmethod
+    def _set_idle_limit(conn: Any, ms: int) -> None:
+        conn.execute("SELECT set_config('idle_in_transaction_session_timeout', %s, false)", (f"{ms}ms",))
 
     def raw(self) -> PgConn:
         conn = self.connection()
@@ -257,9 +283,14 @@ _RETRY = {"40001": "serialization failure", "40P01": "deadlock", "55P03": "lock 
 
 def _cause(exc: BaseException) -> BaseException:
     """The driver's own error behind ``exc`` (peewee re-raises it as its own, with the original as its first argument)."""
-    if isinstance(exc, peewee.PeeweeException):
+    seen = 0
+    while isinstance(exc, peewee.PeeweeException) and seen < 5:  # peewee may wrap a wrapped error again
         inner = exc.args[0] if exc.args and isinstance(exc.args[0], BaseException) else None
-        return exc.__cause__ or inner or exc.__context__ or exc
+        orig = getattr(exc, "orig", None)  # peewee keeps the driver's error here
+        found = exc.__cause__ or (orig if isinstance(orig, BaseException) else None) or inner or exc.__context__
+        if found is None:
+            break
+        exc, seen = found, seen + 1
     return exc
 
 
@@ -271,6 +302,11 @@ def translate(exc: BaseException, where: str, doing: str) -> DatabaseError:
     text = " ".join(str(cause).split())
     if code in _RETRY:
         return DatabaseBusy(f"{where}: {_RETRY[code]} ({text}) while {doing}; retry", where)
+    if code == "25P03":
+        return DatabaseUnavailable(
+            f"{where}: the server ended the session ({text}) while {doing}: a transaction stayed idle (no statement "
+            "sent) for longer than idle_in_transaction_session_timeout, which walstate sets to the engine's lease plus "
+            "ownership.HUNG_GRACE so that a stopped process releases its locks; keep transactional steps short", where)
     if code == "53100":
         return DatabaseFull(f"{where}: the server's disk is full ({text}) while {doing}; free space and retry", where)
     low = text.lower()
@@ -588,8 +624,10 @@ class PgWritePath(WritePath):
                     raise
                 time.sleep(random.uniform(0, 0.002 * 2 ** aborted))  # apart, so the two do not meet again
                 continue
-            except psycopg.OperationalError as exc:
-                if not _connection_lost(exc, self.db.connection()):
+            except (psycopg.OperationalError, peewee.OperationalError) as exc:
+                # A session lost in the batch, or one that could not be opened at all (the server
+                # restarting: peewee wraps that error). Not self.db.connection(): it would connect.
+                if self.db.transient(exc) != "lost":
                     raise
                 lost: BaseException = exc
             self.db.close()
@@ -599,7 +637,7 @@ class PgWritePath(WritePath):
                     conn = self.db.raw()
                     pending = [r for r in pending if not all(self._landed(conn, c) for c in r.changes)]
                     break
-                except psycopg.OperationalError as exc:
+                except (psycopg.OperationalError, peewee.OperationalError) as exc:
                     self.db.close()
                     lost = exc
                     if time.monotonic() >= deadline:
@@ -655,6 +693,19 @@ class PgWritePath(WritePath):
         """Send wake-ups on, and serialise limited claims by, the channel and lock of ``schema``."""
         self._channel = channel(schema)
         self._claim_lock = lock_key("claims", schema)
+
+    def transient_refusal(self, exc: BaseException) -> DatabaseError | None:
+        # A session the server ended because its transaction stayed idle too long (25P03) is not run
+        # again: the handler that paused that long would pause as long the next time.
+        cause = _cause(exc.__cause__ if isinstance(exc, DatabaseError) and exc.__cause__ is not None else exc)
+        if str(getattr(cause, "sqlstate", "") or "") == "25P03":
+            return None
+        return super().transient_refusal(exc)
+
+    def limit_idle_transactions(self, seconds: float) -> None:
+        """Have the server end a session whose transaction stays idle for ``seconds`` (a process stopped inside one)."""
+        if isinstance(self.db, WalstatePgDatabase):
+            self.db.limit_idle_transactions(seconds)
 
     def _wake(self, conn: Conn) -> None:
         conn.execute(_NOTIFY, (self._channel,))

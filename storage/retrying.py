@@ -16,8 +16,12 @@ reaching the caller:
 Two kinds of refusal: ``"busy"`` (nothing was written: always safe to write
 again) and ``"lost"`` (the session went away, perhaps during COMMIT: the
 outcome is unknown, so only writes that are safe to repeat retry it).
-Nothing is retried inside a transaction the caller opened (a transactional
-step, ``db.atomic()``): that transaction is the caller's to end.
+Nothing is retried inside a transaction the caller opened (``db.atomic()``):
+that transaction is the caller's to end. A transactional step's transaction
+is walstate's: refused before its COMMIT (the session lost, a deadlock, a
+lock timeout, inside the handler or after it), it rolled back whole, and the
+step is written again, its handler run again in a new transaction
+(``WritePath.commit``).
 
 Logged on ``walstate.storage``: a WARNING when a write starts waiting, and
 one when it lands after waiting (or gives up).
@@ -86,13 +90,13 @@ class Perseverance:
         self._stop.wait(max(0.0, min(MAX_PAUSE, 0.01 * 2 ** min(tries, 10), left)))
 
     def run(self, attempt: Callable[[], T], doing: str, *, fenced: bool, lost_ok: bool = False,
-            retryable: Callable[[], bool] | None = None, patience: float | None = None) -> T:
+            retryable: Callable[[DatabaseError], bool] | None = None, patience: float | None = None) -> T:
         """``attempt()``, tried again while it raises a transient :class:`DatabaseError`.
 
         ``fenced``: the write is conditioned on a run's claim (``claim_patience``
         applies, else ``patience``). ``lost_ok``: repeating it after a lost
-        session is safe. ``retryable()``, asked after a failure, may forbid a
-        retry (a transactional step whose handler already ran). ``patience``
+        session is safe. ``retryable(error)``, asked after a failure, may forbid a
+        retry (a transactional step's COMMIT whose outcome is unknown). ``patience``
         overrides how long this one write keeps trying.
         """
         if patience is None:
@@ -105,7 +109,7 @@ class Perseverance:
             except DatabaseError as exc:
                 kind = self.kind(exc.__cause__)
                 if (kind is None or (kind == "lost" and not lost_ok) or self.db.transaction_depth() > 0
-                        or (retryable is not None and not retryable())):
+                        or (retryable is not None and not retryable(exc))):
                     raise
                 now = time.monotonic()
                 began = now if began is None else began

@@ -33,7 +33,7 @@ from typing import Any
 
 from . import faults
 from .connection import WriteLocked
-from .errors import JobFinished, LeaseLost, StaleState, UnknownJob
+from .errors import DatabaseError, JobFinished, LeaseLost, StaleState, UnknownJob
 from .reads import STEPS_OF_JOB, STEPS_OF_JOBS, StepRow, version_pairs
 from .retrying import DEFAULT_HOLD_WARNING, Perseverance, fields
 
@@ -221,6 +221,13 @@ class WritePath:
         self._leader = False
         self._queue_lock = threading.Lock()
 
+    def limit_idle_transactions(self, seconds: float) -> None:
+        """Have the database end a transaction left idle for ``seconds`` (PostgreSQL; nothing on SQLite).
+
+        On SQLite a process stopped inside a transaction holds the file's only
+        writer for as long as it is stopped, and nothing can end that from outside.
+        """
+
     def after_fork_in_child(self) -> None:
         """A forked child starts with no queue, no leader and fresh locks (threads do not survive fork)."""
         self._reset_locks()
@@ -313,30 +320,84 @@ class WritePath:
             self._commit_grouped(_Request(changes))
         else:
             begun: list[float] = []  # when a transactional step's handler started (under the write lock)
+            committing: list[bool] = []  # set once COMMIT is sent: from then on the outcome may be unknown
+            given = list(changes)
 
             def write() -> None:
                 nonlocal changes
+                begun.clear()
                 with self._lock:
                     try:
                         # A transactional step's effect runs the handler's own writes: on its thread's
                         # connection, where its ``step.db`` is; anything else on the shared writer.
                         with self._own_transaction() if effect is None else self._transaction() as conn:
+                            changes = given
                             if effect is not None:
                                 begun.append(time.monotonic())
                                 try:
-                                    changes = [*changes, *effect()]
+                                    changes = [*given, *effect()]
                                 finally:
                                     self._held(begun[0], changes)
                             now = self.clock()
                             for change in changes:
                                 self._apply(conn, change, now)
                             faults.point("before_commit")
+                            committing.append(True)
                     except self.db.driver_errors as exc:
                         raise self.db.translate(exc, self.path, "writing a state change") from exc
 
-            # Tried again only while no handler has run: a transactional step's handler runs once per attempt.
-            self.retry.run(write, "writing a state change", fenced=True, retryable=lambda: not begun)
+            busy_since: list[float] = []
+
+            def retryable(exc: DatabaseError) -> bool:
+                return self._rerunnable(exc, effect is not None and bool(begun), committing, changes, busy_since)
+
+            self.retry.run(write, "writing a state change", fenced=True, lost_ok=True, retryable=retryable)
         faults.point("after_commit")
+
+    def _rerunnable(self, exc: DatabaseError, ran: bool, committing: list[bool], changes: Sequence[Change],
+                    busy_since: list[float]) -> bool:
+        """Whether the state change (and transactional handler) whose write ``exc`` refused may be written again.
+
+        Before COMMIT was sent, the transaction rolled back: nothing of it is
+        in the database, the handler's writes included, so writing it again
+        (running a transactional step's handler again, in a new transaction)
+        cannot double anything. A lost session is tried again for as long as
+        the run keeps its claim; busy refusals of a handler that ran (a
+        deadlock or a lock timeout of its own statements, which may recur
+        every time) for ``retry.patience`` seconds, then the attempt fails
+        with :class:`DatabaseBusy`. A session lost during COMMIT left the
+        outcome unknown: not retried (the run stops; the job is resumed and
+        the attempt counted as interrupted).
+        """
+        if committing:
+            return False
+        if ran:
+            if self.retry.kind(exc.__cause__) == "busy":
+                busy_since[:] = busy_since or [time.monotonic()]
+                if time.monotonic() - busy_since[0] >= self.retry.patience:
+                    return False
+            steps = [c for c in changes if c.kind == "step"]
+            what = ", ".join(f"step {c.step!r} of job {c.job_id}" for c in steps) or "a transactional step"
+            log.warning("%s: the transaction of %s was rolled back by a transient refusal; its handler runs again "
+                        "in a new transaction (its database writes were rolled back; the run keeps its claim)",
+                        self.path, what, extra=fields(steps[0].job_id, steps[0].step) if steps else fields())
+        return True
+
+    def transient_refusal(self, exc: BaseException) -> DatabaseError | None:
+        """``exc``, raised inside a transactional step's handler, as walstate's error when it is a transient
+        refusal that ended the step's transaction (a lost session, a deadlock, a lock timeout), else None.
+
+        Raised from the step's transaction, that error makes :meth:`commit` run the
+        handler again in a new transaction. ``exc`` is a driver error (as
+        ``step.execute`` raises it) or a walstate :class:`DatabaseError` made from one.
+        """
+        if isinstance(exc, DatabaseError):
+            return exc if exc.__cause__ is not None and self.retry.kind(exc.__cause__) is not None else None
+        if not isinstance(exc, self.db.driver_errors) or self.retry.kind(exc) is None:
+            return None
+        error = self.db.translate(exc, self.path, "running a transactional step")
+        error.__cause__ = exc
+        return error
 
     def _held(self, since: float, changes: Sequence[Change]) -> None:
         """A WARNING when a transactional step held SQLite's only writer (every process's) for too long."""
