@@ -76,7 +76,8 @@ class Nemeses:
     ``jump`` how far a clock jump moves one worker's clock (seconds, forward).
     ``hang`` stops one worker that is running a handler for good, from the
     middle of the run until after the check (a hung owner: its jobs must be
-    taken over). ``restarts`` and ``terminations`` need a PostgreSQL URL and,
+    taken over; if no worker is inside a handler by the end of ``duration``, it waits up to as
+    long again for one). ``restarts`` and ``terminations`` need a PostgreSQL URL and,
     for restarts, the ``server`` given to :func:`run_chaos`. ``prune_every``
     (seconds) runs a pruner process that calls ``engine.prune(older_than=0)``
     that often, from the start until the check. ``target_step`` (a step's
@@ -264,7 +265,9 @@ def _apply(run: _Run, rng: random.Random, n: Nemeses, lease: float, duration: fl
     end = time.monotonic() + duration
     hang_at = time.monotonic() + duration / 3 if n.hang else None
     hung: _Proc | None = None
-    while time.monotonic() < end and (any(todo.values()) or (hang_at is not None and hung is None)):
+    # The hang waits for a worker inside a handler past ``duration`` if it must (a loaded machine), up to twice it.
+    while (time.monotonic() < end and any(todo.values())) or (
+            hang_at is not None and hung is None and time.monotonic() < end + duration):
         # Spread over the duration (the work arrives over it too), never closer than ``gap`` allows.
         spread = (end - time.monotonic()) / (sum(todo.values()) + 1)
         pause = max(rng.uniform(*n.gap), rng.uniform(0.5, 1.5) * spread)
