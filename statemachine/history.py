@@ -492,7 +492,7 @@ def _check_schedules(report: HistoryReport, lines: Sequence[Mapping[str, Any]], 
     A job's ``created_at`` is wall-clock time, and a worker whose clock jumped ahead checked with its own:
     the furthest any one worker's clock jumped widens that bound.
     """
-    ahead: Counter[int] = Counter()
+    ahead: dict[int, float] = defaultdict(float)
     for r in lines:
         if r["kind"] == "nemesis" and r["action"] == "clock":
             ahead[int(r["target"])] += float(r["seconds"])
