@@ -27,16 +27,19 @@ test: $(VENV)/.installed-test
 # (tests/pgserver.py) when Debian's postgresql is installed, or uses the one
 # named by WALSTATE_TEST_POSTGRES; WALSTATE_REQUIRE_POSTGRES=1 fails instead of skipping.
 test-postgres: $(VENV)/.installed-test
-	$(PY) -m pytest -q -m postgres
+	$(PY) -m pytest -q -m 'postgres and not chaos'
 
 test-deep: $(VENV)/.installed-test
 	WALSTATE_HYPOTHESIS_PROFILE=deep $(PY) -m pytest -q
 
 # The big chaos run (minutes; not part of `test`): worker processes of tests/chaos_app.py under
 # >= 1,000 SIGKILLs plus SIGSTOPs, clock jumps, 5 PostgreSQL restarts and killed sessions, then the
-# history checked (walstate.testing.run_chaos). CHAOS_ARGS passes options, e.g. '--scale 0.2 --seed 7'.
+# history checked (walstate.testing.run_chaos); first every chaos test and negative control on both
+# backends (the tests marked `chaos`, which `make test` leaves out). CHAOS_ARGS passes options to the
+# big run, e.g. '--scale 0.2 --seed 7'.
 CHAOS_ARGS ?=
 chaos: $(VENV)/.installed-test
+	$(PY) -m pytest -q -m 'slow or chaos' tests/test_chaos.py
 	$(PY) -m tests.chaos_run $(CHAOS_ARGS)
 
 # The peer (DBOS) and the chart (matplotlib) are optional: if they cannot be

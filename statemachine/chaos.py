@@ -7,11 +7,16 @@ meanwhile applies :class:`Nemeses` on a schedule drawn from ``seed``: SIGKILL
 (the worker is replaced), SIGSTOP for longer than the lease then SIGCONT, a
 jump of one worker's clock (through the engine's ``clock=``, when the factory
 takes one), and on a PostgreSQL server the run controls, an immediate stop and
-restart, and the termination of every session on the database. When the
-nemeses stop, the run waits (within ``settle`` seconds) for every acknowledged
+restart, and the termination of every session on the database; and a pruner
+process that deletes every finished job every ``prune_every`` seconds (each
+deleted job row is logged by a trigger, so the checker counts it as ended, not
+lost, and sees an id handed out again). When the nemeses stop, the run waits (within ``settle`` seconds) for every acknowledged
 job to end, stops the workers and checks the history.
 
-The child processes are this module run as a script (``python -m walstate.chaos``).
+The child processes are this module run as a script (``python -m walstate.chaos``), with
+``WALSTATE_CHAOS_ROLE`` set in their environment to their role (``worker``, ``submit``, ``send``,
+``prune``): an app can tell them from the caller's process, which builds one engine too (to read its
+lease and schedules).
 """
 
 from __future__ import annotations
@@ -35,8 +40,9 @@ from typing import Any, Protocol
 
 from .context import StepContext, Suspend
 from .engine import Engine
-from .history import EFFECT_TABLE, HistoryReport, Ledger, check_history, read_ledgers
-from .storage.errors import ConfigurationError, DatabaseBusy, DatabaseUnavailable, JobFinished, WriteFailed
+from .history import EFFECT_TABLE, PRUNED_TABLE, HistoryReport, Ledger, check_history, read_ledgers
+from .storage.errors import (ConfigurationError, DatabaseBusy, DatabaseUnavailable, JobFinished, UnknownJob,
+                             WriteFailed)
 from .storage.postgres import is_postgres_url
 from .workflow import Workflow
 
@@ -70,8 +76,13 @@ class Nemeses:
     ``jump`` how far a clock jump moves one worker's clock (seconds, forward).
     ``hang`` stops one worker that is running a handler for good, from the
     middle of the run until after the check (a hung owner: its jobs must be
-    taken over). ``restarts`` and ``terminations`` need a PostgreSQL URL and,
-    for restarts, the ``server`` given to :func:`run_chaos`.
+    taken over; if no worker is inside a handler by the end of ``duration``, it waits up to as
+    long again for one). ``restarts`` and ``terminations`` need a PostgreSQL URL and,
+    for restarts, the ``server`` given to :func:`run_chaos`. ``prune_every``
+    (seconds) runs a pruner process that calls ``engine.prune(older_than=0)``
+    that often, from the start until the check. ``target_step`` (a step's
+    name) makes every kill and stop hit a worker inside that step's handler,
+    waiting until one is.
     """
 
     kills: int = 0
@@ -82,6 +93,8 @@ class Nemeses:
     restarts: int = 0
     terminations: int = 0
     hang: bool = False
+    prune_every: float | None = None
+    target_step: str | None = None
     gap: tuple[float, float] = (0.1, 0.6)
 
 
@@ -119,8 +132,6 @@ class _Run:
         cmd = [sys.executable, "-m", "walstate.chaos", role, "--app", self.app, "--db", self.db, "--ledger",
                str(self.directory / "ledger"), "--ready", str(ready), "--concurrency", str(self.concurrency),
                "--jump", str(self.jump), *itertools.chain.from_iterable(("--flow", f) for f in self.flows), *extra]
-        # WALSTATE_CHAOS_ROLE tells the app's factory it runs in a process of the run (worker, submit,
-        # send), not in the caller's, which also builds one engine to read the workflows.
         popen = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                  env={**os.environ, "WALSTATE_CHAOS_ROLE": role})
         log.close()
@@ -175,6 +186,7 @@ def run_chaos(app: str, db: str, workload: Workload, directory: str | os.PathLik
     probe = _engine(app, db, time.time)
     try:
         lease = probe.lease
+        schedules = list(probe.schedules.values())
     finally:
         probe.close()
     flows = {id(j.workflow): j.workflow for j in workload.jobs}
@@ -187,6 +199,8 @@ def run_chaos(app: str, db: str, workload: Workload, directory: str | os.PathLik
     conn = connect(db)
     try:
         conn.execute(f"CREATE TABLE IF NOT EXISTS {EFFECT_TABLE} (job_id BIGINT, step TEXT, attempt INTEGER, pid INTEGER)")
+        for sql in _pruned_log(is_postgres_url(db)):
+            conn.execute(sql)
         conn.commit()
     finally:
         conn.close()
@@ -199,6 +213,8 @@ def run_chaos(app: str, db: str, workload: Workload, directory: str | os.PathLik
     pace = f"{duration * 0.7 / max(1, len(plan)):.4f}"
     clients = [run.spawn("submit", "--seed", str(seed), "--pace", pace, "--deadline", str(duration + settle)),
                run.spawn("send", "--seed", str(seed), "--pace", pace, "--deadline", str(duration + settle))]
+    if nemeses.prune_every is not None:
+        run.spawn("prune", "--pace", str(nemeses.prune_every))
     for _ in range(workers):
         run.spawn("worker")
     hung: _Proc | None = None
@@ -221,7 +237,22 @@ def run_chaos(app: str, db: str, workload: Workload, directory: str | os.PathLik
     finally:
         _stop_all(run)
     return check_history(db, base / "ledger", lease=lease, seed=seed, expect=workload.expect, limits=limits,
-                         transactional=transactional)
+                         transactional=transactional, schedules=schedules)
+
+
+def _pruned_log(postgres: bool) -> list[str]:
+    """The table and trigger that keep every deleted job row (a prune's), written in the deleting transaction."""
+    table = (f"CREATE TABLE IF NOT EXISTS {PRUNED_TABLE} (job_id BIGINT, workflow TEXT, key TEXT, state TEXT, "
+             "created_at DOUBLE PRECISION)")
+    insert = f"INSERT INTO {PRUNED_TABLE} VALUES (OLD.id, OLD.workflow, OLD.key, OLD.state, OLD.created_at)"
+    if not postgres:
+        return [table, f"CREATE TRIGGER IF NOT EXISTS {PRUNED_TABLE}_log AFTER DELETE ON walstate_job "
+                       f"BEGIN {insert}; END"]
+    return [table, f"CREATE OR REPLACE FUNCTION {PRUNED_TABLE}_log() RETURNS trigger LANGUAGE plpgsql AS "
+                   f"$$ BEGIN {insert}; RETURN OLD; END $$",
+            f"DROP TRIGGER IF EXISTS {PRUNED_TABLE}_log ON walstate_job",
+            f"CREATE TRIGGER {PRUNED_TABLE}_log AFTER DELETE ON walstate_job FOR EACH ROW "
+            f"EXECUTE FUNCTION {PRUNED_TABLE}_log()"]
 
 
 def _apply(run: _Run, rng: random.Random, n: Nemeses, lease: float, duration: float,
@@ -234,7 +265,9 @@ def _apply(run: _Run, rng: random.Random, n: Nemeses, lease: float, duration: fl
     end = time.monotonic() + duration
     hang_at = time.monotonic() + duration / 3 if n.hang else None
     hung: _Proc | None = None
-    while time.monotonic() < end and (any(todo.values()) or (hang_at is not None and hung is None)):
+    # The hang waits for a worker inside a handler past ``duration`` if it must (a loaded machine), up to twice it.
+    while (time.monotonic() < end and any(todo.values())) or (
+            hang_at is not None and hung is None and time.monotonic() < end + duration):
         # Spread over the duration (the work arrives over it too), never closer than ``gap`` allows.
         spread = (end - time.monotonic()) / (sum(todo.values()) + 1)
         pause = max(rng.uniform(*n.gap), rng.uniform(0.5, 1.5) * spread)
@@ -249,6 +282,8 @@ def _apply(run: _Run, rng: random.Random, n: Nemeses, lease: float, duration: fl
             continue
         action = rng.choices(actions, weights=[todo[a] for a in actions])[0]
         ready = run.workers(ready=True)
+        if n.target_step is not None and action in ("kill", "stop"):
+            ready = _inside(run, ready, n.target_step)
         if action in ("kill", "stop", "clock") and not ready:
             continue
         todo[action] -= 1
@@ -283,12 +318,12 @@ def _apply(run: _Run, rng: random.Random, n: Nemeses, lease: float, duration: fl
     return hung
 
 
-def _inside(run: _Run, procs: Sequence[_Proc]) -> list[_Proc]:
-    """Those of ``procs`` that are inside a handler now, by their ledgers."""
+def _inside(run: _Run, procs: Sequence[_Proc], step: str | None = None) -> list[_Proc]:
+    """Those of ``procs`` that are inside a handler (of ``step``, if given) now, by their ledgers."""
     open_calls: set[tuple[int, int]] = set()
     for p in procs:
         for r in read_ledgers(run.directory / "ledger", f"worker-{p.popen.pid}"):
-            if r["kind"] == "enter":
+            if r["kind"] == "enter" and step in (None, r["step"]):
                 open_calls.add((int(r["pid"]), int(r["call"])))
             elif r["kind"] == "exit":
                 open_calls.discard((int(r["pid"]), int(r["call"])))
@@ -337,11 +372,12 @@ def _settle(db: str, ledger_dir: Path, deadline: float) -> None:
             conn = connect(db)
             try:
                 states = dict(conn.execute("SELECT id, state FROM walstate_job").fetchall())
+                states.update({int(r[0]): "pruned" for r in conn.execute(f"SELECT job_id FROM {PRUNED_TABLE}").fetchall()})
             finally:
                 conn.close()
         except Exception:  # busy or restarting: look again
             states = {}
-        if acked and all(states.get(j) in ("succeeded", "failed", "cancelled") for j in acked):
+        if acked and all(states.get(j) in ("succeeded", "failed", "cancelled", "pruned") for j in acked):
             return
         time.sleep(0.25)
 
@@ -480,7 +516,7 @@ def _child(argv: Sequence[str]) -> int:
     from .testing import load_flow
 
     parser = argparse.ArgumentParser(prog="python -m walstate.chaos")
-    parser.add_argument("role", choices=("worker", "submit", "send"))
+    parser.add_argument("role", choices=("worker", "submit", "send", "prune"))
     for opt in ("--app", "--db", "--ledger", "--ready"):
         parser.add_argument(opt, required=True)
     parser.add_argument("--flow", action="append", default=[])
@@ -505,6 +541,9 @@ def _child(argv: Sequence[str]) -> int:
             while not _stopping:
                 time.sleep(0.1)
             engine.stop_worker(drain=False, grace=5.0)
+        elif args.role == "prune":
+            Path(args.ready).touch()
+            _prune(engine, ledger, args.pace)
         else:
             Path(args.ready).touch()
             plan = json.loads((Path(args.ledger).parent / "plan.json").read_text())
@@ -550,9 +589,21 @@ def _clients(role: str, engine: Engine, plan: list[dict[str, Any]], ledger: Ledg
             job_id = ids[item["key"]]
             try:
                 new = _retrying(deadline, lambda: engine.send(job_id, topic, payload, key=key))
-            except JobFinished:
-                continue  # the job ended without waiting for it (the checker says why it ended so)
+            except (JobFinished, UnknownJob):
+                continue  # the job ended (or was pruned) without waiting for it (the checker says why)
             ledger.append("send", job=job_id, topic=topic, key=key, payload=payload, new=bool(new))
+
+
+def _prune(engine: Engine, ledger: Ledger, every: float) -> None:
+    """``engine.prune(older_than=0)`` every ``every`` seconds until SIGTERM (the trigger logs what each deletes)."""
+    while not _stopping:
+        time.sleep(every)
+        try:
+            n = engine.prune(older_than=0)
+        except (DatabaseBusy, DatabaseUnavailable, WriteFailed) as exc:
+            ledger.append("prune", removed=None, error=repr(exc))
+            continue
+        ledger.append("prune", removed=n)
 
 
 if __name__ == "__main__":

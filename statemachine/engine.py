@@ -10,9 +10,10 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from types import MappingProxyType
 from typing import Any, Generic, cast, overload
 
 from pydantic import BaseModel, ValidationError
@@ -757,6 +758,11 @@ class Engine(EngineAsyncAPI):
         if worker is not None:
             worker.wake()
         return sched
+
+    @property
+    def schedules(self) -> Mapping[str, Schedule]:
+        """The schedules registered on this engine, by name (a read-only view)."""
+        return MappingProxyType(self._schedules)
 
     def _submit_due(self) -> None:
         """Submit the job of every schedule slot that has come (the worker calls this)."""

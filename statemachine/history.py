@@ -16,7 +16,9 @@ one clock for every process of the machine). The kinds:
 - ``received`` ``{job, step, topic, value}``: ``wait_for()`` returned a message;
 - ``effect`` ``{job, step, attempt}``: a transactional step wrote its marker row;
 - ``nemesis`` ``{action, target, seconds}``: ``kill``, ``stop`` (``seconds``: how long), ``hang`` (stopped for good), ``clock``,
-  ``pg_restart``, ``pg_terminate``; ``spawn`` ``{target}``: a worker process started.
+  ``pg_restart``, ``pg_terminate``; ``spawn`` ``{target}``: a worker process started;
+- ``prune`` ``{removed}``: ``engine.prune(older_than=0)`` deleted ``removed`` jobs (None: it failed). Which
+  jobs a prune deleted is in the database itself: a trigger copies every deleted job row to ``PRUNED_TABLE``.
 
 :func:`check_history` reads the ledgers and the database and returns a
 :class:`HistoryReport` listing every :class:`Violation` with its evidence.
@@ -35,10 +37,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .fsm import STEP
+from .schedules import Schedule
 from .storage.postgres import is_postgres_url
+from .views import SLOT_FORMAT, schedule_of_key
 
 #: The table in which each transactional step's chaos wrapper writes one row, inside the step's transaction.
 EFFECT_TABLE = "walstate_chaos_effect"
+#: The table into which a trigger copies every deleted job row (id, workflow, key, state, created_at): a prune's.
+PRUNED_TABLE = "walstate_chaos_pruned"
 
 
 class Ledger:
@@ -166,13 +172,14 @@ class _Losses:
 
 def check_history(target: str, ledger_dir: str | os.PathLike[str], *, lease: float, seed: int | None = None,
                   expect: str = "succeeded", limits: Mapping[str, int] | None = None,
-                  transactional: Iterable[tuple[str, str]] = ()) -> HistoryReport:
+                  transactional: Iterable[tuple[str, str]] = (), schedules: Iterable[Schedule] = ()) -> HistoryReport:
     """Check the history of a run on ``target`` (a SQLite path or PostgreSQL URL) against its ledgers.
 
     ``lease`` is the workers' lease (a stop longer than it counts as a lost
     claim); ``expect`` the state every acknowledged job must end in;
     ``limits`` each workflow's ``concurrency``; ``transactional`` the
-    ``(workflow, step)`` pairs declared transactional. See the README's
+    ``(workflow, step)`` pairs declared transactional; ``schedules`` the
+    engine's schedules (``engine.schedules.values()``). See the README's
     "History checker" section for the rules.
     """
     from .testing import connect
@@ -193,6 +200,7 @@ def check_history(target: str, ledger_dir: str | os.PathLike[str], *, lease: flo
     _check_effects(report, lines, db, set(transactional))
     _check_limits(report, lines, losses, limits or {})
     _check_journal(report, db)
+    _check_schedules(report, lines, db, schedules)
     return report
 
 
@@ -200,8 +208,13 @@ class _Database:
     """The rows the checker reads, read once."""
 
     def __init__(self, conn: Any) -> None:
-        self.jobs = {int(r[0]): (str(r[1]), r[2], str(r[3]), r[4]) for r in conn.execute(
-            "SELECT id, workflow, key, state, error FROM walstate_job").fetchall()}
+        rows = conn.execute("SELECT id, workflow, key, state, error, created_at FROM walstate_job").fetchall()
+        self.jobs = {int(r[0]): (str(r[1]), r[2], str(r[3]), r[4]) for r in rows}
+        self.created = {int(r[0]): float(r[5]) for r in rows}
+        #: Every job row a prune deleted, by id: (workflow, key, state, created_at), in deletion order.
+        self.pruned: dict[int, list[tuple[str, Any, str, float]]] = defaultdict(list)
+        for r in conn.execute(f"SELECT job_id, workflow, key, state, created_at FROM {PRUNED_TABLE}").fetchall():
+            self.pruned[int(r[0])].append((str(r[1]), r[2], str(r[3]), float(r[4])))
         self.steps = {(int(r[0]), str(r[1])): (str(r[2]), int(r[3])) for r in conn.execute(
             "SELECT job_id, name, state, attempt FROM walstate_step").fetchall()}
         self.journal = [(int(r[0]), int(r[1]), r[2], str(r[3]), str(r[4]), int(r[5]), r[6]) for r in conn.execute(
@@ -235,11 +248,22 @@ def _count(report: HistoryReport, lines: Sequence[Mapping[str, Any]], db: _Datab
             c["handler calls"] += 1
         elif kind == "exit" and r["outcome"] == "returned":
             c["completions"] += 1
-    c["jobs succeeded"] = sum(1 for j in db.jobs.values() if j[2] == "succeeded")
+        elif kind == "prune":
+            c["prunes"] += 1
+    acked = {(int(r["job"]), r["key"]) for r in lines if r["kind"] == "submit"}
+    ended = [(i, j[1], j[2]) for i, j in db.jobs.items()] + [(i, p[1], p[2]) for i, ps in db.pruned.items() for p in ps]
+    c["jobs succeeded"] = sum(1 for i, key, state in ended if (i, key) in acked and state == "succeeded")
+    c["jobs pruned"] = sum(len(ps) for ps in db.pruned.values())
+    c["scheduled jobs"] = sum(1 for _, key, _ in ended if schedule_of_key(key) is not None)
 
 
 def _check_jobs(report: HistoryReport, lines: Sequence[Mapping[str, Any]], db: _Database, expect: str) -> None:
     """Every acknowledged submit is a job of that key, ended in ``expect``; no id was returned for two keys."""
+    for job_id, ps in db.pruned.items():  # the database's own evidence: a deleted id came back
+        held = [(p[0], p[1]) for p in ps] + ([db.jobs[job_id][:2]] if job_id in db.jobs else [])
+        if len(set(held)) > 1:
+            report.violations.append(Violation("job-id-reused", f"job id {job_id} was used for several jobs, the "
+                                               f"earlier pruned: {held}", tuple(f"pruned row {p}" for p in ps)))
     keys: dict[int, Mapping[str, Any]] = {}
     for r in lines:
         if r["kind"] == "submit":
@@ -252,7 +276,12 @@ def _check_jobs(report: HistoryReport, lines: Sequence[Mapping[str, Any]], db: _
         if r["kind"] != "submit":
             continue
         job = db.jobs.get(int(r["job"]))
-        if job is None or job[1] != r["key"] or job[0] != r["workflow"]:
+        pruned = [p for p in db.pruned.get(int(r["job"]), ()) if p[:2] == (r["workflow"], r["key"])]
+        if pruned:  # a prune deletes finished jobs only
+            if pruned[0][2] != expect:
+                report.violations.append(Violation("job-not-" + expect, f"job {r['job']} ended {pruned[0][2]!r} "
+                                                   "(then it was pruned)", (_line(r),)))
+        elif job is None or job[1] != r["key"] or job[0] != r["workflow"]:
             report.violations.append(Violation("acknowledged-submit-lost", f"submit returned job {r['job']} "
                                                f"(key {r['key']!r}) but the database has {job!r}", (_line(r),)))
         elif job[2] not in ("succeeded", "failed", "cancelled"):
@@ -273,6 +302,8 @@ def _check_messages(report: HistoryReport, lines: Sequence[Mapping[str, Any]], d
         if r["kind"] != "send":
             continue
         stored = db.messages.get((int(r["job"]), str(r["key"])))
+        if stored is None and int(r["job"]) in db.pruned:
+            continue  # pruned with its job, which ended (the job rules check how)
         if stored is None:
             report.violations.append(Violation("acknowledged-message-lost", f"send() to job {r['job']} (key "
                                                f"{r['key']!r}) returned {r['new']} but no such message is stored",
@@ -452,4 +483,50 @@ def _check_journal(report: HistoryReport, db: _Database) -> None:
                                                tuple(db.journal_of(job_id, step))))
 
 
-__all__ = ["EFFECT_TABLE", "HistoryReport", "HistoryViolation", "Ledger", "Violation", "check_history", "read_ledgers"]
+def _check_schedules(report: HistoryReport, lines: Sequence[Mapping[str, Any]], db: _Database,
+                     schedules: Iterable[Schedule]) -> None:
+    """Each slot of a schedule had one job; between its first and last slot with a job, none was skipped unless missed.
+
+    A slot is missed (no job, by the rules of :mod:`walstate.schedules`) only when the job of the next slot
+    was made more than ``grace`` seconds after it: a check within ``grace`` would have made its job first.
+    A job's ``created_at`` is wall-clock time, and a worker whose clock jumped ahead checked with its own:
+    the furthest any one worker's clock jumped widens that bound.
+    """
+    ahead: dict[int, float] = defaultdict(float)
+    for r in lines:
+        if r["kind"] == "nemesis" and r["action"] == "clock":
+            ahead[int(r["target"])] += float(r["seconds"])
+    jumped = max(ahead.values(), default=0.0)
+    import datetime as dt
+
+    from croniter import croniter
+
+    for sched in schedules:
+        slots: dict[str, dict[int, float]] = defaultdict(dict)
+        jobs = [(i, j[1], db.created[i]) for i, j in db.jobs.items() if j[0] == sched.flow.name]
+        jobs += [(i, p[1], p[3]) for i, ps in db.pruned.items() for p in ps if p[0] == sched.flow.name]
+        for job_id, key, created in jobs:
+            of = schedule_of_key(key)
+            if of is not None and of[0] == sched.name:
+                slots[of[1]].setdefault(job_id, created)
+        for slot, made in sorted(slots.items()):
+            if len(made) > 1:
+                report.violations.append(Violation(
+                    "schedule-slot-twice", f"schedule {sched.name!r}: slot {slot} produced {len(made)} jobs: "
+                    f"{sorted(made)}", tuple(f"job {i} made at {t:.3f}" for i, t in sorted(made.items()))))
+        at = {dt.datetime.strptime(s, SLOT_FORMAT).replace(tzinfo=dt.timezone.utc).timestamp(): min(m.values())
+              for s, m in slots.items()}
+        seen = sorted(at)
+        for first, nxt in zip(seen, seen[1:]):
+            it = croniter(sched.cron, dt.datetime.fromtimestamp(first, tz=dt.timezone.utc))
+            while (t := float(it.get_next(float))) < nxt:
+                if at[nxt] + jumped - sched.grace < t:
+                    stamp = dt.datetime.fromtimestamp(t, tz=dt.timezone.utc).strftime(SLOT_FORMAT)
+                    report.violations.append(Violation(
+                        "schedule-slot-missing", f"schedule {sched.name!r}: slot {stamp} has no job, though the "
+                        f"next slot's job was made {at[nxt] - t:.1f}s after it (grace {sched.grace}s, clocks jumped "
+                        f"{jumped:.0f}s)"))
+                    break
+
+
+__all__ = ["EFFECT_TABLE", "PRUNED_TABLE", "HistoryReport", "HistoryViolation", "Ledger", "Violation", "check_history", "read_ledgers"]

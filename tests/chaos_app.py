@@ -1,7 +1,7 @@
 """The app the chaos tests run (``tests.chaos_app:make_engine``), and the breakages its negative controls switch on.
 
 ``WALSTATE_CHAOS_BREAK`` (comma-separated) puts a known defect back in every
-process that builds this engine, so that the history checker can be shown to
+process of a chaos run that builds this engine (not in the test's own process), so that the history checker can be shown to
 catch it:
 
 ``claim-ignores-epoch``  a worker's claim of a job whose owner it found dead matches the job by id
@@ -17,6 +17,14 @@ catch it:
                          claim (issue 26 item 2, as it was).
 ``pid-liveness``         an owner on this host is alive while its pid exists, whatever its lease
                          (a hung owner keeps its jobs: issue 26 item 7, as it was).
+``reuse-ids``            after each ``prune()`` the job id counter goes back to the highest id left
+                         (SQLite: its ``sqlite_sequence`` row deleted; PostgreSQL: ``setval``), so a pruned
+                         newest job's id is handed out again (issue 26 item 4, as it was).
+``forget-schedule-progress`` a process keeps a schedule's progress in memory, starting from nothing,
+                         and makes a slot's job whenever no job has its key (the stored progress is
+                         neither read nor obeyed): a pruned slot's job is made again (issue 26 item 5).
+
+Every engine also runs the schedule ``chaos_tick`` (``TICK_CRON``: every second, grace ``TICK_GRACE``).
 
 ``WALSTATE_CHAOS_FOREIGN=1`` makes each process look like another host (its own boot id): owners
 are then judged by their lease alone, as between containers. ``WALSTATE_CHAOS_LEASE`` sets the
@@ -38,7 +46,9 @@ from pydantic import BaseModel
 
 from walstate import DatabaseBusy, Engine, StepContext, Workflow, ownership
 from walstate.runtime import Worker
-from walstate.storage.postgres import PgWritePath
+from walstate.storage.postgres import PgWritePath, is_postgres_url
+from walstate.storage.reads import Reader
+from walstate.testing import connect
 from walstate.storage.writepath import WritePath
 from walstate.substep import SubStep
 
@@ -87,12 +97,36 @@ def work(ctx: Order, step: StepContext) -> None:
     time.sleep(random.uniform(0.1, 0.4) + SLOW)
 
 
-def make_engine(path: str, clock: Callable[[], float] = time.time) -> Engine:
-    """The chaos app's engine on ``path`` (both workflows registered), with the breakages the environment asks for.
+late = Workflow("chaos_late_once", context=Order, phases=["only"])
 
-    Breakages and a foreign identity patch the library for the whole process: only in the processes
-    a chaos run starts (``WALSTATE_CHAOS_ROLE``), never in the test process that calls ``run_chaos``.
-    """
+#: Seconds the first run of ``late_charge`` works before its once(); every later run (a takeover) works longer:
+#: longer than the first run's work plus a stop (3 s in the tests), so a continued stale run reaches once() first.
+LATE_FIRST, LATE_AGAIN = 2.5, 6.0
+
+
+@late.step(phase="only")
+def late_charge(ctx: Order, step: StepContext) -> dict[str, Any]:
+    """Long work, then once(): a run stopped in its work past its lease, then continued, reaches once() before
+    the run that took the job over meanwhile (which works longer), so an unfenced once() of the stale run calls
+    the function and stores its record."""
+    time.sleep(LATE_FIRST if step.attempt <= 1 else LATE_AGAIN)
+    return {"charge": step.once("charge", lambda: {"pid": os.getpid(), "token": uuid.uuid4().hex})}
+
+
+tick = Workflow("chaos_tick", context=Order, phases=["only"])
+
+#: The schedule every chaos engine runs: a job every second (six fields: the last is the second).
+TICK_CRON, TICK_GRACE = "* * * * * *", 5.0
+
+
+@tick.step(phase="only")
+def tock(ctx: Order, step: StepContext) -> None:
+    time.sleep(random.uniform(0.05, 0.15))
+
+
+def make_engine(path: str, clock: Callable[[], float] = time.time) -> Engine:
+    """The chaos app's engine on ``path`` (its workflows and schedule registered), with the breakages asked for."""
+    # Only in a chaos run's children: the test's own process (which builds an engine to read the lease) stays whole.
     child = bool(os.environ.get("WALSTATE_CHAOS_ROLE"))
     if child:
         _break(set(filter(None, os.environ.get("WALSTATE_CHAOS_BREAK", "").split(","))))
@@ -102,6 +136,8 @@ def make_engine(path: str, clock: Callable[[], float] = time.time) -> Engine:
     engine = Engine(path, workers=3, lease=float(os.environ.get("WALSTATE_CHAOS_LEASE", "2")), clock=clock)
     engine.register(order)
     engine.register(capped)
+    engine.register(late)
+    engine.schedule(tick, cron=TICK_CRON, context=Order(), name="chaos_tick", grace=TICK_GRACE)
     return engine
 
 
@@ -180,6 +216,43 @@ def _break(breaks: set[str]) -> None:
 
         original_alive = ownership.owner_alive
         ownership.owner_alive = owner_alive
+
+
+    if "reuse-ids" in todo:
+        prune = Engine.prune
+
+        def reusing_prune(self: Engine, *args: Any, **kwargs: Any) -> int:
+            n = prune(self, *args, **kwargs)
+            conn = connect(self.path)
+            try:
+                if is_postgres_url(self.path):
+                    conn.execute("SELECT setval(pg_get_serial_sequence('walstate_job', 'id'), "
+                                 "COALESCE((SELECT max(id) FROM walstate_job), 0) + 1, false)").fetchall()
+                else:
+                    conn.execute("DELETE FROM sqlite_sequence WHERE name='walstate_job'")
+                    conn.commit()
+            finally:
+                conn.close()
+            return n
+
+        Engine.prune = reusing_prune  # type: ignore[method-assign]
+    if "forget-schedule-progress" in todo:
+        progress: dict[str, float] = {}
+        create = WritePath.create_scheduled
+        _replace(WritePath, "_ADVANCE", " WHERE walstate_schedule.last_slot < excluded.last_slot", "")
+
+        def create_scheduled(self: WritePath, schedule: str, slot: float, *args: Any, **kwargs: Any) -> int | None:
+            job_id = create(self, schedule, slot, *args, **kwargs)
+            progress[schedule] = max(slot, progress.get(schedule, slot))
+            return job_id
+
+        def pass_slot(self: WritePath, schedule: str, slot: float) -> bool:
+            progress[schedule] = max(slot, progress.get(schedule, slot))
+            return True
+
+        WritePath.create_scheduled = create_scheduled  # type: ignore[method-assign]
+        WritePath.pass_slot = pass_slot  # type: ignore[method-assign]
+        Reader.schedule_slot = lambda self, name: progress.get(name)  # type: ignore[method-assign]
 
 
 def _zombie(pid: int) -> bool:

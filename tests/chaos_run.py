@@ -3,7 +3,7 @@
 ``python -m tests.chaos_run [--scale S] [--seed N] [--backend sqlite|postgres|both]``: at scale 1,
 SQLite takes 700 SIGKILLs and 60 SIGSTOPs, PostgreSQL 320 SIGKILLs, 30 SIGSTOPs, 5 immediate
 server restarts and 20 rounds of killed sessions (over 1,000 SIGKILLs together), each with clock
-jumps; prints each history report and exits 1 on a violation. The PostgreSQL nemeses that need
+jumps, a pruner deleting every finished job every 2 s and the app's one-second schedule; prints each history report and exits 1 on a violation. The PostgreSQL nemeses that need
 issue 26's fixes (item 8: a transient error inside once() fails the job) are reported, not hidden.
 """
 
@@ -36,7 +36,8 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="walstate-chaos-") as tmp:
         base = Path(tmp)
         if args.backend in ("sqlite", "both"):
-            n = Nemeses(kills=int(700 * s), stops=int(60 * s), clock_jumps=int(20 * s), gap=(0.05, 0.4))
+            n = Nemeses(kills=int(700 * s), stops=int(60 * s), clock_jumps=int(20 * s), gap=(0.05, 0.4),
+                        prune_every=2.0)
             failed |= not run("sqlite", str(base / "chaos.db"), None, base / "sqlite", n, int(900 * s), args.seed)
         if args.backend in ("postgres", "both"):
             server = pgserver.start()
@@ -47,7 +48,7 @@ def main(argv: list[str]) -> int:
                     conn.execute("CREATE DATABASE chaos")
                 url = urllib.parse.urlsplit(server.url)._replace(path="/chaos").geturl()
                 n = Nemeses(kills=int(320 * s), stops=int(30 * s), clock_jumps=int(10 * s), restarts=max(1, int(5 * s)),
-                            terminations=int(20 * s), gap=(0.05, 0.4))
+                            terminations=int(20 * s), gap=(0.05, 0.4), prune_every=2.0)
                 failed |= not run("postgres", url, chaos_app.PgServer(server), base / "postgres", n, int(500 * s),
                                   args.seed)
             finally:
