@@ -161,6 +161,31 @@ def test_a_wait_under_a_stale_owner_or_epoch_consumes_no_message(
     assert store.read.message_topics(job) == set()
 
 
+def stored_once(store: Storage, job: int) -> list[tuple[str, str]]:
+    return [(str(r[0]), str(r[1])) for r in
+            store.db.raw().execute("SELECT name, result FROM walstate_once WHERE job_id=?", (job,)).fetchall()]
+
+
+@pytest.mark.parametrize("stale", ["owner", "epoch"])
+def test_a_once_lookup_or_record_under_a_stale_owner_or_epoch_is_refused_and_stores_nothing(
+        store: Storage, superseded: tuple[int, int, int], stale: str) -> None:
+    # Issue 26, item 2: the stale run learns nothing (not even the live run's value) and stores nothing.
+    job, old, new = superseded
+    owner, epoch = (ME, new) if stale == "owner" else (OTHER, old)
+    with pytest.raises(LeaseLost):
+        store.write.once_lookup(job, "only", "charge", owner, epoch)
+    with pytest.raises(LeaseLost):
+        store.write.record_once(job, "only", "charge", '"stale"', owner=owner, epoch=epoch)
+    assert stored_once(store, job) == []
+    # The holder's own lookup finds nothing yet, its record is stored, and the stale run still learns nothing.
+    assert store.write.once_lookup(job, "only", "charge", OTHER, new) is None
+    assert store.write.record_once(job, "only", "charge", '"live"', owner=OTHER, epoch=new) == '"live"'
+    assert store.write.once_lookup(job, "only", "charge", OTHER, new) == '"live"'
+    with pytest.raises(LeaseLost):
+        store.write.once_lookup(job, "only", "charge", owner, epoch)
+    assert stored_once(store, job) == [("charge", '"live"')]
+
+
 def test_a_claim_on_an_epoch_read_before_another_claim_takes_nothing(
         db_path: str, store: Storage) -> None:
     job = new_job(db_path)
