@@ -32,7 +32,7 @@ from walstate import (
     StepResult,
     Workflow,
 )
-from walstate.ownership import HUNG_GRACE, Identity, _proc_stat, owner_alive
+from walstate.ownership import HUNG_GRACE, Identity, OwnerInfo, _proc_stat, describe_owner, owner_alive
 from walstate.testing import check_invariants
 
 from .helpers import wait_until
@@ -192,6 +192,18 @@ def test_an_owner_on_this_host_is_judged_by_its_pid_until_its_lease_is_expired_p
     reused = Identity(me.boot_id, me.pid_ns, me.host, 1, "1")
     assert not owner_alive(reused.token("x"), 7, lease_expires=1e12, now=0.0)
 
+
+
+def test_an_owner_token_is_described_as_its_host_and_pid_and_an_unreadable_one_as_neither() -> None:
+    # What `walstate show` and `status` print as the holder of a job.
+    token = Identity("boot", "4026531836", "web-2", 4242, "987").token("n0nce")
+    assert describe_owner(token) == OwnerInfo(token, "web-2", 4242)
+    no_host = Identity("boot", "ns", "", 17, "1").token("n")
+    assert describe_owner(no_host) == OwnerInfo(no_host, None, 17)
+    bad_pid = "boot|ns|web-2|pid|1|n"
+    assert describe_owner(bad_pid) == OwnerInfo(bad_pid, "web-2", None)
+    for unreadable in ("an-older-walstate-owner", "a|b|c|1|2", "a|b|c|1|2|3|4", "a b c 1 2 3"):
+        assert describe_owner(unreadable) == OwnerInfo(unreadable, None, None), unreadable
 
 # -- 4. heartbeats -------------------------------------------------------------------
 
