@@ -381,6 +381,28 @@ def test_submit_waits_for_a_writer_another_process_holds_instead_of_raising_data
         assert engine.status(job).state == "pending"
 
 
+
+def test_a_child_forked_from_an_engine_waits_for_a_writer_another_process_holds_like_its_parent(
+        db_path: str, holder: Callable[[float], str]) -> None:
+    flow = one_step(lambda step: None)
+    with Engine(db_path, busy_timeout=BUSY) as engine:
+        engine.register(flow)
+        first = engine.submit(flow, Ctx())  # the parent has written through its store before it forks
+        holder(HOLD)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            code = 2
+            try:
+                engine.submit(flow, Ctx())
+                code = 0
+            except BaseException as exc:
+                print(f"forked child: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "the forked child's submit did not wait out the held writer"
+        assert sorted(j.id for j in engine.jobs()) == [first, first + 1]
+
 def test_submit_raises_database_busy_saying_how_long_it_waited_once_its_patience_runs_out(
         db_path: str, holder: Callable[[float], str]) -> None:
     flow = one_step(lambda step: None)
