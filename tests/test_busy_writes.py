@@ -414,6 +414,45 @@ def test_submit_raises_database_busy_saying_how_long_it_waited_once_its_patience
         assert engine.jobs() == []
 
 
+
+def claimed_job(engine: Engine, flow: Workflow[Ctx]) -> tuple[int, int]:
+    """A job of ``flow`` claimed by ``engine``'s owner: ``(job, epoch)``."""
+    job = engine.submit(flow, Ctx())
+    row = engine.store.read.job(job)
+    assert row is not None
+    claimed = engine.store.write.claim(job, state=row.state, epoch=row.epoch, owner=engine.owner, lease_expires=1e12,
+                                       note="test")
+    assert claimed is not None
+    return job, claimed.epoch
+
+
+def test_a_release_waits_for_a_writer_another_process_holds_past_the_patience_of_unfenced_writes(
+        db_path: str, holder: Callable[[float], str], caplog: pytest.LogCaptureFixture) -> None:
+    # A release is fenced by its claim: it keeps trying for as long as the claim holds, not the engine's patience.
+    flow = one_step(lambda step: None)
+    caplog.set_level(logging.WARNING, logger="walstate.storage")
+    with Engine(db_path, busy_timeout=BUSY, patience=0.3) as engine:
+        engine.register(flow)
+        job, epoch = claimed_job(engine, flow)
+        holder(HOLD)
+        assert engine.store.write.release(job, engine.owner, epoch, "test")
+        row = engine.store.read.job(job)
+        assert row is not None and row.owner is None and row.epoch == epoch + 1
+    warned = [r.getMessage() for r in caplog.records if r.name == "walstate.storage"]
+    assert any(f"releasing job {job} was refused" in m and "the run keeps its claim" in m for m in warned), warned
+    assert any(f"releasing job {job} written after" in m for m in warned), warned
+
+
+def test_a_release_given_a_patience_gives_up_after_it_saying_how_long_it_waited(
+        db_path: str, holder: Callable[[float], str]) -> None:
+    flow = one_step(lambda step: None)
+    with Engine(db_path, busy_timeout=0.1) as engine:
+        engine.register(flow)
+        job, epoch = claimed_job(engine, flow)
+        holder(5.0)
+        with pytest.raises(DatabaseBusy, match=rf"releasing job {job}.*the patience of 0.3s"):
+            engine.store.write.release(job, engine.owner, epoch, "test", patience=0.3)
+
 @pytest.mark.sqlite_only
 def test_a_transactional_step_holding_the_writer_past_hold_warning_is_named_in_a_warning(
         db_path: str, caplog: pytest.LogCaptureFixture) -> None:
