@@ -368,6 +368,25 @@ def test_once_sleep_and_wait_for_survive_the_workers_sessions_being_terminated(
     check_invariants(db_path, flow, job)
 
 
+
+def test_a_release_whose_session_was_terminated_is_written_again_on_a_new_one(db_path: str, backend: str) -> None:
+    if backend != "postgres":
+        pytest.skip("PostgreSQL sessions")
+    flow = one_step(lambda step: None)
+    with Engine(db_path) as engine:
+        engine.register(flow)
+        job, epoch = claimed_job(engine, flow)
+        admin = connect(db_path, timeout=10)
+        try:
+            assert admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+                                 "datname=current_database() AND pid <> pg_backend_pid()").fetchall()
+        finally:
+            admin.close()
+        # Safe to repeat after a lost session: a release that landed bumped the epoch, so a second one misses.
+        assert engine.store.write.release(job, engine.owner, epoch, "test")
+        row = engine.store.read.job(job)
+        assert row is not None and row.owner is None and row.epoch == epoch + 1
+
 # -- item 15: other writers wait for a held writer; a long transactional step is named ---------------------
 
 
