@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from walstate import DatabaseBusy, Engine, LeaseLost, StepContext, Workflow
+from walstate.storage.contract import open_store
 from walstate.testing import check_invariants, connect
 
 from . import proc_writes
@@ -433,6 +434,50 @@ def test_submit_raises_database_busy_saying_how_long_it_waited_once_its_patience
         assert engine.jobs() == []
 
 
+
+
+def test_a_bare_stores_write_refused_by_a_held_writer_raises_database_busy_at_once_as_the_driver_does(
+        db_path: str, holder: Callable[[float], str]) -> None:
+    # Only an engine waits out a busy database (its patience); a store opened on its own keeps the driver's behaviour.
+    flow = one_step(lambda step: None)
+    with Engine(db_path) as engine:
+        engine.register(flow)
+        job = engine.submit(flow, Ctx())
+    store = open_store(db_path, busy_timeout=0.1)
+    try:
+        holder(HOLD)
+        with pytest.raises(DatabaseBusy) as refused:
+            store.write.request_cancel(job)
+        assert "tried" not in str(refused.value), refused.value
+    finally:
+        store.close()
+
+
+def test_a_write_waiting_for_a_held_writer_gives_up_when_its_engine_closes_saying_so(
+        db_path: str, holder: Callable[[float], str], caplog: pytest.LogCaptureFixture) -> None:
+    flow = one_step(lambda step: None)
+    caplog.set_level(logging.WARNING, logger="walstate.storage")
+    engine = Engine(db_path, busy_timeout=BUSY)
+    engine.register(flow)
+    outcome: list[BaseException] = []
+
+    def submit() -> None:
+        try:
+            engine.submit(flow, Ctx())
+        except BaseException as exc:  # the test reads what the caller got
+            outcome.append(exc)
+
+    try:
+        holder(5.0)
+        t = threading.Thread(target=submit)
+        t.start()
+        poll(lambda: any("was refused" in r.getMessage() for r in caplog.records), "the submit to wait")
+    finally:
+        engine.close(grace=0)
+    t.join(60)
+    assert len(outcome) == 1 and isinstance(outcome[0], DatabaseBusy), outcome
+    assert "the engine is closing" in str(outcome[0])
+    assert [r.getMessage() for r in caplog.records if "gave up" in r.getMessage()], "the give-up was not logged"
 
 def claimed_job(engine: Engine, flow: Workflow[Ctx]) -> tuple[int, int]:
     """A job of ``flow`` claimed by ``engine``'s owner: ``(job, epoch)``."""
