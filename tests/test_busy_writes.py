@@ -449,6 +449,8 @@ def test_a_bare_stores_write_refused_by_a_held_writer_raises_database_busy_at_on
         with pytest.raises(DatabaseBusy) as refused:
             store.write.request_cancel(job)
         assert "tried" not in str(refused.value), refused.value
+        with pytest.raises(DatabaseBusy, match=rf"releasing job {job}"):
+            store.write.force_release(job, "an operator's release")
     finally:
         store.close()
 
