@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from walstate import DatabaseBusy, Engine, LeaseLost, StepContext, Workflow
+from walstate.storage.contract import open_store
 from walstate.testing import check_invariants, connect
 
 from . import proc_writes
@@ -368,6 +369,25 @@ def test_once_sleep_and_wait_for_survive_the_workers_sessions_being_terminated(
     check_invariants(db_path, flow, job)
 
 
+
+def test_a_release_whose_session_was_terminated_is_written_again_on_a_new_one(db_path: str, backend: str) -> None:
+    if backend != "postgres":
+        pytest.skip("PostgreSQL sessions")
+    flow = one_step(lambda step: None)
+    with Engine(db_path) as engine:
+        engine.register(flow)
+        job, epoch = claimed_job(engine, flow)
+        admin = connect(db_path, timeout=10)
+        try:
+            assert admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+                                 "datname=current_database() AND pid <> pg_backend_pid()").fetchall()
+        finally:
+            admin.close()
+        # Safe to repeat after a lost session: a release that landed bumped the epoch, so a second one misses.
+        assert engine.store.write.release(job, engine.owner, epoch, "test")
+        row = engine.store.read.job(job)
+        assert row is not None and row.owner is None and row.epoch == epoch + 1
+
 # -- item 15: other writers wait for a held writer; a long transactional step is named ---------------------
 
 
@@ -381,6 +401,28 @@ def test_submit_waits_for_a_writer_another_process_holds_instead_of_raising_data
         assert engine.status(job).state == "pending"
 
 
+
+def test_a_child_forked_from_an_engine_waits_for_a_writer_another_process_holds_like_its_parent(
+        db_path: str, holder: Callable[[float], str]) -> None:
+    flow = one_step(lambda step: None)
+    with Engine(db_path, busy_timeout=BUSY) as engine:
+        engine.register(flow)
+        first = engine.submit(flow, Ctx())  # the parent has written through its store before it forks
+        holder(HOLD)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            code = 2
+            try:
+                engine.submit(flow, Ctx())
+                code = 0
+            except BaseException as exc:
+                print(f"forked child: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, "the forked child's submit did not wait out the held writer"
+        assert sorted(j.id for j in engine.jobs()) == [first, first + 1]
+
 def test_submit_raises_database_busy_saying_how_long_it_waited_once_its_patience_runs_out(
         db_path: str, holder: Callable[[float], str]) -> None:
     flow = one_step(lambda step: None)
@@ -391,6 +433,91 @@ def test_submit_raises_database_busy_saying_how_long_it_waited_once_its_patience
             engine.submit(flow, Ctx())
         assert engine.jobs() == []
 
+
+
+
+def test_a_bare_stores_write_refused_by_a_held_writer_raises_database_busy_at_once_as_the_driver_does(
+        db_path: str, holder: Callable[[float], str]) -> None:
+    # Only an engine waits out a busy database (its patience); a store opened on its own keeps the driver's behaviour.
+    flow = one_step(lambda step: None)
+    with Engine(db_path) as engine:
+        engine.register(flow)
+        job = engine.submit(flow, Ctx())
+    store = open_store(db_path, busy_timeout=0.1)
+    try:
+        holder(HOLD)
+        with pytest.raises(DatabaseBusy) as refused:
+            store.write.request_cancel(job)
+        assert "tried" not in str(refused.value), refused.value
+        with pytest.raises(DatabaseBusy, match=rf"releasing job {job}"):
+            store.write.force_release(job, "an operator's release")
+    finally:
+        store.close()
+
+
+def test_a_write_waiting_for_a_held_writer_gives_up_when_its_engine_closes_saying_so(
+        db_path: str, holder: Callable[[float], str], caplog: pytest.LogCaptureFixture) -> None:
+    flow = one_step(lambda step: None)
+    caplog.set_level(logging.WARNING, logger="walstate.storage")
+    engine = Engine(db_path, busy_timeout=BUSY)
+    engine.register(flow)
+    outcome: list[BaseException] = []
+
+    def submit() -> None:
+        try:
+            engine.submit(flow, Ctx())
+        except BaseException as exc:  # the test reads what the caller got
+            outcome.append(exc)
+
+    try:
+        holder(5.0)
+        t = threading.Thread(target=submit)
+        t.start()
+        poll(lambda: any("was refused" in r.getMessage() for r in caplog.records), "the submit to wait")
+    finally:
+        engine.close(grace=0)
+    t.join(60)
+    assert len(outcome) == 1 and isinstance(outcome[0], DatabaseBusy), outcome
+    assert "the engine is closing" in str(outcome[0])
+    assert [r.getMessage() for r in caplog.records if "gave up" in r.getMessage()], "the give-up was not logged"
+
+def claimed_job(engine: Engine, flow: Workflow[Ctx]) -> tuple[int, int]:
+    """A job of ``flow`` claimed by ``engine``'s owner: ``(job, epoch)``."""
+    job = engine.submit(flow, Ctx())
+    row = engine.store.read.job(job)
+    assert row is not None
+    claimed = engine.store.write.claim(job, state=row.state, epoch=row.epoch, owner=engine.owner, lease_expires=1e12,
+                                       note="test")
+    assert claimed is not None
+    return job, claimed.epoch
+
+
+def test_a_release_waits_for_a_writer_another_process_holds_past_the_patience_of_unfenced_writes(
+        db_path: str, holder: Callable[[float], str], caplog: pytest.LogCaptureFixture) -> None:
+    # A release is fenced by its claim: it keeps trying for as long as the claim holds, not the engine's patience.
+    flow = one_step(lambda step: None)
+    caplog.set_level(logging.WARNING, logger="walstate.storage")
+    with Engine(db_path, busy_timeout=BUSY, patience=0.3) as engine:
+        engine.register(flow)
+        job, epoch = claimed_job(engine, flow)
+        holder(HOLD)
+        assert engine.store.write.release(job, engine.owner, epoch, "test")
+        row = engine.store.read.job(job)
+        assert row is not None and row.owner is None and row.epoch == epoch + 1
+    warned = [r.getMessage() for r in caplog.records if r.name == "walstate.storage"]
+    assert any(f"releasing job {job} was refused" in m and "the run keeps its claim" in m for m in warned), warned
+    assert any(f"releasing job {job} written after" in m for m in warned), warned
+
+
+def test_a_release_given_a_patience_gives_up_after_it_saying_how_long_it_waited(
+        db_path: str, holder: Callable[[float], str]) -> None:
+    flow = one_step(lambda step: None)
+    with Engine(db_path, busy_timeout=0.1) as engine:
+        engine.register(flow)
+        job, epoch = claimed_job(engine, flow)
+        holder(5.0)
+        with pytest.raises(DatabaseBusy, match=rf"releasing job {job}.*the patience of 0.3s"):
+            engine.store.write.release(job, engine.owner, epoch, "test", patience=0.3)
 
 @pytest.mark.sqlite_only
 def test_a_transactional_step_holding_the_writer_past_hold_warning_is_named_in_a_warning(

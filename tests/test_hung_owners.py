@@ -257,6 +257,8 @@ def test_force_release_takes_a_claim_from_a_live_run_whose_handler_then_sees_can
         assert entered.wait(30)
         epoch = other.store.read.job(job).epoch  # type: ignore[union-attr]
         assert other.force_release(job) == holder.owner
+        # Journalled as the operator's act, naming whom the claim was taken from; the job stays running.
+        assert journal_notes(db_path, job)[-1] == f"released by an operator (taken from {holder.owner}, epoch {epoch})"
         assert seen.wait(30), "the fenced-out run's handler never saw step.cancelled"
         t.join(30)
         assert isinstance(outcome[0], LeaseLost), outcome
@@ -267,6 +269,9 @@ def test_force_release_takes_a_claim_from_a_live_run_whose_handler_then_sees_can
         assert list(other.recover()) == [job]
         status = other.status(job)
         assert status.state == "succeeded" and status.context.held == 2 and status.owner is None
+        notes = journal_notes(db_path, job)
+        assert other.force_release(job) is None  # a finished job is left as it is, and nothing is journalled
+        assert other.status(job).state == "succeeded" and journal_notes(db_path, job) == notes
         with pytest.raises(UnknownJob, match="no job 1000000"):
             other.force_release(10**6)
     finally:

@@ -129,3 +129,47 @@ def test_this_process_under_another_start_time_is_a_dead_predecessor_whose_pid_w
         assert not owner_alive(predecessor, 1, lease_expires=None, now=0.0)
     with ownership.LiveRun(predecessor, 1):
         assert not owner_alive(predecessor, 1, lease_expires=None, now=0.0)
+
+
+def test_a_live_process_whose_name_is_not_utf8_is_judged_alive_by_its_pid_and_start_time() -> None:
+    # A process may name itself with any bytes (prctl, /proc/self/comm): its stat line must still be read.
+    child = subprocess.Popen([sys.executable, "-c",
+                              "import time\n"
+                              "open('/proc/self/comm', 'wb').write(b'w\\xff\\xfe) Z 9')\n"
+                              "print('named', flush=True)\n"
+                              "time.sleep(60)\n"],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "named"
+        assert b"\xff" in Path(f"/proc/{child.pid}/comm").read_bytes()
+        stat = _proc_stat(child.pid)
+        start = Path(f"/proc/{child.pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[19].decode()
+        assert stat is not None and stat[1] == start, stat
+        assert stat[0] in ("R", "S"), f"read the state from inside the name: {stat}"
+        me = Identity.current()
+        token = Identity(me.boot_id, me.pid_ns, me.host, child.pid, start).token("n")
+        assert owner_alive(token, 1, lease_expires=None, now=0.0), "a live process with a non-UTF-8 name judged dead"
+    finally:
+        child.kill()
+        child.wait()
+        if child.stdout is not None:
+            child.stdout.close()
+
+
+def test_a_token_without_a_boot_id_is_judged_by_its_lease_only_even_by_a_process_that_knows_none() -> None:
+    # A container may hide /proc/sys/kernel/random/boot_id: then no pid can be trusted to be of this boot,
+    # not even when the judge has no boot id either. A child whose boot_id reads empty (a bind mount) judges pid 1.
+    code = ("from walstate.ownership import Identity, _proc_stat, identity, owner_alive\n"
+            "me = identity()\n"
+            "assert me.boot_id == '', me\n"
+            "stat = _proc_stat(1)\n"
+            "token = Identity('', me.pid_ns, me.host, 1, stat[1]).token('n')\n"
+            "print(owner_alive(token, 1, lease_expires=None, now=0.0), owner_alive(token, 1, lease_expires=1e12, now=0.0))\n")
+    shell = f"mount --bind /dev/null /proc/sys/kernel/random/boot_id && exec {sys.executable} -c \"$0\""
+    done = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", shell, code],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    if done.returncode != 0 and ("unshare" in done.stderr or "mount" in done.stderr):
+        pytest.skip(f"cannot hide the boot id here: {done.stderr.strip()}")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "True"], "a token with no boot id was judged by its pid"

@@ -9,6 +9,7 @@ zombies, other pid namespaces, the multi-process load) are in
 from __future__ import annotations
 
 import math
+import sqlite3
 import threading
 import time
 from collections import Counter
@@ -32,7 +33,9 @@ from walstate import (
     StepResult,
     Workflow,
 )
-from walstate.ownership import HUNG_GRACE, Identity, _proc_stat, owner_alive
+from walstate.ownership import HUNG_GRACE, Identity, OwnerInfo, _proc_stat, describe_owner, owner_alive
+from walstate.storage.contract import open_store
+from walstate.storage.leaseclock import boottime, sqlite_lease_clock
 from walstate.testing import check_invariants
 
 from .helpers import wait_until
@@ -156,6 +159,96 @@ def test_the_claim_sets_a_lease_on_the_lease_clock_not_the_engines_clock_and_the
         assert row.owner is None and row.lease_expires is None
 
 
+
+def _stored_anchor(db_path: str) -> str:
+    conn = connect(db_path, timeout=10)
+    try:
+        return str(conn.execute("SELECT value FROM walstate_meta WHERE key='lease_clock'").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def _set_anchor(db_path: str, value: str) -> None:
+    conn = connect(db_path, timeout=10)
+    try:
+        conn.execute("UPDATE walstate_meta SET value=? WHERE key='lease_clock'", (value,))
+        conn.commit()
+    finally:
+        conn.close()
+
+
+@pytest.mark.sqlite_only
+def test_every_store_on_one_file_reads_one_lease_clock_anchored_in_the_file_for_this_boot(db_path: str) -> None:
+    boot = Identity.current().boot_id
+    first = open_store(db_path)
+    second = open_store(db_path)
+    try:
+        anchor = first.lease_clock.anchor  # type: ignore[attr-defined]
+        assert second.lease_clock.anchor == anchor  # type: ignore[attr-defined]
+        assert _stored_anchor(db_path) == f"{boot} {anchor!r}"
+        # Unix-like seconds: the boot's wall-clock time plus the time since boot, on a clock that never steps.
+        assert abs(first.lease_clock() - time.time()) < 3600
+        assert first.lease_clock() == pytest.approx(anchor + boottime(), abs=60)
+    finally:
+        first.close()
+        second.close()
+
+
+@pytest.mark.sqlite_only
+def test_a_lease_clock_anchored_in_another_boot_is_replaced_by_a_write_open_and_left_by_a_read_only_one(
+        db_path: str) -> None:
+    boot = Identity.current().boot_id
+    open_store(db_path).close()
+    _set_anchor(db_path, "another-boot 5.0")
+    reader = open_store(db_path, readonly=True)
+    try:
+        assert abs(reader.lease_clock() - time.time()) < 3600  # its own anchor, not another boot's
+        assert _stored_anchor(db_path) == "another-boot 5.0"  # a read-only open writes nothing
+    finally:
+        reader.close()
+    writer = open_store(db_path)
+    try:
+        anchor = writer.lease_clock.anchor  # type: ignore[attr-defined]
+        assert abs(writer.lease_clock() - time.time()) < 3600
+        assert _stored_anchor(db_path) == f"{boot} {anchor!r}"
+    finally:
+        writer.close()
+    # A file with an anchor but no boot id to tell whose (a host that hides it) is anchored again too.
+    _set_anchor(db_path, " 5.0")
+    again = open_store(db_path)
+    try:
+        assert abs(again.lease_clock() - time.time()) < 3600
+    finally:
+        again.close()
+
+
+@pytest.mark.sqlite_only
+def test_a_store_opening_while_another_process_anchors_the_lease_clock_takes_that_anchor(db_path: str) -> None:
+    # Two processes open a file of a new boot at once: the one that anchors second must read the first one's
+    # anchor under the write lock, not write its own (their lease clocks would disagree).
+    boot = Identity.current().boot_id
+    open_store(db_path).close()
+    _set_anchor(db_path, "another-boot 5.0")
+    holder = sqlite3.connect(db_path, isolation_level=None, timeout=10)
+    opener = sqlite3.connect(db_path, isolation_level=None, timeout=60, check_same_thread=False)
+    begun = threading.Event()
+    opener.set_trace_callback(lambda sql: begun.set() if sql.startswith("BEGIN IMMEDIATE") else None)
+    got: list[Any] = []
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        holder.execute("UPDATE walstate_meta SET value=? WHERE key='lease_clock'", (f"{boot} 12345.5",))
+        t = threading.Thread(target=lambda: got.append(sqlite_lease_clock(opener, write=True)))
+        t.start()
+        assert begun.wait(60), "the opener never asked for the write lock"
+        holder.execute("COMMIT")
+        t.join(60)
+        assert got and got[0].anchor == 12345.5
+        assert _stored_anchor(db_path) == f"{boot} 12345.5"
+        assert not opener.in_transaction
+    finally:
+        holder.close()
+        opener.close()
+
 # -- liveness that cannot be fooled ------------------------------------------------
 
 
@@ -192,6 +285,18 @@ def test_an_owner_on_this_host_is_judged_by_its_pid_until_its_lease_is_expired_p
     reused = Identity(me.boot_id, me.pid_ns, me.host, 1, "1")
     assert not owner_alive(reused.token("x"), 7, lease_expires=1e12, now=0.0)
 
+
+
+def test_an_owner_token_is_described_as_its_host_and_pid_and_an_unreadable_one_as_neither() -> None:
+    # What `walstate show` and `status` print as the holder of a job.
+    token = Identity("boot", "4026531836", "web-2", 4242, "987").token("n0nce")
+    assert describe_owner(token) == OwnerInfo(token, "web-2", 4242)
+    no_host = Identity("boot", "ns", "", 17, "1").token("n")
+    assert describe_owner(no_host) == OwnerInfo(no_host, None, 17)
+    bad_pid = "boot|ns|web-2|pid|1|n"
+    assert describe_owner(bad_pid) == OwnerInfo(bad_pid, "web-2", None)
+    for unreadable in ("an-older-walstate-owner", "a|b|c|1|2", "a|b|c|1|2|3|4", "a b c 1 2 3"):
+        assert describe_owner(unreadable) == OwnerInfo(unreadable, None, None), unreadable
 
 # -- 4. heartbeats -------------------------------------------------------------------
 

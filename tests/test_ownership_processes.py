@@ -161,6 +161,61 @@ def test_a_child_forked_while_its_parent_is_inside_a_write_transaction_writes_on
     check_invariants(db_path, flow, result["child"]["job"])
 
 
+
+def _renewed_lease_flow(db: str) -> Any:
+    """One step that returns once the stored lease of its job has been renewed twice (60 s at most)."""
+    from walstate import StepContext, Workflow
+
+    w = Workflow("renewed", context=Ctx, phases=["p"])
+
+    @w.step(phase="p")
+    def wait_for_renewals(ctx: Ctx, step: StepContext) -> dict[str, int]:
+        seen: set[float] = set()
+        deadline = time.monotonic() + 60
+        while len(seen) < 3 and time.monotonic() < deadline:
+            conn = connect(db, timeout=10)
+            try:
+                seen.add(conn.execute("SELECT renewed_at FROM walstate_job WHERE id=?", (step.job_id,)).fetchone()[0])
+            finally:
+                conn.close()
+            time.sleep(0.02)
+        return {"held": len(seen)}
+
+    return w
+
+
+def _in_forked_child(work: Callable[[], int]) -> int:
+    """Fork; the child runs ``work`` and exits with its code (2 if it raised); return the child's exit code."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 2
+        try:
+            code = work()
+        except BaseException as exc:
+            print(f"forked child: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def test_a_child_forked_from_an_engine_whose_heartbeat_runs_renews_the_lease_of_the_job_it_runs(
+        db_path: str) -> None:
+    # The parent's heartbeat thread runs when it forks; the child's must be its own, started with its first claim.
+    flow = _renewed_lease_flow(db_path)
+    with Engine(db_path, lease=0.6) as engine:
+        engine.register(flow)
+        first = engine.submit(flow, Ctx())
+        assert engine.run(first).context.held == 3  # the parent's heartbeat renews (and its thread now runs)
+        second = engine.submit(flow, Ctx())
+
+        def run_second() -> int:
+            return 0 if engine.run(second).context.held == 3 else 3
+
+        assert _in_forked_child(run_second) == 0, "the forked child's run was not renewed"
+        assert engine.status(second).state == "succeeded"
+
+
 # -- item 5: a killed, unreaped owner is dead --------------------------------------------------
 
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 from pydantic import BaseModel
 
-from walstate import Engine, LeaseLost, StepContext, Workflow
+from walstate import Engine, LeaseLost, StepContext, UnknownJob, Workflow
 from walstate.storage import Change
 from walstate.storage.contract import Storage, open_store
 from walstate.storage.postgres import is_postgres_url
@@ -160,6 +160,61 @@ def test_a_wait_under_a_stale_owner_or_epoch_consumes_no_message(
     assert store.write.consume(job, "only", "wait:go", "go", OTHER, new) == '{"x": 1}'
     assert store.read.message_topics(job) == set()
 
+
+def stored_once(store: Storage, job: int) -> list[tuple[str, str]]:
+    return [(str(r[0]), str(r[1])) for r in
+            store.db.raw().execute("SELECT name, result FROM walstate_once WHERE job_id=?", (job,)).fetchall()]
+
+
+@pytest.mark.parametrize("stale", ["owner", "epoch"])
+def test_a_once_lookup_or_record_under_a_stale_owner_or_epoch_is_refused_and_stores_nothing(
+        store: Storage, superseded: tuple[int, int, int], stale: str) -> None:
+    # Issue 26, item 2: the stale run learns nothing (not even the live run's value) and stores nothing.
+    job, old, new = superseded
+    owner, epoch = (ME, new) if stale == "owner" else (OTHER, old)
+    with pytest.raises(LeaseLost):
+        store.write.once_lookup(job, "only", "charge", owner, epoch)
+    with pytest.raises(LeaseLost):
+        store.write.record_once(job, "only", "charge", '"stale"', owner=owner, epoch=epoch)
+    assert stored_once(store, job) == []
+    # The holder's own lookup finds nothing yet, its record is stored, and the stale run still learns nothing.
+    assert store.write.once_lookup(job, "only", "charge", OTHER, new) is None
+    assert store.write.record_once(job, "only", "charge", '"live"', owner=OTHER, epoch=new) == '"live"'
+    assert store.write.once_lookup(job, "only", "charge", OTHER, new) == '"live"'
+    with pytest.raises(LeaseLost):
+        store.write.once_lookup(job, "only", "charge", owner, epoch)
+    assert stored_once(store, job) == [("charge", '"live"')]
+
+
+
+def test_force_release_takes_the_claim_from_its_holder_whoever_it_is_and_journals_whom_from(
+        db_path: str, store: Storage, superseded: tuple[int, int, int]) -> None:
+    job, old, new = superseded
+    store.write.renew(job, OTHER, new, 1e12)
+    assert store.write.force_release(job, "released by a test") == (OTHER, new)
+    after = row(store, job)
+    assert (after.state, after.owner, after.lease_expires, after.epoch) == ("running", None, None, new + 1)
+    last = store.read.journal(job)[-1]
+    assert (last.step, last.from_state, last.to_state, last.attempt) == (None, "running", "running", 0)
+    assert last.note == f"released by a test (taken from {OTHER}, epoch {new})"
+    # The holder's writes are refused now, and a claim of the runnable job is anyone's.
+    assert store.write.renew(job, OTHER, new, 1e12) is None
+    journal = store.read.journal(job)
+    assert store.write.force_release(job, "again") is None  # nobody holds it: nothing is journalled
+    assert store.read.journal(job) == journal
+    [(_, _, prior, got)] = store.write.claim_runnable(owner=ME, lease_expires=1e12, limit=1, workflows=["w"], now=0.0)
+    assert prior is None and got.job_id == job and got.epoch == new + 2
+    with pytest.raises(UnknownJob, match="no job 1000000"):
+        store.write.force_release(10**6, "missing")
+
+
+def test_force_release_leaves_a_finished_job_as_it_is(db_path: str, store: Storage) -> None:
+    job = new_job(db_path)
+    epoch = take(store, job, ME)
+    store.write.commit([Change("job", job, job, None, "running", "cancelled", 0, ME, epoch, note="test", release=True)])
+    before = row(store, job), store.read.journal(job)
+    assert store.write.force_release(job, "late") is None
+    assert (row(store, job), store.read.journal(job)) == before
 
 def test_a_claim_on_an_epoch_read_before_another_claim_takes_nothing(
         db_path: str, store: Storage) -> None:
