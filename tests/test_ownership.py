@@ -9,10 +9,14 @@ zombies, other pid namespaces, the multi-process load) are in
 from __future__ import annotations
 
 import math
+import os
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -189,9 +193,34 @@ def test_every_store_on_one_file_reads_one_lease_clock_anchored_in_the_file_for_
         # Unix-like seconds: the boot's wall-clock time plus the time since boot, on a clock that never steps.
         assert abs(first.lease_clock() - time.time()) < 3600
         assert first.lease_clock() == pytest.approx(anchor + boottime(), abs=60)
+        # A read-only open (walstate show) reads the same anchor, exactly.
+        reader = open_store(db_path, readonly=True)
+        try:
+            assert reader.lease_clock.anchor == anchor  # type: ignore[attr-defined]
+        finally:
+            reader.close()
     finally:
         first.close()
         second.close()
+
+
+@pytest.mark.sqlite_only
+def test_a_process_that_cannot_read_its_boot_id_anchors_the_lease_clock_for_no_boot(db_path: str) -> None:
+    # No boot id (a container hiding /proc/sys/kernel/random/boot_id, via a bind mount here): the anchor it
+    # writes names no boot, so no later process (of this boot or another) trusts it as its own.
+    open_store(db_path).close()
+    code = ("import sys\n"
+            "from walstate.storage.contract import open_store\n"
+            "open_store(sys.argv[1]).close()\n")
+    shell = f"mount --bind /dev/null /proc/sys/kernel/random/boot_id && exec {sys.executable} -c \"$0\" \"$1\""
+    done = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", shell, code, db_path],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    if done.returncode != 0 and ("unshare" in done.stderr or "mount" in done.stderr):
+        pytest.skip(f"cannot hide the boot id here: {done.stderr.strip()}")
+    assert done.returncode == 0, done.stderr
+    boot, _, anchor = _stored_anchor(db_path).partition(" ")
+    assert boot == "" and float(anchor) > 0
 
 
 @pytest.mark.sqlite_only
