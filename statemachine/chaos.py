@@ -40,7 +40,7 @@ from typing import Any, Protocol
 
 from .context import StepContext, Suspend
 from .engine import Engine
-from .history import EFFECT_TABLE, PRUNED_TABLE, HistoryReport, Ledger, check_history, read_ledgers
+from .history import (CREATE_EFFECTS, INSERT_EFFECT, PRUNED_TABLE, READ_PRUNED_IDS, HistoryReport, Ledger, check_history, read_ledgers)
 from .storage.errors import (ConfigurationError, DatabaseBusy, DatabaseUnavailable, JobFinished, UnknownJob,
                              WriteFailed)
 from .storage.postgres import is_postgres_url
@@ -198,7 +198,7 @@ def run_chaos(app: str, db: str, workload: Workload, directory: str | os.PathLik
     transactional = [(f.name, d.name) for f in loaded for d in f.steps.values() if d.transactional]
     conn = connect(db)
     try:
-        conn.execute(f"CREATE TABLE IF NOT EXISTS {EFFECT_TABLE} (job_id BIGINT, step TEXT, attempt INTEGER, pid INTEGER)")
+        conn.execute(CREATE_EFFECTS)
         for sql in _pruned_log(is_postgres_url(db)):
             conn.execute(sql)
         conn.commit()
@@ -372,7 +372,7 @@ def _settle(db: str, ledger_dir: Path, deadline: float) -> None:
             conn = connect(db)
             try:
                 states = dict(conn.execute("SELECT id, state FROM walstate_job").fetchall())
-                states.update({int(r[0]): "pruned" for r in conn.execute(f"SELECT job_id FROM {PRUNED_TABLE}").fetchall()})
+                states.update({int(r[0]): "pruned" for r in conn.execute(READ_PRUNED_IDS).fetchall()})
             finally:
                 conn.close()
         except Exception:  # busy or restarting: look again
@@ -485,7 +485,7 @@ def _instrument(flow: Workflow[Any], ledger: Ledger, epochs: _Epochs) -> None:
             try:
                 result = _fn(ctx, _Recorded(step, ledger, base))
                 if _tx:
-                    step.execute(f"INSERT INTO {EFFECT_TABLE} (job_id, step, attempt, pid) VALUES (?, ?, ?, ?)",
+                    step.execute(INSERT_EFFECT,
                                  (step.job_id, _name, step.attempt, os.getpid()))
                     ledger.append("effect", job=step.job_id, step=_name, attempt=step.attempt)
                 outcome = "returned"

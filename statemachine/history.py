@@ -45,6 +45,12 @@ from .views import SLOT_FORMAT, schedule_of_key
 EFFECT_TABLE = "walstate_chaos_effect"
 #: The table into which a trigger copies every deleted job row (id, workflow, key, state, created_at): a prune's.
 PRUNED_TABLE = "walstate_chaos_pruned"
+# Statements as constant text (the table names above, spelled out): never formatted at run time.
+READ_PRUNED = "SELECT job_id, workflow, key, state, created_at FROM walstate_chaos_pruned"
+READ_PRUNED_IDS = "SELECT job_id FROM walstate_chaos_pruned"
+READ_EFFECTS = "SELECT job_id, step FROM walstate_chaos_effect"
+CREATE_EFFECTS = "CREATE TABLE IF NOT EXISTS walstate_chaos_effect (job_id BIGINT, step TEXT, attempt INTEGER, pid INTEGER)"
+INSERT_EFFECT = "INSERT INTO walstate_chaos_effect (job_id, step, attempt, pid) VALUES (?, ?, ?, ?)"
 
 
 class Ledger:
@@ -213,7 +219,7 @@ class _Database:
         self.created = {int(r[0]): float(r[5]) for r in rows}
         #: Every job row a prune deleted, by id: (workflow, key, state, created_at), in deletion order.
         self.pruned: dict[int, list[tuple[str, Any, str, float]]] = defaultdict(list)
-        for r in conn.execute(f"SELECT job_id, workflow, key, state, created_at FROM {PRUNED_TABLE}").fetchall():
+        for r in conn.execute(READ_PRUNED).fetchall():
             self.pruned[int(r[0])].append((str(r[1]), r[2], str(r[3]), float(r[4])))
         self.steps = {(int(r[0]), str(r[1])): (str(r[2]), int(r[3])) for r in conn.execute(
             "SELECT job_id, name, state, attempt FROM walstate_step").fetchall()}
@@ -224,7 +230,7 @@ class _Database:
         self.once = {(int(r[0]), str(r[1]), str(r[2])): str(r[3]) for r in conn.execute(
             "SELECT job_id, step, name, result FROM walstate_once").fetchall()}
         self.effects: Counter[tuple[int, str]] = Counter(
-            (int(job_id), str(step)) for job_id, step in conn.execute(f"SELECT job_id, step FROM {EFFECT_TABLE}").fetchall())
+            (int(job_id), str(step)) for job_id, step in conn.execute(READ_EFFECTS).fetchall())
 
     def journal_of(self, job_id: int, step: str | None = None) -> list[str]:
         return [f"journal row {r[0]}: job {r[1]} step {r[2]} {r[3]} -> {r[4]} attempt {r[5]} ({r[6]})"

@@ -1267,6 +1267,9 @@ class WritePath:
         over): nothing is written then. A job that already has ``key`` is
         kept (not made twice) and the progress still advances.
         """
+        # A cron slot is a whole second: one computed from a shifted clock may carry float residue,
+        # which would compare as a later slot than the same one stored (and make its job again).
+        slot = float(round(slot))
         with self._lock:
             try:
                 with self._own_transaction() as conn:
@@ -1283,7 +1286,7 @@ class WritePath:
 
     def pass_slot(self, schedule: str, slot: float) -> bool:
         """Advance ``schedule``'s progress to ``slot`` without a job (a missed slot); False if it was there already."""
-        return self._single(self._ADVANCE, (schedule, slot, self.clock()),
+        return self._single(self._ADVANCE, (schedule, float(round(slot)), self.clock()),
                             f"recording the progress of schedule {schedule!r}") == 1
 
 
