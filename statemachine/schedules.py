@@ -63,11 +63,16 @@ class Schedule:
             raise DefinitionError(f"schedule {self.name!r}: grace must be a number of seconds >= 0, not {self.grace!r}")
 
     def latest_slot(self, now: float) -> float:
-        """The start of the latest slot at or before ``now`` (a Unix time)."""
-        start = dt.datetime.fromtimestamp(now, tz=dt.timezone.utc)
-        if croniter.match(self.cron, start.replace(second=0, microsecond=0)) and start.second == 0:
-            return start.timestamp()
-        return float(croniter(self.cron, start).get_prev(float))
+        """The start of the latest slot at or before ``now`` (a Unix time): always a whole second.
+
+        Cron slots fall on whole seconds, so the latest one at or before ``now``
+        is the latest one strictly before the next whole second (``get_prev``
+        is strict). Returning ``now`` itself when it lay inside a slot's second
+        made a fraction that keyed the slot but stored as the next one: the
+        slot's job made again after a prune, and the next slot skipped.
+        """
+        after = dt.datetime.fromtimestamp(math.floor(now) + 1, tz=dt.timezone.utc)
+        return float(croniter(self.cron, after).get_prev(float))
 
     def due(self, now: float, progress: float | None) -> tuple[list[float], float | None]:
         """What a check at ``now`` does, given the stored ``progress``: (slots to submit in order, slot to pass).

@@ -470,6 +470,59 @@ def test_slots_older_than_the_grace_are_missed_latest_runs_the_newest_of_them_an
     assert keys_of(db_path, "tock") == [f"schedule:tock:2027-01-15T{t}:00Z" for t in ("08:00", "09:00")]
 
 
+def test_the_latest_slot_is_a_whole_second_when_the_check_comes_inside_the_slots_own_second() -> None:
+    # latest_slot returned the check's own time when it fell in the first second of a minute:
+    # 08:00:00.6 keyed the slot 08:00:00 but stored it as 08:00:01 (see the next test).
+    from walstate.schedules import Schedule
+
+    minute = 1_800_000_000.0
+    for cron in ("* * * * * *", "*/5 * * * *", "0 8 * * *"):
+        sched = Schedule("s", tick_flow(), cron, Ctx())
+        for fraction in (0.0, 0.3, 0.6, 0.999):
+            assert sched.latest_slot(minute + fraction) == minute, (cron, fraction)
+    every_second = Schedule("s", tick_flow(), "* * * * * *", Ctx())
+    assert every_second.latest_slot(minute + 7.5) == minute + 7
+
+
+def test_a_check_inside_a_slots_second_after_its_job_was_pruned_makes_no_second_job_and_skips_no_slot(
+        db_path: str) -> None:
+    # Found by CI: a worker checking at 16:55:00.6 made the 16:55:00 job; a check at 16:55:00.8
+    # found no on-time slot and ran "the latest missed" one, 16:55:00.8, whose key is 16:55:00
+    # again (a second job once the first was pruned) and whose progress rounded to 16:55:01
+    # (that slot skipped).
+    clock = Clock(1_800_000_000.6)
+    made: dict[int, str] = {}
+    with Engine(db_path, clock=clock) as e:
+        e.schedule(tick_flow(), cron="* * * * * *", context=Ctx(), grace=3600)
+        for step in (0.0, 0.2, 0.15, 0.5, 0.3, 0.2, 0.45):
+            clock.now += step
+            e._submit_due()
+            for job in e.store.read.jobs(workflow="tick"):
+                made[job.id] = str(job.key)
+                e.cancel(job.id)
+            e.prune(0, states=("cancelled",))
+    assert clock.now == pytest.approx(1_800_000_002.4)
+    assert sorted(made.values()) == [f"schedule:tick:2027-01-15T08:00:0{s}Z" for s in range(3)]
+
+
+def test_a_slot_with_float_residue_is_stored_as_its_whole_second_and_is_not_made_again(db_path: str) -> None:
+    # A slot computed from a shifted clock (PostgreSQL's server-clock correction) carried residue:
+    # 07:59:59.99999 stored made 08:00:00 a later slot, and made the slot's job again.
+    flow = tick_flow()
+    minute = 1_800_000_000.0
+    with Engine(db_path) as e:
+        e.register(flow)
+        args = (flow.name, "schedule:tick:x", "{}", flow.ranked_steps(), flow.version, flow.fingerprint)
+        first = e.store.write.create_scheduled("tick", minute - 1e-5, *args)
+        assert first is not None and e.store.read.schedule_slot("tick") == minute
+        e.cancel(first)
+        e.prune(0, states=("cancelled",))
+        assert e.store.write.create_scheduled("tick", minute, *args) is None
+        assert e.store.write.create_scheduled("tick", minute + 1e-5, *args) is None
+        assert e.store.read.jobs(workflow="tick") == []
+        assert e.store.write.pass_slot("tick", minute + 1 - 1e-5) and e.store.read.schedule_slot("tick") == minute + 1
+
+
 SCHEDULED_GRACE = """
 import sys
 sys.path.insert(0, {root!r})
