@@ -176,6 +176,8 @@ async def result_async(handle: JobHandle[Any], timeout: float | None = None, *, 
 
     Cancelling the awaiting task does not cancel the job.
     """
+    if timeout is not None:
+        timeout = checks.seconds(timeout, "result_async(timeout=)", zero=True)
     loop = asyncio.get_running_loop()
     deadline = None if timeout is None else loop.time() + timeout
     while True:

@@ -34,7 +34,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Generic
 
-from . import log, ownership
+from . import checks, log, ownership
 from .storage.errors import ConfigurationError
 from .storage.schema import TERMINAL_JOB_STATES
 from .workflow import C
@@ -239,8 +239,11 @@ class JobHandle(Generic[C]):
         Raises :class:`JobFailed` or :class:`JobCancelled` when it ended so,
         and ``TimeoutError`` when it has not ended within ``timeout`` seconds
         (the job goes on). Ends run in this process are seen at once, others
-        within a few tens of milliseconds.
+        within a few tens of milliseconds. A ``timeout`` that is not a number of
+        seconds >= 0 (NaN, negative, a string) raises :class:`InvalidArgument`.
         """
+        if timeout is not None:  # NaN compared false with every deadline: it waited forever
+            timeout = checks.seconds(timeout, "result(timeout=)", zero=True)
         deadline = None if timeout is None else time.monotonic() + timeout
         engine = self.engine
         while True:

@@ -436,3 +436,20 @@ def test_a_six_field_cron_takes_the_seconds_last_as_the_readme_says() -> None:
     assert "a sixth field, **last**, is the second" in (ROOT / "README.md").read_text()
     assert slots("* * * * * */10", 3) == ["00:00:00", "00:00:10", "00:00:20"]  # every 10 seconds
     assert slots("*/2 * * * * *", 3) == ["00:00:00", "00:00:01", "00:00:02"]  # every second of even minutes
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), -1.0, "5", float("inf")])
+def test_a_result_timeout_that_is_no_number_of_seconds_raises_invalid_argument_and_never_waits_forever(
+        db_path: str, timeout: Any) -> None:
+    # result(timeout=nan) waited forever: NaN compares false with every deadline.
+    import asyncio
+
+    with Engine(db_path) as e:
+        handle = e.handle(e.submit(e.register(one_step()), {}))  # no worker runs: the job never ends
+        with pytest.raises(InvalidArgument, match=r"result\(timeout=\)"):
+            handle.result(timeout=timeout)
+        with pytest.raises(InvalidArgument, match=r"result_async\(timeout=\)"):
+            asyncio.run(handle.result_async(timeout=timeout))
+        with pytest.raises(TimeoutError):
+            handle.result(timeout=0)  # zero is a valid timeout: look once
+        assert e.status(handle.id).state == "pending"  # nothing written by the refusals
