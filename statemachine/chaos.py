@@ -29,6 +29,7 @@ import json
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -486,14 +487,18 @@ def _instrument(flow: Workflow[Any], ledger: Ledger, epochs: _Epochs) -> None:
                 result = _fn(ctx, _Recorded(step, ledger, base))
                 if _tx:
                     step.execute(INSERT_EFFECT,
-                                 (step.job_id, _name, step.attempt, os.getpid()))
+                                 (step.job_id, _name, step.attempt, os.getpid(), base["call"]))
                     ledger.append("effect", job=step.job_id, step=_name, attempt=step.attempt)
                 outcome = "returned"
                 return result
             except Suspend:
                 outcome = "suspended"
                 raise
-            except Exception:
+            except Exception as exc:
+                if _tx and _from_database(exc):
+                    # The database failed the step's transaction (a killed session, a busy file): nothing of
+                    # this attempt was kept, so the runner rightly calls the handler again at the same attempt.
+                    outcome = "rolled-back"
                 raise
             except BaseException:
                 outcome = "aborted"
@@ -502,6 +507,20 @@ def _instrument(flow: Workflow[Any], ledger: Ledger, epochs: _Epochs) -> None:
                 ledger.append("exit", **base, outcome=outcome)
 
         flow.steps[name] = type(d)(**{**d.__dict__, "fn": wrapped})
+
+
+def _from_database(exc: BaseException) -> bool:
+    """Whether ``exc``, or an error it was raised from, is the database's (not the handler's own)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, (DatabaseBusy, DatabaseUnavailable, WriteFailed, sqlite3.Error)):
+            return True
+        if type(cur).__module__.split(".")[0] in ("psycopg", "peewee"):
+            return True  # named by module: importing psycopg here would make it a dependency of every run
+        cur = cur.__cause__ or cur.__context__
+    return False
 
 
 _stopping = False

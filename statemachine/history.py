@@ -9,12 +9,14 @@ one clock for every process of the machine). The kinds:
 - ``submit`` ``{job, key, workflow}``: ``submit()`` returned the id ``job``;
 - ``send`` ``{job, topic, key, payload, new}``: ``send()`` returned (``new``: True; False: stored by an earlier try);
 - ``enter`` / ``exit`` ``{job, step, workflow, attempt, epoch, outcome}``: a handler was
-  called / ended (``outcome``: ``returned``, ``raised``, ``suspended``, ``aborted``);
+  called / ended (``outcome``: ``returned``, ``raised``, ``suspended``, ``aborted``, or ``rolled-back``:
+  a transactional step raised an error of the database, so its transaction, attempt count included, was
+  undone and the runner may call it again at the same attempt);
 - ``once_fn`` ``{job, step, name, call, start, value}``: a ``once()`` function ran from ``start`` and returned
   ``value`` (the outside call);
 - ``once`` ``{job, step, name, value}``: ``once()`` returned ``value`` to the handler;
 - ``received`` ``{job, step, topic, value}``: ``wait_for()`` returned a message;
-- ``effect`` ``{job, step, attempt}``: a transactional step wrote its marker row;
+- ``effect`` ``{job, step, attempt}``: a transactional step wrote its marker row (with its pid and ``call``);
 - ``nemesis`` ``{action, target, seconds}``: ``kill``, ``stop`` (``seconds``: how long), ``hang`` (stopped for good), ``clock``,
   ``pg_restart``, ``pg_terminate``; ``spawn`` ``{target}``: a worker process started;
 - ``prune`` ``{removed}``: ``engine.prune(older_than=0)`` deleted ``removed`` jobs (None: it failed). Which
@@ -49,8 +51,10 @@ PRUNED_TABLE = "walstate_chaos_pruned"
 READ_PRUNED = "SELECT job_id, workflow, key, state, created_at FROM walstate_chaos_pruned"
 READ_PRUNED_IDS = "SELECT job_id FROM walstate_chaos_pruned"
 READ_EFFECTS = "SELECT job_id, step FROM walstate_chaos_effect"
-CREATE_EFFECTS = "CREATE TABLE IF NOT EXISTS walstate_chaos_effect (job_id BIGINT, step TEXT, attempt INTEGER, pid INTEGER)"
-INSERT_EFFECT = "INSERT INTO walstate_chaos_effect (job_id, step, attempt, pid) VALUES (?, ?, ?, ?)"
+READ_EFFECT_CALLS = "SELECT job_id, step, pid, call_no FROM walstate_chaos_effect"
+CREATE_EFFECTS = ("CREATE TABLE IF NOT EXISTS walstate_chaos_effect "
+                  "(job_id BIGINT, step TEXT, attempt INTEGER, pid INTEGER, call_no INTEGER)")
+INSERT_EFFECT = "INSERT INTO walstate_chaos_effect (job_id, step, attempt, pid, call_no) VALUES (?, ?, ?, ?, ?)"
 
 
 class Ledger:
@@ -201,7 +205,7 @@ def check_history(target: str, ledger_dir: str | os.PathLike[str], *, lease: flo
     _count(report, lines, db)
     _check_jobs(report, lines, db, expect)
     _check_messages(report, lines, db)
-    _check_runs(report, lines, losses, db)
+    _check_runs(report, lines, losses, db, set(transactional))
     _check_once(report, lines, losses, db)
     _check_effects(report, lines, db, set(transactional))
     _check_limits(report, lines, losses, limits or {})
@@ -231,6 +235,9 @@ class _Database:
             "SELECT job_id, step, name, result FROM walstate_once").fetchall()}
         self.effects: Counter[tuple[int, str]] = Counter(
             (int(job_id), str(step)) for job_id, step in conn.execute(READ_EFFECTS).fetchall())
+        #: The (job, step, pid, call) of every transactional call whose transaction committed.
+        self.committed = {(int(r[0]), str(r[1]), int(r[2]), int(r[3]))
+                          for r in conn.execute(READ_EFFECT_CALLS).fetchall()}
 
     def journal_of(self, job_id: int, step: str | None = None) -> list[str]:
         return [f"journal row {r[0]}: job {r[1]} step {r[2]} {r[3]} -> {r[4]} attempt {r[5]} ({r[6]})"
@@ -340,8 +347,14 @@ def _runs(lines: Sequence[Mapping[str, Any]]) -> dict[tuple[int, str], list[tupl
     return out
 
 
-def _check_runs(report: HistoryReport, lines: Sequence[Mapping[str, Any]], losses: _Losses, db: _Database) -> None:
-    """A handler ran again only after its earlier call ended or that call's claim was lost; attempts never went down."""
+def _check_runs(report: HistoryReport, lines: Sequence[Mapping[str, Any]], losses: _Losses, db: _Database,
+                transactional: set[tuple[str, str]]) -> None:
+    """A handler ran again only after its earlier call ended or that call's claim was lost; attempts never went down.
+
+    A transactional call whose transaction the database undid (outcome ``rolled-back``, or ``returned`` with no
+    marker row of its call: the commit after the return failed) left nothing of its attempt, so the
+    next call may come at the same attempt.
+    """
     for (job, step), calls in _runs(lines).items():
         for (a, a_exit), (b, _) in zip(calls, calls[1:]):
             evidence = (_line(a), *([_line(a_exit)] if a_exit else []), _line(b), *db.journal_of(job, step))
@@ -360,7 +373,9 @@ def _check_runs(report: HistoryReport, lines: Sequence[Mapping[str, Any]], losse
                         f"its call in pid {a['pid']} had not returned, and that process was neither killed nor "
                         "stopped past its lease", evidence))
                 continue
-            if a_exit["outcome"] == "returned" and why is None:
+            undone = (a["workflow"], step) in transactional and (
+                job, step, int(a["pid"]), int(a["call"])) not in db.committed
+            if a_exit["outcome"] == "returned" and why is None and not undone:
                 report.violations.append(Violation(
                     "re-run-after-return", f"job {job} step {step!r}: the handler returned in pid {a['pid']} and "
                     f"was called again (pid {b['pid']}), though the first call's claim was never lost", evidence))
