@@ -12,7 +12,7 @@ import json
 import sys
 
 from .storage.errors import JobCancelled, JobFailed
-from .storage.schema import TERMINAL_JOB_STATES
+from .storage.types import TERMINAL_JOB_STATES
 from .storage.faults import Crash, Injector, install
 
 from .engine import Engine

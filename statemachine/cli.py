@@ -25,7 +25,7 @@ from typing import Any, TextIO
 from .storage import SCHEMA_VERSION, TERMINAL_JOB_STATES, UNFINISHED_JOB_STATES, Storage, open_store
 from .storage.errors import (ConfigurationError, ContextInvalid, DatabaseUnavailable, DefinitionError, NotADatabase,
                              SchemaTooOld, VersionNotRegistered, WalstateError)
-from .storage.reads import JobRow
+from .storage.types import JobRow
 from .storage.postgres import is_postgres_url, redact
 
 from . import checks, operator, views

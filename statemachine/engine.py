@@ -22,12 +22,10 @@ from . import checks, log, operator, ownership, views
 from .context import dump_context, message_json, validate_submission
 from .ownership import Clock
 from .runner import JobRun, describe
-from .storage import TERMINAL_JOB_STATES, TERMINAL_STEP_STATES, Durability, JobRow, StepRow, retention
-from .storage.connection import DEFAULT_FILE_MODE
+from .storage import retention
 from .storage.contract import Storage, open_store
-from .storage.writepath import Claimed
-from .storage.retention import DEFAULT_BATCH
-from .storage.retrying import DEFAULT_HOLD_WARNING, DEFAULT_PATIENCE
+from .storage.types import (DEFAULT_BATCH, DEFAULT_FILE_MODE, DEFAULT_HOLD_WARNING, DEFAULT_PATIENCE,
+                            TERMINAL_JOB_STATES, TERMINAL_STEP_STATES, Claimed, Durability, JobRow, StepRow)
 from .storage.errors import (
     ConfigurationError,
     ContextInvalid,

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Generic
 
 from . import checks, log, ownership
 from .storage.errors import ConfigurationError
-from .storage.schema import TERMINAL_JOB_STATES
+from .storage.types import TERMINAL_JOB_STATES
 from .workflow import C
 
 if TYPE_CHECKING:

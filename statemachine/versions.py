@@ -25,7 +25,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from .storage.errors import ContextInvalid, DefinitionError, UnknownJob, VersionNotRegistered
-from .storage.reads import JobRow, StepRow
+from .storage.types import JobRow, StepRow
 from .workflow import MigrationDef, Workflow
 
 

@@ -16,7 +16,7 @@ from .ownership import describe_owner
 from . import checks
 from .storage import Storage, TERMINAL_JOB_STATES, TERMINAL_STEP_STATES, UNFINISHED_JOB_STATES
 from .storage.errors import UnknownJob, UsageError
-from .storage.reads import JobRow, StepCount, StepRow
+from .storage.types import JobRow, StepCount, StepRow
 
 _TERMINAL = frozenset(TERMINAL_STEP_STATES)
 #: The most jobs one page holds.

@@ -13,30 +13,36 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .connection import Durability, open_database
+    from .connection import open_database
     from .contract import Storage, open_store
-    from .reads import JobRow, JournalRow, Reader, StepRow
-    from .schema import SCHEMA_VERSION, TERMINAL_JOB_STATES, TERMINAL_STEP_STATES, UNFINISHED_JOB_STATES
+    from .reads import Reader
+    from .schema import SCHEMA_VERSION
     from .store import Store
-    from .writepath import Change, ContextPatch, WritePath
+    from .types import (TERMINAL_JOB_STATES, TERMINAL_STEP_STATES, UNFINISHED_JOB_STATES, Change, Claimed,
+                        ContextPatch, Durability, JobRow, JobState, JournalRow, StepCount, StepRow, StepState)
+    from .writepath import WritePath
 
 _HOME = {
-    "Durability": "connection",
+    "Durability": "types",
     "Storage": "contract",
     "open_store": "contract",
     "open_database": "connection",
-    "JobRow": "reads",
-    "JournalRow": "reads",
+    "JobRow": "types",
+    "JournalRow": "types",
     "Reader": "reads",
-    "StepRow": "reads",
+    "StepRow": "types",
     "SCHEMA_VERSION": "schema",
-    "TERMINAL_JOB_STATES": "schema",
-    "TERMINAL_STEP_STATES": "schema",
-    "UNFINISHED_JOB_STATES": "schema",
+    "TERMINAL_JOB_STATES": "types",
+    "TERMINAL_STEP_STATES": "types",
+    "UNFINISHED_JOB_STATES": "types",
     "Store": "store",
-    "Change": "writepath",
-    "ContextPatch": "writepath",
+    "Change": "types",
+    "ContextPatch": "types",
     "WritePath": "writepath",
+    "Claimed": "types",
+    "JobState": "types",
+    "StepCount": "types",
+    "StepState": "types",
 }
 
 
@@ -55,12 +61,16 @@ __all__ = [
     "TERMINAL_STEP_STATES",
     "UNFINISHED_JOB_STATES",
     "Change",
+    "Claimed",
     "ContextPatch",
     "Durability",
     "JobRow",
+    "JobState",
     "JournalRow",
     "Reader",
+    "StepCount",
     "StepRow",
+    "StepState",
     "Storage",
     "Store",
     "WritePath",

@@ -13,7 +13,7 @@ import os
 import pathlib
 import sqlite3
 import threading
-from typing import Any, Literal
+from typing import Any
 
 import peewee
 
@@ -26,13 +26,11 @@ from .errors import (
     NotADatabase,
     WriteFailed,
 )
+from .types import DEFAULT_FILE_MODE, Durability
 
-Durability = Literal["normal", "full"]
 
 _SYNCHRONOUS = {"normal": 1, "full": 2}
 
-#: Permission bits of a database file walstate creates (owner only); ``file_mode=None``: the umask's.
-DEFAULT_FILE_MODE = 0o600
 
 
 class WriteLocked(peewee.Database):

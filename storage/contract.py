@@ -16,9 +16,9 @@ import os
 from collections.abc import Callable
 from typing import Protocol
 
-from .connection import DEFAULT_FILE_MODE, Durability, WriteLocked
+from .connection import WriteLocked
 from .reads import Reader
-from .syncer import DEFAULT_SYNC_INTERVAL
+from .types import DEFAULT_FILE_MODE, DEFAULT_SYNC_INTERVAL, Durability
 from .writepath import WritePath
 
 

@@ -51,7 +51,8 @@ from typing import Any
 
 import peewee
 
-from .connection import _ABANDONED, Durability, WriteLocked
+from .connection import _ABANDONED, WriteLocked
+from .types import Durability
 from .errors import (
     ConfigurationError,
     DatabaseBusy,

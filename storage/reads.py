@@ -12,72 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .connection import WriteLocked
-from .schema import UNFINISHED_JOB_STATES
+from .types import UNFINISHED_JOB_STATES, JobRow, JournalRow, StepCount, StepRow
 
 
-@dataclass(frozen=True, slots=True)
-class JobRow:
-    id: int
-    workflow: str
-    key: str | None
-    state: str
-    context: str
-    error: str | None
-    owner: str | None
-    lease_expires: float | None
-    created_at: float
-    updated_at: float
-    epoch: int = 0
-    cancel_requested: bool = False
-    #: A parked job (a step waits): not claimed before this time (None: runnable now).
-    wake_at: float | None = None
-    #: The workflow version the job runs on, and its definition's fingerprint (None: made before schema 5).
-    version: int = 1
-    fingerprint: str | None = None
-    #: When the claim was last taken or renewed, on the lease clock (None: never, or before schema 10).
-    renewed_at: float | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class StepRow:
-    id: int
-    job_id: int
-    name: str
-    phase: str
-    position: int
-    state: str
-    attempt: int
-    output: str | None
-    error: str | None
-    updated_at: float
-    failures: int = 0
-    interruptions: int = 0
-    #: A waiting step's wake-up time (inf: none) and topic.
-    wake_at: float | None = None
-    wait_topic: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class StepCount:
-    """``count`` sub-steps of job ``job_id`` in ``phase`` are in ``state``; ``rank`` orders the phases."""
-
-    job_id: int
-    phase: str
-    state: str
-    count: int
-    rank: int
-
-
-@dataclass(frozen=True, slots=True)
-class JournalRow:
-    id: int
-    job_id: int
-    step: str | None
-    from_state: str
-    to_state: str
-    attempt: int
-    at: float
-    note: str | None
 
 
 #: The rows of the ``(workflow, version)`` pairs given as a JSON list of ``"name@version"`` (two

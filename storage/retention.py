@@ -23,7 +23,7 @@ from typing import Any
 
 from .connection import WriteLocked
 from .errors import ConfigurationError
-from .schema import TERMINAL_JOB_STATES
+from .types import DEFAULT_BATCH, TERMINAL_JOB_STATES, check_states, cutoff
 
 # The terminal states are written into the SQL as literals, the same ones the
 # partial index job_finished_at names (SQLite uses a partial index only for a
@@ -50,29 +50,8 @@ _DELETES = (
     "DELETE FROM walstate_job WHERE id=?",
 )
 
-DEFAULT_BATCH = 200
 
 
-def check_states(states: Iterable[str]) -> tuple[str, ...]:
-    """The states to prune, refusing any that is not terminal."""
-    chosen = tuple(dict.fromkeys(states))
-    if not chosen:
-        raise ConfigurationError("prune needs at least one finished state to prune (succeeded, failed, cancelled)")
-    unfinished = [s for s in chosen if s not in TERMINAL_JOB_STATES]
-    if unfinished:
-        raise ConfigurationError(
-            f"prune deletes finished jobs only; {', '.join(map(repr, unfinished))} is not a finished state "
-            f"(choose among {', '.join(TERMINAL_JOB_STATES)})"
-        )
-    return chosen
-
-
-def cutoff(older_than: float | timedelta, now: float | None = None) -> float:
-    """The Unix time before which a job must have finished to be pruned."""
-    seconds = older_than.total_seconds() if isinstance(older_than, timedelta) else float(older_than)
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ConfigurationError(f"older_than must be a duration >= 0, not {older_than!r}")
-    return (time.time() if now is None else now) - seconds
 
 
 def prune(

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from typing import Any, Literal, TypeVar
 
 from .errors import DatabaseError
+from .types import DEFAULT_HOLD_WARNING, DEFAULT_PATIENCE
 
 log = logging.getLogger("walstate.storage")
 
@@ -47,10 +48,6 @@ def fields(job: int | None = None, step: str | None = None) -> dict[str, Any]:
 T = TypeVar("T")
 Kind = Literal["busy", "lost"]
 
-#: Seconds a write no claim fences keeps trying a busy database (the engine's default ``patience``).
-DEFAULT_PATIENCE = 60.0
-#: Seconds a transactional step may hold SQLite's only writer before a WARNING says so (``hold_warning``).
-DEFAULT_HOLD_WARNING = 1.0
 #: The longest pause between two attempts (the first is 10 ms; each doubles).
 MAX_PAUSE = 0.5
 

@@ -28,14 +28,11 @@ import peewee
 from .connection import translate
 from .errors import NotADatabase, SchemaTooNew, SchemaTooOld
 from .migrations import BASE_VERSION, LATEST, MIGRATIONS, Migration, apply, latest
+from .types import TERMINAL_JOB_STATES, TERMINAL_STEP_STATES, UNFINISHED_JOB_STATES
 
 #: The schema version this walstate creates and reads (older files are upgraded: see migrations.py).
 SCHEMA_VERSION = LATEST
 
-#: States after which nothing changes any more (shared by steps and jobs).
-TERMINAL_STEP_STATES = ("succeeded", "failed", "skipped", "cancelled")
-TERMINAL_JOB_STATES = ("succeeded", "failed", "cancelled")
-UNFINISHED_JOB_STATES = ("pending", "running")
 
 
 @dataclass(frozen=True)

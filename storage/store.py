@@ -7,12 +7,13 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from .connection import DEFAULT_FILE_MODE, Durability, open_database
+from .connection import open_database
 from .errors import ConfigurationError
 from .leaseclock import sqlite_lease_clock
 from .reads import Reader
 from .schema import bind_models, ensure_schema
-from .syncer import BACKSTOP_PAGES, DEFAULT_SYNC_INTERVAL, WalSyncer
+from .syncer import BACKSTOP_PAGES, WalSyncer
+from .types import DEFAULT_FILE_MODE, DEFAULT_SYNC_INTERVAL, Durability
 from .writepath import WritePath
 
 

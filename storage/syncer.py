@@ -44,9 +44,8 @@ import threading
 import weakref
 
 from .errors import ConfigurationError
+from .types import DEFAULT_SYNC_INTERVAL
 
-#: Default bound on the loss window of ``durability="normal"`` (seconds).
-DEFAULT_SYNC_INTERVAL = 0.1
 
 #: WAL size (pages) past which the syncer checkpoints; SQLite's own default threshold.
 CHECKPOINT_PAGES = 1000

@@ -19,9 +19,9 @@ from typing import Any
 
 from .connection import WriteLocked
 from .errors import MigrationRefused
+from .types import FINISHED_FOR_REMOVAL, MigratedJob
 
 #: Step states a step may be in when a migration removes it without ``drop``.
-FINISHED_FOR_REMOVAL = ("succeeded", "skipped")
 
 _JOB = "SELECT state, epoch, version, context FROM walstate_job WHERE id=?"
 _STEPS = "SELECT name, state, phase FROM walstate_step WHERE job_id=? ORDER BY position"
@@ -41,26 +41,6 @@ _JOURNAL = (
 )
 
 
-@dataclass(frozen=True)
-class MigratedJob:
-    """What a migration did to one job's steps.
-
-    ``added`` became pending; ``dropped`` were deleted (named in ``drop``);
-    ``retired`` are finished steps the new version no longer declares: their
-    rows (state, output) stay as the record of what ran, ranked after the new
-    version's steps, and nothing runs them again.
-    """
-
-    added: tuple[str, ...]
-    dropped: tuple[str, ...]
-    retired: tuple[str, ...]
-
-    def note(self, from_version: int, to_version: int) -> str:
-        parts = [f"migrated from version {from_version} to {to_version}"]
-        for label, names in (("added", self.added), ("dropped", self.dropped), ("retired", self.retired)):
-            if names:
-                parts.append(f"{label} {', '.join(names)}")
-        return "; ".join(parts)
 
 
 def migrate_job(

@@ -34,82 +34,17 @@ from typing import Any
 from . import faults
 from .connection import WriteLocked
 from .errors import DatabaseError, JobFinished, LeaseLost, StaleState, UnknownJob
-from .reads import STEPS_OF_JOB, STEPS_OF_JOBS, StepRow, version_pairs
-from .retrying import DEFAULT_HOLD_WARNING, Perseverance, fields
+from .reads import STEPS_OF_JOB, STEPS_OF_JOBS, version_pairs
+from .retrying import Perseverance, fields
+from .types import DEFAULT_HOLD_WARNING, Change, Claimed, ContextPatch, JSONMerge, StepRow
 
 log = logging.getLogger("walstate.storage")
 
-JSONMerge = Callable[[dict[str, Any]], str]
 #: A connection with sqlite3's small API (``execute``, ``executemany``, ``in_transaction``):
 #: sqlite3's own, or :class:`walstate.storage.postgres.PgConn` over psycopg.
 Conn = Any
 
 
-@dataclass(slots=True)
-class ContextPatch:
-    """Fields to merge into a job's context in the same transaction as a change.
-
-    ``merge`` receives the context as stored *now* (inside the transaction, so
-    parallel steps never overwrite each other's fields), returns the validated
-    JSON text to store, and raises a :class:`WalstateError` to refuse it.
-    """
-
-    patch: dict[str, Any]
-    merge: JSONMerge
-
-
-@dataclass(slots=True)
-class Change:
-    """One state change of a sub-step (``kind="step"``) or of a job (``kind="job"``).
-
-    ``owner`` is the job owner the writer believes it is; a change whose job has
-    another owner is refused (fencing). ``output``/``error`` are stored as given
-    (JSON text / message), replacing the previous values.
-    """
-
-    kind: str
-    row_id: int
-    job_id: int
-    step: str | None
-    expected: str
-    new: str
-    attempt: int = 0
-    owner: str | None = None
-    #: The claim epoch the writer holds (fencing token): a change is written only
-    #: while the job still has this owner *and* this epoch.
-    epoch: int = 0
-    output: str | None = None
-    error: str | None = None
-    note: str | None = None
-    context: ContextPatch | None = field(default=None)
-    #: For a step: failed attempts and interruptions since its last requeue.
-    failures: int = 0
-    interruptions: int = 0
-    #: For a job change: also release the claim (owner and lease cleared, epoch
-    #: bumped) in the same commit, so that a superseded writer is fenced off.
-    release: bool = False
-    #: For a step moving to ``waiting``: what it waits for (a time, inf for none; a topic).
-    wake_at: float | None = None
-    topic: str | None = None
-    #: ``once()`` records ``(step, name, result)`` to (re)store in the same commit:
-    #: an outside effect that happened during an attempt whose own transaction
-    #: rolled back must stay recorded.
-    once: tuple[tuple[str, str, str], ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Claimed:
-    """What a successful claim holds: the new epoch, and the job as the claim found it."""
-
-    epoch: int
-    context: str
-    cancel_requested: bool
-    steps: list[StepRow]
-    #: The job's id (filled by batch claims; single claims know it already).
-    job_id: int = 0
-    #: The job's workflow version and definition fingerprint (filled by batch claims).
-    version: int = 1
-    fingerprint: str | None = None
 
 
 class _Request:
