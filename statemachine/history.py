@@ -8,8 +8,8 @@ one clock for every process of the machine). The kinds:
 
 - ``submit`` ``{job, key, workflow}``: ``submit()`` returned the id ``job``;
 - ``send`` ``{job, topic, key, payload, new}``: ``send()`` returned (``new``: True; False: stored by an earlier try);
-- ``enter`` / ``exit`` ``{job, step, workflow, attempt, epoch, outcome}``: a handler was
-  called / ended (``outcome``: ``returned``, ``raised``, ``suspended``, ``aborted``, or ``rolled-back``:
+- ``enter`` / ``exit`` ``{job, step, workflow, attempt, call, epoch, outcome}``: a handler was
+  called / ended (``call``: the process's own number of the call, pairing the two; ``outcome``: ``returned``, ``raised``, ``suspended``, ``aborted``, or ``rolled-back``:
   a transactional step raised an error of the database, so its transaction, attempt count included, was
   undone and the runner may call it again at the same attempt);
 - ``once_fn`` ``{job, step, name, call, start, value}``: a ``once()`` function ran from ``start`` and returned
@@ -311,6 +311,10 @@ def _check_messages(report: HistoryReport, lines: Sequence[Mapping[str, Any]], d
     for r in lines:
         if r["kind"] == "received":
             receipts[(int(r["job"]), json.dumps(r["value"], sort_keys=True))].add(str(r["step"]))
+    keys: dict[tuple[int, str], set[str]] = defaultdict(set)  # the distinct messages of each (job, payload)
+    for r in lines:
+        if r["kind"] == "send":
+            keys[(int(r["job"]), json.dumps(r["payload"], sort_keys=True))].add(str(r["key"]))
     for r in lines:
         if r["kind"] != "send":
             continue
@@ -324,8 +328,11 @@ def _check_messages(report: HistoryReport, lines: Sequence[Mapping[str, Any]], d
         elif stored[1] is None:
             report.violations.append(Violation("message-not-consumed", f"message {r['key']!r} to job {r['job']} "
                                                "was never consumed", (_line(r), *db.journal_of(r["job"]))))
-        steps = receipts.get((int(r["job"]), json.dumps(r["payload"], sort_keys=True)), set())
-        if len(steps) > 1:
+        payload = (int(r["job"]), json.dumps(r["payload"], sort_keys=True))
+        steps = receipts.get(payload, set())
+        # A receipt names its wait and payload, not the message's key: only more waits than there are messages
+        # of that payload shows one message received twice.
+        if len(steps) > len(keys[payload]):
             report.violations.append(Violation("message-consumed-twice", f"message {r['key']!r} to job {r['job']} "
                                                f"was received by several waits: {sorted(steps)}", (_line(r),)))
 
