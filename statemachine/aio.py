@@ -50,7 +50,6 @@ from . import checks
 from .context import StepContext
 
 if TYPE_CHECKING:
-    import peewee
     from pydantic import BaseModel
 
     from .engine import Engine, JobId, JobStatus, MigrationReport, RecoveryReport, TransitionRecord
@@ -87,7 +86,8 @@ class AsyncStepContext:
         return self._sc.idempotency_key
 
     @property
-    def db(self) -> peewee.Database:
+    def db(self) -> Any:
+        """The job database (peewee, for SQL stores), as :attr:`StepContext.db`."""
         return self._sc.db
 
     @property

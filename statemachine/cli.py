@@ -154,7 +154,7 @@ def _blocker(spec: str | None, db: str) -> Callable[[Storage, JobRow], tuple[str
         if row.state not in UNFINISHED_JOB_STATES:
             return None
         try:
-            registry.resolve(row, lambda: store.read.steps(row.id), store.path)
+            registry.resolve(row, lambda: store.steps(row.id), store.path)
         except VersionNotRegistered as exc:
             return waiting_for(row), str(exc)
         except DefinitionError as exc:
@@ -177,7 +177,7 @@ def cmd_jobs(args: argparse.Namespace, out: Out) -> int:
         notes: dict[int, tuple[str, str]] = {}
         if args.app:
             for j in page:
-                row = store.read.job(j.id)
+                row = store.job(j.id)
                 why = None if row is None else blocked(store, row)
                 if why is not None:
                     notes[j.id] = why
@@ -230,7 +230,7 @@ def describe_holder(held: dict[str, Any]) -> str:
 def cmd_release(args: argparse.Namespace, out: Out) -> int:
     store, _ = _open_existing(args.db)
     try:
-        taken = store.write.force_release(args.job, "released by an operator (walstate release)")
+        taken = store.force_release(args.job, "released by an operator (walstate release)")
     finally:
         store.close()
     if taken is None:
@@ -248,7 +248,7 @@ def cmd_show(args: argparse.Namespace, out: Out) -> int:
         blocked = _blocker(args.app, args.db)
         job = views.job_detail(store, args.job)
         if args.app:
-            row = store.read.job(args.job)
+            row = store.job(args.job)
             why = None if row is None else blocked(store, row)
             job["blocked"] = None if why is None else why[1]
             job["note"] = None if why is None else why[0]
@@ -298,7 +298,7 @@ def cmd_history(args: argparse.Namespace, out: Out) -> int:
 def cmd_retry(args: argparse.Namespace, out: Out) -> int:
     store, _ = _open_existing(args.db)
     try:
-        row = store.read.job(args.job)
+        row = store.job(args.job)
         if row is not None and row.state == "pending" and args.step is None:
             # Engine.retry() of a pending job changes nothing (it returns []): not a requeue.
             print(f"walstate: job {args.job} is pending already (it has not failed or been cancelled): nothing was "
@@ -388,14 +388,14 @@ def duration(text: str) -> float:
 
 
 def cmd_prune(args: argparse.Namespace, out: Out) -> int:
-    from .storage.retention import check_states, cutoff, prune
+    from .storage.types import check_states, cutoff
 
     states = check_states(s.strip() for s in args.states.split(","))
     before = cutoff(args.older_than)
     # A dry run opens the file read-only: it cannot change a byte of it.
     store = _open(args.db) if args.dry_run else _open_existing(args.db)[0]
     try:
-        count = prune(store.db, store.path, args.older_than, states, batch=args.batch, dry_run=args.dry_run)
+        count = store.prune(float(args.older_than), states, batch=args.batch, dry_run=args.dry_run)
     finally:
         store.close()
     if out.as_json:
@@ -543,7 +543,7 @@ def cmd_send(args: argparse.Namespace, out: Out) -> int:
                                  "(hundreds of levels); send a flatter message") from None
     store, _ = _open_existing(args.db)
     try:
-        _, new = store.write.send(args.job, args.topic, message_json(payload, "the payload"), args.key)
+        _, new = store.send(args.job, args.topic, message_json(payload, "the payload"), args.key)
     finally:
         store.close()
     out.line(f"sent {args.topic!r} to job {args.job}" if new else f"key {args.key!r} was sent before: nothing stored")

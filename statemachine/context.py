@@ -18,9 +18,7 @@ from . import checks
 from .storage.errors import ContextInvalid, InvalidArgument, OutputNotJSON, WaitTimeout
 
 if TYPE_CHECKING:
-    import peewee
-
-    from .storage import Reader, WritePath
+    from .storage.contract import Storage
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
@@ -178,16 +176,16 @@ class StepContext:
 
     ``idempotency_key`` is the same for every attempt of this sub-step, in this
     process or after a restart: pass it to external APIs so that a repeated
-    call is recognised. ``db`` is the job database (peewee); in a
+    call is recognised. ``db`` is the job database (peewee, for SQL stores); in a
     transactional step its current transaction is the one that records the
     step's completion.
     """
 
-    __slots__ = ("job_id", "step", "attempt", "idempotency_key", "db", "cancelled", "_reader", "_writer", "recorded",
+    __slots__ = ("job_id", "step", "attempt", "idempotency_key", "db", "cancelled", "_store", "recorded",
                  "_clock", "_fence", "_waits")
 
-    def __init__(self, job_id: int, step: str, attempt: int, idempotency_key: str, db: peewee.Database,
-                 reader: Reader, writer: WritePath, cancelled: threading.Event | None = None, *,
+    def __init__(self, job_id: int, step: str, attempt: int, idempotency_key: str, db: Any,
+                 store: Storage, cancelled: threading.Event | None = None, *,
                  clock: Callable[[], float] = time.time, fence: tuple[str | None, int] = (None, 0)) -> None:
         self.job_id = job_id
         self.step = step
@@ -198,8 +196,7 @@ class StepContext:
         #: its claim on it. A long handler should check it (or ``wait`` on it)
         #: and return early; whatever it returns after that is not recorded.
         self.cancelled = cancelled if cancelled is not None else threading.Event()
-        self._reader = reader
-        self._writer = writer
+        self._store = store
         #: ``(step, name, result)`` of every once() of this attempt, so that the
         #: runner can record them again if the attempt's own transaction rolls back.
         self.recorded: list[tuple[str, str, str]] = []
@@ -246,7 +243,7 @@ class StepContext:
             self.recorded.append((self.step, name, text))
             owner, epoch = self._fence
             # Fenced: a run superseded while fn ran stores nothing (LeaseLost).
-            stored = self._writer.record_once(self.job_id, self.step, name, text, owner=owner, epoch=epoch)
+            stored = self._store.record_once(self.job_id, self.step, name, text, owner=owner, epoch=epoch)
         result: T = json.loads(stored)
         return result
 
@@ -258,7 +255,7 @@ class StepContext:
         check and the call still calls it; its record is then refused.)
         """
         owner, epoch = self._fence
-        return self._writer.once_lookup(self.job_id, self.step, name, owner, epoch)
+        return self._store.once_lookup(self.job_id, self.step, name, owner, epoch)
 
     # -- durable waits ------------------------------------------------------------
     #
@@ -315,7 +312,7 @@ class StepContext:
             timeout = checks.seconds(timeout, f"{where}: the timeout (or None)", zero=True)
         name = self._wait_name(f"wait_{topic}")
         owner, epoch = self._fence
-        payload = self._writer.consume(self.job_id, self.step, name, topic, owner, epoch)
+        payload = self._store.consume(self.job_id, self.step, name, topic, owner, epoch)
         if payload is not None:
             return json.loads(payload)
         deadline = math.inf

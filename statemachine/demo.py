@@ -270,7 +270,7 @@ def _wrapped(text: str, indent: str = "  ") -> None:
 
 def _print_report(path: str, at_kill: dict[str, tuple[str, str, int]]) -> int:
     with engine(path) as e:
-        job_id = e.store.read.jobs(workflow="registration", limit=1)[0].id
+        job_id = e.store.jobs(workflow="registration", limit=1)[0].id
         status = e.status(job_id)
         history = e.history(job_id)
     interrupted = [n for n in status.steps if any(r.step == n and r.note == "interrupted" for r in history)]

@@ -22,10 +22,10 @@ from . import checks, log, operator, ownership, views
 from .context import dump_context, message_json, validate_submission
 from .ownership import Clock
 from .runner import JobRun, describe
-from .storage import retention
 from .storage.contract import Storage, open_store
 from .storage.types import (DEFAULT_BATCH, DEFAULT_FILE_MODE, DEFAULT_HOLD_WARNING, DEFAULT_PATIENCE,
-                            TERMINAL_JOB_STATES, TERMINAL_STEP_STATES, Claimed, Durability, JobRow, StepRow)
+                            TERMINAL_JOB_STATES, TERMINAL_STEP_STATES, Claimed, Durability, JobRow, MigratedJob,
+                            StepRow)
 from .storage.errors import (
     ConfigurationError,
     ContextInvalid,
@@ -46,7 +46,6 @@ from .storage.errors import (
 from .aio import EngineAsyncAPI
 from .runtime import JobHandle, Worker
 from .schedules import DEFAULT_GRACE, Missed, Schedule
-from .storage.versions import MigratedJob, migrate_job
 from .substep import LiveJob, SubStep
 from .threads import ThreadCache
 from .versions import Plan, Registry
@@ -248,13 +247,10 @@ class Engine(EngineAsyncAPI):
                                          group_commit=group_commit, sync_interval=sync_interval,
                                          file_mode=file_mode)
         self.path = self.store.path
-        retry = self.store.write.retry
-        retry.patience = patience
-        retry.claim_patience = math.inf  # until the claim is lost or the engine closes
-        self.store.write.hold_warning = hold_warning
-        # A process stopped inside a transaction must not keep its locks past the time its jobs are
-        # taken from it: PostgreSQL ends such a session then (see ownership.HUNG_GRACE).
-        self.store.write.limit_idle_transactions(lease + ownership.HUNG_GRACE)
+        # A fenced write waits until its claim is lost or the engine closes. A process stopped inside a
+        # transaction must not keep its locks past the time its jobs are taken from it: PostgreSQL ends
+        # such a session then (see ownership.HUNG_GRACE).
+        self.store.configure(patience=patience, hold_warning=hold_warning, idle_limit=lease + ownership.HUNG_GRACE)
         self.workers = workers
         self.lease = lease
         self.clock = clock = self.store.synced(clock)
@@ -266,8 +262,8 @@ class Engine(EngineAsyncAPI):
         #: Leases are set and judged on the store's lease clock, never on ``clock``: a step of this
         #: engine's clock must not make other engines' leases look expired (see ownership.HUNG_GRACE).
         self.lease_clock = self.store.lease_clock
-        self._heartbeat = ownership.Heartbeat(lease, self.store.write.renew, self.lease_clock,
-                                              self.store.read.cancel_requested)
+        self._heartbeat = ownership.Heartbeat(lease, self.store.renew, self.lease_clock,
+                                              self.store.cancel_requested)
         self._active: dict[int, _Active] = {}
         self._active_lock = threading.Lock()
         self._closing = False
@@ -351,7 +347,7 @@ class Engine(EngineAsyncAPI):
         # position ranks steps by phase order, then declaration order, so readers
         # (the CLI) recover the phase order from the rows alone.
         steps = flow.ranked_steps()
-        job_id, existing = self.store.write.create_job(workflow, key, text, steps, flow.version, flow.fingerprint)
+        job_id, existing = self.store.create_job(workflow, key, text, steps, flow.version, flow.fingerprint)
         if existing is not None and json.loads(existing) != json.loads(text):
             raise KeyConflict(
                 f"{self.path}: key {key!r} of workflow {workflow!r} already names job {job_id}, submitted with "
@@ -363,7 +359,7 @@ class Engine(EngineAsyncAPI):
         return JobId(job_id)
 
     def _row(self, job_id: int) -> JobRow:
-        row = self.store.read.job(checks.job_id(job_id, self.path))
+        row = self.store.job(checks.job_id(job_id, self.path))
         if row is None:
             raise UnknownJob(f"{self.path}: no job {job_id}")
         return row
@@ -397,7 +393,7 @@ class Engine(EngineAsyncAPI):
         cannot run on this engine's definitions.
         """
         job_id = checks.job_id(job_id, self.path)
-        if self.store.db.transaction_depth() > 0:
+        if self.store.transaction_active():
             raise UsageError(
                 f"{self.path}: run({job_id}) inside an open transaction (a transactional step, or db.atomic()) "
                 "would wait for that very transaction; submit() the job there and run it after the step, or make "
@@ -449,7 +445,7 @@ class Engine(EngineAsyncAPI):
         ContextInvalid; reads nothing but, for jobs stored before versions
         existed, their step names.
         """
-        return self._registry.resolve(row, lambda: self.store.read.steps(row.id), self.path)
+        return self._registry.resolve(row, lambda: self.store.steps(row.id), self.path)
 
     def _runnable(self, row: JobRow) -> str | None:
         """Why this engine must leave job ``row`` alone (``"TypeName: message"``), or None if it can run it.
@@ -503,9 +499,9 @@ class Engine(EngineAsyncAPI):
             except ContextInvalid as exc:
                 raise MigrationRefused(f"{exc}; the migration was refused and nothing changed") from exc
 
-        done = migrate_job(self.store.db, self.path, row.id, row.workflow, epoch=row.epoch, from_version=row.version,
-                           to_version=target.version, fingerprint=target.fingerprint, steps=target.ranked_steps(),
-                           drop=migration.drop, context=context)
+        done = self.store.migrate_job(row.id, row.workflow, epoch=row.epoch, from_version=row.version,
+                                      to_version=target.version, fingerprint=target.fingerprint,
+                                      steps=target.ranked_steps(), drop=migration.drop, context=context)
         if done is not None:
             log.job_migrated(row.id, row.workflow, done.note(row.version, target.version))  # log
         return done
@@ -520,7 +516,7 @@ class Engine(EngineAsyncAPI):
         migrated in its own transaction, fenced by its claim epoch.
         """
         report = MigrationReport()
-        for row in self.store.read.unfinished_jobs():
+        for row in self.store.unfinished_jobs():
             if workflow is not None and row.workflow != workflow:
                 continue
             found = self._registry.migration_to(row.workflow, row.version)
@@ -553,7 +549,7 @@ class Engine(EngineAsyncAPI):
                 log.job_left_alone(job_id, row.workflow, f"{row.owner} is running it")  # log
                 raise JobOwned(f"{self.path}: job {job_id} is being run by {row.owner}; not taking it over")
             note = "claimed" if row.owner is None else f"claimed from {row.owner} (epoch {row.epoch}), found dead"
-            claimed = self.store.write.claim(job_id, state=row.state, epoch=row.epoch, owner=owner,
+            claimed = self.store.claim(job_id, state=row.state, epoch=row.epoch, owner=owner,
                                              lease_expires=self._heartbeat.lease_expires(), note=note)
             if claimed is None:
                 raise JobOwned(f"{self.path}: job {job_id} was claimed by another run just now")
@@ -569,7 +565,7 @@ class Engine(EngineAsyncAPI):
         Returns its status (raising JobFailed/JobCancelled as ``run`` does), or None without
         reading it back when not ``report`` (a worker's run: nobody waits for that status).
         """
-        job = LiveJob(job_id, flow.name, "running", owner, self.store.write, claimed.epoch)
+        job = LiveJob(job_id, flow.name, "running", owner, self.store, claimed.epoch)
         steps = {r.name: SubStep(job, r) for r in claimed.steps}
         if prior_state == "pending":  # log
             log.job_started(job_id, flow.name)
@@ -599,13 +595,13 @@ class Engine(EngineAsyncAPI):
             self._heartbeat.remove(claim)
         if outcome == "parked":
             wake_at, topics = run.waits()
-            self.store.write.park(job_id, owner, job.epoch, wake_at, topics,
+            self.store.park(job_id, owner, job.epoch, wake_at, topics,
                                   "parked: " + ", ".join(f"{n} waits" for n, st in steps.items() if st.state == "waiting"))
             log.job_parked(job_id, flow.name, wake_at, topics)  # log
             return self._status(self._row(job_id))
         if outcome == "released":
             # Not when the shutdown released it already (the claim is gone: nothing is written).
-            if self.store.write.release(job_id, owner, job.epoch, "released: the engine was closed"):
+            if self.store.release(job_id, owner, job.epoch, "released: the engine was closed"):
                 log.job_released(job_id, flow.name, "the engine was closed", cut_short=False)  # log
             raise EngineClosed(f"{self.path}: the engine was closed during the run of job {job_id}; its "
                                "unfinished steps are left for another run")
@@ -653,8 +649,8 @@ class Engine(EngineAsyncAPI):
             return  # its last commit released it already
         why = f"released: the run stopped on {type(exc).__name__}: {exc}"
         try:
-            if self.store.write.park(job_id, owner, job.epoch, self.clock() + self.GIVE_BACK_PAUSE, (), why,
-                                     patience=self.store.write.retry.patience):
+            if self.store.park(job_id, owner, job.epoch, self.clock() + self.GIVE_BACK_PAUSE, (), why,
+                                     patience=self.store.patience):
                 log.job_left_alone(job_id, workflow, why)  # log
         except WalstateError as failed:
             log.job_left_alone(job_id, workflow, f"{why}; releasing it failed too ({failed})")  # log
@@ -669,7 +665,7 @@ class Engine(EngineAsyncAPI):
         # registered its job before (so it is skipped here) or finds the worker's
         # run registered after, and waits for it; never two runs of one job here.
         with ownership.Claiming(owner), self._active_lock:
-            claims = self.store.write.claim_runnable(
+            claims = self.store.claim_runnable(
                 owner=owner, lease_expires=self._heartbeat.lease_expires(), limit=limit, workflows=list(self._flows),
                 now=self.clock(), dead=dead, skip=[*worker.unrunnable, *self._active], limits=limits or None,
                 versions=self._registry.claimable())
@@ -709,7 +705,7 @@ class Engine(EngineAsyncAPI):
             except Exception as exc:
                 # Nothing ran: give the job back at once and never claim it here again.
                 worker.unrunnable[job_id] = f"{type(exc).__name__}: {exc}"
-                self.store.write.release(job_id, owner, claimed.epoch, f"released: cannot run here ({exc})",
+                self.store.release(job_id, owner, claimed.epoch, f"released: cannot run here ({exc})",
                                          undo_start=prior_state == "pending")
                 log.job_unrunnable(job_id, workflow, worker.unrunnable[job_id])  # log
                 return
@@ -717,7 +713,7 @@ class Engine(EngineAsyncAPI):
                 # A declared migration moves it onto a newer version first: only an
                 # unowned job can be migrated, so give it back, migrate it, and let
                 # the next claim (here or elsewhere) run it.
-                self.store.write.release(job_id, owner, claimed.epoch, "released: to be migrated",
+                self.store.release(job_id, owner, claimed.epoch, "released: to be migrated",
                                          undo_start=prior_state == "pending")
                 self._migrate(self._row(job_id), plan)
                 return
@@ -766,18 +762,18 @@ class Engine(EngineAsyncAPI):
         """Submit the job of every schedule slot that has come (the worker calls this)."""
         now = self.clock()
         for sched in list(self._schedules.values()):
-            slots, passed = sched.due(now, self.store.read.schedule_slot(sched.name))
+            slots, passed = sched.due(now, self.store.schedule_slot(sched.name))
             for slot in slots:
                 self._submit_slot(sched, slot)
             if passed is not None:
-                self.store.write.pass_slot(sched.name, passed)
+                self.store.pass_slot(sched.name, passed)
 
     def _submit_slot(self, sched: Schedule, slot: float) -> None:
         """Create the job of one slot and advance the schedule's progress to it (nothing if another process did)."""
         flow = sched.flow
         where = f"schedule {sched.name!r}"
         text = dump_context(flow.context, validate_submission(flow.context, sched.context, where), where)
-        job_id = self.store.write.create_scheduled(sched.name, slot, flow.name, sched.key(slot), text,
+        job_id = self.store.create_scheduled(sched.name, slot, flow.name, sched.key(slot), text,
                                                    flow.ranked_steps(), flow.version, flow.fingerprint)
         worker = self._worker
         if worker is not None and job_id is not None:
@@ -883,7 +879,7 @@ class Engine(EngineAsyncAPI):
         run.signal("shutdown")
         owner, epoch = run.job.owner, run.job.epoch
         # Once: the grace is over, and should the database be busy, the lease expires anyway.
-        if owner is not None and self.store.write.release(
+        if owner is not None and self.store.release(
                 job_id, owner, epoch, "released: shut down before its steps in flight finished", patience=0.0):
             log.job_released(job_id, run.flow.name, "shut down before its steps in flight finished (the grace ran "  # log
                              "out); the next run retries them", cut_short=True)
@@ -912,7 +908,7 @@ class Engine(EngineAsyncAPI):
         use :meth:`status` to see how each ended.
         """
         report = RecoveryReport()
-        for row in self.store.read.unfinished_jobs():
+        for row in self.store.unfinished_jobs():
             with self._active_lock:
                 if row.id in self._active:
                     continue  # this engine is running it right now
@@ -962,12 +958,12 @@ class Engine(EngineAsyncAPI):
             before = {n for n, s in active.run.steps.items() if s.state in TERMINAL_STEP_STATES}
             # Stored as well as signalled: if this process dies before the run has
             # cancelled the job, the run that recovers it finds the request.
-            self.store.write.request_cancel(job_id)
+            self.store.request_cancel(job_id)
             active.run.signal("cancel")
             if not active.done.wait(wait):
                 raise JobOwned(f"{self.path}: job {job_id} is still running; it will be cancelled once its handlers "
                                f"in flight return (waited {wait:g}s)")
-            return [s.name for s in self.store.read.steps(job_id) if s.state == "cancelled" and s.name not in before]
+            return [s.name for s in self.store.steps(job_id) if s.state == "cancelled" and s.name not in before]
         return operator.cancel(self.store, job_id, wait=wait, clock=self.lease_clock)
 
     def send(self, job_id: int, topic: str, payload: Any, *, key: str | None = None) -> bool:
@@ -996,7 +992,7 @@ class Engine(EngineAsyncAPI):
         if key is not None:
             checks.text(key, f"{self.path}: send({job_id}, {topic!r}): the message key")
         text = message_json(payload, f"the payload of send({job_id}, {topic!r})")
-        _, new = self.store.write.send(job_id, topic, text, key)
+        _, new = self.store.send(job_id, topic, text, key)
         worker = self._worker
         if worker is not None:
             worker.wake()
@@ -1014,7 +1010,7 @@ class Engine(EngineAsyncAPI):
         in flight are retried, journalled as interrupted. A finished job is
         left as it is (None). Raises :class:`UnknownJob`.
         """
-        taken = self.store.write.force_release(job_id, "released by an operator")
+        taken = self.store.force_release(job_id, "released by an operator")
         if taken is None:
             self._row(job_id)  # UnknownJob for a job that does not exist
             return None
@@ -1063,7 +1059,7 @@ class Engine(EngineAsyncAPI):
                                      f"validate against {flow.context.__name__}: {exc}") from exc
         steps = {
             s.name: StepStatus(s.name, s.state, s.phase, s.attempt, None if s.output is None else json.loads(s.output), s.error)
-            for s in self.store.read.steps(row.id)
+            for s in self.store.steps(row.id)
         }
         holder = None
         if row.owner is not None:
@@ -1091,7 +1087,7 @@ class Engine(EngineAsyncAPI):
         if step is not None:
             checks.text(step, f"{self.path}: history({job_id}): the step")
         return [TransitionRecord(r.step, r.from_state, r.to_state, r.attempt, r.at, r.note)
-                for r in self.store.read.journal(job_id, step)]
+                for r in self.store.journal(job_id, step)]
 
     # -- retention --------------------------------------------------------------
 
@@ -1107,7 +1103,7 @@ class Engine(EngineAsyncAPI):
         age = older_than.total_seconds() if isinstance(older_than, timedelta) else older_than
         checks.seconds(age, "prune(older_than=)", zero=True, error=ConfigurationError)
         checks.count(batch, "prune(batch=)", maximum=1_000_000, error=ConfigurationError)
-        return retention.prune(self.store.db, self.path, older_than, states, batch=batch, dry_run=dry_run)
+        return self.store.prune(float(age), tuple(states), batch=batch, dry_run=dry_run)
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -1135,7 +1131,7 @@ class Engine(EngineAsyncAPI):
                 active.done.wait(max(0.0, deadline - time.monotonic()))
         # Grace is over: a write still waiting for a busy database gives up (its run's claim is released below,
         # or expires).
-        self.store.write.retry.stop()
+        self.store.stop_retrying()
         for job_id, active in actives:
             if not active.done.is_set() and active.thread != me:
                 with contextlib.suppress(WalstateError):  # the file may be failing: its lease expires anyway

@@ -26,10 +26,10 @@ Clock = Callable[[], float]
 
 
 def _load(store: Storage, job_id: int) -> tuple[JobRow, list[StepRow]]:
-    row = store.read.job(checks.job_id(job_id, store.path))
+    row = store.job(checks.job_id(job_id, store.path))
     if row is None:
         raise UnknownJob(f"{store.path}: no job {job_id}")
-    return row, store.read.steps(job_id)
+    return row, store.steps(job_id)
 
 
 def cancel(store: Storage, job_id: int, *, wait: float = 30.0, clock: Clock = time.time,
@@ -47,7 +47,7 @@ def cancel(store: Storage, job_id: int, *, wait: float = 30.0, clock: Clock = ti
         if row.state in JOB.terminal:
             JOB.destination(row.state, "cancel", f"{store.path}: job {job_id}")
         before = {s.name for s in steps if s.state in STEP.terminal}
-        store.write.request_cancel(job_id)
+        store.request_cancel(job_id)
         while time.monotonic() < deadline:
             row, steps = _load(store, job_id)
             if row.state in JOB.terminal or row.owner is None:
@@ -83,7 +83,7 @@ def _cancel_unheld(store: Storage, job_id: int, note: str) -> list[str]:
         changes.append(Change("job", job_id, job_id, None, row.state, dest, 0, row.owner, row.epoch,
                               error=row.error, note=note, release=True))
     if changes:
-        store.write.commit(changes)
+        store.commit(changes)
     return names
 
 
@@ -130,5 +130,5 @@ def retry(store: Storage, job_id: int, step: str | None = None) -> list[str]:
         changes.append(Change("job", job_id, job_id, None, row.state, dest, 0, row.owner, row.epoch,
                               error=None, note="requeued by an operator", release=True))
     if changes:
-        store.write.commit(changes)
+        store.commit(changes)
     return [c.step for c in changes if c.step is not None]

@@ -189,7 +189,7 @@ class JobRun:
         if step.wait_topic is None:
             return False
         if self._topics is None:
-            self._topics = self.store.read.message_topics(self.job.id)
+            self._topics = self.store.message_topics(self.job.id)
         return step.wait_topic in self._topics
 
     def context(self) -> BaseModel:
@@ -204,7 +204,7 @@ class JobRun:
         This run's claim is the job's last journal row: "claimed from ..." when the previous owner
         was found dead; a plain "claimed" follows a release, whose note says why it was given up.
         """
-        notes = [r.note or "" for r in self.store.read.journal(self.job.id) if r.step is None]
+        notes = [r.note or "" for r in self.store.journal(self.job.id) if r.step is None]
         if not notes or notes[-1].startswith("claimed from"):
             return "was interrupted (the process running it died)", "was interrupted (its process died)", True
         before = notes[-2] if len(notes) > 1 else ""
@@ -399,14 +399,14 @@ class JobRun:
                             last, sc, ctx = sc, self._step_context(d, step, cancelled), self.context()
                             sc.recorded.extend(last.recorded)
                             for name_of_step, name, text in last.recorded:
-                                self.store.write.record_once(self.job.id, name_of_step, name, text,
+                                self.store.record_once(self.job.id, name_of_step, name, text,
                                                              owner=self.job.owner, epoch=self.job.epoch)
                             box.clear()
                         begun.append(True)
                         try:
                             change.output, change.context = self._call(d, ctx, sc, box)
                         except _HandlerRaised as raised:
-                            refusal = self.store.write.transient_refusal(raised.exc)
+                            refusal = self.store.transient_refusal(raised.exc)
                             if refusal is not None:
                                 raise refusal  # the write path's to retry, not the step's error
                             raise
@@ -439,8 +439,8 @@ class JobRun:
 
     def _step_context(self, d: StepDef, step: SubStep, cancelled: threading.Event) -> StepContext:
         """What the handler of ``d`` is given for the current attempt of ``step``."""
-        return StepContext(self.job.id, d.name, step.attempt, self._idempotency_key(d.name), self.store.db,
-                           self.store.read, self.store.write, cancelled, clock=self.clock,
+        return StepContext(self.job.id, d.name, step.attempt, self._idempotency_key(d.name),
+                           self.store.handle, self.store, cancelled, clock=self.clock,
                            fence=(self.job.owner, self.job.epoch))
 
     def _chained(self, name: str) -> SubStep | None:

@@ -135,7 +135,7 @@ class Worker:
     # -- the loop ----------------------------------------------------------------
 
     def _loop(self) -> None:
-        read = self.engine.store.read
+        read = self.engine.store
         version = -1
         next_scan = 0.0
         next_wake: float | None = None
@@ -182,7 +182,7 @@ class Worker:
         # This engine's own claims: its runs give back what they stop running, so one left behind (its
         # release failed too) is taken only once its lease has run out, never while the run may live.
         me = engine.owner
-        dead = [(job_id, epoch) for job_id, epoch, workflow, owner, lease in engine.store.read.owned_unfinished()
+        dead = [(job_id, epoch) for job_id, epoch, workflow, owner, lease in engine.store.owned_unfinished()
                 if workflow in flows and job_id not in self.unrunnable
                 and (owner != me or lease is None or lease <= now)
                 and not ownership.owner_alive(owner, job_id, lease, now)]
@@ -190,12 +190,12 @@ class Worker:
             return dead
         # Of versions this engine can run only (the claim would skip the others anyway: do not ask it to).
         versions = set(engine._registry.claimable())
-        rows = [engine.store.read.job(job_id) for job_id, _ in dead]
+        rows = [engine.store.job(job_id) for job_id, _ in dead]
         return [d for d, row in zip(dead, rows) if row is not None and (row.workflow, row.version) in versions]
 
     def _claim(self, free: int, dead: list[tuple[int, int]]) -> None:
         engine = self.engine
-        if not dead and not engine.store.read.runnable_exists(list(engine._flows), engine.clock(), list(self.unrunnable),
+        if not dead and not engine.store.runnable_exists(list(engine._flows), engine.clock(), list(self.unrunnable),
                                                               engine._registry.claimable()):
             return
         self.claimed += engine._claim_batch(free, dead, self)

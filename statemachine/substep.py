@@ -6,7 +6,8 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .storage import Change, ContextPatch, StepRow, WritePath
+from .storage.contract import Storage
+from .storage.types import Change, ContextPatch, StepRow
 
 from .fsm import JOB, STEP
 
@@ -24,7 +25,7 @@ class LiveJob:
 
     __slots__ = ("id", "workflow", "state", "owner", "epoch", "write", "aborted", "released")
 
-    def __init__(self, job_id: int, workflow: str, state: str, owner: str | None, write: WritePath,
+    def __init__(self, job_id: int, workflow: str, state: str, owner: str | None, write: Storage,
                  epoch: int = 0) -> None:
         self.id = job_id
         self.workflow = workflow
@@ -32,6 +33,7 @@ class LiveJob:
         self.owner = owner
         #: The claim epoch this run holds: the fencing token of all its writes.
         self.epoch = epoch
+        #: The store this run writes to (every move of the job and its sub-steps is one of its commits).
         self.write = write
         self.aborted: threading.Event | None = None
         #: Why this run is giving its claim up on purpose (a shutdown), so that writes refused after it are expected.

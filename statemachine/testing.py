@@ -40,7 +40,6 @@ import json
 import logging
 import os
 import shutil
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -63,8 +62,8 @@ except ImportError as exc:  # walstate installed without its testing extra
         f"({exc}); install it with walstate: pip install 'walstate[testing]'", name="hypothesis") from exc
 from pydantic import BaseModel
 
-from .storage.contract import open_store
-from .storage.postgres import is_postgres_url
+from .storage.contract import connect_raw, open_store
+from .storage.targets import is_postgres_url
 from .storage.errors import (
     ConfigurationError,
     EngineClosed,
@@ -412,29 +411,7 @@ def connect(target: str, timeout: float = 5.0) -> Any:
     for checks that look at the tables themselves, as :func:`check_invariants` does.
     Autocommit on PostgreSQL; on SQLite, sqlite3's defaults.
     """
-    if not is_postgres_url(target):
-        return sqlite3.connect(target, timeout=timeout)
-    import psycopg
-
-    from .storage.postgres import PgConn
-
-    class _Conn(PgConn):
-        __slots__ = ()
-
-        def close(self) -> None:
-            self.conn.close()
-
-        def commit(self) -> None:
-            """Nothing to do: autocommit."""
-
-        def __enter__(self) -> Any:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            return None
-
-    url = "postgresql://" + target.split("://", 1)[1]
-    return _Conn(psycopg.connect(url, autocommit=True, connect_timeout=max(1, int(timeout))))
+    return connect_raw(target, timeout)
 
 
 #: Errors a racer may meet in a correct run: refusals, and the ends of the job.
@@ -569,7 +546,7 @@ def _drive_waits(e: Engine, job_id: int, messages: Mapping[str, Any], clock: _Cl
     sent with a fixed key per topic, so sending again after a crash stores nothing.
     """
     moved = False
-    for step in e.store.read.steps(job_id):
+    for step in e.store.steps(job_id):
         if step.state != "waiting":
             continue
         if step.wait_topic is not None and step.wait_topic in messages:

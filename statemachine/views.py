@@ -118,12 +118,12 @@ def job_page(store: Storage, *, state: str | None = None, workflow: str | None =
     limit = checks.count(limit, "limit", maximum=MAX_PAGE)
     offset = checks.count(offset, "offset", minimum=0, maximum=checks.MAX_INT - MAX_PAGE - 1)
     # One row more than asked tells whether another page follows, in the same read.
-    rows = store.read.jobs(state=state, workflow=workflow, limit=limit + 1, offset=offset)
+    rows = store.jobs(state=state, workflow=workflow, limit=limit + 1, offset=offset)
     more = len(rows) > limit
     rows = rows[:limit]
     by_job: dict[int, list[StepCount]] = {r.id: [] for r in rows}
     if rows:
-        for c in store.read.step_counts(list(by_job)):
+        for c in store.step_counts(list(by_job)):
             by_job[c.job_id].append(c)
     return JobPage([_summary(r, by_job[r.id]) for r in rows], offset, limit, offset + limit if more else None)
 
@@ -184,13 +184,13 @@ def waits_for(step: StepRow) -> dict[str, Any] | None:
 
 def job_detail(store: Storage, job_id: int) -> dict[str, Any]:
     job_id = checks.job_id(job_id, store.path)
-    row = store.read.job(job_id)
+    row = store.job(job_id)
     if row is None:
         raise UnknownJob(f"{store.path}: no job {job_id}")
-    steps = store.read.steps(job_id)
+    steps = store.steps(job_id)
     started: dict[str, float] = {}
     finished: dict[str, float] = {}
-    for r in store.read.journal(job_id):
+    for r in store.journal(job_id):
         if r.step is None:
             continue
         if r.to_state == "running":
@@ -218,9 +218,9 @@ def history(store: Storage, job_id: int, step: str | None = None) -> list[dict[s
     job_id = checks.job_id(job_id, store.path)
     if step is not None:
         checks.text(step, "the step whose history to show")
-    if store.read.job(job_id) is None:
+    if store.job(job_id) is None:
         raise UnknownJob(f"{store.path}: no job {job_id}")
-    if step is not None and step not in {s.name for s in store.read.steps(job_id)}:
+    if step is not None and step not in {s.name for s in store.steps(job_id)}:
         raise UnknownJob(f"{store.path}: job {job_id} has no step {step!r}")
     return [{"step": r.step, "from": r.from_state, "to": r.to_state, "attempt": r.attempt, "at": r.at,
-             "note": r.note} for r in store.read.journal(job_id, step)]
+             "note": r.note} for r in store.journal(job_id, step)]

@@ -28,9 +28,7 @@ imports without it.
 from __future__ import annotations
 
 import hashlib
-import re
 import time
-import urllib.parse
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -44,6 +42,7 @@ from .errors import (
     UsageError,
 )
 from .migrations import LATEST
+from .targets import redact
 from .schema import SchemaState, _version
 
 if TYPE_CHECKING:
@@ -177,27 +176,6 @@ def pg_latest(migrations: Mapping[int, Sequence[str]] = PG_MIGRATIONS) -> int:
     if sorted(migrations) != expected:
         raise ValueError(f"PostgreSQL migrations must be numbered {expected} without gaps, not {sorted(migrations)}")
     return len(migrations)
-
-
-def redact(url: str) -> str:
-    """``url`` without its password, for messages and logs.
-
-    Handles ``postgresql://user:secret@host/db`` (also ``?password=...``) and key=value
-    connection strings (``host=h password=secret``).
-    """
-    if "://" not in url:
-        return re.sub(r"(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", url)
-    parts = urllib.parse.urlsplit(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hosts = netloc.rpartition("@")
-        user, colon, _ = userinfo.partition(":")
-        netloc = f"{user}:***@{hosts}" if colon else f"{user}@{hosts}"
-    query = urllib.parse.urlencode(
-        [(k, "***" if k.lower() == "password" else v) for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)],
-        safe="*",
-    )
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def _meta(conn: psycopg.Connection[Any]) -> dict[str, str] | None:

@@ -61,7 +61,9 @@ from .errors import (
     DatabaseUnavailable,
     WriteFailed,
 )
-from .pg_schema import channel, ensure_pg_schema, lock_key, redact, walstate_schema
+from .pg_schema import channel, ensure_pg_schema, lock_key, walstate_schema
+from .targets import is_postgres_url, redact
+from .operations import SqlOperations
 from .reads import Reader
 from .writepath import Conn, WritePath
 
@@ -70,15 +72,6 @@ try:
     from psycopg.pq import TransactionStatus
 except ImportError:  # pragma: no cover - the extra is not installed
     psycopg = None  # type: ignore[assignment]
-
-#: URL schemes that select PostgreSQL.
-SCHEMES = ("postgresql://", "postgres://")
-
-
-def is_postgres_url(target: object) -> bool:
-    """Whether ``target`` names a PostgreSQL database (``postgresql://…``) rather than a SQLite file."""
-    return isinstance(target, str) and target.startswith(SCHEMES)
-
 
 class Native(str):
     """A statement already in PostgreSQL's dialect: :class:`PgConn` runs it as it is."""
@@ -715,7 +708,7 @@ class PgWritePath(WritePath):
         conn.execute(Native("SELECT pg_advisory_xact_lock(%s)"), (self._claim_lock,))
 
 
-class PgStore:
+class PgStore(SqlOperations):
     """Everything ``statemachine/`` needs from one PostgreSQL database (the storage contract).
 
     ``durability`` is accepted for the same signature as the SQLite store;
@@ -725,6 +718,8 @@ class PgStore:
     ``busy_timeout`` becomes ``lock_timeout``. ``sync_interval`` is SQLite's
     only and ignored here. ``database_id`` is for tests, as for SQLite.
     """
+
+    db: WalstatePgDatabase
 
     def __init__(
         self,
@@ -802,4 +797,29 @@ class PgStore:
         self.lease_clock.after_fork_in_child()
 
 
-__all__ = ["PgStore", "ServerClock", "WalstatePgDatabase", "is_postgres_url", "pg_sql", "redact", "translate"]
+
+class _RawConn(PgConn):
+    """:class:`PgConn` over an autocommit session, with the ``close``/``commit`` a DB-API caller expects."""
+
+    __slots__ = ()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def commit(self) -> None:
+        """Nothing to do: autocommit."""
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def raw_connection(target: str, timeout: float = 5.0) -> Any:
+    """A plain autocommit connection to ``target`` with sqlite3's small API (``?`` placeholders)."""
+    url = "postgresql://" + target.split("://", 1)[1]
+    return _RawConn(psycopg.connect(url, autocommit=True, connect_timeout=max(1, int(timeout))))
+
+
+__all__ = ["PgStore", "raw_connection", "ServerClock", "WalstatePgDatabase", "is_postgres_url", "pg_sql", "redact", "translate"]

@@ -10,6 +10,7 @@ from typing import Any
 from .connection import open_database
 from .errors import ConfigurationError
 from .leaseclock import sqlite_lease_clock
+from .operations import SqlOperations
 from .reads import Reader
 from .schema import bind_models, ensure_schema
 from .syncer import BACKSTOP_PAGES, WalSyncer
@@ -17,7 +18,7 @@ from .types import DEFAULT_FILE_MODE, DEFAULT_SYNC_INTERVAL, Durability
 from .writepath import WritePath
 
 
-class Store:
+class Store(SqlOperations):
     """Everything ``statemachine/`` needs from one SQLite file.
 
     ``readonly=True`` never creates or modifies the file and refuses files

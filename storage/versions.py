@@ -18,10 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .connection import WriteLocked
-from .errors import MigrationRefused
+from .planning import plan_migration
 from .types import FINISHED_FOR_REMOVAL, MigratedJob
-
-#: Step states a step may be in when a migration removes it without ``drop``.
 
 _JOB = "SELECT state, epoch, version, context FROM walstate_job WHERE id=?"
 _STEPS = "SELECT name, state, phase FROM walstate_step WHERE job_id=? ORDER BY position"
@@ -89,21 +87,9 @@ def _migrate(conn: Any, path: str, job_id: int, workflow: str, epoch: int, from_
     job = conn.execute(_JOB, (job_id,)).fetchone()
     if job is None or job[0] not in ("pending", "running") or (job[1], job[2]) != (epoch, from_version):
         return None
-    stored = conn.execute(_STEPS, (job_id,)).fetchall()
-    have = {str(r[0]): str(r[1]) for r in stored}
-    wanted = {name for name, _, _ in steps}
-    _refuse_adding_behind(path, job_id, workflow, from_version, to_version, steps,
-                          {str(r[0]): (str(r[1]), str(r[2])) for r in stored})
-    removed = [n for n in have if n not in wanted]
-    blocking = [n for n in removed if n not in drop and have[n] not in FINISHED_FOR_REMOVAL]
-    if blocking:
-        states = ", ".join(f"{n!r} ({have[n]})" for n in blocking)
-        raise MigrationRefused(
-            f"{path}: job {job_id} ({workflow}) was not migrated from version {from_version} to {to_version}: the "
-            f"new version removes {states}, which has not finished; nothing changed. Let the job finish on version "
-            f"{from_version} (register that version), or name the step in migrate({from_version}, fn, "
-            f"drop=[...]) to drop it unfinished"
-        )
+    stored = [(str(r[0]), str(r[1]), str(r[2])) for r in conn.execute(_STEPS, (job_id,)).fetchall()]
+    removed = plan_migration(path, job_id, workflow, from_version, to_version, steps, stored, drop)
+    have = {name for name, _, _ in stored}
     new_context = context(str(job[3]))
     now = time.time()
     if conn.execute(_MOVE_JOB, (to_version, fingerprint, new_context, now, job_id, epoch, from_version)).rowcount != 1:
@@ -125,36 +111,6 @@ def _migrate(conn: Any, path: str, job_id: int, workflow: str, epoch: int, from_
     result = MigratedJob(tuple(added), tuple(dropped), tuple(retired))
     conn.execute(_JOURNAL, (job_id, job[0], job[0], now, result.note(from_version, to_version)))
     return result
-
-
-def _refuse_adding_behind(path: str, job_id: int, workflow: str, from_version: int, to_version: int,
-                          steps: Sequence[tuple[str, str, int]], stored: dict[str, tuple[str, str]]) -> None:
-    """The rule: phases run in order, migrated jobs too. A step the new version adds must not land in a
-    phase before one the job has begun (a step of it left ``pending``): it could only run after that
-    later phase. Raises :class:`MigrationRefused` naming the step and the phase that has begun."""
-    phases: list[str] = []
-    for _, phase, _ in sorted(steps, key=lambda s: s[2]):
-        if phase not in phases:
-            phases.append(phase)
-    new_phase = {name: phase for name, phase, _ in steps}
-    begun: dict[str, tuple[str, str]] = {}  # phase -> (step, state) of a step of it that has left pending
-    for name, (state, phase) in stored.items():
-        at = new_phase.get(name, phase)  # where the new version puts it (a retired step: where it ran)
-        if state != "pending" and at in phases:
-            begun.setdefault(at, (name, state))
-    for name, phase, _ in sorted(steps, key=lambda s: s[2]):
-        if name in stored:
-            continue
-        later = [p for p in phases[phases.index(phase) + 1:] if p in begun]
-        if later:
-            step, state = begun[later[0]]
-            raise MigrationRefused(
-                f"{path}: job {job_id} ({workflow}) was not migrated from version {from_version} to {to_version}: "
-                f"the new version adds step {name!r} to phase {phase!r}, but the job has begun the later phase "
-                f"{later[0]!r} (step {step!r} is {state}); phases run in order, so {name!r} could only run after "
-                f"it. Nothing changed. Let the job finish on version {from_version} (register that version), or "
-                f"add the step to phase {later[-1]!r} or a later one"
-            )
 
 
 __all__ = ["FINISHED_FOR_REMOVAL", "MigratedJob", "migrate_job"]

@@ -185,11 +185,11 @@ def _break(breaks: set[str]) -> None:
         SubStep.succeed = busy_succeed  # type: ignore[method-assign]
     if "unfenced-once" in todo:
         def once(self: StepContext, name: str, fn: Callable[[], Any]) -> Any:
-            stored = self._reader.once(self.job_id, self.step, name)
+            stored = self._store.once(self.job_id, self.step, name)
             if stored is None:
                 text = json.dumps(fn())
                 self.recorded.append((self.step, name, text))
-                stored = self._writer.record_once(self.job_id, self.step, name, text)
+                stored = self._store.record_once(self.job_id, self.step, name, text)
             return json.loads(stored)
 
         def record_once(self: WritePath, job_id: int, step: str, name: str, result: str) -> str:

@@ -79,7 +79,7 @@ def recovery_reruns_succeeded_steps(mp: pytest.MonkeyPatch) -> None:
 def once_does_not_look_up_its_record(mp: pytest.MonkeyPatch) -> None:
     def once(self: StepContext, name: str, fn: Callable[[], Any]) -> Any:
         result = fn()  # calls first, records after returning, never reads the record back
-        self._writer.record_once(self.job_id, self.step, name, "null")
+        self._store.record_once(self.job_id, self.step, name, "null")
         return result
 
     mp.setattr(StepContext, "once", once)
