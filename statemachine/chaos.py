@@ -44,7 +44,7 @@ from .engine import Engine
 from .history import (CREATE_EFFECTS, INSERT_EFFECT, PRUNED_TABLE, READ_PRUNED_IDS, HistoryReport, Ledger, check_history, read_ledgers)
 from .storage.errors import (ConfigurationError, DatabaseBusy, DatabaseUnavailable, JobFinished, UnknownJob,
                              WriteFailed)
-from .storage.postgres import is_postgres_url
+from .storage.contract import is_postgres_url
 from .workflow import Workflow
 
 

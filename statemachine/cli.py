@@ -22,11 +22,11 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
-from .storage import SCHEMA_VERSION, TERMINAL_JOB_STATES, UNFINISHED_JOB_STATES, Storage, open_store
+from .storage.contract import SCHEMA_VERSION, Storage, is_postgres_url, open_store, redact
+from .storage.types import TERMINAL_JOB_STATES, UNFINISHED_JOB_STATES
 from .storage.errors import (ConfigurationError, ContextInvalid, DatabaseUnavailable, DefinitionError, NotADatabase,
                              SchemaTooOld, VersionNotRegistered, WalstateError)
 from .storage.types import JobRow
-from .storage.postgres import is_postgres_url, redact
 
 from . import checks, operator, views
 from .ownership import describe_owner

@@ -175,7 +175,9 @@ class Engine(EngineAsyncAPI):
     ``path`` is a SQLite file (WAL mode), or a ``postgresql://user@host/db``
     URL for a PostgreSQL database that workers on several hosts share (needs
     ``pip install 'walstate[postgres]'``). The API and the guarantees are the
-    same; see the README's "PostgreSQL" section for what differs.
+    same; see the README's "PostgreSQL" section for what differs. ``memory://NAME``
+    is an in-memory database for unit tests (not durable; no SQL for
+    transactional steps): the README's "Storage backends".
 
     ``durability="normal"`` survives process crashes; ``"full"`` also power
     loss (an fsync per commit). ``workers`` threads run a phase's sub-steps in

@@ -40,7 +40,7 @@ from typing import Any
 
 from .fsm import STEP
 from .schedules import Schedule
-from .storage.postgres import is_postgres_url
+from .storage.contract import is_postgres_url
 from .views import SLOT_FORMAT, schedule_of_key
 
 #: The table in which each transactional step's chaos wrapper writes one row, inside the step's transaction.

@@ -19,7 +19,8 @@ from collections.abc import Callable
 from . import checks
 from .fsm import JOB, STEP
 from .ownership import owner_alive
-from .storage import Change, JobRow, StepRow, Storage
+from .storage.contract import Storage
+from .storage.types import Change, JobRow, StepRow
 from .storage.errors import InvalidTransition, JobOwned, UnknownJob
 
 Clock = Callable[[], float]

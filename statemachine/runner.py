@@ -17,10 +17,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from .storage import ContextPatch, Storage, TERMINAL_STEP_STATES
+from .storage.contract import Storage
+from .storage.types import TERMINAL_STEP_STATES, Change, ContextPatch
 from .storage import faults
 from .storage.errors import ContextInvalid, LeaseLost, OutputNotJSON
-from .storage.writepath import Change
 
 from . import log
 from .aio import AsyncAttempt, AsyncStepContext

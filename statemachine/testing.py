@@ -62,8 +62,7 @@ except ImportError as exc:  # walstate installed without its testing extra
         f"({exc}); install it with walstate: pip install 'walstate[testing]'", name="hypothesis") from exc
 from pydantic import BaseModel
 
-from .storage.contract import connect_raw, open_store
-from .storage.targets import is_postgres_url
+from .storage.contract import connect_raw, is_postgres_url, open_store
 from .storage.errors import (
     ConfigurationError,
     EngineClosed,

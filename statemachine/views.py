@@ -14,7 +14,8 @@ from typing import Any
 
 from .ownership import describe_owner
 from . import checks
-from .storage import Storage, TERMINAL_JOB_STATES, TERMINAL_STEP_STATES, UNFINISHED_JOB_STATES
+from .storage.contract import Storage
+from .storage.types import TERMINAL_JOB_STATES, TERMINAL_STEP_STATES, UNFINISHED_JOB_STATES
 from .storage.errors import UnknownJob, UsageError
 from .storage.types import JobRow, StepCount, StepRow
 

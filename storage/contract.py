@@ -30,6 +30,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from .migrations import LATEST as SCHEMA_VERSION
 from .targets import is_memory_url, is_postgres_url, redact
 from .types import (DEFAULT_FILE_MODE, DEFAULT_SYNC_INTERVAL, Change, Claimed, Durability, JobRow, JournalRow,
                     MigratedJob, StepCount, StepRow)
@@ -352,4 +353,4 @@ def connect_raw(target: str, timeout: float = 5.0) -> Any:
     return sqlite3.connect(target, timeout=timeout)
 
 
-__all__ = ["BACKENDS", "Storage", "connect_raw", "is_memory_url", "is_postgres_url", "open_store", "redact"]
+__all__ = ["BACKENDS", "SCHEMA_VERSION", "Storage", "connect_raw", "is_memory_url", "is_postgres_url", "open_store", "redact"]
