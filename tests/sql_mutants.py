@@ -40,6 +40,7 @@ TESTS = [
     "tests/test_mutants_ownership.py",
     "tests/test_waits.py",
     "tests/test_versions.py",
+    "tests/test_contract.py",
 ]
 
 #: Conditions on a job's owner or epoch, in a WHERE clause (not ``SET owner=?``).

@@ -19,7 +19,7 @@ import threading
 import time
 import pytest
 
-from walstate import Engine, LeaseLost, StepContext, UnknownJob, Workflow
+from walstate import Engine, JobOwned, LeaseLost, StepContext, UnknownJob, Workflow
 from walstate.ownership import HUNG_GRACE
 from walstate.testing import check_invariants
 
@@ -160,6 +160,43 @@ def test_a_stopped_owner_on_this_host_loses_its_job_once_its_lease_is_expired_pa
     assert "interrupted" in notes(db_path, job, "held")
     assert succeeded_moves(db_path, job, "held") == 1  # the stale run's completion was refused
     check_invariants(db_path, flow, job)
+
+
+def test_cancel_of_a_stopped_owners_job_waits_only_until_its_lease_is_expired_past_the_grace_then_cancels_it(
+        db_path: str, effects: str) -> None:
+    # The report: cancel timed out for good on a hung owner's job. A live pid's claim is asked to
+    # cancel (JobOwned while the owner may still be running it); once its lease has been expired for the
+    # grace the owner is hung, and cancel cancels the job itself, fencing the stopped run out.
+    operator = Engine(db_path, workers=1)
+    operator.register(flow)
+    worker, job = stopped_worker(db_path, effects)
+    try:
+        _, owner, epoch, expires, _ = lease_row(db_path, job)
+        assert expires is not None
+        owned = 0
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                cancelled = operator.cancel(job, wait=0.1)
+                break
+            except JobOwned:
+                owned += 1
+            assert time.monotonic() < deadline, "cancel never got past a stopped owner"
+        assert operator.lease_clock() >= expires + HUNG_GRACE
+        assert sorted(cancelled) == ["after", "held"]
+        state, now_owner, now_epoch, _, _ = lease_row(db_path, job)
+        assert (state, now_owner) == ("cancelled", None) and now_epoch > epoch
+        # The stopped run continues: its writes are refused, the job stays cancelled.
+        result = continued(worker)
+        assert result["state"] == "LeaseLost", result
+        assert lease_row(db_path, job)[0] == "cancelled"
+    finally:
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGCONT)
+            kill_group(worker)
+        operator.close()
+    assert owned > 0, "the live owner's claim was cancelled over without asking it first"
+    assert succeeded_moves(db_path, job, "held") == 0
 
 
 def succeeded_moves(db: str, job: int, step: str) -> int:
