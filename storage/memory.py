@@ -18,8 +18,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .errors import JobFinished, LeaseLost, StaleState, UnknownJob, UsageError
-from .memory_tables import Message, Tables, merged_context
+from .errors import JobFinished, LeaseLost, UnknownJob, UsageError
+from .memory_tables import Message, Tables
 from .types import (DEFAULT_PATIENCE, UNFINISHED_JOB_STATES, Change, Claimed, Durability,
                     JobRow, JournalRow, MigratedJob, StepCount, StepRow, check_states)
 
@@ -302,46 +302,7 @@ class MemoryStore:
             todo = [*changes, *(effect() if effect is not None else ())]
             now = self.clock()
             for c in todo:
-                self._apply(c, now)
-
-    def _apply(self, c: Change, now: float) -> None:
-        t = self.t
-        if c.context is not None:
-            job = t.jobs.get(c.job_id)
-            if job is None:
-                raise StaleState(f"{self.path}: job {c.job_id} does not exist", kind="job", row_id=c.job_id,
-                                 expected="", actual=None)
-            t.update_job(c.job_id, context=c.context.merge(merged_context(job.context, c.context.patch)),
-                         updated_at=now)
-        owned = t.owns(c.job_id, c.owner, c.epoch)
-        if c.kind == "step":
-            step = t.steps.get(c.row_id)
-            if step is None or step.state != c.expected or not owned:
-                self._miss(c, None if step is None else step.state)
-            t.update_step(c.row_id, state=c.new, attempt=c.attempt, failures=c.failures,
-                          interruptions=c.interruptions, output=c.output, error=c.error, updated_at=now,
-                          wake_at=c.wake_at, wait_topic=c.topic)
-        elif c.kind == "job":
-            job = t.jobs.get(c.row_id)
-            if job is None or job.state != c.expected or not owned:
-                self._miss(c, None if job is None else job.state)
-            release = {"owner": None, "lease_expires": None, "epoch": c.epoch + 1, "cancel_requested": False}
-            t.update_job(c.row_id, state=c.new, error=c.error, updated_at=now, **(release if c.release else {}))
-        else:
-            raise ValueError(f"unknown change kind {c.kind!r}")
-        t.add_journal(c.job_id, c.step, c.expected, c.new, c.attempt, now, c.note)
-        for step_name, name, result in c.once:
-            t.add_once(c.job_id, step_name, name, result)
-
-    def _miss(self, c: Change, actual: str | None) -> None:
-        job = self.t.jobs.get(c.job_id)
-        what = f"sub-step {c.step!r} of job {c.job_id}" if c.kind == "step" else f"job {c.job_id}"
-        if actual is not None and job is not None and (job.owner, job.epoch) != (c.owner, c.epoch):
-            raise LeaseLost(f"{self.path}: {what} is now held by {job.owner!r} (claim epoch {job.epoch}), not by "
-                            f"{c.owner!r} (epoch {c.epoch}); this run lost its claim and must stop writing to it")
-        raise StaleState(f"{self.path}: {what} is {actual!r}, not {c.expected!r} as expected for the move to "
-                         f"{c.new!r}; another writer changed it first; reload it and decide again",
-                         kind=c.kind, row_id=c.row_id, expected=c.expected, actual=actual)
+                self.t.apply(self.path, c, now)
 
     def once_lookup(self, job_id: int, step: str, name: str, owner: str | None, epoch: int) -> str | None:
         with self.t.lock:

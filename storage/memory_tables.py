@@ -17,7 +17,9 @@ from contextlib import contextmanager
 from typing import Any
 
 from .planning import plan_migration
-from .types import TERMINAL_JOB_STATES, UNFINISHED_JOB_STATES, JobRow, JournalRow, MigratedJob, StepCount, StepRow
+from .errors import LeaseLost, StaleState
+from .types import (TERMINAL_JOB_STATES, UNFINISHED_JOB_STATES, Change, JobRow, JournalRow, MigratedJob, StepCount,
+                    StepRow)
 
 _MISSING = object()
 
@@ -177,6 +179,48 @@ class Tables:
         with self.lock:
             return {m.topic for m in self.messages.values() if m.job_id == job_id and m.consumed_by is None}
 
+    # -- moves -------------------------------------------------------------------------
+
+    def apply(self, path: str, c: Change, now: float) -> None:
+        """Write change ``c`` (its context patch, compare-and-set, journal row, once records) or raise; in a transaction."""
+        t = self
+        if c.context is not None:
+            job = t.jobs.get(c.job_id)
+            if job is None:
+                raise StaleState(f"{path}: job {c.job_id} does not exist", kind="job", row_id=c.job_id,
+                                 expected="", actual=None)
+            t.update_job(c.job_id, context=c.context.merge({**json.loads(job.context), **c.context.patch}),
+                         updated_at=now)
+        owned = t.owns(c.job_id, c.owner, c.epoch)
+        if c.kind == "step":
+            step = t.steps.get(c.row_id)
+            if step is None or step.state != c.expected or not owned:
+                self._miss(path, c, None if step is None else step.state)
+            t.update_step(c.row_id, state=c.new, attempt=c.attempt, failures=c.failures,
+                          interruptions=c.interruptions, output=c.output, error=c.error, updated_at=now,
+                          wake_at=c.wake_at, wait_topic=c.topic)
+        elif c.kind == "job":
+            job = t.jobs.get(c.row_id)
+            if job is None or job.state != c.expected or not owned:
+                self._miss(path, c, None if job is None else job.state)
+            release = {"owner": None, "lease_expires": None, "epoch": c.epoch + 1, "cancel_requested": False}
+            t.update_job(c.row_id, state=c.new, error=c.error, updated_at=now, **(release if c.release else {}))
+        else:
+            raise ValueError(f"unknown change kind {c.kind!r}")
+        t.add_journal(c.job_id, c.step, c.expected, c.new, c.attempt, now, c.note)
+        for step_name, name, result in c.once:
+            t.add_once(c.job_id, step_name, name, result)
+
+    def _miss(self, path: str, c: Change, actual: str | None) -> None:
+        job = self.jobs.get(c.job_id)
+        what = f"sub-step {c.step!r} of job {c.job_id}" if c.kind == "step" else f"job {c.job_id}"
+        if actual is not None and job is not None and (job.owner, job.epoch) != (c.owner, c.epoch):
+            raise LeaseLost(f"{path}: {what} is now held by {job.owner!r} (claim epoch {job.epoch}), not by "
+                            f"{c.owner!r} (epoch {c.epoch}); this run lost its claim and must stop writing to it")
+        raise StaleState(f"{path}: {what} is {actual!r}, not {c.expected!r} as expected for the move to "
+                         f"{c.new!r}; another writer changed it first; reload it and decide again",
+                         kind=c.kind, row_id=c.row_id, expected=c.expected, actual=actual)
+
     # -- migration and retention ---------------------------------------------------------
 
     def migrate(self, path: str, now: float, job_id: int, workflow: str, epoch: int, from_version: int,
@@ -237,10 +281,4 @@ class Tables:
         return len(doomed)
 
 
-def merged_context(stored: str, patch: dict[str, Any]) -> dict[str, Any]:
-    """The stored context (JSON text) with ``patch``'s fields over it."""
-    value: dict[str, Any] = {**json.loads(stored), **patch}
-    return value
-
-
-__all__ = ["Message", "Tables", "merged_context"]
+__all__ = ["Message", "Tables"]

@@ -413,3 +413,33 @@ def test_a_transactional_steps_sql_on_the_memory_store_fails_the_step_saying_why
         assert "no SQL database" in str(failed.value)
     with pytest.raises(UsageError, match="no SQL database"):
         open_store("memory://").handle.execute_sql("SELECT 1")
+
+
+def test_concurrent_commits_each_get_their_own_outcome(s: Storage) -> None:
+    # Group commit may put several callers' changes in one transaction: a stale one fails alone.
+    import threading
+
+    jobs = [new_job(s) for _ in range(6)]
+    epochs = {j: claimed(s, j) for j in jobs}
+    stale = jobs[3]
+    changes = {j: step_change(s, j, "a", "running" if j == stale else "pending", "running", "w1", epochs[j])
+               for j in jobs}
+    outcomes: dict[int, BaseException | None] = {}
+    start = threading.Barrier(len(jobs))
+
+    def commit(job_id: int) -> None:
+        start.wait()
+        try:
+            s.commit([changes[job_id]])
+            outcomes[job_id] = None
+        except BaseException as exc:  # noqa: BLE001 - the outcome is what this test reads
+            outcomes[job_id] = exc
+
+    threads = [threading.Thread(target=commit, args=(j,)) for j in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert isinstance(outcomes[stale], StaleState)
+    assert all(outcomes[j] is None for j in jobs if j != stale)
+    assert [s.steps(j)[0].state for j in jobs] == ["pending" if j == stale else "running" for j in jobs]

@@ -169,7 +169,9 @@ def note(ctx: Empty, step: StepContext) -> None:
         # back a moment later, while the completion of this step is being written.
         control = PgServer(SERVER["server"])
         control.stop_immediate()
-        threading.Thread(target=lambda: (time.sleep(0.5), control.start()), daemon=True).start()
+        restart = threading.Thread(target=lambda: (time.sleep(0.5), control.start()), daemon=True)
+        SERVER["restart"] = restart
+        restart.start()
 
 
 def test_a_server_restart_under_a_plain_steps_completion_is_waited_out_not_a_second_call(own_server: Any) -> None:
@@ -190,4 +192,9 @@ def test_a_server_restart_under_a_plain_steps_completion_is_waited_out_not_a_sec
         assert sql(url, "SELECT count(*) FROM walstate_journal WHERE job_id=%s AND note LIKE '%%interrupted%%'",
                    (job,)) == [(0,)]
     finally:
+        # The restart thread may still be waiting for pg_isready when the job is done: it must end
+        # here, not after the module's server is stopped (its error would land in a later test).
+        restart = SERVER.pop("restart", None)
+        if restart is not None:
+            restart.join(timeout=120)
         engine.close()
