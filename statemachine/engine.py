@@ -552,7 +552,7 @@ class Engine(EngineAsyncAPI):
                 raise JobOwned(f"{self.path}: job {job_id} is being run by {row.owner}; not taking it over")
             note = "claimed" if row.owner is None else f"claimed from {row.owner} (epoch {row.epoch}), found dead"
             claimed = self.store.claim(job_id, state=row.state, epoch=row.epoch, owner=owner,
-                                             lease_expires=self._heartbeat.lease_expires(), note=note)
+                                       lease_expires=self._heartbeat.lease_expires(), note=note)
             if claimed is None:
                 raise JobOwned(f"{self.path}: job {job_id} was claimed by another run just now")
             log.job_claimed(job_id, row.workflow, row.owner)  # log: a takeover when row.owner is set
@@ -598,7 +598,7 @@ class Engine(EngineAsyncAPI):
         if outcome == "parked":
             wake_at, topics = run.waits()
             self.store.park(job_id, owner, job.epoch, wake_at, topics,
-                                  "parked: " + ", ".join(f"{n} waits" for n, st in steps.items() if st.state == "waiting"))
+                            "parked: " + ", ".join(f"{n} waits" for n, st in steps.items() if st.state == "waiting"))
             log.job_parked(job_id, flow.name, wake_at, topics)  # log
             return self._status(self._row(job_id))
         if outcome == "released":
@@ -652,7 +652,7 @@ class Engine(EngineAsyncAPI):
         why = f"released: the run stopped on {type(exc).__name__}: {exc}"
         try:
             if self.store.park(job_id, owner, job.epoch, self.clock() + self.GIVE_BACK_PAUSE, (), why,
-                                     patience=self.store.patience):
+                               patience=self.store.patience):
                 log.job_left_alone(job_id, workflow, why)  # log
         except WalstateError as failed:
             log.job_left_alone(job_id, workflow, f"{why}; releasing it failed too ({failed})")  # log
@@ -708,7 +708,7 @@ class Engine(EngineAsyncAPI):
                 # Nothing ran: give the job back at once and never claim it here again.
                 worker.unrunnable[job_id] = f"{type(exc).__name__}: {exc}"
                 self.store.release(job_id, owner, claimed.epoch, f"released: cannot run here ({exc})",
-                                         undo_start=prior_state == "pending")
+                                   undo_start=prior_state == "pending")
                 log.job_unrunnable(job_id, workflow, worker.unrunnable[job_id])  # log
                 return
             if plan.migration is not None:
@@ -716,7 +716,7 @@ class Engine(EngineAsyncAPI):
                 # unowned job can be migrated, so give it back, migrate it, and let
                 # the next claim (here or elsewhere) run it.
                 self.store.release(job_id, owner, claimed.epoch, "released: to be migrated",
-                                         undo_start=prior_state == "pending")
+                                   undo_start=prior_state == "pending")
                 self._migrate(self._row(job_id), plan)
                 return
             flow = plan.flow
@@ -776,7 +776,7 @@ class Engine(EngineAsyncAPI):
         where = f"schedule {sched.name!r}"
         text = dump_context(flow.context, validate_submission(flow.context, sched.context, where), where)
         job_id = self.store.create_scheduled(sched.name, slot, flow.name, sched.key(slot), text,
-                                                   flow.ranked_steps(), flow.version, flow.fingerprint)
+                                             flow.ranked_steps(), flow.version, flow.fingerprint)
         worker = self._worker
         if worker is not None and job_id is not None:
             worker.wake()

@@ -9,9 +9,10 @@ one clock for every process of the machine). The kinds:
 - ``submit`` ``{job, key, workflow}``: ``submit()`` returned the id ``job``;
 - ``send`` ``{job, topic, key, payload, new}``: ``send()`` returned (``new``: True; False: stored by an earlier try);
 - ``enter`` / ``exit`` ``{job, step, workflow, attempt, call, epoch, outcome}``: a handler was
-  called / ended (``call``: the process's own number of the call, pairing the two; ``outcome``: ``returned``, ``raised``, ``suspended``, ``aborted``, or ``rolled-back``:
-  a transactional step raised an error of the database, so its transaction, attempt count included, was
-  undone and the runner may call it again at the same attempt);
+  called / ended (``call``: the process's own number of the call, pairing the two; ``outcome``:
+  ``returned``, ``raised``, ``suspended``, ``aborted``, or ``rolled-back``: a transactional step
+  raised an error of the database, so its transaction, attempt count included, was undone and the
+  runner may call it again at the same attempt);
 - ``once_fn`` ``{job, step, name, call, start, value}``: a ``once()`` function ran from ``start`` and returned
   ``value`` (the outside call);
 - ``once`` ``{job, step, name, value}``: ``once()`` returned ``value`` to the handler;

@@ -400,7 +400,7 @@ class JobRun:
                             sc.recorded.extend(last.recorded)
                             for name_of_step, name, text in last.recorded:
                                 self.store.record_once(self.job.id, name_of_step, name, text,
-                                                             owner=self.job.owner, epoch=self.job.epoch)
+                                                       owner=self.job.owner, epoch=self.job.epoch)
                             box.clear()
                         begun.append(True)
                         try:

@@ -196,7 +196,7 @@ class Worker:
     def _claim(self, free: int, dead: list[tuple[int, int]]) -> None:
         engine = self.engine
         if not dead and not engine.store.runnable_exists(list(engine._flows), engine.clock(), list(self.unrunnable),
-                                                              engine._registry.claimable()):
+                                                         engine._registry.claimable()):
             return
         self.claimed += engine._claim_batch(free, dead, self)
 
