@@ -67,6 +67,8 @@ JSONMerge = Callable[[dict[str, Any]], str]
 
 @dataclass(frozen=True, slots=True)
 class JobRow:
+    """A job as stored: its state, context (JSON text), claim (owner, epoch, lease) and version."""
+
     id: int
     workflow: str
     key: str | None
@@ -90,6 +92,8 @@ class JobRow:
 
 @dataclass(frozen=True, slots=True)
 class StepRow:
+    """A sub-step as stored: its state, attempt count, output or error, and what it waits for."""
+
     id: int
     job_id: int
     name: str
@@ -120,6 +124,8 @@ class StepCount:
 
 @dataclass(frozen=True, slots=True)
 class JournalRow:
+    """One recorded move: of a sub-step, or (``step`` None) of the job itself; ``at`` is Unix time."""
+
     id: int
     job_id: int
     step: str | None
