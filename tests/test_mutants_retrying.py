@@ -27,7 +27,10 @@ from pydantic import BaseModel
 
 from walstate import DatabaseBusy, DatabaseError, Engine, StepContext, Workflow
 from walstate.storage import Store
+from walstate.storage.contract import open_store
+from walstate.storage.errors import DatabaseUnavailable
 from walstate.storage.retrying import MAX_PAUSE
+from walstate.testing import connect
 
 LOGGER = "walstate.storage"
 FIELDS = ("walstate_job", "walstate_workflow", "walstate_step", "walstate_attempt")
@@ -363,3 +366,53 @@ def test_no_pause_outlasts_what_is_left_of_the_patience(setup: tuple[Store, int,
         store.write.request_cancel(job)
     assert pauses.pauses and pauses.pauses[0] == pytest.approx(0.02)
     assert all(0.0 < p <= patience for p in pauses.pauses), pauses.pauses
+
+
+def test_a_write_path_reset_after_a_fork_is_no_longer_stopped_and_waits_out_a_held_writer(
+        setup: tuple[Store, int, Holder, OnRefusal]) -> None:
+    # What a child forked from a closing engine's process runs (Store._after_fork_in_child, at fork): the
+    # parent's stop is the parent's; the child's writes still wait for a busy writer. In-process here, where
+    # mutmut sees it (it does not follow forked children).
+    store, job, holder, handler = setup
+    store.write.retry.patience = 30.0
+    store.write.retry.stop()
+    assert store.write.retry.stopped
+    store.write.after_fork_in_child()
+    assert not store.write.retry.stopped
+    assert store.write.request_cancel(job) is True
+    assert re.fullmatch(written_after(store.path, f"requesting the cancellation of job {job}", 2),
+                        handler.messages[-1]), handler.messages
+
+
+def terminate_sessions(url: str) -> None:
+    """End every session of the database at ``url`` but this one (PostgreSQL)."""
+    admin = connect(url, timeout=10)
+    try:
+        assert admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+                             "datname=current_database() AND pid <> pg_backend_pid()").fetchall()
+    finally:
+        admin.close()
+
+
+@pytest.mark.postgres
+def test_a_claim_whose_session_was_lost_raises_and_is_not_written_again(pg_database: str) -> None:
+    # A lost session is a refusal of kind "lost": the claim may have committed, so only the caller may decide to
+    # claim again (lost_ok=False). SQLite never loses a session: PostgreSQL only.
+    job = pending_job(pg_database)
+    store = open_store(pg_database)
+    try:
+        store.write.retry.patience = store.write.retry.claim_patience = 30.0
+        row = store.read.job(job)
+        assert row is not None
+        store.write.request_cancel(job + 1)  # the writer's session exists, to be terminated
+        terminate_sessions(pg_database)
+        with pytest.raises(DatabaseUnavailable, match=rf"lost the session .* while claiming job {job}; ") as caught:
+            store.write.claim(job, state=row.state, epoch=row.epoch, owner="me", lease_expires=1e12, note="test")
+        assert "tried" not in str(caught.value), caught.value
+        after = store.read.job(job)
+        assert after is not None and (after.owner, after.epoch) == (None, row.epoch)
+        # The next claim is the caller's, on a new session.
+        again = store.write.claim(job, state=row.state, epoch=row.epoch, owner="me", lease_expires=1e12, note="t")
+        assert again is not None and again.epoch == row.epoch + 1
+    finally:
+        store.close()
