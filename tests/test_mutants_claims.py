@@ -191,6 +191,19 @@ def test_a_claim_refused_busy_waits_for_the_patience_of_unfenced_writes_not_a_ru
     assert last.startswith(f"{store.path}: claiming job {job} written after 2 attempts over "), last
 
 
+def test_a_claim_returns_the_job_as_it_found_it_and_journals_itself(db_path: str, store: Store) -> None:
+    job = pending_job(db_path)
+    assert store.write.request_cancel(job)
+    row = row_of(store, job)
+    claimed = store.write.claim(job, state="pending", epoch=row.epoch, owner="me", lease_expires=1e12, note="by me")
+    assert claimed is not None
+    assert (claimed.epoch, claimed.context, claimed.cancel_requested) == (row.epoch + 1, '{"n":0}', True)
+    assert claimed.steps == store.read.steps(job) and [s.name for s in claimed.steps] == ["only"]
+    last = store.read.journal(job)[-1]
+    assert (last.step, last.from_state, last.to_state, last.attempt, last.note) == (None, "pending", "running", 0,
+                                                                                     "by me")
+
+
 # -- claim_runnable() ------------------------------------------------------------------------------
 
 
@@ -246,6 +259,18 @@ def test_a_batch_claim_refused_busy_raises_database_busy_saying_it_was_claiming_
     assert holder.held and handler.messages == []
     holder.release()
     assert row_of(store, job).owner is None
+
+
+def test_a_batch_claim_given_versions_takes_only_jobs_of_those_versions(db_path: str, store: Store) -> None:
+    job = pending_job(db_path)
+    assert row_of(store, job).version == 1
+    for versions in ([("w", 2)], [("other", 1)]):
+        assert store.write.claim_runnable(owner="me", lease_expires=1e12, limit=1, workflows=["w"], now=0.0,
+                                          versions=versions) == [], versions
+    assert row_of(store, job).owner is None
+    [(_, _, _, got)] = store.write.claim_runnable(owner="me", lease_expires=1e12, limit=1, workflows=["w"], now=0.0,
+                                                  versions=[("w", 2), ("w", 1)])
+    assert (got.job_id, got.version) == (job, 1)
 
 
 # -- once_lookup() ---------------------------------------------------------------------------------
