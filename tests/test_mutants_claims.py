@@ -21,8 +21,11 @@ from pydantic import BaseModel
 
 from walstate import DatabaseBusy, Engine, InjectedCrash, LeaseLost, StepContext, Workflow
 from walstate.storage import Store, faults
+from walstate.storage.contract import open_store
 from walstate.storage.errors import WriteFailed
 from walstate.storage.reads import JobRow
+
+from .test_mutants_retrying import terminate_sessions
 
 LOGGER = "walstate.storage"
 #: Every fault point a write that claims one job passes, once each, in this order.
@@ -377,3 +380,22 @@ def test_record_once_refused_busy_keeps_trying_under_the_runs_claim_patience(
     assert re.fullmatch(rf"{re.escape(store.path)}: {re.escape(doing)} written after 2 attempts over \d+\.\ds",
                         last), last
     assert store.write.once_lookup(job, "only", "x", "me", epoch) == "7"
+
+
+@pytest.mark.postgres
+def test_a_once_record_whose_session_was_lost_is_written_again_on_a_new_one(pg_database: str) -> None:
+    # Safe to repeat after a lost session (lost_ok): a record that landed is found by the second attempt's
+    # ON CONFLICT DO NOTHING, which returns it. SQLite never loses a session: PostgreSQL only.
+    job = pending_job(pg_database)
+    store = open_store(pg_database)
+    try:
+        store.write.retry.claim_patience = 30.0  # an engine's is infinite; a bare store's 0 retries nothing
+        row = store.read.job(job)
+        assert row is not None
+        claimed = store.write.claim(job, state=row.state, epoch=row.epoch, owner="me", lease_expires=1e12, note="t")
+        assert claimed is not None
+        terminate_sessions(pg_database)
+        assert store.write.record_once(job, "only", "x", "1", owner="me", epoch=claimed.epoch) == "1"
+        assert store.write.once_lookup(job, "only", "x", "me", claimed.epoch) == "1"
+    finally:
+        store.close()
