@@ -48,7 +48,7 @@ def fields(job: int | None = None, step: str | None = None) -> dict[str, Any]:
 T = TypeVar("T")
 Kind = Literal["busy", "lost"]
 
-#: The longest pause between two attempts (the first is 10 ms; each doubles).
+#: The longest pause between two attempts (the first is 20 ms: 10 ms doubled for the first retry; each doubles).
 MAX_PAUSE = 0.5
 
 

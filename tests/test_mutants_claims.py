@@ -19,11 +19,12 @@ from collections.abc import Callable, Iterator
 import pytest
 from pydantic import BaseModel
 
+from walstate.storage.postgres import PgStore
 from walstate import DatabaseBusy, Engine, InjectedCrash, LeaseLost, StepContext, Workflow
 from walstate.storage import Store, faults
 from walstate.storage.contract import open_store
 from walstate.storage.errors import WriteFailed
-from walstate.storage.reads import JobRow
+from walstate.storage.types import JobRow
 
 from .test_mutants_retrying import terminate_sessions
 
@@ -387,7 +388,7 @@ def test_a_once_record_whose_session_was_lost_is_written_again_on_a_new_one(pg_d
     # Safe to repeat after a lost session (lost_ok): a record that landed is found by the second attempt's
     # ON CONFLICT DO NOTHING, which returns it. SQLite never loses a session: PostgreSQL only.
     job = pending_job(pg_database)
-    store = open_store(pg_database)
+    store = PgStore(pg_database)  # its write path and reader themselves, not the contract's operations
     try:
         store.write.retry.claim_patience = 30.0  # an engine's is infinite; a bare store's 0 retries nothing
         row = store.read.job(job)

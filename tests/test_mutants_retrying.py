@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
+from walstate.storage.postgres import PgStore
 from walstate import DatabaseBusy, DatabaseError, Engine, StepContext, Workflow
 from walstate.storage import Store
 from walstate.storage.contract import open_store
@@ -399,7 +400,7 @@ def test_a_claim_whose_session_was_lost_raises_and_is_not_written_again(pg_datab
     # A lost session is a refusal of kind "lost": the claim may have committed, so only the caller may decide to
     # claim again (lost_ok=False). SQLite never loses a session: PostgreSQL only.
     job = pending_job(pg_database)
-    store = open_store(pg_database)
+    store = PgStore(pg_database)  # its write path and reader themselves, not the contract's operations
     try:
         store.write.retry.patience = store.write.retry.claim_patience = 30.0
         row = store.read.job(job)
