@@ -22,10 +22,10 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
-from .storage.contract import SCHEMA_VERSION, Storage, is_postgres_url, open_store, redact
+from .storage.contract import SCHEMA_VERSION, Storage, is_memory_url, is_postgres_url, open_store, redact
 from .storage.types import TERMINAL_JOB_STATES, UNFINISHED_JOB_STATES
 from .storage.errors import (ConfigurationError, ContextInvalid, DatabaseUnavailable, DefinitionError, NotADatabase,
-                             SchemaTooOld, VersionNotRegistered, WalstateError)
+                             SchemaTooOld, UsageError, VersionNotRegistered, WalstateError)
 from .storage.types import JobRow
 
 from . import checks, operator, views
@@ -63,7 +63,15 @@ def _when(ts: float | None) -> str:
     return "-" if ts is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
 
 
+def _refuse_memory(path: str) -> None:
+    if is_memory_url(path):
+        # An empty answer ("no jobs") would be wrong, not merely unhelpful: the app's jobs live in its process.
+        raise UsageError(f"{path}: a memory:// database lives only inside the process that opened it; the CLI "
+                         "reads a SQLite file or a postgresql:// URL")
+
+
 def _open(path: str, readonly: bool = True) -> Storage:
+    _refuse_memory(path)
     if not is_postgres_url(path) and os.path.isdir(path):
         # SQLite's own answer is "disk I/O error" (read-only) or "unable to open database file".
         raise DatabaseUnavailable(f"{path} is a directory, not a walstate database file; give the path of the file "
@@ -698,6 +706,7 @@ def cmd_watch(args: argparse.Namespace, out: Out) -> int:
 def cmd_demo(args: argparse.Namespace, out: Out) -> int:
     from .demo import main as demo_main
 
+    _refuse_memory(args.db)  # the demo kills a process and reads what its file kept
     return demo_main(args.db)
 
 

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .errors import JobFinished, LeaseLost, UnknownJob, UsageError
+from .errors import ConfigurationError, JobFinished, LeaseLost, UnknownJob, UsageError
 from .memory_tables import Message, Tables
 from .types import (DEFAULT_PATIENCE, UNFINISHED_JOB_STATES, Change, Claimed, Durability,
                     JobRow, JournalRow, MigratedJob, StepCount, StepRow, check_states)
@@ -43,6 +43,8 @@ class MemoryStore:
 
     def __init__(self, target: str, *, durability: Durability = "normal", readonly: bool = False,
                  database_id: str | None = None, **_ignored: Any) -> None:
+        if durability not in ("normal", "full"):  # refused as the other stores refuse it: no typo passes here only
+            raise ConfigurationError(f"durability must be 'normal' or 'full', not {durability!r}")
         name = target.split("://", 1)[1] if "://" in target else target
         with _NAMED_LOCK:
             tables = _NAMED.get(name) if name else None

@@ -526,3 +526,14 @@ def test_retry_of_a_job_that_is_already_pending_says_nothing_was_requeued_and_ex
     assert "requeued:" not in captured.out
     with make_engine(path) as engine:
         assert engine.status(job).state == "pending" and len(engine.history(job)) == history
+
+
+@pytest.mark.parametrize("command", [["jobs", "memory://app"], ["show", "memory://app", "1"],
+                                     ["prune", "memory://app", "--older-than", "1d"], ["upgrade", "memory://app"],
+                                     ["send", "memory://app", "1", "t", "{}"], ["demo", "--db", "memory://app"]])
+def test_a_memory_target_is_refused_saying_its_jobs_live_in_one_process(command: list[str]) -> None:
+    # Before: `jobs` answered "(no jobs)" and `upgrade` "already at schema 11", exit 0: an app's jobs looked gone.
+    done = walstate(*command)
+    assert done.returncode != 0, done.stdout
+    assert "lives only inside the process that opened it" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr

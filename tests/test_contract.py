@@ -443,3 +443,19 @@ def test_concurrent_commits_each_get_their_own_outcome(s: Storage) -> None:
     assert isinstance(outcomes[stale], StaleState)
     assert all(outcomes[j] is None for j in jobs if j != stale)
     assert [s.steps(j)[0].state for j in jobs] == ["pending" if j == stale else "running" for j in jobs]
+
+
+def test_every_store_refuses_a_durability_it_does_not_know(target: str) -> None:
+    # A typo must fail in a unit test on memory as it would in production on a file or a server.
+    with pytest.raises(ConfigurationError, match="durability must be 'normal' or 'full'"):
+        open_store(target, durability="bogus")  # type: ignore[arg-type]
+
+
+def test_a_named_memory_store_outlives_its_engines_and_a_nameless_one_is_private() -> None:
+    name = f"memory://kept-{uuid.uuid4().hex}"
+    first = open_store(name)
+    job = new_job(first)
+    first.close()
+    again = open_store(name)
+    assert again.job(job) is not None  # the same name in one process is the same database
+    assert open_store("memory://").job(job) is None and open_store("memory://").database_id != again.database_id
