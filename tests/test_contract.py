@@ -459,3 +459,26 @@ def test_a_named_memory_store_outlives_its_engines_and_a_nameless_one_is_private
     again = open_store(name)
     assert again.job(job) is not None  # the same name in one process is the same database
     assert open_store("memory://").job(job) is None and open_store("memory://").database_id != again.database_id
+
+
+def test_claim_runnable_takes_no_more_than_its_limit_and_counts_only_claimed_running_jobs(s: Storage) -> None:
+    jobs = [new_job(s) for _ in range(4)]
+    one = s.claim_runnable(owner="w1", lease_expires=LEASE, limit=1, workflows=["wf"], now=time.time())
+    assert [c.job_id for _, _, _, c in one] == jobs[:1]
+    # A running job parked (no owner) does not count against the limit; one held by an owner does.
+    assert s.park(jobs[0], "w1", one[0][3].epoch, time.time() + 3600, (), "parked")
+    got = s.claim_runnable(owner="w1", lease_expires=LEASE, limit=5, workflows=["wf"], now=time.time(),
+                           limits={"wf": 1})
+    assert [c.job_id for _, _, _, c in got] == jobs[1:2]
+    assert s.claim_runnable(owner="w1", lease_expires=LEASE, limit=5, workflows=["wf"], now=time.time(),
+                            limits={"wf": 1}) == []
+
+
+def test_a_dead_owners_job_of_a_version_not_asked_for_is_left_alone(s: Storage) -> None:
+    job_id, _ = s.create_job("wf", None, "{}", STEPS, version=2)
+    epoch = claimed(s, job_id, owner="dead")
+    assert s.claim_runnable(owner="w2", lease_expires=LEASE, limit=5, workflows=["wf"], now=time.time(),
+                            dead=[(job_id, epoch)], versions=[("wf", 1)]) == []
+    got = s.claim_runnable(owner="w2", lease_expires=LEASE, limit=5, workflows=["wf"], now=time.time(),
+                           dead=[(job_id, epoch)], versions=[("wf", 2)])
+    assert [c.job_id for _, _, _, c in got] == [job_id]
