@@ -26,7 +26,7 @@ from walstate.storage.contract import open_store
 from walstate.storage.errors import WriteFailed
 from walstate.storage.types import JobRow
 
-from .test_mutants_retrying import terminate_sessions
+from .test_mutants_retrying import Holder, terminate_sessions
 
 LOGGER = "walstate.storage"
 #: Every fault point a write that claims one job passes, once each, in this order.
@@ -83,24 +83,6 @@ class Hits(faults.Injector):
     def __enter__(self) -> Hits:
         super().__enter__()
         return self
-
-
-class Holder:
-    """Another connection to the file that holds its only writer until told to let go."""
-
-    def __init__(self, path: str) -> None:
-        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-        self.conn.execute("BEGIN IMMEDIATE")
-        self.held = True
-
-    def release(self) -> None:
-        if self.held:
-            self.held = False
-            self.conn.execute("COMMIT")
-
-    def close(self) -> None:
-        self.release()
-        self.conn.close()
 
 
 class OnRefusal(logging.Handler):
